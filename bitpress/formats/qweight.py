@@ -1,0 +1,234 @@
+"""The one logical weight format every pass emits and every kernel consumes.
+
+``W[r, k] ≈ scale[r, g(k)] * codes[r, k] + zero[r, g(k)]`` with ``g(k) = k // group_size``.
+
+* ``codes``: int8 ``[out, in]``, signed, in ``[-2^(b-1), 2^(b-1)-1]``.
+* ``scale``, ``zero``: float32 ``[out, n_groups]``; a float offset covers symmetric
+  (``zero = 0``) and integer-zero-point schemes alike.
+* ``group_size``: 16..256 in steps of 16, or ``-1`` for one group per row (per-channel).
+  When ``in`` is not a multiple of the group size the **last group of every row is
+  shorter** (``n_groups = ceil(in / group_size)``): SmolLM2's 576 columns at group 128
+  make four groups of 128 and one of 64. Nothing is padded in the logical format.
+* ``keep``: optional bool ``[out, n_groups]`` (group sparsity, GQSA): pruned groups
+  dequantise to exactly 0, whatever their codes and parameters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..errors import ConfigError, FormatError
+from .packing import check_bits, pack_codes, packed_words, unpack_codes
+
+MIN_GROUP, MAX_GROUP, GROUP_STEP = 16, 256, 16
+
+
+def check_group_size(group_size: int) -> None:
+    if group_size == -1:
+        return
+    if not (MIN_GROUP <= group_size <= MAX_GROUP) or group_size % GROUP_STEP:
+        raise ConfigError(
+            f"group size {group_size} is out of range: use a multiple of {GROUP_STEP} "
+            f"between {MIN_GROUP} and {MAX_GROUP}, or -1 for per-channel")
+
+
+def effective_group_size(group_size: int, in_features: int) -> int:
+    """Columns per group (the row length for per-channel)."""
+    return in_features if group_size == -1 else group_size
+
+
+def num_groups(group_size: int, in_features: int) -> int:
+    gs = effective_group_size(group_size, in_features)
+    return (in_features + gs - 1) // gs
+
+
+def expand_groups(t: torch.Tensor, group_size: int, in_features: int) -> torch.Tensor:
+    """Broadcast a per-group tensor ``[out, n_groups]`` to ``[out, in]``."""
+    gs = effective_group_size(group_size, in_features)
+    return t.repeat_interleave(gs, dim=-1)[..., :in_features]
+
+
+@dataclass
+class QuantizedWeight:
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    group_size: int
+    keep: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- shape helpers -------------------------------------------------------------
+    @property
+    def out_features(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.codes.shape[1]
+
+    @property
+    def gs(self) -> int:
+        return effective_group_size(self.group_size, self.in_features)
+
+    @property
+    def n_groups(self) -> int:
+        return num_groups(self.group_size, self.in_features)
+
+    @property
+    def sparsity(self) -> float:
+        if self.keep is None:
+            return 0.0
+        return 1.0 - float(self.keep.float().mean())
+
+    def validate(self) -> None:
+        check_bits(self.bits)
+        check_group_size(self.group_size)
+        if self.codes.dim() != 2 or self.codes.dtype != torch.int8:
+            raise FormatError(f"codes must be a 2-D int8 tensor, got {tuple(self.codes.shape)} "
+                              f"{self.codes.dtype}")
+        lo, hi = -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
+        if self.codes.numel() and (int(self.codes.min()) < lo or int(self.codes.max()) > hi):
+            raise FormatError(f"codes out of range for {self.bits}-bit: must lie in [{lo}, {hi}]")
+        shape = (self.out_features, self.n_groups)
+        for name in ("scale", "zero"):
+            t = getattr(self, name)
+            if tuple(t.shape) != shape:
+                raise FormatError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
+            if not t.is_floating_point():
+                raise FormatError(f"{name} must be floating point, got {t.dtype}")
+            if not bool(torch.isfinite(t).all()):
+                raise FormatError(f"{name} contains non-finite values")
+        if self.keep is not None:
+            if tuple(self.keep.shape) != shape or self.keep.dtype != torch.bool:
+                raise FormatError(f"keep must be bool {shape}, got {tuple(self.keep.shape)} "
+                                  f"{self.keep.dtype}")
+            if self.group_size == -1:
+                raise ConfigError("group sparsity needs a group size; per-channel (-1) has one "
+                                  "group per row")
+
+    # ---- maths ---------------------------------------------------------------------
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        s = expand_groups(self.scale.float(), self.group_size, self.in_features)
+        z = expand_groups(self.zero.float(), self.group_size, self.in_features)
+        w = s * self.codes.float() + z
+        if self.keep is not None:
+            w = w * expand_groups(self.keep.float(), self.group_size, self.in_features)
+        return w.to(dtype)
+
+    # ---- packed forms --------------------------------------------------------------
+    def pack_dense(self, param_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+        """Canonical dense tensors: ``qweight`` int32 ``[out, ceil(in/pf)]``, ``scales``,
+        ``zeros`` ``[out, n_groups]`` in ``param_dtype``. Pruned groups are stored with
+        scale = zero = 0 so that the dense form dequantises them to 0 as well."""
+        scale, zero = self.scale, self.zero
+        if self.keep is not None:
+            scale = scale * self.keep
+            zero = zero * self.keep
+        return {
+            "qweight": pack_codes(self.codes, self.bits),
+            "scales": _cast_params(scale, param_dtype, "scale"),
+            "zeros": _cast_params(zero, param_dtype, "zero"),
+        }
+
+    @classmethod
+    def from_dense(cls, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   bits: int, group_size: int, in_features: int) -> "QuantizedWeight":
+        check_group_size(group_size)
+        if qweight.dim() != 2:
+            raise FormatError(f"qweight must be 2-D, got shape {tuple(qweight.shape)}")
+        codes = unpack_codes(qweight, bits, in_features)
+        return cls(codes, scales.float(), zeros.float(), bits, group_size)
+
+    def pack_bsr(self, param_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+        """Block-sparse-row form of the kept groups.
+
+        * ``row_ptr`` int32 ``[out + 1]``: kept groups of row r are ``row_ptr[r]:row_ptr[r+1]``
+        * ``col_idx`` int32 ``[nnz]``: group index of each kept group, ascending per row
+        * ``qvalues`` int32 ``[nnz, ceil(gs/pf)]``: the group's codes, packed as a row of
+          ``gs`` codes (a short last group is padded with code 0; readers ignore columns
+          ``>= in_features``)
+        * ``scales``, ``zeros`` ``[nnz]``
+        """
+        if self.group_size == -1:
+            raise ConfigError("block-sparse storage needs a group size (got per-channel)")
+        keep = self.keep if self.keep is not None else torch.ones(
+            self.out_features, self.n_groups, dtype=torch.bool, device=self.codes.device)
+        gs, ng = self.gs, self.n_groups
+        pad = ng * gs - self.in_features
+        codes = torch.nn.functional.pad(self.codes, (0, pad)) if pad else self.codes
+        grouped = codes.reshape(self.out_features, ng, gs)
+        rows, cols = keep.nonzero(as_tuple=True)  # row-major order: ascending per row
+        counts = keep.sum(dim=1)
+        row_ptr = torch.zeros(self.out_features + 1, dtype=torch.int64, device=keep.device)
+        row_ptr[1:] = counts.cumsum(0)
+        return {
+            "row_ptr": row_ptr.to(torch.int32),
+            "col_idx": cols.to(torch.int32).contiguous(),
+            "qvalues": pack_codes(grouped[rows, cols].contiguous(), self.bits),
+            "scales": _cast_params(self.scale[rows, cols], param_dtype, "scale"),
+            "zeros": _cast_params(self.zero[rows, cols], param_dtype, "zero"),
+        }
+
+    @classmethod
+    def from_bsr(cls, row_ptr: torch.Tensor, col_idx: torch.Tensor, qvalues: torch.Tensor,
+                 scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+                 in_features: int) -> "QuantizedWeight":
+        check_bits(bits)
+        check_group_size(group_size)
+        if group_size == -1:
+            raise ConfigError("block-sparse storage needs a group size (got per-channel)")
+        validate_bsr(row_ptr, col_idx, qvalues, scales, zeros, bits, group_size, in_features)
+        out = row_ptr.numel() - 1
+        ng = num_groups(group_size, in_features)
+        rp = row_ptr.long()
+        rows = torch.repeat_interleave(torch.arange(out, device=rp.device), rp[1:] - rp[:-1])
+        cols = col_idx.long()
+        group_codes = unpack_codes(qvalues, bits, group_size)
+        codes = torch.zeros(out, ng, group_size, dtype=torch.int8, device=qvalues.device)
+        codes[rows, cols] = group_codes
+        scale = torch.zeros(out, ng, dtype=torch.float32, device=qvalues.device)
+        zero = torch.zeros_like(scale)
+        keep = torch.zeros(out, ng, dtype=torch.bool, device=qvalues.device)
+        scale[rows, cols] = scales.float()
+        zero[rows, cols] = zeros.float()
+        keep[rows, cols] = True
+        codes = codes.reshape(out, ng * group_size)[:, :in_features].contiguous()
+        return cls(codes, scale, zero, bits, group_size, keep)
+
+
+def validate_bsr(row_ptr: torch.Tensor, col_idx: torch.Tensor, qvalues: torch.Tensor,
+                 scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+                 in_features: int) -> None:
+    """Check a block-sparse-row weight; raise :class:`FormatError` on anything inconsistent."""
+    ng = num_groups(group_size, in_features)
+    if row_ptr.dim() != 1 or row_ptr.numel() < 1 or row_ptr.dtype != torch.int32:
+        raise FormatError("row_ptr must be a 1-D int32 tensor of length out_features + 1")
+    nnz = col_idx.numel()
+    rp = row_ptr.long()
+    if int(rp[0]) != 0 or int(rp[-1]) != nnz or bool((rp[1:] < rp[:-1]).any()):
+        raise FormatError("row_ptr must start at 0, be non-decreasing and end at nnz")
+    if col_idx.dtype != torch.int32 or col_idx.dim() != 1:
+        raise FormatError("col_idx must be a 1-D int32 tensor")
+    if nnz and (int(col_idx.min()) < 0 or int(col_idx.max()) >= ng):
+        raise FormatError(f"col_idx out of range [0, {ng})")
+    if tuple(qvalues.shape) != (nnz, packed_words(group_size, bits)):
+        raise FormatError(f"qvalues has shape {tuple(qvalues.shape)}, expected "
+                          f"{(nnz, packed_words(group_size, bits))}")
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if tuple(t.shape) != (nnz,):
+            raise FormatError(f"{name} has shape {tuple(t.shape)}, expected ({nnz},)")
+
+
+def _cast_params(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ConfigError(f"parameter dtype {dtype} not supported (float16, bfloat16, float32)")
+    out = t.to(dtype).contiguous()
+    if not bool(torch.isfinite(out).all()):
+        raise FormatError(f"{name} overflows {dtype}; store parameters in float32 "
+                          f"(--param-dtype float32)")
+    return out

@@ -1,0 +1,5 @@
+"""Quantization passes over matrices: RTN, GPTQ, decoupleQ."""
+from .rtn import rtn
+from .spec import QuantSpec
+
+__all__ = ["QuantSpec", "rtn"]
