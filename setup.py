@@ -23,7 +23,8 @@ def _extensions():
         print("bitpress: no C++ compiler found, building without bitpress._C", file=sys.stderr)
         return []
     args = ["-O3", "-fopenmp"]
-    return [Pybind11Extension("bitpress._C", ["csrc/bitpress_ext.cpp"], cxx_std=17,
+    return [Pybind11Extension("bitpress._C", ["csrc/bitpress_ext.cpp", "csrc/cpu/qmm.cpp",
+                                                "csrc/cpu/qmm_avx2.cpp"], cxx_std=17,
                               extra_compile_args=args, extra_link_args=["-fopenmp"])]
 
 

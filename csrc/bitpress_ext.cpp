@@ -15,6 +15,9 @@
 
 namespace py = pybind11;
 
+// CPU dense/sparse quantised matmul kernels (csrc/cpu/qmm.cpp).
+void bitpress_register_qmm(py::module_& m);
+
 namespace {
 
 // Unpack canonical int32 words (element i of a word at bits i*b, offset 2^(b-1)) into
@@ -88,4 +91,5 @@ PYBIND11_MODULE(_C, m) {
         py::arg("words"), py::arg("n"), py::arg("bits"), py::arg("nthreads") = 1,
         "Unpack canonical int32 words into signed int8 codes (raw contiguous pointers).");
   m.def("cpu_features", &cpu_features, "CPU SIMD features seen at run time.");
+  bitpress_register_qmm(m);
 }

@@ -2,6 +2,10 @@
 implementations, per-device dispatch and the native-extension loader."""
 from . import native, reference
 from .ops import dense_qmm, register_impl, registered_impls, select_impl, sparse_qmm, use_impl
+try:  # CPU fast paths (need bitpress._C); without them the reference runs
+    from . import cpu  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
 
 __all__ = ["dense_qmm", "sparse_qmm", "register_impl", "registered_impls", "select_impl",
            "use_impl", "native", "reference"]

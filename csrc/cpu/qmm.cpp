@@ -1,0 +1,439 @@
+// CPU implementations of bitpress::dense_qmm and bitpress::sparse_qmm: repacking, activation
+// preparation, the portable scalar kernels, run-time ISA dispatch and the pybind11 bindings.
+// Layouts are described in qmm.h; the AVX2 kernels are in qmm_avx2.cpp.
+//
+// Maths (both modes, per output row, per segment s of group g, u = c + off, off = 2^(b-1)):
+//   y += scale_g * (sum_k u_k x_k - off * sum_k x_k) + zero_g * sum_k x_k
+// exact mode: sum_k u_k x_k in fp32 FMA.
+// int8 mode:  x_k ~ d_s * q_k with q_k = round(x_k / d_s), d_s = max|x| / 127 over the
+//             segment; the integer dot product sum u_k q_k (u8 x s8) is scaled by d_s and the
+//             offset term uses the same q (so the rounding error multiplies the signed codes):
+//   y += scale_g * d_s * (sum_k u_k q_k - off * sum_k q_k) + zero_g * sum_k x_k
+// The zero-point term always uses the exact fp32 sum of x.
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include "qmm.h"
+
+namespace py = pybind11;
+
+namespace {
+
+enum Isa : int { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2 };
+int g_forced_isa = ISA_AUTO;
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("avx");
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+int resolved_isa() {
+  if (g_forced_isa == ISA_SCALAR) return ISA_SCALAR;
+  if (g_forced_isa == ISA_AVX2) return ISA_AVX2;
+  return cpu_has_avx2() ? ISA_AVX2 : ISA_SCALAR;
+}
+
+const char* isa_name(int isa) { return isa == ISA_AVX2 ? "avx2" : "scalar"; }
+
+void set_isa(const std::string& name) {
+  if (name == "auto") g_forced_isa = ISA_AUTO;
+  else if (name == "scalar") g_forced_isa = ISA_SCALAR;
+  else if (name == "avx2") {
+    if (!cpu_has_avx2()) throw std::invalid_argument("set_isa: this CPU has no AVX2+FMA");
+    g_forced_isa = ISA_AVX2;
+  } else {
+    throw std::invalid_argument("set_isa: expected 'auto', 'avx2' or 'scalar', got '" + name + "'");
+  }
+}
+
+std::string get_isa() { return isa_name(resolved_isa()); }
+
+py::list available_isas() {
+  py::list l;
+  l.append("scalar");
+  if (cpu_has_avx2()) l.append("avx2");
+  return l;
+}
+
+int clamp_threads(int n) { return n < 1 ? 1 : n; }
+
+void check_bits(int bits) {
+  if (bits != 2 && bits != 3 && bits != 4)
+    throw std::invalid_argument("bitpress CPU kernels: bits must be 2, 3 or 4");
+}
+
+// ---- repacking ---------------------------------------------------------------------------
+inline uint32_t canon_code(const uint32_t* row, int bits, int64_t k) {
+  const int pf = 32 / bits;
+  return (row[k / pf] >> ((k % pf) * bits)) & ((1u << bits) - 1u);
+}
+
+// Place unsigned code u of tile-row r, segment-local column k into the segment's code bytes.
+inline void put_dense_code(uint8_t* cp, int bits, int64_t seg, int r, int64_t k, uint32_t u) {
+  if (bits == 2 || bits == 4) {
+    const int cpd = 32 / bits;
+    const int64_t blk = k / cpd;
+    const int t = int(k % cpd);
+    cp[blk * 32 + r * 4 + (t % 4)] |= uint8_t(u << (bits * (t / 4)));
+  } else {
+    const int64_t chunk = k / 32;
+    const int kk = int(k % 32), h = kk / 16, t = kk % 16;
+    const int nh = seg - chunk * 32 >= 32 ? 2 : 1;
+    uint8_t* base = cp + chunk * 96;
+    base[h * 32 + r * 4 + (t % 4)] |= uint8_t((u & 3u) << (2 * (t / 4)));
+    base[nh * 32 + r * 4 + (t % 4)] |= uint8_t(((u >> 2) & 1u) << (4 * h + t / 4));
+  }
+}
+
+inline uint32_t get_dense_code(const uint8_t* cp, int bits, int64_t seg, int r, int64_t k) {
+  if (bits == 2 || bits == 4) {
+    const int cpd = 32 / bits;
+    const int64_t blk = k / cpd;
+    const int t = int(k % cpd);
+    return (cp[blk * 32 + r * 4 + (t % 4)] >> (bits * (t / 4))) & ((1u << bits) - 1u);
+  }
+  const int64_t chunk = k / 32;
+  const int kk = int(k % 32), h = kk / 16, t = kk % 16;
+  const int nh = seg - chunk * 32 >= 32 ? 2 : 1;
+  const uint8_t* base = cp + chunk * 96;
+  const uint32_t lo = (base[h * 32 + r * 4 + (t % 4)] >> (2 * (t / 4))) & 3u;
+  const uint32_t hi = (base[nh * 32 + r * 4 + (t % 4)] >> (4 * h + t / 4)) & 1u;
+  return lo | hi << 2;
+}
+
+int64_t dense_packed_bytes(int64_t out, int64_t in, int bits, int64_t gs, int pkind) {
+  check_bits(bits);
+  return make_dense_geom(out, in, bits, gs, pkind).tiles *
+         make_dense_geom(out, in, bits, gs, pkind).tile_bytes;
+}
+
+void repack_dense(uintptr_t qweight, int64_t out, int64_t words, int64_t in, int bits, int64_t gs,
+                  uintptr_t scales, uintptr_t zeros, int pkind, uintptr_t dst, int nthreads) {
+  check_bits(bits);
+  if (words * (32 / bits) < in) throw std::invalid_argument("repack_dense: too few words");
+  const DenseGeom g = make_dense_geom(out, in, bits, gs, pkind);
+  const auto* qw = reinterpret_cast<const uint32_t*>(qweight);
+  const auto* sc = reinterpret_cast<const uint8_t*>(scales);
+  const auto* zr = reinterpret_cast<const uint8_t*>(zeros);
+  auto* d = reinterpret_cast<uint8_t*>(dst);
+  const int ps = param_size(pkind);
+  py::gil_scoped_release release;
+  std::memset(d, 0, size_t(g.tiles * g.tile_bytes));
+#if defined(_OPENMP)
+#pragma omp parallel for num_threads(clamp_threads(nthreads)) schedule(static)
+#endif
+  for (int64_t t = 0; t < g.tiles; ++t) {
+    uint8_t* tp = d + t * g.tile_bytes;
+    for (int r = 0; r < 8; ++r) {
+      const int64_t row = t * 8 + r;
+      if (row >= out) break;
+      const uint32_t* src = qw + row * words;
+      for (int64_t s = 0; s < g.nseg; ++s) {
+        uint8_t* cp = tp + dense_seg_offset(g, s);
+        if (s == 0 || g.grouped) {
+          uint8_t* pp = cp - g.param_bytes;
+          const int64_t grp = g.grouped ? s : 0;
+          std::memcpy(pp + r * ps, sc + (row * g.ng + grp) * ps, ps);
+          std::memcpy(pp + (8 + r) * ps, zr + (row * g.ng + grp) * ps, ps);
+        }
+        const int64_t k0 = s * g.seg, k1 = std::min(in, k0 + g.seg);
+        for (int64_t k = k0; k < k1; ++k)
+          put_dense_code(cp, bits, g.seg, r, k - k0, canon_code(src, bits, k));
+      }
+    }
+  }
+}
+
+int64_t sparse_packed_bytes(int64_t nnz, int bits, int64_t gs) {
+  check_bits(bits);
+  return nnz * make_sparse_geom(1, gs, nnz, bits, gs, 0).group_bytes;
+}
+
+void repack_sparse(uintptr_t qvalues, int64_t nnz, int64_t words, uintptr_t col_idx, int64_t in,
+                   int bits, int64_t gs, uintptr_t dst, int nthreads) {
+  check_bits(bits);
+  if (words * (32 / bits) < gs) throw std::invalid_argument("repack_sparse: too few words");
+  const SparseGeom g = make_sparse_geom(1, in, nnz, bits, gs, 0);
+  const auto* qv = reinterpret_cast<const uint32_t*>(qvalues);
+  const auto* ci = reinterpret_cast<const int32_t*>(col_idx);
+  auto* d = reinterpret_cast<uint8_t*>(dst);
+  py::gil_scoped_release release;
+  std::memset(d, 0, size_t(nnz * g.group_bytes));
+#if defined(_OPENMP)
+#pragma omp parallel for num_threads(clamp_threads(nthreads)) schedule(static)
+#endif
+  for (int64_t e = 0; e < nnz; ++e) {
+    uint8_t* gp = d + e * g.group_bytes;
+    const int64_t valid = std::min<int64_t>(gs, in - int64_t(ci[e]) * gs);
+    for (int64_t k = 0; k < valid; ++k) {
+      const uint32_t u = canon_code(qv + e * words, bits, k);
+      if (bits == 2) gp[(k / 64) * 16 + k % 16] |= uint8_t(u << (2 * ((k % 64) / 16)));
+      else gp[(k / 32) * 16 + k % 16] |= uint8_t(u << (4 * ((k % 32) / 16)));
+    }
+  }
+}
+
+inline uint32_t get_sparse_code(const uint8_t* gp, int bits, int64_t k) {
+  if (bits == 2) return (gp[(k / 64) * 16 + k % 16] >> (2 * ((k % 64) / 16))) & 3u;
+  return (gp[(k / 32) * 16 + k % 16] >> (4 * ((k % 32) / 16))) & 15u;
+}
+
+// ---- activations ----------------------------------------------------------------------------
+struct ActBuf {
+  Act a;
+  std::vector<int8_t> q;
+  std::vector<float> xf, d, b, xs;
+};
+
+void prepare_act(ActBuf& ab, const float* x, int64_t M, int64_t in, int64_t seg, int64_t nseg,
+                 int bits, int mode, int nthreads) {
+  Act& a = ab.a;
+  a.mode = mode; a.M = M; a.seg = seg; a.nseg = nseg;
+  a.stride = nseg * seg + 64;  // kernels may read (zero-code-weighted) bytes past a group
+  const float off = float(1 << (bits - 1));
+  ab.xs.assign(size_t(M * nseg), 0.f);
+  ab.b.assign(size_t(M * nseg), 0.f);
+  if (mode == MODE_INT8) {
+    ab.q.assign(size_t(M * a.stride), 0);
+    ab.d.assign(size_t(M * nseg), 0.f);
+  } else {
+    ab.xf.assign(size_t(M * a.stride), 0.f);
+  }
+#if defined(_OPENMP)
+#pragma omp parallel for num_threads(clamp_threads(nthreads)) schedule(static) if (M * in > 32768)
+#endif
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * in;
+    for (int64_t s = 0; s < nseg; ++s) {
+      const int64_t k0 = s * seg, k1 = std::min(in, k0 + seg);
+      float sum = 0.f, amax = 0.f;
+      for (int64_t k = k0; k < k1; ++k) {
+        sum += xr[k];
+        amax = std::max(amax, std::fabs(xr[k]));
+      }
+      const int64_t idx = m * nseg + s;
+      ab.xs[idx] = sum;
+      if (mode == MODE_INT8) {
+        const float dd = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+        int8_t* qr = ab.q.data() + m * a.stride;
+        int32_t qsum = 0;
+        for (int64_t k = k0; k < k1; ++k) {
+          const int v = int(std::nearbyint(xr[k] * id));
+          const int8_t qv = int8_t(std::max(-127, std::min(127, v)));
+          qr[k] = qv;
+          qsum += qv;
+        }
+        ab.d[idx] = dd;
+        ab.b[idx] = dd * off * float(qsum);
+      } else {
+        std::memcpy(ab.xf.data() + m * a.stride + k0, xr + k0, size_t(k1 - k0) * 4);
+        ab.b[idx] = off * sum;
+      }
+    }
+  }
+  a.q = ab.q.data(); a.xf = ab.xf.data(); a.d = ab.d.data(); a.b = ab.b.data();
+  a.xs = ab.xs.data();
+}
+
+// ---- scalar kernels ---------------------------------------------------------------------------
+void dense_tile_scalar(const DenseGeom& g, const Act& a, const uint8_t* tp, int64_t tile,
+                       float* y, const float* bias) {
+  for (int r = 0; r < 8; ++r) {
+    const int64_t row = tile * 8 + r;
+    if (row >= g.out) break;
+    for (int64_t m = 0; m < a.M; ++m) {
+      float acc = 0.f, s = 0.f, z = 0.f;
+      for (int64_t sg = 0; sg < g.nseg; ++sg) {
+        const uint8_t* cp = tp + dense_seg_offset(g, sg);
+        if (sg == 0 || g.grouped) {
+          s = load_param(cp - g.param_bytes, g.pkind, r);
+          z = load_param(cp - g.param_bytes, g.pkind, 8 + r);
+        }
+        const int64_t k0 = sg * g.seg, idx = m * a.nseg + sg;
+        float t;
+        if (a.mode == MODE_INT8) {
+          const int8_t* q = a.q + m * a.stride + k0;
+          int32_t isum = 0;
+          for (int64_t k = 0; k < g.seg; ++k)
+            isum += int32_t(get_dense_code(cp, g.bits, g.seg, r, k)) * q[k];
+          t = float(isum) * a.d[idx] - a.b[idx];
+        } else {
+          const float* x = a.xf + m * a.stride + k0;
+          float f = 0.f;
+          for (int64_t k = 0; k < g.seg; ++k)
+            f += float(get_dense_code(cp, g.bits, g.seg, r, k)) * x[k];
+          t = f - a.b[idx];
+        }
+        acc += s * t + z * a.xs[idx];
+      }
+      y[m * g.out + row] = acc + (bias ? bias[row] : 0.f);
+    }
+  }
+}
+
+struct SparseGroupScalar {
+  const SparseGeom& g;
+  const Act& a;
+  const uint8_t* codes;
+  void operator()(int64_t e, int64_t col, int64_t m0, int mb, float* v) const {
+    const uint8_t* gp = codes + e * g.group_bytes;
+    const int64_t k0 = col * g.gs, n = std::min<int64_t>(g.gs, g.in - k0);
+    for (int i = 0; i < mb; ++i) {
+      const int64_t m = m0 + i, idx = m * a.nseg + col;
+      if (a.mode == MODE_INT8) {
+        const int8_t* q = a.q + m * a.stride + k0;
+        int32_t isum = 0;
+        for (int64_t k = 0; k < n; ++k) isum += int32_t(get_sparse_code(gp, g.bits, k)) * q[k];
+        v[i] = float(isum) * a.d[idx] - a.b[idx];
+      } else {
+        const float* x = a.xf + m * a.stride + k0;
+        float f = 0.f;
+        for (int64_t k = 0; k < n; ++k) f += float(get_sparse_code(gp, g.bits, k)) * x[k];
+        v[i] = f - a.b[idx];
+      }
+    }
+  }
+};
+
+// ---- entry points -------------------------------------------------------------------------------
+void dense_qmm(uintptr_t packed, int64_t out, int64_t in, int bits, int64_t gs, int pkind,
+               uintptr_t x, int64_t M, uintptr_t y, uintptr_t bias, int mode, int nthreads) {
+  check_bits(bits);
+  const DenseGeom g = make_dense_geom(out, in, bits, gs, pkind);
+  const auto* pk = reinterpret_cast<const uint8_t*>(packed);
+  auto* yp = reinterpret_cast<float*>(y);
+  const auto* bp = reinterpret_cast<const float*>(bias);
+  const int isa = resolved_isa();
+  py::gil_scoped_release release;
+  ActBuf ab;
+  prepare_act(ab, reinterpret_cast<const float*>(x), M, in, g.seg, g.nseg, bits, mode, nthreads);
+  const Act& a = ab.a;
+  int nt = clamp_threads(nthreads);
+  if (g.tiles < nt) nt = int(std::max<int64_t>(1, g.tiles));
+#if defined(_OPENMP)
+#pragma omp parallel for num_threads(nt) schedule(static)
+#endif
+  for (int64_t t = 0; t < g.tiles; ++t) {
+    const uint8_t* tp = pk + t * g.tile_bytes;
+#if defined(__x86_64__) || defined(_M_X64)
+    if (isa == ISA_AVX2) {
+      bitpress_cpu::dense_tile_avx2(g, a, tp, t, yp, bp);
+      continue;
+    }
+#endif
+    dense_tile_scalar(g, a, tp, t, yp, bp);
+  }
+}
+
+void sparse_qmm(uintptr_t codes, uintptr_t row_ptr, uintptr_t col_idx, uintptr_t scales,
+                uintptr_t zeros, int pkind, int64_t out, int64_t in, int64_t nnz, int bits,
+                int64_t gs, uintptr_t x, int64_t M, uintptr_t y, uintptr_t bias, int mode,
+                int nthreads) {
+  check_bits(bits);
+  const SparseGeom g = make_sparse_geom(out, in, nnz, bits, gs, pkind);
+  const auto* cp = reinterpret_cast<const uint8_t*>(codes);
+  const auto* rp = reinterpret_cast<const int32_t*>(row_ptr);
+  const auto* ci = reinterpret_cast<const int32_t*>(col_idx);
+  const auto* sc = reinterpret_cast<const uint8_t*>(scales);
+  const auto* zr = reinterpret_cast<const uint8_t*>(zeros);
+  auto* yp = reinterpret_cast<float*>(y);
+  const auto* bp = reinterpret_cast<const float*>(bias);
+  const int isa = resolved_isa();
+  py::gil_scoped_release release;
+  ActBuf ab;
+  prepare_act(ab, reinterpret_cast<const float*>(x), M, in, gs, g.ng, bits, mode, nthreads);
+  const Act& a = ab.a;
+  std::memset(yp, 0, size_t(M * out) * sizeof(float));
+  int nt = clamp_threads(nthreads);
+  if (nnz < int64_t(nt) * 16) nt = 1;
+  std::vector<float> acc(size_t(nt * M)), parts(size_t(nt * 2 * M));
+  std::vector<int64_t> prow(size_t(nt * 2), -1);
+  // Task-centric split: each thread gets the same number of kept groups, whatever rows they
+  // belong to; rows cut by a split are summed from the per-thread partials below.
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(nt)
+#endif
+  {
+#if defined(_OPENMP)
+    const int t = omp_get_thread_num();
+#else
+    const int t = 0;
+#endif
+    const int64_t e0 = nnz * t / nt, e1 = nnz * (t + 1) / nt;
+    float* ac = acc.data() + t * M;
+    float* pa = parts.data() + t * 2 * M;
+    int64_t* pr = prow.data() + t * 2;
+#if defined(__x86_64__) || defined(_M_X64)
+    if (isa == ISA_AVX2)
+      bitpress_cpu::sparse_range_avx2(g, a, rp, ci, cp, sc, zr, e0, e1, yp, ac, pa, pr);
+    else
+#endif
+      sparse_range(g, a, rp, ci, sc, zr, e0, e1, yp, ac, pa, pr, SparseGroupScalar{g, a, cp});
+  }
+  for (int t = 0; t < nt; ++t)
+    for (int slot = 0; slot < 2; ++slot) {
+      const int64_t r = prow[t * 2 + slot];
+      if (r < 0) continue;
+      for (int64_t m = 0; m < M; ++m) yp[m * out + r] += parts[(t * 2 + slot) * M + m];
+    }
+  if (bp)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t r = 0; r < out; ++r) yp[m * out + r] += bp[r];
+}
+
+py::dict dense_geometry(int64_t out, int64_t in, int bits, int64_t gs, int pkind) {
+  check_bits(bits);
+  const DenseGeom g = make_dense_geom(out, in, bits, gs, pkind);
+  py::dict d;
+  d["seg"] = g.seg; d["nseg"] = g.nseg; d["ng"] = g.ng; d["tiles"] = g.tiles;
+  d["tile_bytes"] = g.tile_bytes; d["bytes"] = g.tiles * g.tile_bytes;
+  return d;
+}
+
+}  // namespace
+
+void bitpress_register_qmm(py::module_& m) {
+  m.def("qmm_set_isa", &set_isa, py::arg("name"),
+        "Force the CPU kernel ISA: 'auto' (best the CPU has), 'avx2' or 'scalar'.");
+  m.def("qmm_get_isa", &get_isa, "ISA the CPU kernels use now.");
+  m.def("qmm_available_isas", &available_isas, "ISAs this CPU can run.");
+  m.def("qmm_dense_packed_bytes", &dense_packed_bytes, py::arg("out"), py::arg("in_features"),
+        py::arg("bits"), py::arg("group_size"), py::arg("pkind"));
+  m.def("qmm_dense_geometry", &dense_geometry, py::arg("out"), py::arg("in_features"),
+        py::arg("bits"), py::arg("group_size"), py::arg("pkind"));
+  m.def("qmm_repack_dense", &repack_dense, py::arg("qweight_ptr"), py::arg("out"),
+        py::arg("words"), py::arg("in_features"), py::arg("bits"), py::arg("group_size"),
+        py::arg("scales_ptr"), py::arg("zeros_ptr"), py::arg("pkind"), py::arg("dst_ptr"),
+        py::arg("nthreads") = 1);
+  m.def("qmm_sparse_packed_bytes", &sparse_packed_bytes, py::arg("nnz"), py::arg("bits"),
+        py::arg("group_size"));
+  m.def("qmm_repack_sparse", &repack_sparse, py::arg("qvalues_ptr"), py::arg("nnz"),
+        py::arg("words"), py::arg("col_idx_ptr"), py::arg("in_features"), py::arg("bits"),
+        py::arg("group_size"), py::arg("dst_ptr"), py::arg("nthreads") = 1);
+  m.def("qmm_dense", &dense_qmm, py::arg("packed_ptr"), py::arg("out"), py::arg("in_features"),
+        py::arg("bits"), py::arg("group_size"), py::arg("pkind"), py::arg("x_ptr"), py::arg("m"),
+        py::arg("y_ptr"), py::arg("bias_ptr"), py::arg("mode"), py::arg("nthreads") = 1,
+        "y[M,out] (fp32) = x[M,in] (fp32) @ W^T (+bias) from the repacked dense weight.");
+  m.def("qmm_sparse", &sparse_qmm, py::arg("codes_ptr"), py::arg("row_ptr_ptr"),
+        py::arg("col_idx_ptr"), py::arg("scales_ptr"), py::arg("zeros_ptr"), py::arg("pkind"),
+        py::arg("out"), py::arg("in_features"), py::arg("nnz"), py::arg("bits"),
+        py::arg("group_size"), py::arg("x_ptr"), py::arg("m"), py::arg("y_ptr"),
+        py::arg("bias_ptr"), py::arg("mode"), py::arg("nthreads") = 1,
+        "y[M,out] (fp32) from the repacked block-sparse weight, groups split evenly over threads.");
+}

@@ -1,0 +1,219 @@
+// CPU kernels for bitpress::dense_qmm / bitpress::sparse_qmm: shared layout definitions.
+//
+// Plain structs live in namespace bitpress_cpu; every function lives in an anonymous
+// namespace on purpose: this header is included by
+// translation units compiled for different instruction sets (qmm.cpp portable, qmm_avx2.cpp
+// under `#pragma GCC target("avx2,fma,f16c")`), and per-TU copies keep the linker from
+// merging an AVX2-compiled helper into the portable path.
+//
+// ---- Dense repacked layout ("8-row interleaved") ------------------------------------------
+// Rows are taken in tiles of 8 (the last tile padded with zero rows). The input dim is cut
+// into segments of `seg` columns: seg = group size for grouped weights, and for per-channel
+// weights (one group per row) seg = min(256, round16(in)). Every segment lies in one group
+// and carries one activation scale in the int8 mode. Per tile, in order, for each segment:
+//   [params: scale[8] then zero[8], in the source dtype (fp16/bf16 as 16-bit, or fp32)]
+//     -- only where the segment starts a group (every segment for grouped weights, the
+//        first one for per-channel)
+//   [codes of the segment for the 8 rows]
+// Codes are unsigned (u = c + 2^(b-1)). For b in {2, 4} a 32-byte block holds 32/b codes of
+// each of the 8 rows: the row r owns the dword at byte 4r, and code t (0 <= t < 32/b) of the
+// block sits in byte j = t % 4 at bit b*(t / 4). So plane m = (v >> b*m) & mask puts codes
+// 4m..4m+3 of every row in the bytes of that row's dword, ready for a u8 x s8 dot product
+// with a broadcast dword of four activations. For b = 3 a 32-code chunk is stored as two
+// 2-bit blocks (low bits, 16 codes each) and one block of high bits (byte j of row r's
+// dword, bit m = high bit of code 4m + j of the chunk); a short last chunk (16 codes) has
+// one low block and one high block. Columns past in_features hold code 0 and meet a zero
+// activation.
+//
+// ---- Sparse repacked layout (per kept group) -----------------------------------------------
+// Each kept group is padded to whole units of 16 bytes: 4-bit (and 3-bit, stored as 4-bit)
+// units hold 32 codes, byte i = u(i) | u(16+i) << 4; 2-bit units hold 64 codes,
+// byte i = u(i) | u(16+i) << 2 | u(32+i) << 4 | u(48+i) << 6. Padding and columns past
+// in_features hold u = 0, so they contribute nothing whatever the activations there.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace bitpress_cpu {
+enum ParamKind : int { P_F16 = 0, P_BF16 = 1, P_F32 = 2 };
+enum ActMode : int { MODE_EXACT = 0, MODE_INT8 = 1 };
+
+struct DenseGeom {
+  int64_t out = 0, in = 0;
+  int bits = 0, pkind = 0;
+  int64_t gs = 0;      // effective group size
+  bool grouped = true; // false: per-channel (one group per row)
+  int64_t seg = 0, nseg = 0, ng = 0, tiles = 0;
+  int64_t code_bytes = 0;   // per tile per segment
+  int64_t param_bytes = 0;  // per tile per group (16 values)
+  int64_t tile_bytes = 0;
+};
+
+struct SparseGeom {
+  int64_t out = 0, in = 0, nnz = 0;
+  int bits = 0, pkind = 0;
+  int64_t gs = 0, ng = 0;
+  int unit_codes = 0;      // 64 for 2-bit, 32 for 3/4-bit
+  int64_t units = 0;       // per group
+  int64_t group_bytes = 0; // units * 16
+};
+
+// Prepared activations, [M] rows of `stride` padded columns (segments of `seg`).
+//  int8 mode:  q (int8), d[m*nseg+s] = scale of segment s, b = d*off*sum(q), xs = sum(x)
+//  exact mode: xf (fp32), b = off*sum(x), xs = sum(x)
+struct Act {
+  int mode = MODE_INT8;
+  int64_t M = 0, stride = 0, nseg = 0, seg = 0;
+  const int8_t* q = nullptr;
+  const float* xf = nullptr;
+  const float* d = nullptr;
+  const float* b = nullptr;
+  const float* xs = nullptr;
+};
+}  // namespace bitpress_cpu
+
+namespace {
+using namespace bitpress_cpu;
+
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu, bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalise
+      int e = -1;
+      do { ++e; man <<= 1; } while (!(man & 0x400u));
+      bits = sign | uint32_t(127 - 15 - e) << 23 | (man & 0x3FFu) << 13;
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7F800000u | man << 13;
+  } else {
+    bits = sign | (exp + 112u) << 23 | man << 13;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline float bf16_to_float(uint16_t h) {
+  uint32_t bits = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline int param_size(int kind) { return kind == P_F32 ? 4 : 2; }
+
+inline float load_param(const uint8_t* p, int kind, int64_t i) {
+  if (kind == P_F32) {
+    float f;
+    std::memcpy(&f, p + 4 * i, 4);
+    return f;
+  }
+  uint16_t h;
+  std::memcpy(&h, p + 2 * i, 2);
+  return kind == P_F16 ? half_to_float(h) : bf16_to_float(h);
+}
+
+
+inline int64_t seg_code_bytes(int bits, int64_t seg) {
+  if (bits == 2) return seg / 16 * 32;
+  if (bits == 4) return seg / 8 * 32;
+  return seg / 16 * 32 + ceil_div(seg, 32) * 32;  // 3-bit
+}
+
+inline DenseGeom make_dense_geom(int64_t out, int64_t in, int bits, int64_t gs, int pkind) {
+  DenseGeom g;
+  g.out = out; g.in = in; g.bits = bits; g.gs = gs; g.pkind = pkind;
+  g.grouped = gs < in;
+  g.seg = g.grouped ? gs : std::min<int64_t>(256, round_up(in, 16));
+  g.nseg = ceil_div(in, g.seg);
+  g.ng = g.grouped ? ceil_div(in, gs) : 1;
+  g.tiles = ceil_div(out, 8);
+  g.code_bytes = seg_code_bytes(bits, g.seg);
+  g.param_bytes = 16 * param_size(pkind);
+  g.tile_bytes = g.ng * g.param_bytes + g.nseg * g.code_bytes;
+  return g;
+}
+
+// Byte offset of the code bytes of segment s within a tile.
+inline int64_t dense_seg_offset(const DenseGeom& g, int64_t s) {
+  const int64_t params_before = g.grouped ? (s + 1) : 1;
+  return params_before * g.param_bytes + s * g.code_bytes;
+}
+
+
+inline SparseGeom make_sparse_geom(int64_t out, int64_t in, int64_t nnz, int bits, int64_t gs,
+                                   int pkind) {
+  SparseGeom g;
+  g.out = out; g.in = in; g.nnz = nnz; g.bits = bits; g.gs = gs; g.pkind = pkind;
+  g.ng = ceil_div(in, gs);
+  g.unit_codes = bits == 2 ? 64 : 32;
+  g.units = ceil_div(gs, g.unit_codes);
+  g.group_bytes = g.units * 16;
+  return g;
+}
+
+
+// Row-range driver for the block-sparse kernels, shared by every ISA: walks kept groups
+// e0..e1 of one thread, accumulates per-row sums for the M activation rows, writes rows the
+// thread owns entirely straight to y and leaves its (possibly shared) first and last rows in
+// `parts` ([2][M], rows in prow[0..1]) for the caller to add up. `group(e, col, m0, mb, v)`
+// writes v[i] = (sum over the group of u*x for activation row m0+i) - off*sum(x).
+template <class GroupFn>
+void sparse_range(const SparseGeom& g, const Act& a, const int32_t* row_ptr,
+                  const int32_t* col_idx, const uint8_t* sc, const uint8_t* zr, int64_t e0,
+                  int64_t e1, float* y, float* acc, float* parts, int64_t* prow,
+                  GroupFn&& group) {
+  prow[0] = prow[1] = -1;
+  if (e0 >= e1) return;
+  const int64_t M = a.M;
+  int64_t r = std::upper_bound(row_ptr, row_ptr + g.out + 1, int32_t(e0)) - row_ptr - 1;
+  const int64_t rfirst = r;
+  const int64_t rlast = std::upper_bound(row_ptr, row_ptr + g.out + 1, int32_t(e1 - 1)) -
+                        row_ptr - 1;
+  for (int64_t m = 0; m < M; ++m) acc[m] = 0.f;
+  auto flush = [&](int64_t row) {
+    if (row == rfirst || row == rlast) {
+      const int slot = row == rfirst ? 0 : 1;
+      prow[slot] = row;
+      for (int64_t m = 0; m < M; ++m) parts[slot * M + m] = acc[m];
+    } else {
+      for (int64_t m = 0; m < M; ++m) y[m * g.out + row] = acc[m];
+    }
+    for (int64_t m = 0; m < M; ++m) acc[m] = 0.f;
+  };
+  float v[4];
+  for (int64_t e = e0; e < e1; ++e) {
+    while (row_ptr[r + 1] <= e) { flush(r); ++r; }
+    const int64_t col = col_idx[e];
+    const float s = load_param(sc, g.pkind, e), z = load_param(zr, g.pkind, e);
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int mb = int(std::min<int64_t>(4, M - m0));
+      group(e, col, m0, mb, v);
+      for (int i = 0; i < mb; ++i) {
+        const int64_t idx = (m0 + i) * a.nseg + col;
+        acc[m0 + i] += s * v[i] + z * a.xs[idx];
+      }
+    }
+  }
+  flush(r);
+}
+
+}  // namespace
+
+// Per-ISA entry points (defined in qmm_avx2.cpp; absent when not compiled for x86).
+namespace bitpress_cpu {
+void dense_tile_avx2(const DenseGeom& g, const Act& a, const uint8_t* tile_ptr, int64_t tile,
+                     float* y, const float* bias);
+void sparse_range_avx2(const SparseGeom& g, const Act& a, const int32_t* row_ptr,
+                       const int32_t* col_idx, const uint8_t* codes, const uint8_t* sc,
+                       const uint8_t* zr, int64_t e0, int64_t e1, float* y, float* acc,
+                       float* parts, int64_t* prow);
+}  // namespace bitpress_cpu

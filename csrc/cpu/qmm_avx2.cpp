@@ -1,0 +1,342 @@
+// AVX2 (+FMA, F16C) kernels for bitpress::dense_qmm / sparse_qmm. Only called after a
+// run-time check of the CPU features (see qmm.cpp); the whole file is compiled for that
+// target through the pragma below, the rest of the extension stays portable.
+#if defined(__x86_64__) || defined(_M_X64)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#include <immintrin.h>
+
+#include "qmm.h"
+
+namespace {
+
+inline __m256i bcast4(const int8_t* p) {
+  int32_t t;
+  std::memcpy(&t, p, 4);
+  return _mm256_set1_epi32(t);
+}
+
+template <int PK>
+inline __m256 load8p(const uint8_t* p) {
+  if constexpr (PK == P_F16) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  } else if constexpr (PK == P_BF16) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  } else {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+  }
+}
+
+inline __m256i ld(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// ---- dense, int8 activations: iacc[m] (8 rows) += sum over the segment of u * q_m -------
+template <int BITS, int MB>
+inline void seg_i8(const uint8_t* cp, int64_t seg, const int8_t* const* q, __m256i* iacc) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  if constexpr (BITS == 2 || BITS == 4) {
+    constexpr int CPD = 32 / BITS, NP = 8 / BITS;
+    const __m256i mask = _mm256_set1_epi8(char((1 << BITS) - 1));
+    for (int64_t k = 0; k < seg; k += CPD, cp += 32) {
+      const __m256i v = ld(cp);
+      __m256i s16[MB];
+      for (int i = 0; i < MB; ++i) s16[i] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+      for (int p = 0; p < NP; ++p) {
+        const __m256i c = _mm256_and_si256(_mm256_srli_epi16(v, BITS * p), mask);
+        for (int i = 0; i < MB; ++i)
+          s16[i] = _mm256_add_epi16(s16[i], _mm256_maddubs_epi16(c, bcast4(q[i] + k + 4 * p)));
+      }
+      for (int i = 0; i < MB; ++i) iacc[i] = _mm256_add_epi32(iacc[i], _mm256_madd_epi16(s16[i], ones));
+    }
+  } else {  // 3-bit: two low 2-bit blocks + one high-bit block per 32 codes
+    const __m256i m3 = _mm256_set1_epi8(3), m4 = _mm256_set1_epi8(4);
+    for (int64_t k = 0; k < seg; k += 32) {
+      const int nh = seg - k >= 32 ? 2 : 1;
+      const __m256i hi = ld(cp + 32 * nh);
+      __m256i s16[MB];
+      for (int i = 0; i < MB; ++i) s16[i] = _mm256_setzero_si256();
+      for (int h = 0; h < nh; ++h) {
+        const __m256i lo = ld(cp + 32 * h);
+#pragma GCC unroll 4
+        for (int p = 0; p < 4; ++p) {
+          const int mm = 4 * h + p;
+          const __m256i hb = mm >= 2 ? _mm256_srli_epi16(hi, mm - 2) : _mm256_slli_epi16(hi, 2 - mm);
+          const __m256i c = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo, 2 * p), m3),
+                                            _mm256_and_si256(hb, m4));
+          for (int i = 0; i < MB; ++i)
+            s16[i] = _mm256_add_epi16(s16[i],
+                                      _mm256_maddubs_epi16(c, bcast4(q[i] + k + 16 * h + 4 * p)));
+        }
+      }
+      for (int i = 0; i < MB; ++i) iacc[i] = _mm256_add_epi32(iacc[i], _mm256_madd_epi16(s16[i], ones));
+      cp += 32 * (nh + 1);
+    }
+  }
+}
+
+// ---- dense, exact fp32: facc[m] (8 rows) += sum over the segment of u * x_m ---------------
+template <int BITS, int MB>
+inline void seg_f32(const uint8_t* cp, int64_t seg, const float* const* x, __m256* facc) {
+  if constexpr (BITS == 2 || BITS == 4) {
+    constexpr int CPD = 32 / BITS;
+    const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+    for (int64_t k = 0; k < seg; k += CPD, cp += 32) {
+      const __m256i v = ld(cp);
+#pragma GCC unroll 16
+      for (int t = 0; t < CPD; ++t) {
+        const int sh = 8 * (t % 4) + BITS * (t / 4);
+        const __m256 c = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, sh), mask));
+        for (int i = 0; i < MB; ++i)
+          facc[i] = _mm256_fmadd_ps(c, _mm256_set1_ps(x[i][k + t]), facc[i]);
+      }
+    }
+  } else {
+    const __m256i m3 = _mm256_set1_epi32(3), m4 = _mm256_set1_epi32(4);
+    for (int64_t k = 0; k < seg; k += 32) {
+      const int nh = seg - k >= 32 ? 2 : 1;
+      const __m256i hi = ld(cp + 32 * nh);
+      for (int h = 0; h < nh; ++h) {
+        const __m256i lo = ld(cp + 32 * h);
+#pragma GCC unroll 16
+        for (int t = 0; t < 16; ++t) {
+          const int j = t % 4, m = t / 4;
+          const __m256i l = _mm256_and_si256(_mm256_srli_epi32(lo, 8 * j + 2 * m), m3);
+          const int hs = 8 * j + 4 * h + m;  // bit of the high plane; move it to bit 2
+          const __m256i hb = hs >= 2 ? _mm256_srli_epi32(hi, hs - 2) : _mm256_slli_epi32(hi, 2 - hs);
+          const __m256 c = _mm256_cvtepi32_ps(_mm256_or_si256(l, _mm256_and_si256(hb, m4)));
+          for (int i = 0; i < MB; ++i)
+            facc[i] = _mm256_fmadd_ps(c, _mm256_set1_ps(x[i][k + 16 * h + t]), facc[i]);
+        }
+      }
+      cp += 32 * (nh + 1);
+    }
+  }
+}
+
+template <int BITS, int PK, int MB, bool I8>
+void tile_mb(const DenseGeom& g, const Act& a, const uint8_t* tp, int64_t tile, int64_t m0,
+             float* y, const float* bias) {
+  constexpr int PS = PK == P_F32 ? 4 : 2;
+  __m256 yacc[MB];
+  for (int i = 0; i < MB; ++i) yacc[i] = _mm256_setzero_ps();
+  __m256 s8 = _mm256_setzero_ps(), z8 = _mm256_setzero_ps();
+  const uint8_t* p = tp;
+  const int8_t* qp[MB];
+  const float* xp[MB];
+  for (int64_t s = 0; s < g.nseg; ++s) {
+    if (s == 0 || g.grouped) {
+      s8 = load8p<PK>(p);
+      z8 = load8p<PK>(p + 8 * PS);
+      p += 16 * PS;
+    }
+    const int64_t k0 = s * g.seg;
+    __m256 t[MB];
+    if constexpr (I8) {
+      __m256i iacc[MB];
+      for (int i = 0; i < MB; ++i) {
+        iacc[i] = _mm256_setzero_si256();
+        qp[i] = a.q + (m0 + i) * a.stride + k0;
+      }
+      seg_i8<BITS, MB>(p, g.seg, qp, iacc);
+      for (int i = 0; i < MB; ++i) {
+        const int64_t idx = (m0 + i) * a.nseg + s;
+        t[i] = _mm256_fmsub_ps(_mm256_cvtepi32_ps(iacc[i]), _mm256_set1_ps(a.d[idx]),
+                               _mm256_set1_ps(a.b[idx]));
+      }
+    } else {
+      __m256 facc[MB];
+      for (int i = 0; i < MB; ++i) {
+        facc[i] = _mm256_setzero_ps();
+        xp[i] = a.xf + (m0 + i) * a.stride + k0;
+      }
+      seg_f32<BITS, MB>(p, g.seg, xp, facc);
+      for (int i = 0; i < MB; ++i)
+        t[i] = _mm256_sub_ps(facc[i], _mm256_set1_ps(a.b[(m0 + i) * a.nseg + s]));
+    }
+    for (int i = 0; i < MB; ++i) {
+      yacc[i] = _mm256_fmadd_ps(s8, t[i], yacc[i]);
+      yacc[i] = _mm256_fmadd_ps(z8, _mm256_set1_ps(a.xs[(m0 + i) * a.nseg + s]), yacc[i]);
+    }
+    p += g.code_bytes;
+  }
+  const int64_t r0 = tile * 8, nr = std::min<int64_t>(8, g.out - r0);
+  for (int i = 0; i < MB; ++i) {
+    float* yr = y + (m0 + i) * g.out + r0;
+    if (nr == 8) {
+      __m256 v = yacc[i];
+      if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + r0));
+      _mm256_storeu_ps(yr, v);
+    } else {
+      alignas(32) float tmp[8];
+      _mm256_store_ps(tmp, yacc[i]);
+      for (int64_t r = 0; r < nr; ++r) yr[r] = tmp[r] + (bias ? bias[r0 + r] : 0.f);
+    }
+  }
+}
+
+template <int BITS, int PK, bool I8>
+void tile_all(const DenseGeom& g, const Act& a, const uint8_t* tp, int64_t tile, float* y,
+              const float* bias) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= a.M; m0 += 4) tile_mb<BITS, PK, 4, I8>(g, a, tp, tile, m0, y, bias);
+  switch (a.M - m0) {
+    case 3: tile_mb<BITS, PK, 3, I8>(g, a, tp, tile, m0, y, bias); break;
+    case 2: tile_mb<BITS, PK, 2, I8>(g, a, tp, tile, m0, y, bias); break;
+    case 1: tile_mb<BITS, PK, 1, I8>(g, a, tp, tile, m0, y, bias); break;
+    default: break;
+  }
+}
+
+template <int BITS, int PK>
+void tile_mode(const DenseGeom& g, const Act& a, const uint8_t* tp, int64_t tile, float* y,
+               const float* bias) {
+  if (a.mode == MODE_INT8) tile_all<BITS, PK, true>(g, a, tp, tile, y, bias);
+  else tile_all<BITS, PK, false>(g, a, tp, tile, y, bias);
+}
+
+template <int BITS>
+void tile_pk(const DenseGeom& g, const Act& a, const uint8_t* tp, int64_t tile, float* y,
+             const float* bias) {
+  switch (g.pkind) {
+    case P_F16: tile_mode<BITS, P_F16>(g, a, tp, tile, y, bias); break;
+    case P_BF16: tile_mode<BITS, P_BF16>(g, a, tp, tile, y, bias); break;
+    default: tile_mode<BITS, P_F32>(g, a, tp, tile, y, bias); break;
+  }
+}
+
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+inline float hsum_ps(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// ---- sparse: one kept group against MB activation rows -------------------------------------
+template <int BITS, int MB, bool I8>
+inline void sparse_group(const SparseGeom& g, const Act& a, const uint8_t* cp, int64_t col,
+                         int64_t m0, float* v) {
+  const int64_t k0 = col * g.gs;
+  const __m256i sh_lo = _mm256_setr_epi32(0, 0, 0, 0, BITS == 2 ? 2 : 4, BITS == 2 ? 2 : 4,
+                                          BITS == 2 ? 2 : 4, BITS == 2 ? 2 : 4);
+  const __m256i sh_hi = _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6);
+  const __m256i mask = _mm256_set1_epi8(char(BITS == 2 ? 3 : 15));
+  if constexpr (I8) {
+    __m256i s16[MB];
+    const int8_t* q[MB];
+    for (int i = 0; i < MB; ++i) {
+      s16[i] = _mm256_setzero_si256();
+      q[i] = a.q + (m0 + i) * a.stride + k0;
+    }
+    for (int64_t u = 0; u < g.units; ++u, cp += 16) {
+      const __m256i w = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cp)));
+      const __m256i c0 = _mm256_and_si256(_mm256_srlv_epi32(w, sh_lo), mask);
+      if constexpr (BITS == 2) {
+        const __m256i c1 = _mm256_and_si256(_mm256_srlv_epi32(w, sh_hi), mask);
+        for (int i = 0; i < MB; ++i) {
+          const __m256i p0 = _mm256_maddubs_epi16(c0, ld(reinterpret_cast<const uint8_t*>(q[i] + 64 * u)));
+          const __m256i p1 = _mm256_maddubs_epi16(c1, ld(reinterpret_cast<const uint8_t*>(q[i] + 64 * u + 32)));
+          s16[i] = _mm256_add_epi16(s16[i], _mm256_add_epi16(p0, p1));
+        }
+      } else {
+        for (int i = 0; i < MB; ++i)
+          s16[i] = _mm256_add_epi16(
+              s16[i], _mm256_maddubs_epi16(c0, ld(reinterpret_cast<const uint8_t*>(q[i] + 32 * u))));
+      }
+    }
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int i = 0; i < MB; ++i) {
+      const int64_t idx = (m0 + i) * a.nseg + col;
+      v[i] = float(hsum_epi32(_mm256_madd_epi16(s16[i], ones))) * a.d[idx] - a.b[idx];
+    }
+  } else {
+    __m256 f[MB];
+    const float* x[MB];
+    for (int i = 0; i < MB; ++i) {
+      f[i] = _mm256_setzero_ps();
+      x[i] = a.xf + (m0 + i) * a.stride + k0;
+    }
+    auto fma32 = [&](__m256i c, int64_t off) {  // 32 code bytes against x[off .. off+32)
+      const __m128i lo = _mm256_castsi256_si128(c), hi = _mm256_extracti128_si256(c, 1);
+      const __m256 c0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+      const __m256 c1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+      const __m256 c2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+      const __m256 c3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+      for (int i = 0; i < MB; ++i) {
+        f[i] = _mm256_fmadd_ps(c0, _mm256_loadu_ps(x[i] + off), f[i]);
+        f[i] = _mm256_fmadd_ps(c1, _mm256_loadu_ps(x[i] + off + 8), f[i]);
+        f[i] = _mm256_fmadd_ps(c2, _mm256_loadu_ps(x[i] + off + 16), f[i]);
+        f[i] = _mm256_fmadd_ps(c3, _mm256_loadu_ps(x[i] + off + 24), f[i]);
+      }
+    };
+    for (int64_t u = 0; u < g.units; ++u, cp += 16) {
+      const __m256i w = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cp)));
+      fma32(_mm256_and_si256(_mm256_srlv_epi32(w, sh_lo), mask), g.unit_codes * u);
+      if constexpr (BITS == 2) fma32(_mm256_and_si256(_mm256_srlv_epi32(w, sh_hi), mask), 64 * u + 32);
+    }
+    for (int i = 0; i < MB; ++i) v[i] = hsum_ps(f[i]) - a.b[(m0 + i) * a.nseg + col];
+  }
+}
+
+template <int BITS, bool I8>
+struct SparseGroupAvx2 {
+  const SparseGeom& g;
+  const Act& a;
+  const uint8_t* codes;
+  void operator()(int64_t e, int64_t col, int64_t m0, int mb, float* v) const {
+    const uint8_t* cp = codes + e * g.group_bytes;
+    switch (mb) {
+      case 4: sparse_group<BITS, 4, I8>(g, a, cp, col, m0, v); break;
+      case 3: sparse_group<BITS, 3, I8>(g, a, cp, col, m0, v); break;
+      case 2: sparse_group<BITS, 2, I8>(g, a, cp, col, m0, v); break;
+      default: sparse_group<BITS, 1, I8>(g, a, cp, col, m0, v); break;
+    }
+  }
+};
+
+template <int BITS, bool I8>
+void sparse_run(const SparseGeom& g, const Act& a, const int32_t* row_ptr, const int32_t* col_idx,
+                const uint8_t* codes, const uint8_t* sc, const uint8_t* zr, int64_t e0, int64_t e1,
+                float* y, float* acc, float* parts, int64_t* prow) {
+  sparse_range(g, a, row_ptr, col_idx, sc, zr, e0, e1, y, acc, parts, prow,
+               SparseGroupAvx2<BITS, I8>{g, a, codes});
+}
+
+}  // namespace
+
+namespace bitpress_cpu {
+
+void dense_tile_avx2(const DenseGeom& g, const Act& a, const uint8_t* tile_ptr, int64_t tile,
+                     float* y, const float* bias) {
+  switch (g.bits) {
+    case 2: tile_pk<2>(g, a, tile_ptr, tile, y, bias); break;
+    case 3: tile_pk<3>(g, a, tile_ptr, tile, y, bias); break;
+    default: tile_pk<4>(g, a, tile_ptr, tile, y, bias); break;
+  }
+}
+
+void sparse_range_avx2(const SparseGeom& g, const Act& a, const int32_t* row_ptr,
+                       const int32_t* col_idx, const uint8_t* codes, const uint8_t* sc,
+                       const uint8_t* zr, int64_t e0, int64_t e1, float* y, float* acc,
+                       float* parts, int64_t* prow) {
+  const bool i8 = a.mode == MODE_INT8;
+  if (g.bits == 2) {
+    if (i8) sparse_run<2, true>(g, a, row_ptr, col_idx, codes, sc, zr, e0, e1, y, acc, parts, prow);
+    else sparse_run<2, false>(g, a, row_ptr, col_idx, codes, sc, zr, e0, e1, y, acc, parts, prow);
+  } else {  // 3-bit groups are stored as 4-bit in the sparse layout
+    if (i8) sparse_run<4, true>(g, a, row_ptr, col_idx, codes, sc, zr, e0, e1, y, acc, parts, prow);
+    else sparse_run<4, false>(g, a, row_ptr, col_idx, codes, sc, zr, e0, e1, y, acc, parts, prow);
+  }
+}
+
+}  // namespace bitpress_cpu
+
+#pragma GCC pop_options
+#endif
