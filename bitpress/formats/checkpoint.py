@@ -43,6 +43,12 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> It
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        for f in tmp.iterdir():
+            if f.is_file():
+                os.chmod(f, 0o666 & ~umask)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "x")
@@ -205,7 +211,8 @@ def make_quantization_config(method: str, bits: int, group_size: int,
                              param_dtype: str = "float16",
                              **extra: Any) -> dict[str, Any]:
     """``modules`` maps each replaced module's name to its scheme:
-    ``{"format": "dense" | "bsr", "bits": b, "group_size": g}``."""
+    ``{"format": "dense" | "bsr", "bits": b, "group_size": g, "in_features": i,
+    "out_features": o}`` (plus ``nnz`` for block-sparse rows)."""
     cfg = {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
@@ -241,5 +248,7 @@ def validate_quantization_config(cfg: Mapping[str, Any]) -> None:
             raise FormatError(f"module {name}: unsupported bits {m.get('bits')!r}")
         try:
             check_group_size(int(m.get("group_size")))
-        except (TypeError, ValueError, ConfigError) as e:
-            raise FormatError(f"module {name}: {e}") from None
+            if int(m["in_features"]) <= 0 or int(m["out_features"]) <= 0:
+                raise ValueError("in/out features must be positive")
+        except (TypeError, ValueError, KeyError, ConfigError) as e:
+            raise FormatError(f"module {name}: bad scheme {dict(m)} ({e})") from None

@@ -59,6 +59,9 @@ def minmax_params(w: torch.Tensor, bits: int, group_size: int, sym: bool = False
     if param_dtype is not None:
         scale = scale.to(param_dtype).float()
         zero = zero.to(param_dtype).float()
+        if not bool(torch.isfinite(scale).all() & torch.isfinite(zero).all()):
+            raise ConfigError(f"weights are too large for {param_dtype} scales/zeros; use "
+                              f"float32 parameters (--param-dtype float32)")
     return scale, zero
 
 

@@ -1,0 +1,150 @@
+"""The ``bitpress`` command: ``compress``, ``eval``, ``inspect``, ``generate``.
+
+User mistakes print one line (``bitpress: error: ...``) and exit with status 2; no
+traceback, and no output directory is left behind.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Optional, Sequence
+
+from .errors import BitpressError
+
+
+def _group_size(v: str) -> int:
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"group size must be an integer, got {v!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bitpress", description="Press trained models into few-bit "
+                                "packed weights and run them.")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress a checkpoint (HF dir or .gguf)")
+    c.add_argument("src", help="Hugging Face model directory (safetensors) or .gguf file")
+    c.add_argument("--out", required=True, help="output directory (must not exist)")
+    c.add_argument("--method", default="rtn", help="compression method (default rtn)")
+    c.add_argument("--bits", type=int, default=4, help="code bits: 2, 3, 4 or 8 (default 4)")
+    c.add_argument("--group-size", type=_group_size, default=128,
+                   help="weights per group, 16..256 step 16, or -1 per-channel (default 128)")
+    c.add_argument("--sparsity", type=float, default=None,
+                   help="share of weight groups to prune (group-sparse formats)")
+    c.add_argument("--sym", action="store_true", help="symmetric grid (zero point 0)")
+    c.add_argument("--param-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="dtype of scales/zeros on disk (default float16)")
+    c.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="storage dtype of the tensors left unquantized (default float16)")
+    c.add_argument("--ignore", action="append", default=None,
+                   help="module name pattern to leave in full precision (repeatable; default: "
+                        "lm_head and embeddings)")
+    c.add_argument("--targets", action="append", default=None,
+                   help="module name pattern to compress (repeatable; default: all linears)")
+    c.add_argument("--recipe", help="recipe JSON file (overrides the options above)")
+    c.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+    e = sub.add_parser("eval", help="perplexity of a model (HF dir, .gguf or bitpress checkpoint)")
+    e.add_argument("model")
+    e.add_argument("--text", required=True, help="UTF-8 text file to score")
+    e.add_argument("--seqlen", type=int, default=1024)
+    e.add_argument("--windows", type=int, default=None, help="score only the first N windows")
+    e.add_argument("--batch-size", type=int, default=1)
+
+    i = sub.add_parser("inspect", help="size, bits/weight and per-layer scheme of a checkpoint")
+    i.add_argument("dir")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.add_argument("--histogram", action="store_true", help="also show code histograms")
+
+    g = sub.add_parser("generate", help="generate text from a prompt (KV cache on)")
+    g.add_argument("model")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    return p
+
+
+def _recipe(args):
+    from .nn import Recipe
+
+    if args.recipe:
+        return Recipe.from_json(args.recipe)
+    kw = dict(method=args.method, bits=args.bits, group_size=args.group_size,
+              sparsity=args.sparsity, sym=args.sym, param_dtype=args.param_dtype)
+    if args.ignore is not None:
+        kw["ignore"] = args.ignore
+    if args.targets is not None:
+        kw["targets"] = args.targets
+    return Recipe(**kw)
+
+
+def _load_any(path: str):
+    from .pipeline.checkpoint import load, load_tokenizer
+    from .pipeline.source import open_source
+
+    src = open_source(path)
+    if src.kind == "bitpress":
+        return load(src.path), load_tokenizer(src.path)
+    return src.load_model(), src.load_tokenizer()
+
+
+def run(args) -> int:
+    if args.command == "compress":
+        from .pipeline.compress import compress
+
+        import torch
+
+        summary = compress(args.src, args.out, _recipe(args), overwrite=args.force,
+                           dtype=getattr(torch, args.dtype))
+        print(json.dumps({k: v for k, v in summary.items() if k != "relative_weight_error"},
+                         indent=2))
+    elif args.command == "inspect":
+        from .pipeline.inspect import format_report, inspect_checkpoint
+
+        rep = inspect_checkpoint(args.dir, histogram=args.histogram)
+        print(json.dumps(rep, indent=2) if args.json else format_report(rep))
+    elif args.command == "eval":
+        from .pipeline.evaluate import perplexity, read_text
+
+        text = read_text(args.text)
+        model, tok = _load_any(args.model)
+        res = perplexity(model, tok, text, seqlen=args.seqlen, windows=args.windows,
+                         batch_size=args.batch_size)
+        print(json.dumps({"model": args.model, "text": args.text, **res}))
+    elif args.command == "generate":
+        from .pipeline.evaluate import generate
+
+        model, tok = _load_any(args.model)
+        print(json.dumps(generate(model, tok, args.prompt, args.max_new_tokens, args.sample)))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        try:
+            import transformers
+
+            transformers.logging.set_verbosity_error()
+        except ImportError:
+            pass
+    try:
+        return run(args)
+    except BitpressError as e:
+        print(f"bitpress: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bitpress: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

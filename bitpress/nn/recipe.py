@@ -1,0 +1,143 @@
+"""Recipes: which linears of a model to compress, and how.
+
+A recipe is a small dataclass that round-trips through JSON::
+
+    {"method": "rtn", "bits": 4, "group_size": 128, "sparsity": null,
+     "targets": ["*"], "ignore": ["lm_head"]}
+
+Patterns match module names (``model.layers.0.mlp.up_proj``): shell globs by default,
+regular expressions when prefixed ``re:`` (searched, not anchored). ``lm_head`` and every
+embedding are excluded by default; only ``nn.Linear`` and GPT-2 ``Conv1D`` are replaced.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..formats import QuantizedWeight, check_bits, check_group_size, magnitude_keep_mask, quantize_rtn
+from .modules import GroupSparseLinear, QuantLinear, _linear_weight
+
+DEFAULT_IGNORE = ["lm_head", "*embed*", "*wte", "*wpe"]
+_PARAM_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class Recipe:
+    method: str = "rtn"
+    bits: int = 4
+    group_size: int = 128
+    sparsity: Optional[float] = None
+    sym: bool = False
+    param_dtype: str = "float16"
+    targets: list[str] = field(default_factory=lambda: ["*"])
+    ignore: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORE))
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        check_group_size(self.group_size)
+        if self.param_dtype not in _PARAM_DTYPES:
+            raise ConfigError(f"param_dtype {self.param_dtype!r} not supported; choose one of "
+                              f"{sorted(_PARAM_DTYPES)}")
+        if self.sparsity is not None:
+            if not (0.0 <= self.sparsity < 1.0):
+                raise ConfigError(f"sparsity must lie in [0, 1), got {self.sparsity}")
+            if self.group_size == -1:
+                raise ConfigError("group sparsity needs a group size (got per-channel)")
+
+    @property
+    def torch_param_dtype(self) -> torch.dtype:
+        return _PARAM_DTYPES[self.param_dtype]
+
+    @property
+    def sparse(self) -> bool:
+        return bool(self.sparsity)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown recipe keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "Recipe":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read recipe {path}: {e}") from None
+
+    def matches(self, name: str) -> bool:
+        return _match_any(name, self.targets) and not _match_any(name, self.ignore)
+
+
+def _match_any(name: str, patterns: list[str]) -> bool:
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.search(p[3:], name):
+                return True
+        elif fnmatch.fnmatchcase(name, p) or name.split(".")[-1] == p:
+            return True
+    return False
+
+
+def is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+def target_linears(model: nn.Module, recipe: Recipe) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of every linear the recipe selects, in module order."""
+    for name, m in model.named_modules():
+        if is_linear(m) and recipe.matches(name):
+            yield name, m
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def packed_module(qw: QuantizedWeight, bias: Optional[torch.Tensor],
+                  param_dtype: torch.dtype) -> nn.Module:
+    """The drop-in module for a solved weight: block-sparse rows when it has a keep mask."""
+    if qw.keep is not None:
+        return GroupSparseLinear.from_quantized(qw, bias, param_dtype)
+    return QuantLinear.from_quantized(qw, bias, param_dtype)
+
+
+def rtn_quantize_linear(w: torch.Tensor, recipe: Recipe) -> QuantizedWeight:
+    """The data-free default: magnitude group pruning when the recipe is sparse, then RTN."""
+    keep = magnitude_keep_mask(w, recipe.group_size, recipe.sparsity) if recipe.sparse else None
+    return quantize_rtn(w, recipe.bits, recipe.group_size, sym=recipe.sym,
+                        param_dtype=recipe.torch_param_dtype, keep=keep)
+
+
+def replace_linears(model: nn.Module, recipe: Recipe,
+                    quantize: Optional[Callable[[str, torch.Tensor], QuantizedWeight]] = None,
+                    ) -> dict[str, dict[str, Any]]:
+    """Replace the selected linears of ``model`` in place with packed modules.
+
+    ``quantize(name, W) -> QuantizedWeight`` solves each weight (default: RTN, with magnitude
+    group pruning for sparse recipes). Returns ``{module name: scheme}`` for the
+    ``quantization_config``."""
+    schemes: dict[str, dict[str, Any]] = {}
+    for name, m in list(target_linears(model, recipe)):
+        w, b = _linear_weight(m)
+        qw = quantize(name, w) if quantize is not None else rtn_quantize_linear(w, recipe)
+        new = packed_module(qw, b, recipe.torch_param_dtype)
+        set_submodule(model, name, new)
+        schemes[name] = new.scheme()
+    return schemes

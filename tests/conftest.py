@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny randomly initialised causal LMs saved as real HF directories
+(safetensors + a real trained tokenizer), so checkpoint tests exercise the same code path
+as a downloaded model without any network access."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", message=".*pure-torch reference.*")
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Packed weights are read at memory speed. "
+    "A group of weights shares one scale and one zero point; the codes are small integers. "
+) * 40
+
+
+def make_tokenizer(vocab_size: int = 400):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT], trainer)
+    from tokenizers import decoders
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="</s>")
+
+
+def tiny_config(arch: str = "llama"):
+    from transformers import AutoConfig
+
+    if arch == "llama":
+        return AutoConfig.for_model("llama", vocab_size=512, hidden_size=96,
+                                    intermediate_size=160, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=256, tie_word_embeddings=True)
+    if arch == "qwen2":
+        return AutoConfig.for_model("qwen2", vocab_size=512, hidden_size=96, intermediate_size=160,
+                                    num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, max_position_embeddings=256,
+                                    tie_word_embeddings=False)
+    if arch == "gpt2":
+        return AutoConfig.for_model("gpt2", vocab_size=512, n_embd=96, n_layer=2, n_head=4,
+                                    n_positions=256)
+    raise ValueError(arch)
+
+
+def build_tiny(tmp_path_factory, arch: str):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+    d = tmp_path_factory.mktemp(f"tiny-{arch}")
+    model.save_pretrained(d, safe_serialization=True)
+    make_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    return build_tiny(tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    return build_tiny(tmp_path_factory, "gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory):
+    return build_tiny(tmp_path_factory, "qwen2")

@@ -1,0 +1,152 @@
+"""Property-based tests of the canonical format: packing, dequantisation, block-sparse rows."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bitpress.errors import ConfigError, FormatError
+from bitpress.formats import (QuantizedWeight, magnitude_keep_mask, pack_codes, pack_factor,
+                              packed_words, quantize_rtn, unpack_codes)
+from bitpress.kernels import native
+
+BITS = st.sampled_from([2, 3, 4, 8])
+GROUPS = st.sampled_from([-1, 16, 32, 48, 64, 128, 256])
+SETTINGS = settings(max_examples=60, deadline=None)
+
+
+def random_codes(g: torch.Generator, shape, bits):
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1))
+    return torch.randint(lo, hi, shape, generator=g, dtype=torch.int64).to(torch.int8)
+
+
+@SETTINGS
+@given(bits=BITS, rows=st.integers(1, 9), n=st.integers(1, 300), seed=st.integers(0, 2**31))
+def test_pack_unpack_identity(bits, rows, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = random_codes(g, (rows, n), bits)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.int32 and packed.shape == (rows, packed_words(n, bits))
+    assert torch.equal(unpack_codes(packed, bits, n), codes)
+    assert torch.equal(native.unpack_codes(packed, bits, n), codes)
+
+
+@SETTINGS
+@given(bits=BITS, n=st.integers(1, 64), seed=st.integers(0, 2**31))
+def test_pack_bit_layout(bits, n, seed):
+    """Element i of word j sits at bits i*b as the unsigned code c + 2^(b-1)."""
+    g = torch.Generator().manual_seed(seed)
+    codes = random_codes(g, (1, n), bits)
+    words = pack_codes(codes, bits)[0].tolist()
+    pf = pack_factor(bits)
+    for k in range(n):
+        word = words[k // pf] & 0xFFFFFFFF
+        u = (word >> ((k % pf) * bits)) & ((1 << bits) - 1)
+        assert u - (1 << (bits - 1)) == int(codes[0, k])
+    # padding slots hold the signed code 0
+    for k in range(n, len(words) * pf):
+        word = words[k // pf] & 0xFFFFFFFF
+        assert (word >> ((k % pf) * bits)) & ((1 << bits) - 1) == 1 << (bits - 1)
+
+
+@SETTINGS
+@given(bits=BITS, group=GROUPS, rows=st.integers(1, 6), n=st.integers(16, 300),
+       seed=st.integers(0, 2**31))
+def test_dequantize_formula(bits, group, rows, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    gs = n if group == -1 else group
+    ng = -(-n // gs)
+    codes = random_codes(g, (rows, n), bits)
+    scale = torch.rand(rows, ng, generator=g) + 0.1
+    zero = torch.randn(rows, ng, generator=g)
+    qw = QuantizedWeight(codes, scale, zero, bits, group)
+    w = qw.dequantize()
+    for r in range(rows):
+        for k in range(0, n, max(1, n // 17)):
+            expect = scale[r, k // gs] * codes[r, k].float() + zero[r, k // gs]
+            assert torch.allclose(w[r, k], expect)
+    packed = qw.pack_dense(torch.float32)
+    back = QuantizedWeight.from_dense(packed["qweight"], packed["scales"], packed["zeros"], bits,
+                                      group, n)
+    assert torch.equal(back.dequantize(), w)
+
+
+@SETTINGS
+@given(bits=BITS, group=st.sampled_from([16, 32, 64, 128]), rows=st.integers(1, 8),
+       n=st.integers(16, 300), sparsity=st.floats(0.0, 0.9), balanced=st.booleans(),
+       seed=st.integers(0, 2**31))
+def test_bsr_round_trip(bits, group, rows, n, sparsity, balanced, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, n, generator=g)
+    keep = magnitude_keep_mask(w, group, sparsity, balanced)
+    qw = quantize_rtn(w, bits, group, param_dtype=torch.float32, keep=keep)
+    b = qw.pack_bsr(torch.float32)
+    assert b["row_ptr"][-1] == keep.sum() == b["col_idx"].numel()
+    back = QuantizedWeight.from_bsr(**b, bits=bits, group_size=group, in_features=n)
+    assert torch.equal(back.keep, keep)
+    assert torch.equal(back.dequantize(), qw.dequantize())
+    # pruned groups are exactly zero, kept ones are the dense dequantisation
+    dense = QuantizedWeight(qw.codes, qw.scale, qw.zero, bits, group).dequantize()
+    mask = keep.repeat_interleave(group, 1)[:, :n]
+    assert torch.equal(back.dequantize()[~mask], torch.zeros(int((~mask).sum())))
+    assert torch.equal(back.dequantize()[mask], dense[mask])
+    # the dense packing of a sparse weight dequantises identically too
+    d = qw.pack_dense(torch.float32)
+    assert torch.equal(QuantizedWeight.from_dense(d["qweight"], d["scales"], d["zeros"], bits, group,
+                                                  n).dequantize(), qw.dequantize())
+
+
+def test_ragged_last_group_smollm_shape():
+    """576 columns at group 128: four groups of 128 and one of 64, none padded."""
+    w = torch.randn(4, 576)
+    qw = quantize_rtn(w, 4, 128)
+    assert qw.n_groups == 5 and qw.scale.shape == (4, 5)
+    last = w[:, 512:]
+    s, z = qw.scale[:, 4:5], qw.zero[:, 4:5]
+    # the short group's range is fitted to its own 64 columns only
+    assert torch.allclose(z + s * -8, last.min(1, keepdim=True).values.half().float(), atol=2e-2)
+    err = (qw.dequantize() - w).abs().max()
+    assert err <= qw.scale.max() / 2 + 1e-3
+
+
+def test_rtn_error_bounded_by_half_step():
+    torch.manual_seed(0)
+    for bits in (2, 3, 4, 8):
+        w = torch.randn(16, 200)
+        qw = quantize_rtn(w, bits, 64, param_dtype=torch.float32)
+        step = qw.scale.repeat_interleave(64, 1)[:, :200]
+        assert bool(((qw.dequantize() - w).abs() <= step / 2 + 1e-5).all())
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: pack_codes(torch.tensor([[2]], dtype=torch.int8), 2),
+    lambda: pack_codes(torch.tensor([[0]], dtype=torch.int32), 4),
+    lambda: unpack_codes(torch.zeros(1, 3, dtype=torch.int32), 4, 100),
+    lambda: quantize_rtn(torch.randn(4, 64), 5, 32),
+    lambda: quantize_rtn(torch.randn(4, 64), 4, 8),
+    lambda: quantize_rtn(torch.randn(4, 64), 4, 512),
+    lambda: quantize_rtn(torch.randn(4, 64), 4, 40),
+    lambda: quantize_rtn(torch.full((4, 64), float("nan")), 4, 32),
+    lambda: QuantizedWeight(torch.zeros(2, 64, dtype=torch.int8), torch.ones(2, 3),
+                            torch.zeros(2, 3), 4, 32),
+    lambda: magnitude_keep_mask(torch.randn(4, 64), 16, 1.0),
+    lambda: magnitude_keep_mask(torch.randn(4, 64), -1, 0.5),
+])
+def test_bad_inputs_raise_clear_errors(bad):
+    with pytest.raises((FormatError, ConfigError)):
+        bad()
+
+
+def test_fp16_overflow_is_an_error_not_inf():
+    w = torch.tensor([[0.0] * 31 + [1e6]])
+    qw = quantize_rtn(w, 4, 32, param_dtype=torch.float32)
+    with pytest.raises(FormatError, match="float32"):
+        qw.pack_dense(torch.float16)
+
+
+def test_native_extension_built_when_compiler_present():
+    import shutil
+
+    if shutil.which("c++") or shutil.which("g++"):
+        assert native.available(), "bitpress._C was not built although a C++ compiler exists"
