@@ -55,7 +55,7 @@ _mode = os.environ.get("BITPRESS_CPU_ACT", "int8")
 if _mode not in _MODES:
     raise ValueError(f"BITPRESS_CPU_ACT must be 'int8' or 'exact', got {_mode!r}")
 _lock = threading.Lock()
-_cache: dict[tuple, tuple] = {}
+_cache: dict[int, tuple] = {}
 
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -90,6 +90,9 @@ def clear_cache() -> None:
 
 
 # ---- repacking cache -------------------------------------------------------------------------
+# One entry per weight tensor, keyed by id() and validated by a weak reference to the tensor
+# plus the storage pointers and version counters of every tensor the repack read, so an
+# in-place update (or a recycled id) triggers a fresh repack. Entries die with the tensor.
 def _version(t: torch.Tensor) -> int:
     try:
         return t._version
@@ -98,7 +101,7 @@ def _version(t: torch.Tensor) -> int:
 
 
 def _sig(t: torch.Tensor) -> tuple:
-    return (t.data_ptr(), _version(t), tuple(t.shape), t.dtype)
+    return (t.data_ptr(), _version(t), t.shape, t.dtype)
 
 
 def _params(scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -107,21 +110,28 @@ def _params(scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, to
     return scales.float().contiguous(), zeros.float().contiguous(), _PKIND[torch.float32]
 
 
-def _cached(owner: torch.Tensor, key: tuple, build):
+def _cached(owner: torch.Tensor, sig: tuple, build):
+    key = id(owner)
+    hit = _cache.get(key)
+    if hit is not None and hit[0]() is owner and hit[1] == sig:
+        return hit[2]
+    value = build()
+    ref = weakref.ref(owner, lambda _r, k=key: _drop(k, _r))
+    with _lock:
+        _cache[key] = (ref, sig, value)
+    return value
+
+
+def _drop(key: int, ref) -> None:
     with _lock:
         hit = _cache.get(key)
-    if hit is not None:
-        return hit
-    value = build()
-    with _lock:
-        _cache[key] = value
-    weakref.finalize(owner, _cache.pop, key, None)
-    return value
+        if hit is not None and hit[0] is ref:
+            del _cache[key]
 
 
 def _dense_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                   gs: int, in_features: int) -> tuple[torch.Tensor, int]:
-    key = ("dense", _sig(qweight), _sig(scales), _sig(zeros), bits, gs, in_features)
+    sig = (_sig(qweight), _sig(scales), _sig(zeros), bits, gs, in_features)
 
     def build():
         out = qweight.shape[0]
@@ -134,12 +144,12 @@ def _dense_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
                             torch.get_num_threads())
         return buf, pk
 
-    return _cached(qweight, key, build)
+    return _cached(qweight, sig, build)
 
 
 def _sparse_packed(qvalues: torch.Tensor, col_idx: torch.Tensor, bits: int, gs: int,
                    in_features: int) -> torch.Tensor:
-    key = ("sparse", _sig(qvalues), _sig(col_idx), bits, gs, in_features)
+    sig = (_sig(qvalues), _sig(col_idx), bits, gs, in_features)
 
     def build():
         qv, ci = qvalues.contiguous(), col_idx.contiguous()
@@ -149,7 +159,7 @@ def _sparse_packed(qvalues: torch.Tensor, col_idx: torch.Tensor, bits: int, gs: 
                              gs, buf.data_ptr(), torch.get_num_threads())
         return buf
 
-    return _cached(qvalues, key, build)
+    return _cached(qvalues, sig, build)
 
 
 # ---- support predicates ----------------------------------------------------------------------
@@ -200,6 +210,12 @@ def _bias(bias: Optional[torch.Tensor], out: int) -> tuple[Optional[torch.Tensor
     return b, b.data_ptr()
 
 
+def _finish(y: torch.Tensor, x: torch.Tensor, out: int) -> torch.Tensor:
+    if x.dim() != 2:
+        y = y.view(*x.shape[:-1], out)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
 def dense_qmm_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                   zeros: torch.Tensor, bias: Optional[torch.Tensor], bits: int, group_size: int,
                   in_features: int, mode: Optional[str] = None) -> torch.Tensor:
@@ -217,7 +233,7 @@ def dense_qmm_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if m:
         _C.qmm_dense(packed.data_ptr(), out, in_features, bits, group_size, pk, x2.data_ptr(), m,
                      y.data_ptr(), bptr, _MODES[mode or _mode], torch.get_num_threads())
-    return y.reshape(*x.shape[:-1], out).to(x.dtype)
+    return _finish(y, x, out)
 
 
 def sparse_qmm_cpu(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
@@ -241,7 +257,7 @@ def sparse_qmm_cpu(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor
         _C.qmm_sparse(codes.data_ptr(), rp.data_ptr(), ci.data_ptr(), sc.data_ptr(),
                       zr.data_ptr(), pk, out, in_features, nnz, bits, group_size, x2.data_ptr(),
                       m, y.data_ptr(), bptr, _MODES[mode or _mode], torch.get_num_threads())
-    return y.reshape(*x.shape[:-1], out).to(x.dtype)
+    return _finish(y, x, out)
 
 
 def int8_error_bound(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,

@@ -29,6 +29,8 @@ namespace {
 
 enum Isa : int { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2 };
 int g_forced_isa = ISA_AUTO;
+// minimum multiply-adds per thread before a call goes parallel (tests lower it to 1)
+int64_t g_min_work = 65536;
 
 bool cpu_has_avx2() {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -324,8 +326,9 @@ void dense_qmm(uintptr_t packed, int64_t out, int64_t in, int bits, int64_t gs, 
   ActBuf ab;
   prepare_act(ab, reinterpret_cast<const float*>(x), M, in, g.seg, g.nseg, bits, mode, nthreads);
   const Act& a = ab.a;
-  int nt = clamp_threads(nthreads);
-  if (g.tiles < nt) nt = int(std::max<int64_t>(1, g.tiles));
+  // below ~64k MACs per thread a parallel region costs more than it saves
+  int nt = int(std::min<int64_t>(clamp_threads(nthreads),
+                                 std::max<int64_t>(1, std::min(g.tiles, M * out * in / g_min_work))));
 #if defined(_OPENMP)
 #pragma omp parallel for num_threads(nt) schedule(static)
 #endif
@@ -361,7 +364,7 @@ void sparse_qmm(uintptr_t codes, uintptr_t row_ptr, uintptr_t col_idx, uintptr_t
   const Act& a = ab.a;
   std::memset(yp, 0, size_t(M * out) * sizeof(float));
   int nt = clamp_threads(nthreads);
-  if (nnz < int64_t(nt) * 16) nt = 1;
+  nt = int(std::min<int64_t>(nt, std::max<int64_t>(1, std::min(nnz, M * nnz * gs / g_min_work))));
   std::vector<float> acc(size_t(nt * M)), parts(size_t(nt * 2 * M));
   std::vector<int64_t> prow(size_t(nt * 2), -1);
   // Task-centric split: each thread gets the same number of kept groups, whatever rows they
@@ -412,6 +415,8 @@ void bitpress_register_qmm(py::module_& m) {
   m.def("qmm_set_isa", &set_isa, py::arg("name"),
         "Force the CPU kernel ISA: 'auto' (best the CPU has), 'avx2' or 'scalar'.");
   m.def("qmm_get_isa", &get_isa, "ISA the CPU kernels use now.");
+  m.def("qmm_set_min_work", [](int64_t n) { g_min_work = n < 1 ? 1 : n; }, py::arg("macs"),
+        "Multiply-adds per thread below which a call runs on fewer threads (default 65536).");
   m.def("qmm_available_isas", &available_isas, "ISAs this CPU can run.");
   m.def("qmm_dense_packed_bytes", &dense_packed_bytes, py::arg("out"), py::arg("in_features"),
         py::arg("bits"), py::arg("group_size"), py::arg("pkind"));

@@ -34,43 +34,52 @@ inline __m256i ld(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast
 template <int BITS, int MB>
 inline void seg_i8(const uint8_t* cp, int64_t seg, const int8_t* const* q, __m256i* iacc) {
   const __m256i ones = _mm256_set1_epi16(1);
+  // int16 partial sums stay below 2^15: a 32-byte block adds at most NP * 2*(2^b-1)*127,
+  // so up to LIM blocks are summed in int16 before widening (2-bit: 10, 4-bit: 4).
   if constexpr (BITS == 2 || BITS == 4) {
     constexpr int CPD = 32 / BITS, NP = 8 / BITS;
+    constexpr int LIM = 32767 / (NP * 2 * ((1 << BITS) - 1) * 127);
     const __m256i mask = _mm256_set1_epi8(char((1 << BITS) - 1));
-    for (int64_t k = 0; k < seg; k += CPD, cp += 32) {
-      const __m256i v = ld(cp);
+    for (int64_t k = 0; k < seg;) {
       __m256i s16[MB];
       for (int i = 0; i < MB; ++i) s16[i] = _mm256_setzero_si256();
+      for (int bi = 0; bi < LIM && k < seg; ++bi, k += CPD, cp += 32) {
+        const __m256i v = ld(cp);
 #pragma GCC unroll 4
-      for (int p = 0; p < NP; ++p) {
-        const __m256i c = _mm256_and_si256(_mm256_srli_epi16(v, BITS * p), mask);
-        for (int i = 0; i < MB; ++i)
-          s16[i] = _mm256_add_epi16(s16[i], _mm256_maddubs_epi16(c, bcast4(q[i] + k + 4 * p)));
-      }
-      for (int i = 0; i < MB; ++i) iacc[i] = _mm256_add_epi32(iacc[i], _mm256_madd_epi16(s16[i], ones));
-    }
-  } else {  // 3-bit: two low 2-bit blocks + one high-bit block per 32 codes
-    const __m256i m3 = _mm256_set1_epi8(3), m4 = _mm256_set1_epi8(4);
-    for (int64_t k = 0; k < seg; k += 32) {
-      const int nh = seg - k >= 32 ? 2 : 1;
-      const __m256i hi = ld(cp + 32 * nh);
-      __m256i s16[MB];
-      for (int i = 0; i < MB; ++i) s16[i] = _mm256_setzero_si256();
-      for (int h = 0; h < nh; ++h) {
-        const __m256i lo = ld(cp + 32 * h);
-#pragma GCC unroll 4
-        for (int p = 0; p < 4; ++p) {
-          const int mm = 4 * h + p;
-          const __m256i hb = mm >= 2 ? _mm256_srli_epi16(hi, mm - 2) : _mm256_slli_epi16(hi, 2 - mm);
-          const __m256i c = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo, 2 * p), m3),
-                                            _mm256_and_si256(hb, m4));
+        for (int p = 0; p < NP; ++p) {
+          const __m256i c = _mm256_and_si256(_mm256_srli_epi16(v, BITS * p), mask);
           for (int i = 0; i < MB; ++i)
-            s16[i] = _mm256_add_epi16(s16[i],
-                                      _mm256_maddubs_epi16(c, bcast4(q[i] + k + 16 * h + 4 * p)));
+            s16[i] = _mm256_add_epi16(s16[i], _mm256_maddubs_epi16(c, bcast4(q[i] + k + 4 * p)));
         }
       }
       for (int i = 0; i < MB; ++i) iacc[i] = _mm256_add_epi32(iacc[i], _mm256_madd_epi16(s16[i], ones));
-      cp += 32 * (nh + 1);
+    }
+  } else {  // 3-bit: two low 2-bit blocks + one high-bit block per 32 codes; a chunk adds at
+            // most 8 * 2*7*127 = 14224, so two chunks are summed in int16
+    const __m256i m3 = _mm256_set1_epi8(3), m4 = _mm256_set1_epi8(4);
+    for (int64_t k = 0; k < seg;) {
+      __m256i s16[MB];
+      for (int i = 0; i < MB; ++i) s16[i] = _mm256_setzero_si256();
+      for (int ci = 0; ci < 2 && k < seg; ++ci) {
+        const int nh = seg - k >= 32 ? 2 : 1;
+        const __m256i hi = ld(cp + 32 * nh);
+        for (int h = 0; h < nh; ++h) {
+          const __m256i lo = ld(cp + 32 * h);
+#pragma GCC unroll 4
+          for (int p = 0; p < 4; ++p) {
+            const int mm = 4 * h + p;
+            const __m256i hb = mm >= 2 ? _mm256_srli_epi16(hi, mm - 2) : _mm256_slli_epi16(hi, 2 - mm);
+            const __m256i c = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo, 2 * p), m3),
+                                              _mm256_and_si256(hb, m4));
+            for (int i = 0; i < MB; ++i)
+              s16[i] = _mm256_add_epi16(s16[i],
+                                        _mm256_maddubs_epi16(c, bcast4(q[i] + k + 16 * h + 4 * p)));
+          }
+        }
+        cp += 32 * (nh + 1);
+        k += 32;
+      }
+      for (int i = 0; i < MB; ++i) iacc[i] = _mm256_add_epi32(iacc[i], _mm256_madd_epi16(s16[i], ones));
     }
   }
 }

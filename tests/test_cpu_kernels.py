@@ -1,0 +1,263 @@
+"""CPU kernels of bitpress::dense_qmm / sparse_qmm against the pure-torch reference.
+
+Tolerances (per output, ``mag = |W| @ |x|`` the magnitude of the dot product):
+
+* ``exact`` mode: ``|y - ref| <= 2e-5 * mag`` (fp32 summation order only);
+* ``int8`` mode: ``|y - ref| <= int8_error_bound + 2e-5 * mag`` (the documented bound:
+  activations move by at most half an int8 step of their segment);
+* bf16 activations: plus half a bf16 ulp of the output (``2^-8 |ref|``), since both sides
+  round the fp32 result to bf16.
+
+Every test runs once per ISA this CPU has (scalar always, avx2 when present).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitpress.formats import magnitude_keep_mask, quantize_rtn
+from bitpress.kernels import dense_qmm, reference, select_impl, sparse_qmm, use_impl
+
+cpu = pytest.importorskip("bitpress.kernels.cpu", reason="bitpress._C CPU kernels not built")
+
+ISAS = cpu.available_isas()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the kernels' results do not depend on the thread count (the sparse tests vary it on
+    # purpose); one thread keeps this file fast on a small shared machine
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    cpu.set_isa(request.param)
+    yield request.param
+    cpu.set_isa("auto")
+
+
+def _weight(out: int, inf: int, bits: int, gs: int, param_dtype=torch.float16, keep=None,
+            seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inf, generator=g)
+    return quantize_rtn(w, bits, gs, param_dtype=param_dtype, keep=keep)
+
+
+def _check(y, ref, mag, bound, dtype):
+    tol = bound + 2e-5 * mag + 1e-6
+    if dtype != torch.float32:
+        tol = tol + ref.float().abs() * 2.0 ** -7
+    err = (y.float() - ref.float()).abs()
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    assert bool((err <= tol).all()), f"max err {err.max():.3g}, worst excess {(err - tol).max():.3g}"
+
+
+def _dense_case(qw, bits, gs_eff, x, bias, mode, param_dtype=torch.float16):
+    p = qw.pack_dense(param_dtype)
+    inf = qw.in_features
+    args = (x, p["qweight"], p["scales"], p["zeros"], bias, bits, gs_eff, inf)
+    ref = reference.dense_qmm_ref(*args)
+    y = cpu.dense_qmm_cpu(*args, mode=mode)
+    w = reference.dense_weight(p["qweight"], p["scales"], p["zeros"], bits, gs_eff, inf)
+    mag = x.float().abs() @ w.abs().t()
+    bound = cpu.int8_error_bound(x, qw.codes, p["scales"].float(), gs_eff) if mode == "int8" \
+        else torch.zeros_like(mag)
+    _check(y, ref, mag, bound, x.dtype)
+
+
+# (out, in, group_size): ragged last groups, per-channel (one and several segments),
+# rows not a multiple of the 8-row tile, a tiny layer and a larger one
+DENSE_SHAPES = [
+    (1, 16, 16), (37, 100, 32), (64, 576, 128), (24, 200, -1), (40, 600, -1), (33, 80, 48),
+    (19, 272, 256), (8, 160, 80), (13, 112, 112), (72, 1040, 208), (9, 48, 16),
+    (130, 1000, 64),
+]
+
+
+@pytest.mark.parametrize("mode", ["exact", "int8"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("shape", DENSE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_dense_matches_reference(isa, mode, bits, shape):
+    out, inf, gs = shape
+    qw = _weight(out, inf, bits, gs, seed=out * 7 + inf)
+    gs_eff = inf if gs == -1 else gs
+    g = torch.Generator().manual_seed(1)
+    for m in (1, 3, 8):
+        x = torch.randn(m, inf, generator=g)
+        bias = torch.randn(out, generator=g) if m == 3 else None
+        _dense_case(qw, bits, gs_eff, x, bias, mode)
+
+
+@pytest.mark.parametrize("mode", ["exact", "int8"])
+@pytest.mark.parametrize("param_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dense_dtypes_and_batches(isa, mode, param_dtype, x_dtype):
+    bits, gs, out, inf = 4, 64, 45, 320
+    qw = _weight(out, inf, bits, gs, param_dtype=param_dtype, seed=3)
+    g = torch.Generator().manual_seed(2)
+    for m in ((1,), (2, 5), (64,), (2, 1, 7)):
+        x = torch.randn(*m, inf, generator=g).to(x_dtype)
+        _dense_case(qw, bits, gs, x, torch.randn(out, generator=g), mode, param_dtype)
+
+
+def _skewed_keep(out: int, ng: int, seed: int) -> torch.Tensor:
+    """Rows from empty to full: the first rows keep everything, a band keeps nothing, the
+    rest is random at ~50%, so an even split of rows would be badly unbalanced."""
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(out, ng, generator=g) < 0.5
+    keep[: max(1, out // 5)] = True
+    keep[out // 3: out // 3 + max(1, out // 6)] = False
+    return keep
+
+
+SPARSE_SHAPES = [(37, 100, 32), (64, 576, 128), (33, 80, 48), (50, 256, 64), (21, 300, 16),
+                 (96, 1000, 256), (5, 64, 64)]
+
+
+@pytest.mark.parametrize("mode", ["exact", "int8"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("shape", SPARSE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_sparse_matches_reference(isa, mode, bits, shape):
+    out, inf, gs = shape
+    ng = (inf + gs - 1) // gs
+    keep = _skewed_keep(out, ng, seed=out + inf)
+    qw = _weight(out, inf, bits, gs, keep=keep, seed=out)
+    p = qw.pack_bsr()
+    g = torch.Generator().manual_seed(5)
+    prev = torch.get_num_threads()
+    cpu._C.qmm_set_min_work(1)  # split even these small weights across every thread
+    try:
+        for nt, m in ((1, 1), (2, 1), (2, 3), (3, 9)):
+            torch.set_num_threads(nt)
+            x = torch.randn(m, inf, generator=g)
+            bias = torch.randn(out, generator=g) if m == 3 else None
+            args = (x, p["row_ptr"], p["col_idx"], p["qvalues"], p["scales"], p["zeros"], bias,
+                    bits, gs, inf)
+            ref = reference.sparse_qmm_ref(*args)
+            y = cpu.sparse_qmm_cpu(*args, mode=mode)
+            w = reference.sparse_weight(*args[1:6], bits, gs, inf)
+            mag = x.abs() @ w.abs().t()
+            sc = (qw.scale * keep).to(torch.float16).float()
+            bound = cpu.int8_error_bound(x, qw.codes, sc, gs) if mode == "int8" else 0 * mag
+            _check(y, ref, mag, bound, x.dtype)
+    finally:
+        torch.set_num_threads(prev)
+        cpu._C.qmm_set_min_work(65536)
+
+
+def test_sparse_many_threads_tiny_and_empty(isa):
+    # more threads than kept groups, an all-pruned weight, a single kept group
+    torch.set_num_threads(3)
+    cpu._C.qmm_set_min_work(1)
+    out, inf, gs, bits = 11, 96, 32, 4
+    one = torch.zeros(out, 3, dtype=torch.bool)
+    one[0, 2] = True
+    for keep in (torch.zeros(out, 3, dtype=torch.bool), one):
+        qw = _weight(out, inf, bits, gs, keep=keep)
+        p = qw.pack_bsr()
+        x = torch.randn(2, inf)
+        args = (x, p["row_ptr"], p["col_idx"], p["qvalues"], p["scales"], p["zeros"], None,
+                bits, gs, inf)
+        torch.testing.assert_close(cpu.sparse_qmm_cpu(*args, mode="exact"),
+                                   reference.sparse_qmm_ref(*args), atol=1e-4, rtol=1e-4)
+    cpu._C.qmm_set_min_work(65536)
+
+
+def test_sparse_large_balanced_split_bf16(isa):
+    if isa == "scalar":
+        pytest.skip("large shape: vector path only")
+    out, inf, gs, bits = 512, 2048, 128, 4
+    keep = _skewed_keep(out, inf // gs, seed=9)
+    qw = _weight(out, inf, bits, gs, keep=keep, seed=9)
+    p = qw.pack_bsr()
+    x = torch.randn(4, inf).bfloat16()
+    args = (x, p["row_ptr"], p["col_idx"], p["qvalues"], p["scales"], p["zeros"], None, bits,
+            gs, inf)
+    ref = reference.sparse_qmm_ref(*args)
+    y = sparse_qmm(*args)  # through the op: default cpu_native
+    w = reference.sparse_weight(*args[1:6], bits, gs, inf)
+    mag = x.float().abs() @ w.abs().t()
+    sc = (qw.scale * keep).to(torch.float16).float()
+    _check(y, ref, mag, cpu.int8_error_bound(x, qw.codes, sc, gs), x.dtype)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_dense_threaded_split(isa, bits):
+    torch.set_num_threads(3)
+    cpu._C.qmm_set_min_work(1)
+    try:
+        qw = _weight(43, 200, bits, 64, seed=bits)
+        _dense_case(qw, bits, 64, torch.randn(5, 200), torch.randn(43), "int8")
+        _dense_case(qw, bits, 64, torch.randn(1, 200), None, "exact")
+    finally:
+        cpu._C.qmm_set_min_work(65536)
+
+
+def test_op_dispatch_selects_native_and_modes():
+    qw = _weight(24, 128, 4, 32)
+    p = qw.pack_dense()
+    x = torch.randn(3, 128)
+    args = (x, p["qweight"], p["scales"], p["zeros"], None, 4, 32, 128)
+    name, _ = select_impl("dense_qmm", "cpu", *args)
+    assert name == "cpu_native"
+    ref = reference.dense_qmm_ref(*args)
+    with use_impl("cpu_exact"):
+        torch.testing.assert_close(dense_qmm(*args), ref, atol=1e-4, rtol=1e-4)
+    with use_impl("cpu_int8"):
+        y8 = dense_qmm(*args)
+    bound = cpu.int8_error_bound(x, qw.codes, p["scales"].float(), 32)
+    assert bool(((y8 - ref).abs() <= bound + 1e-4).all())
+    # 8-bit has no CPU kernel: the op must still answer (reference)
+    q8 = _weight(8, 64, 8, 32).pack_dense()
+    a8 = (torch.randn(1, 64), q8["qweight"], q8["scales"], q8["zeros"], None, 8, 32, 64)
+    assert select_impl("dense_qmm", "cpu", *a8)[0] == "reference"
+
+
+def test_act_mode_switch_and_isa_errors():
+    assert cpu.get_act_mode() in ("int8", "exact")
+    prev = cpu.get_act_mode()
+    try:
+        cpu.set_act_mode("exact")
+        qw = _weight(16, 64, 2, 16)
+        p = qw.pack_dense()
+        x = torch.randn(1, 64)
+        args = (x, p["qweight"], p["scales"], p["zeros"], None, 2, 16, 64)
+        torch.testing.assert_close(dense_qmm(*args), reference.dense_qmm_ref(*args),
+                                   atol=1e-4, rtol=1e-4)
+    finally:
+        cpu.set_act_mode(prev)
+    with pytest.raises(ValueError):
+        cpu.set_act_mode("fp8")
+    with pytest.raises(ValueError):
+        cpu.set_isa("avx9000")
+
+
+def test_repack_cache_sees_inplace_updates():
+    qw = _weight(16, 64, 4, 32)
+    p = qw.pack_dense()
+    x = torch.randn(2, 64)
+    args = lambda: (x, p["qweight"], p["scales"], p["zeros"], None, 4, 32, 64)  # noqa: E731
+    y0 = cpu.dense_qmm_cpu(*args(), mode="exact")
+    p["scales"].mul_(2)
+    p["qweight"].bitwise_xor_(0x11111111)
+    y1 = cpu.dense_qmm_cpu(*args(), mode="exact")
+    torch.testing.assert_close(y1, reference.dense_qmm_ref(*args()), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(y0, y1)
+
+
+def test_int8_error_is_small_in_practice():
+    # the bound is worst case; typical error is far below it and below the weight error
+    w = torch.randn(256, 1024)
+    qw = quantize_rtn(w, 4, 128)
+    p = qw.pack_dense()
+    x = torch.randn(4, 1024)
+    args = (x, p["qweight"], p["scales"], p["zeros"], None, 4, 128, 1024)
+    ref = reference.dense_qmm_ref(*args)
+    y = cpu.dense_qmm_cpu(*args, mode="int8")
+    rel = ((y - ref).norm() / ref.norm()).item()
+    rel_w = ((x @ w.t() - ref).norm() / ref.norm()).item()
+    assert rel < 1e-2 and rel < rel_w / 5
