@@ -134,6 +134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             import transformers
 
             transformers.logging.set_verbosity_error()
+            transformers.utils.logging.disable_progress_bar()
         except ImportError:
             pass
     try:

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import FormatError
+from ..errors import ConfigError, FormatError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 def check_bits(bits: int) -> None:
     if bits not in SUPPORTED_BITS:
-        raise FormatError(f"bits={bits} is not supported; choose one of {SUPPORTED_BITS}")
+        raise ConfigError(f"bits={bits} is not supported; choose one of {SUPPORTED_BITS}")
 
 
 def pack_factor(bits: int) -> int:

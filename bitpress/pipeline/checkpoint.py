@@ -123,14 +123,14 @@ def load_hf_config(directory: str | os.PathLike):
     return config, qcfg
 
 
-def _expected_shapes(m: _PackedLinear, files: SafetensorsDir, prefix: str) -> dict[str, tuple]:
+def _expected_shapes(m: _PackedLinear) -> dict[str, tuple]:
     ng, out = num_groups(m.group_size, m.in_features), m.out_features
     shapes: dict[str, tuple] = {}
     if m.scheme()["format"] == "dense":
         shapes = {"qweight": (out, packed_words(m.in_features, m.bits)), "scales": (out, ng),
                   "zeros": (out, ng)}
     else:
-        nnz = files.shapes.get(prefix + "col_idx", (0,))[0]
+        nnz = m.nnz
         shapes = {"row_ptr": (out + 1,), "col_idx": (nnz,),
                   "qvalues": (nnz, packed_words(m.group_size, m.bits)), "scales": (nnz,),
                   "zeros": (nnz,)}
@@ -175,9 +175,10 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
                               f"{scheme['in_features']}->{scheme['out_features']}, the model "
                               f"has {in_f}->{out_f}")
         new = packed_module_from_scheme(scheme, in_f, out_f, getattr(lin, "bias", None) is not None,
-                                        torch.float16, device="meta")
+                                        torch.float16, nnz=int(scheme.get("nnz", 0)),
+                                        device="meta")
         set_submodule(model, name, new)
-        for k, shape in _expected_shapes(new, files, name + ".").items():
+        for k, shape in _expected_shapes(new).items():
             expected[f"{name}.{k}"] = shape
     state_keys = list(model.state_dict().keys())
     sd: dict[str, torch.Tensor] = {}

@@ -62,6 +62,31 @@ class Source:
             del cfg.quantization_config
         return cfg
 
+    def check_shapes(self) -> None:
+        """Compare every tensor's shape in the safetensors headers with the model the config
+        describes (built on the meta device); raise on the first mismatch."""
+        from accelerate import init_empty_weights
+
+        tr = _require_transformers()
+        config = self.load_config()
+        try:
+            with init_empty_weights():
+                skeleton = tr.AutoModelForCausalLM.from_config(config)
+        except Exception as e:  # noqa: BLE001
+            raise SourceError(f"unsupported model in {self.path}: {e}") from None
+        files = SafetensorsDir(self.path)
+        expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        for name, shape in files.shapes.items():
+            for key in (name, name.removeprefix("transformer."), "transformer." + name,
+                        name.removeprefix("model."), "model." + name):
+                if key in expected:
+                    if expected[key] != shape:
+                        raise FormatError(
+                            f"tensor {name!r} in {self.path} has shape {shape}, but the model "
+                            f"in config.json expects {expected[key]}; the weights and config.json "
+                            f"do not belong together")
+                    break
+
     def load_model(self, dtype: torch.dtype = torch.float32):
         """The whole model in ``dtype`` on CPU, checked for missing or mismatched weights."""
         if self.kind == "bitpress":
@@ -71,6 +96,7 @@ class Source:
         kwargs = dict(self.load_kwargs, dtype=dtype, output_loading_info=True)
         if self.kind == "hf":
             kwargs["use_safetensors"] = True
+            self.check_shapes()
         try:
             model, info = tr.AutoModelForCausalLM.from_pretrained(**kwargs)
         except (FormatError, SourceError):

@@ -1,5 +1,21 @@
-"""Quantization passes over matrices: RTN, GPTQ, decoupleQ."""
+"""Quantization passes over matrices: RTN, GPTQ, decoupleQ.
+
+``PASSES`` maps a method name (``--method``) to its pass function ``(W, H, spec) ->
+QuantizedWeight``.
+"""
+from typing import Callable, Optional
+
+import torch
+
+from ..formats import QuantizedWeight
+from .gptq import (HessianFactor, NumericalError, gptq, gptq_round_fixed_grid, hessian_loss,
+                   prepare_hessian)
 from .rtn import rtn
 from .spec import QuantSpec
 
-__all__ = ["QuantSpec", "rtn"]
+PassFn = Callable[[torch.Tensor, Optional[torch.Tensor], QuantSpec], QuantizedWeight]
+
+PASSES: dict[str, PassFn] = {"rtn": rtn, "gptq": gptq}
+
+__all__ = ["QuantSpec", "rtn", "gptq", "PASSES", "PassFn", "HessianFactor", "NumericalError",
+           "prepare_hessian", "gptq_round_fixed_grid", "hessian_loss"]

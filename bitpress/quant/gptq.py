@@ -1,0 +1,437 @@
+"""GPTQ: error-feedback rounding against the layer Hessian, and its reusable core.
+
+The pass minimises, row by row, the layer-output error ``tr((Ŵ−W) H (Ŵ−W)ᵀ)`` with
+``H = XᵀX / n`` by quantizing one input column at a time and spreading that column's
+rounding error over the columns not yet quantized (optimal brain quantization). The
+classic ingredients, implemented here from the paper's description:
+
+* damping ``H += damp · mean(diag H) · I`` (``spec.options["damp"]``, default 0.01), raised ×10
+  with a logged warning while the Cholesky factorisation fails;
+* dead inputs (``diag H == 0``): the diagonal is set to 1 and the weight column to 0;
+* the upper Cholesky factor ``U`` of ``H⁻¹`` (computed in float64, used in float32): the
+  error feedback of column ``i`` onto later columns is ``err_i · U[i, i:] / U[i, i]``;
+* blocked lazy updates (``spec.options["block_size"]``, default 128): inside a block the
+  updates are rank-1, the rest of the matrix is updated once per block with one GEMM;
+* group parameters: without act-order they are computed (min/max through
+  :func:`bitpress.formats.minmax_params`, i.e. rounded to the on-disk parameter dtype) when
+  the group's first column is reached, on the error-updated weights. Blocks are aligned to
+  groups so a group's columns are always fully updated when its parameters are chosen;
+* act-order (``spec.options["act_order"]``) with **static groups**: parameters are computed
+  up front from the original ``W`` in natural column order, columns are processed in order
+  of decreasing ``diag H``, and codes are returned in natural order. No permutation index
+  is stored: the result is an ordinary :class:`~bitpress.formats.QuantizedWeight`;
+* optional H-weighted clipping search (``spec.options["clip_search"]``): each group tries the
+  shrink factors in ``spec.options["clip_grid"]`` and keeps, per row, the one whose rounding
+  error is smallest in the H-metric (see :func:`_clip_search`).
+
+Reusable by other solvers (decoupleQ's integer step, GQSA):
+
+* :func:`prepare_hessian` → :class:`HessianFactor` (damped inverse Cholesky, dead inputs, order);
+* :func:`gptq_round_fixed_grid`: error-feedback rounding onto a *fixed* grid;
+* :func:`hessian_loss`: per-row ``tr((Ŵ−W) H (Ŵ−W)ᵀ)``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from ..errors import BitpressError, ConfigError
+from ..formats import (QuantizedWeight, check_bits, check_group_size, effective_group_size,
+                       minmax_params, num_groups, qrange)
+from .spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DAMP = 0.01
+DEFAULT_BLOCK_SIZE = 128
+DEFAULT_CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.0 .. 0.5
+MAX_DAMP_RETRIES = 8
+
+_KNOWN_OPTIONS = {"damp", "block_size", "act_order", "clip_search", "clip_grid"}
+
+
+class NumericalError(BitpressError):
+    """The Hessian could not be factorised even after raising the damping."""
+
+
+# ---------------------------------------------------------------------------------------
+# Hessian preparation
+# ---------------------------------------------------------------------------------------
+@dataclass
+class HessianFactor:
+    """A Hessian prepared for error-feedback rounding.
+
+    * ``U``: float32 ``[in, in]`` upper-triangular, ``UᵀU = (H_damped[perm][:, perm])⁻¹``;
+    * ``perm``: processing order of the columns (``None``: natural order);
+    * ``dead``: bool ``[in]``, inputs with ``diag H == 0`` (natural order); their weights
+      are treated as 0 by the rounding functions;
+    * ``damp``: the absolute damping finally added to the diagonal (after any retries).
+    """
+    U: torch.Tensor
+    perm: Optional[torch.Tensor]
+    dead: torch.Tensor
+    damp: float
+
+    @property
+    def in_features(self) -> int:
+        return self.U.shape[0]
+
+
+def _check_hessian(H: torch.Tensor, in_features: Optional[int] = None) -> None:
+    if not isinstance(H, torch.Tensor) or H.dim() != 2 or H.shape[0] != H.shape[1]:
+        shape = tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__
+        raise ConfigError(f"H must be a square [in, in] tensor, got {shape}")
+    if in_features is not None and H.shape[0] != in_features:
+        raise ConfigError(f"H is {tuple(H.shape)} but W has {in_features} input columns; "
+                          f"pass the Hessian of this layer's inputs")
+    if not H.is_floating_point():
+        raise ConfigError(f"H must be floating point, got {H.dtype}")
+    if not bool(torch.isfinite(H).all()):
+        raise ConfigError("H contains NaN or Inf; check the calibration activations")
+
+
+def _check_weight(W: torch.Tensor) -> None:
+    if not isinstance(W, torch.Tensor) or W.dim() != 2:
+        shape = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
+        raise ConfigError(f"expected a 2-D weight [out, in], got {shape}")
+    if not W.is_floating_point():
+        raise ConfigError(f"weight must be floating point, got {W.dtype}")
+    if not bool(torch.isfinite(W).all()):
+        raise ConfigError("weight contains NaN or Inf")
+
+
+def prepare_hessian(H: torch.Tensor, damp: float = DEFAULT_DAMP, act_order: bool = False,
+                    perm: Optional[torch.Tensor] = None) -> HessianFactor:
+    """Damp ``H``, fix dead inputs and return the upper Cholesky factor of its inverse.
+
+    ``damp`` is relative to ``mean(diag H)``. If a Cholesky factorisation fails the damping
+    is multiplied by 10 (logged as a warning) up to ``MAX_DAMP_RETRIES`` times, then
+    :class:`NumericalError` is raised. ``act_order`` orders columns by decreasing
+    ``diag H``; an explicit ``perm`` overrides it. The maths runs in float64.
+    """
+    _check_hessian(H)
+    if not (damp >= 0.0) or damp != damp:
+        raise ConfigError(f"damp must be a non-negative number (relative to mean diag H), got {damp}")
+    n = H.shape[0]
+    Hd = H.detach().to(torch.float64)
+    Hd = (Hd + Hd.T) * 0.5
+    diag = torch.diagonal(Hd)
+    dead = diag <= 0
+    if bool(dead.any()):
+        Hd = Hd.clone()
+        Hd[dead, :] = 0.0
+        Hd[:, dead] = 0.0
+        Hd[dead, dead] = 1.0
+        diag = torch.diagonal(Hd)
+    if perm is None and act_order:
+        perm = torch.argsort(diag, descending=True, stable=True)
+    if perm is not None:
+        perm = perm.to(device=H.device, dtype=torch.long)
+        if perm.shape != (n,) or not bool((torch.sort(perm).values
+                                          == torch.arange(n, device=perm.device)).all()):
+            raise ConfigError(f"perm must be a permutation of range({n})")
+        Hd = Hd[perm][:, perm]
+    mean_diag = float(torch.diagonal(Hd).mean()) if n else 1.0
+    rel = damp
+    eye = torch.eye(n, dtype=torch.float64, device=Hd.device)
+    for attempt in range(MAX_DAMP_RETRIES + 1):
+        absdamp = rel * mean_diag
+        # With J the reversal, J·H·J = M·Mᵀ (M lower) gives H = R·Rᵀ with R = J·M·J upper,
+        # so H⁻¹ = R⁻ᵀ·R⁻¹ and U = R⁻¹ = J·M⁻¹·J: one Cholesky and one triangular inverse,
+        # no explicit inverse of H.
+        M, info = torch.linalg.cholesky_ex((Hd + absdamp * eye).flip(0, 1))
+        if int(info) == 0:
+            U = torch.linalg.solve_triangular(M, eye, upper=False).flip(0, 1)
+            if bool(torch.isfinite(U).all()) and bool((torch.diagonal(U) > 0).all()):
+                return HessianFactor(U.to(torch.float32), perm, dead.to(H.device), absdamp)
+        new_rel = max(rel * 10.0, 1e-6)
+        if attempt < MAX_DAMP_RETRIES:
+            log.warning("GPTQ: Cholesky of the damped Hessian (%d x %d) failed at relative "
+                        "damping %.3g; retrying with %.3g", n, n, rel, new_rel)
+        rel = new_rel
+    raise NumericalError(f"the Hessian ({n} x {n}) could not be factorised even with relative "
+                         f"damping {rel / 10:.3g}; check the calibration activations for "
+                         f"NaN/Inf or pass a larger 'damp'")
+
+
+# ---------------------------------------------------------------------------------------
+# losses
+# ---------------------------------------------------------------------------------------
+def hessian_loss(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """Per-row H-weighted error ``tr((Ŵ−W) H (Ŵ−W)ᵀ)`` restricted to each row: a float32
+    vector ``[out]`` with ``loss[r] = (Ŵ−W)[r] · H · (Ŵ−W)[r]ᵀ``.
+
+    ``H = XᵀX/n`` makes ``loss[r]`` the mean squared error of output ``r`` over the
+    calibration inputs. Accumulated in float64 for accuracy; ``H`` is used as given (no
+    damping).
+    """
+    if W.shape != What.shape or W.dim() != 2:
+        raise ConfigError(f"W {tuple(W.shape)} and Ŵ {tuple(What.shape)} must be equal 2-D shapes")
+    _check_hessian(H, W.shape[1])
+    E = (What.detach().double() - W.detach().double())
+    return ((E @ H.detach().double()) * E).sum(dim=1).float()
+
+
+# ---------------------------------------------------------------------------------------
+# the error-feedback loop
+# ---------------------------------------------------------------------------------------
+# called when the first column of a dynamic group is reached:
+# hook(group index, updated weights of the group's columns [out, glen], U block [glen, glen])
+_GroupHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+def _feedback_round(W: torch.Tensor, U: torch.Tensor, bits: int, col_group: torch.Tensor,
+                    scale_t: torch.Tensor, zero_t: torch.Tensor, block_size: int,
+                    group_starts: Optional[dict[int, int]] = None,
+                    hook: Optional[_GroupHook] = None) -> torch.Tensor:
+    """Core GPTQ loop over columns in processing order.
+
+    ``W`` float32 ``[out, in]`` (processing order) is a working copy and is overwritten.
+    ``scale_t``/``zero_t`` are ``[n_groups, out]`` (transposed for contiguous per-column
+    access); ``col_group[j]`` is the group of processed column ``j``. With ``hook`` and
+    ``group_starts`` (``{first column: group length}``), the hook fills ``scale_t/zero_t``
+    for a group when its first column is reached; callers guarantee that blocks never cut a
+    dynamic group. Returns codes int8 ``[out, in]`` in processing order.
+    """
+    qmin, qmax = qrange(bits)
+    out, n = W.shape
+    codes = torch.empty(out, n, dtype=torch.int8, device=W.device)
+    groups = col_group.tolist()
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        cnt = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.empty(out, cnt, dtype=W.dtype, device=W.device)
+        Q1 = torch.empty(out, cnt, dtype=W.dtype, device=W.device)
+        U1 = U[i1:i2, i1:i2]
+        d = torch.diagonal(U1).tolist()
+        for i in range(cnt):
+            j = i1 + i
+            if hook is not None and group_starts is not None and j in group_starts:
+                glen = group_starts[j]
+                if i + glen > cnt:
+                    raise AssertionError("internal: a dynamic group straddles two blocks")
+                hook(groups[j], W1[:, i:i + glen], U1[i:i + glen, i:i + glen])
+            g = groups[j]
+            s, z = scale_t[g], zero_t[g]
+            w = W1[:, i]
+            q = torch.clamp(torch.round((w - z) / s), qmin, qmax)
+            Q1[:, i] = q
+            err = (w - (q * s + z)) / d[i]
+            Err1[:, i] = err
+            if i + 1 < cnt:
+                W1[:, i + 1:].addr_(err, U1[i, i + 1:], alpha=-1.0)
+        codes[:, i1:i2] = Q1.to(torch.int8)
+        if i2 < n:
+            W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
+    return codes
+
+
+def _aligned_block_size(block_size: int, gs: int, grouped_dynamic: bool) -> int:
+    """Block size rounded so that dynamic groups never straddle two blocks."""
+    if not grouped_dynamic:
+        return block_size
+    return max(gs, (block_size // gs) * gs)
+
+
+def _as_factor(H: Union[torch.Tensor, HessianFactor], in_features: int,
+               damp: float) -> HessianFactor:
+    if isinstance(H, HessianFactor):
+        if H.in_features != in_features:
+            raise ConfigError(f"the Hessian factor is for {H.in_features} inputs, W has "
+                              f"{in_features}")
+        return H
+    _check_hessian(H, in_features)
+    return prepare_hessian(H, damp=damp)
+
+
+def gptq_round_fixed_grid(W: torch.Tensor, H: Union[torch.Tensor, HessianFactor],
+                          scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int,
+                          *, damp: float = DEFAULT_DAMP,
+                          block_size: int = DEFAULT_BLOCK_SIZE) -> torch.Tensor:
+    """GPTQ error-feedback rounding onto a **fixed** grid: codes int8 ``[out, in]``.
+
+    ``scale``/``zero`` float ``[out, n_groups]`` define the grid ``W ≈ s·q + z`` per group
+    (``g(k) = k // group_size``; ``-1`` is per-channel) and are not changed. ``H`` is either
+    the raw Hessian ``[in, in]`` (damped by ``damp`` × mean diag and factorised here) or a
+    :class:`HessianFactor` from :func:`prepare_hessian` — pass the factor when rounding the
+    same layer repeatedly (decoupleQ's integer step) to factorise once; a factor built with
+    act-order processes columns in its ``perm`` order. Codes are always returned in natural
+    column order. Dead inputs (``diag H == 0``) are rounded as weight 0. ``W`` is not
+    modified. With ``H = I`` this is plain round-to-nearest on the grid.
+    """
+    _check_weight(W)
+    check_bits(bits)
+    check_group_size(group_size)
+    out, n = W.shape
+    ng = num_groups(group_size, n)
+    for name, t in (("scale", scale), ("zero", zero)):
+        if tuple(t.shape) != (out, ng):
+            raise ConfigError(f"{name} has shape {tuple(t.shape)}, expected {(out, ng)} for "
+                              f"W {tuple(W.shape)} at group size {group_size}")
+    if not bool((scale > 0).all()):
+        raise ConfigError("scale must be positive everywhere")
+    if block_size < 1:
+        raise ConfigError(f"block_size must be positive, got {block_size}")
+    factor = _as_factor(H, n, damp)
+    gs = effective_group_size(group_size, n)
+    Wf = W.detach().to(torch.float32).clone()
+    Wf[:, factor.dead] = 0.0
+    col_group = torch.arange(n, device=W.device) // gs
+    if factor.perm is not None:
+        Wf = Wf[:, factor.perm]
+        col_group = col_group[factor.perm.to(W.device)]
+    codes = _feedback_round(Wf, factor.U.to(W.device), bits, col_group,
+                            scale.detach().float().T.contiguous(),
+                            zero.detach().float().T.contiguous(), block_size)
+    if factor.perm is not None:
+        codes = codes[:, torch.argsort(factor.perm.to(W.device))]
+    return codes
+
+
+# ---------------------------------------------------------------------------------------
+# clipping search
+# ---------------------------------------------------------------------------------------
+def _clip_search(Wg: torch.Tensor, M: torch.Tensor, bits: int, sym: bool,
+                 param_dtype: torch.dtype, grid: tuple[float, ...], metric: str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row shrink factor for one group: ``Wg`` ``[out, glen]``; returns ``scale, zero``
+    ``[out]``. ``metric == "block"``: error ``e M eᵀ`` with ``M = H_GG``; ``"schur"``:
+    ``‖e M⁻¹‖²`` with ``M`` the group's block of ``U`` (the error left after later columns
+    compensate optimally, as GPTQ does)."""
+    qmin, qmax = qrange(bits)
+    best_loss = best_s = best_z = None
+    for c in grid:
+        s, z = minmax_params(Wg, bits, -1, sym=sym, clip=c, param_dtype=param_dtype)
+        q = torch.clamp(torch.round((Wg - z) / s), qmin, qmax)
+        E = q * s + z - Wg
+        if metric == "schur":
+            loss = torch.linalg.solve_triangular(M, E, upper=True, left=False).pow(2).sum(1)
+        else:
+            loss = ((E @ M) * E).sum(1)
+        s, z = s[:, 0], z[:, 0]
+        if best_loss is None:
+            best_loss, best_s, best_z = loss, s, z
+        else:
+            better = loss < best_loss
+            best_loss = torch.where(better, loss, best_loss)
+            best_s = torch.where(better, s, best_s)
+            best_z = torch.where(better, z, best_z)
+    assert best_s is not None and best_z is not None
+    return best_s, best_z
+
+
+def _static_params(W: torch.Tensor, Hd: torch.Tensor, spec: QuantSpec, clip_grid: Optional[
+        tuple[float, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group parameters from ``W`` up front (natural order), optionally H-weighted clipping
+    with each group's diagonal block of ``Hd``. Returns ``[out, n_groups]`` each."""
+    if clip_grid is None:
+        return minmax_params(W, spec.bits, spec.group_size, sym=spec.sym,
+                             param_dtype=spec.torch_param_dtype)
+    n = W.shape[1]
+    gs = effective_group_size(spec.group_size, n)
+    ss, zz = [], []
+    for k0 in range(0, n, gs):
+        k1 = min(k0 + gs, n)
+        s, z = _clip_search(W[:, k0:k1], Hd[k0:k1, k0:k1], spec.bits, spec.sym,
+                            spec.torch_param_dtype, clip_grid, "block")
+        ss.append(s)
+        zz.append(z)
+    return torch.stack(ss, 1), torch.stack(zz, 1)
+
+
+# ---------------------------------------------------------------------------------------
+# the pass
+# ---------------------------------------------------------------------------------------
+def _options(spec: QuantSpec) -> dict[str, Any]:
+    opts = dict(spec.options or {})
+    unknown = set(opts) - _KNOWN_OPTIONS
+    if unknown:
+        raise ConfigError(f"unknown GPTQ option(s) {sorted(unknown)}; known: "
+                          f"{sorted(_KNOWN_OPTIONS)}")
+    damp = opts.get("damp", DEFAULT_DAMP)
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0:
+        raise ConfigError(f"GPTQ option 'damp' must be a non-negative number, got {damp!r}")
+    bs = opts.get("block_size", DEFAULT_BLOCK_SIZE)
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+        raise ConfigError(f"GPTQ option 'block_size' must be a positive integer, got {bs!r}")
+    for key in ("act_order", "clip_search"):
+        if not isinstance(opts.get(key, False), bool):
+            raise ConfigError(f"GPTQ option {key!r} must be true or false, got {opts[key]!r}")
+    grid = opts.get("clip_grid", DEFAULT_CLIP_GRID)
+    try:
+        grid = tuple(float(c) for c in grid)
+    except (TypeError, ValueError):
+        raise ConfigError(f"GPTQ option 'clip_grid' must be a list of numbers, got {grid!r}") from None
+    if not grid or not all(0.0 < c <= 1.0 for c in grid):
+        raise ConfigError(f"GPTQ option 'clip_grid' must be non-empty with factors in (0, 1], "
+                          f"got {grid!r}")
+    return {"damp": float(damp), "block_size": bs, "act_order": opts.get("act_order", False),
+            "clip_search": opts.get("clip_search", False), "clip_grid": grid}
+
+
+def gptq(W: torch.Tensor, H: Optional[torch.Tensor], spec: QuantSpec) -> QuantizedWeight:
+    """The GPTQ pass: ``W`` float ``[out, in]`` (not modified), ``H = XᵀX/n`` ``[in, in]``.
+
+    ``spec.options``: ``damp`` (0.01, relative to mean diag H), ``block_size`` (128),
+    ``act_order`` (False; static groups, natural-order output), ``clip_search`` (False),
+    ``clip_grid`` (1.0, 0.95, …, 0.5). Unknown options raise :class:`ConfigError`.
+    Returns a :class:`QuantizedWeight` in natural column order whose parameters are exact
+    in ``spec.param_dtype``.
+    """
+    if H is None:
+        raise ConfigError("GPTQ needs the layer Hessian H = XᵀX/n (calibration data); use "
+                          "method 'rtn' for data-free quantization")
+    _check_weight(W)
+    out, n = W.shape
+    _check_hessian(H, n)
+    opts = _options(spec)
+    bits, group_size = spec.bits, spec.group_size
+    gs = effective_group_size(group_size, n)
+    ng = num_groups(group_size, n)
+    dev = W.device
+    H = H.to(dev)
+
+    factor = prepare_hessian(H, damp=opts["damp"], act_order=opts["act_order"])
+    Wf = W.detach().to(torch.float32).clone()
+    Wf[:, factor.dead] = 0.0
+    clip_grid = opts["clip_grid"] if opts["clip_search"] else None
+    U = factor.U.to(dev)
+    col_group = torch.arange(n, device=dev) // gs
+    # dynamic groups: natural order with more than one group per row
+    dynamic = factor.perm is None and ng > 1
+
+    if not dynamic:
+        Hd = H.detach().float().clone()
+        Hd[factor.dead, factor.dead] = 1.0
+        scale, zero = _static_params(Wf, Hd, spec, clip_grid)
+        if factor.perm is not None:
+            Wf = Wf[:, factor.perm]
+            col_group = col_group[factor.perm]
+        codes = _feedback_round(Wf, U, bits, col_group, scale.T.contiguous(),
+                                zero.T.contiguous(), opts["block_size"])
+        if factor.perm is not None:
+            codes = codes[:, torch.argsort(factor.perm)]
+        return QuantizedWeight(codes, scale, zero, bits, group_size)
+
+    scale_t = torch.empty(ng, out, dtype=torch.float32, device=dev)
+    zero_t = torch.empty(ng, out, dtype=torch.float32, device=dev)
+    starts = {k0: min(gs, n - k0) for k0 in range(0, n, gs)}
+
+    def hook(g: int, Wg: torch.Tensor, Ug: torch.Tensor) -> None:
+        if clip_grid is None:
+            s, z = minmax_params(Wg, bits, -1, sym=spec.sym, param_dtype=spec.torch_param_dtype)
+            s, z = s[:, 0], z[:, 0]
+        else:
+            s, z = _clip_search(Wg, Ug, bits, spec.sym, spec.torch_param_dtype, clip_grid,
+                                "schur")
+        scale_t[g] = s
+        zero_t[g] = z
+
+    block = _aligned_block_size(opts["block_size"], gs, True)
+    codes = _feedback_round(Wf, U, bits, col_group, scale_t, zero_t, block, starts, hook)
+    return QuantizedWeight(codes, scale_t.T.contiguous(), zero_t.T.contiguous(), bits,
+                           group_size)

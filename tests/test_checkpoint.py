@@ -1,0 +1,260 @@
+"""Checkpoint I/O and the CLI on real (tiny, randomly initialised) HF models."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bitpress
+from bitpress.cli import main
+from bitpress.errors import FormatError, OutputExistsError, SourceError
+from bitpress.formats import quantize_rtn
+from bitpress.kernels import use_impl
+from bitpress.nn import GroupSparseLinear, QuantLinear, Recipe
+from bitpress.pipeline.compress import compress
+from bitpress.pipeline.inspect import inspect_checkpoint
+from bitpress.pipeline.source import open_source
+
+from conftest import TEXT
+
+
+def fake_quant_model(src_dir, bits, group, sparsity=None):
+    """The source model with every targeted linear replaced by its dequantised weight."""
+    from bitpress.nn.recipe import rtn_quantize_linear, target_linears
+
+    model = open_source(src_dir).load_model()
+    recipe = Recipe(bits=bits, group_size=group, sparsity=sparsity)
+    for name, lin in list(target_linears(model, recipe)):
+        w = lin.weight.detach()
+        t = type(lin).__name__ == "Conv1D"
+        qw = rtn_quantize_linear(w.t() if t else w, recipe)
+        deq = qw.dequantize()
+        lin.weight.data = deq.t().contiguous() if t else deq
+    return model
+
+
+def cast_unquantized(model, dtype):
+    """What storing the unquantized tensors in ``dtype`` does to a float model."""
+    for n, p in model.named_parameters():
+        if not any(k in n for k in ("proj", "c_attn", "c_fc", "c_proj")):
+            p.data = p.data.to(dtype).float()
+    return model
+
+
+@pytest.mark.parametrize("arch_fixture,bits,group,sparsity", [
+    ("tiny_llama_dir", 4, 64, None),
+    ("tiny_llama_dir", 2, -1, None),
+    ("tiny_qwen2_dir", 3, 32, None),
+    ("tiny_gpt2_dir", 4, 32, None),
+    ("tiny_llama_dir", 4, 16, 0.5),
+])
+def test_compress_load_matches_fake_quant(request, tmp_path, arch_fixture, bits, group, sparsity):
+    src = request.getfixturevalue(arch_fixture)
+    out = tmp_path / "q"
+    recipe = Recipe(bits=bits, group_size=group, sparsity=sparsity)
+    compress(src, out, recipe, progress=False, dtype=torch.float32)
+    model = bitpress.load(out)
+    cls = GroupSparseLinear if sparsity else QuantLinear
+    assert any(isinstance(m, cls) for m in model.modules())
+    assert not any(p.device.type == "meta" for p in model.parameters())
+    ref = fake_quant_model(src, bits, group, sparsity)
+    ids = torch.randint(0, 400, (2, 17))
+    with torch.no_grad(), use_impl("reference"):
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # the default (fast) kernels stay close to it
+        a, b = model(ids).logits, ref(ids).logits
+        assert (a - b).abs().max() <= 0.05 * b.abs().max()
+    # source untouched, nothing left beside the output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+def test_save_float16_storage_and_load_compute_dtype(tiny_llama_dir, tmp_path):
+    out = tmp_path / "q"
+    compress(tiny_llama_dir, out, Recipe(bits=4, group_size=32), progress=False)
+    files = bitpress.formats.SafetensorsDir(out)
+    assert files.dtypes["model.embed_tokens.weight"] == "F16"
+    assert "lm_head.weight" not in files  # tied: stored once
+    model = bitpress.load(out)
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    ref = cast_unquantized(fake_quant_model(tiny_llama_dir, 4, 32), torch.float16)
+    ids = torch.randint(0, 400, (1, 9))
+    with torch.no_grad(), use_impl("reference"):
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_sharded_save_round_trip(tiny_llama_dir, tmp_path):
+    from bitpress.nn import replace_linears
+
+    model = open_source(tiny_llama_dir).load_model()
+    replace_linears(model, Recipe(bits=4, group_size=32))
+    bitpress.save(model, tmp_path / "s", max_shard_bytes=50_000)
+    names = sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert "model.safetensors.index.json" in names and sum(".safetensors" in n for n in names) > 3
+    loaded = bitpress.load(tmp_path / "s")
+    ids = torch.randint(0, 400, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+def test_inspect_counts_bits(tiny_llama_dir, tmp_path):
+    out = tmp_path / "q"
+    compress(tiny_llama_dir, out, Recipe(bits=4, group_size=32), progress=False)
+    rep = inspect_checkpoint(out, histogram=True)
+    assert rep["quantized_layers"] == 14
+    # 4-bit codes + fp16 scale and zero per 32 weights = 4 + 32/32 = 5 bits/weight
+    assert abs(rep["bits_per_weight_quantized"] - 5.0) < 1e-6
+    assert all(sum(r["code_histogram"]) == r["shape"][0] * r["shape"][1] for r in rep["layers"])
+
+
+def test_cli_compress_inspect_eval_generate(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["compress", str(tiny_llama_dir), "--out", str(out), "--bits", "4",
+                 "--group-size", "64"]) == 0
+    summary = json.loads((out / "bitpress_summary.json").read_text())
+    assert summary["layers"] == 14 and summary["peak_rss_bytes"] > 0
+    assert main(["inspect", str(out)]) == 0
+    assert "bits/weight" in capsys.readouterr().out
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    for model in (str(tiny_llama_dir), str(out)):
+        assert main(["eval", model, "--text", str(text), "--seqlen", "64", "--windows", "3"]) == 0
+        res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert res["windows"] == 3 and res["tokens_scored"] == 3 * 63
+        assert 1.0 < res["perplexity"] < 1e4
+    assert main(["generate", str(out), "--prompt", "The quick", "--max-new-tokens", "5"]) == 0
+    assert json.loads(capsys.readouterr().out)["new_tokens"] <= 5
+
+
+def _corrupt_copies(src: Path, tmp_path: Path) -> dict[str, Path]:
+    cases = {}
+    trunc = tmp_path / "truncated"
+    shutil.copytree(src, trunc)
+    f = trunc / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    cases["truncated"] = trunc
+    garbage = tmp_path / "garbage"
+    shutil.copytree(src, garbage)
+    (garbage / "model.safetensors").write_bytes(b"\xff" * 64)
+    cases["garbage"] = garbage
+    shapes = tmp_path / "shapes"
+    shutil.copytree(src, shapes)
+    cfg = json.loads((shapes / "config.json").read_text())
+    cfg["intermediate_size"] = 192  # weights in the file are 160 wide
+    (shapes / "config.json").write_text(json.dumps(cfg))
+    cases["wrong-shapes"] = shapes
+    pickle = tmp_path / "pickle"
+    pickle.mkdir()
+    shutil.copy(src / "config.json", pickle)
+    (pickle / "pytorch_model.bin").write_bytes(b"not really")
+    cases["pickle-only"] = pickle
+    return cases
+
+
+BAD_ARGS = {
+    "missing source": (["compress", "/nonexistent/model"], "does not exist"),
+    "unknown method": (["compress", "{src}", "--method", "magic"], "unknown method"),
+    "bits 5": (["compress", "{src}", "--bits", "5"], "bits=5"),
+    "group size 8": (["compress", "{src}", "--group-size", "8"], "group size 8"),
+    "group size 1000": (["compress", "{src}", "--group-size", "1000"], "group size 1000"),
+    "sparsity 2": (["compress", "{src}", "--sparsity", "2"], "sparsity"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARGS))
+def test_cli_bad_options_fail_cleanly(case, tiny_llama_dir, tmp_path, capsys):
+    args, msg = BAD_ARGS[case]
+    out = tmp_path / "out"
+    argv = [a.format(src=tiny_llama_dir) for a in args] + ["--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bitpress: error:") and msg in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_bad_sources_fail_cleanly(tiny_llama_dir, tmp_path, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    for name, src in _corrupt_copies(tiny_llama_dir, tmp_path).items():
+        before = {p.name: p.read_bytes() for p in src.iterdir()}
+        out = work / f"out-{name}"
+        assert main(["compress", str(src), "--out", str(out)]) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("bitpress: error:") and len(err.splitlines()) == 1, (name, err)
+        assert not out.exists() and list(work.iterdir()) == [], name
+        assert {p.name: p.read_bytes() for p in src.iterdir()} == before, name
+
+
+def test_existing_output_needs_force(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["compress", str(tiny_llama_dir), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert main(["compress", str(tiny_llama_dir), "--out", str(out), "--force",
+                 "--group-size", "32"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+def test_failure_mid_write_leaves_nothing(tiny_llama_dir, tmp_path, monkeypatch):
+    import bitpress.pipeline.checkpoint as ck
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ck, "write_shards", boom)
+    with pytest.raises(RuntimeError):
+        compress(tiny_llama_dir, tmp_path / "q", Recipe(bits=4, group_size=32), progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_rejects_tampered_checkpoints(tiny_llama_dir, tmp_path):
+    out = tmp_path / "q"
+    compress(tiny_llama_dir, out, Recipe(bits=4, group_size=32), progress=False)
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"]["modules"]["model.layers.0.mlp.up_proj"]["group_size"] = 64
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match="shape"):
+        bitpress.load(bad)
+    cfg["quantization_config"]["format_version"] = 99
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match="format_version"):
+        bitpress.load(bad)
+    with pytest.raises(SourceError):
+        bitpress.load(tmp_path / "nothing")
+
+
+def test_eval_errors(tiny_llama_dir, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\x00\x01\x02" * 100)
+    for argv, msg in (
+        (["eval", str(tiny_llama_dir), "--text", str(short), "--seqlen", "64"], "shorter than"),
+        (["eval", str(tiny_llama_dir), "--text", str(binary)], "not a text file"),
+        (["eval", str(tiny_llama_dir), "--text", str(short), "--seqlen", "4096"], "context"),
+    ):
+        if "context" in msg:
+            (tmp_path / "long.txt").write_text(TEXT * 20)
+            argv[3] = str(tmp_path / "long.txt")
+        assert main(argv) == 2
+        assert msg in capsys.readouterr().err
+
+
+def test_console_script_exit_code(tmp_path):
+    exe = Path(sys.executable).parent / "bitpress"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "bitpress.cli"]
+    r = subprocess.run(cmd + ["inspect", str(tmp_path / "none")], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert r.returncode == 2 and r.stderr.startswith("bitpress: error:")
