@@ -49,7 +49,19 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
     t0 = time.time()
     model = source.load_model(torch.float32)
     tokenizer = source.load_tokenizer()
-    t_load = time.time() - t0
+    summary = compress_model(model, tokenizer, recipe, out, overwrite=overwrite,
+                             progress=progress, dtype=dtype, source=str(source.path))
+    summary["seconds_load"] = round(time.time() - t0 - summary["seconds_quantize"], 2)
+    return summary
+
+
+def compress_model(model, tokenizer, recipe: Recipe, out: str | os.PathLike,
+                   overwrite: bool = False, progress: bool = True,
+                   dtype: Optional[torch.dtype] = torch.float16,
+                   source: Optional[str] = None) -> dict[str, Any]:
+    """Compress an already loaded float model **in place** and save it to ``out``."""
+    if recipe.method not in METHODS:
+        raise ConfigError(f"unknown method {recipe.method!r}; available: {', '.join(METHODS)}")
     targets = [n for n, _ in target_linears(model, recipe)]
     if not targets:
         raise ConfigError("the recipe selects no linear layer of this model; check --targets / "
@@ -70,16 +82,14 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
     bar.close()
     t_quant = time.time() - t1
     summary = {
-        "source": str(source.path), "method": recipe.method, "recipe": recipe.to_dict(),
-        "layers": len(schemes), "seconds_load": round(t_load, 2),
-        "seconds_quantize": round(t_quant, 2), "peak_rss_bytes": peak_rss_bytes(),
-        "relative_weight_error": errors,
+        "source": source, "method": recipe.method, "recipe": recipe.to_dict(),
+        "layers": len(schemes), "seconds_quantize": round(t_quant, 2),
+        "peak_rss_bytes": peak_rss_bytes(), "relative_weight_error": errors,
     }
     qcfg = {"method": recipe.method, "bits": recipe.bits, "group_size": recipe.group_size,
             "sparsity": recipe.sparsity, "ignore": recipe.ignore,
             "param_dtype": recipe.param_dtype}
     save(model, out, tokenizer, qcfg, overwrite=overwrite,
          extra_files={"bitpress_summary.json": summary}, dtype=dtype)
-    summary["seconds_total"] = round(time.time() - t0, 2)
     summary["out"] = str(out)
     return summary
