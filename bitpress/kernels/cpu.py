@@ -6,7 +6,9 @@ Importing this module registers, for device type ``cpu``:
   unless changed with :func:`set_act_mode` or ``BITPRESS_CPU_ACT=exact``);
 * ``cpu_int8`` and ``cpu_exact`` (priority 5 / 4): one mode each, for ``use_impl``.
 
-Both modes run the same repacked weight (8 output rows interleaved, see csrc/cpu/qmm.h),
+Both modes run the same repacked weight (8 output rows interleaved, see csrc/cpu/qmm.h;
+block-sparse weights are regrouped into tiles of 8 kept groups sharing a column group, so the
+same kernels run on them and threads split the kept groups evenly),
 built once per weight on first use and cached (keyed by the tensors' storage pointer,
 version counter and shape; dropped when the ``qweight`` tensor dies). The disk format is
 untouched.
@@ -147,17 +149,32 @@ def _dense_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     return _cached(qweight, sig, build)
 
 
-def _sparse_packed(qvalues: torch.Tensor, col_idx: torch.Tensor, bits: int, gs: int,
-                   in_features: int) -> torch.Tensor:
-    sig = (_sig(qvalues), _sig(col_idx), bits, gs, in_features)
+def _sparse_packed(row_ptr: torch.Tensor, col_idx: torch.Tensor, qvalues: torch.Tensor,
+                   scales: torch.Tensor, zeros: torch.Tensor, bits: int, gs: int,
+                   in_features: int) -> tuple[torch.Tensor, int, int]:
+    sig = (_sig(row_ptr), _sig(col_idx), _sig(qvalues), _sig(scales), _sig(zeros), bits, gs,
+           in_features)
 
     def build():
-        qv, ci = qvalues.contiguous(), col_idx.contiguous()
-        nnz = qv.shape[0]
-        buf = torch.empty(max(1, _C.qmm_sparse_packed_bytes(nnz, bits, gs)), dtype=torch.uint8)
-        _C.qmm_repack_sparse(qv.data_ptr(), nnz, qv.shape[1], ci.data_ptr(), in_features, bits,
-                             gs, buf.data_ptr(), torch.get_num_threads())
-        return buf
+        rp, ci, qv = row_ptr.contiguous(), col_idx.contiguous(), qvalues.contiguous()
+        sc, zr, pk = _params(scales.reshape(-1), zeros.reshape(-1))
+        ng = (in_features + gs - 1) // gs
+        nnz = ci.numel()
+        if int(rp[0]) != 0 or int(rp[-1]) != nnz or bool((rp[1:] < rp[:-1]).any()):
+            raise ValueError("sparse_qmm: row_ptr must start at 0, not decrease and end at nnz")
+        if nnz and (int(ci.min()) < 0 or int(ci.max()) >= ng):
+            raise ValueError(f"sparse_qmm: col_idx out of range [0, {ng})")
+        counts = torch.bincount(ci.long(), minlength=ng) if ci.numel() else \
+            torch.zeros(ng, dtype=torch.long)
+        tile_off = torch.zeros(ng + 1, dtype=torch.int64)
+        tile_off[1:] = ((counts + 7) // 8).cumsum(0)
+        ntiles = int(tile_off[-1])
+        buf = torch.empty(max(1, ntiles * _C.qmm_sparse_tile_bytes(bits, gs, pk)),
+                          dtype=torch.uint8)
+        _C.qmm_repack_sparse(rp.data_ptr(), ci.data_ptr(), qv.data_ptr(), qv.shape[1],
+                             sc.data_ptr(), zr.data_ptr(), pk, rp.numel() - 1, in_features, bits,
+                             gs, tile_off.data_ptr(), buf.data_ptr())
+        return buf, ntiles, pk
 
     return _cached(qvalues, sig, build)
 
@@ -247,16 +264,15 @@ def sparse_qmm_cpu(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor
     nnz = col_idx.numel()
     if qvalues.shape[0] != nnz or scales.numel() != nnz or zeros.numel() != nnz:
         raise ValueError("sparse_qmm_cpu: qvalues/scales/zeros must have one entry per kept group")
-    codes = _sparse_packed(qvalues, col_idx, bits, group_size, in_features)
-    sc, zr, pk = _params(scales.reshape(-1), zeros.reshape(-1))
-    rp, ci = row_ptr.contiguous(), col_idx.contiguous()
+    tiles, ntiles, pk = _sparse_packed(row_ptr, col_idx, qvalues, scales, zeros, bits,
+                                       group_size, in_features)
     x2, m = _prep_x(x, in_features)
     y = torch.empty(m, out, dtype=torch.float32)
     b, bptr = _bias(bias, out)
     if m:
-        _C.qmm_sparse(codes.data_ptr(), rp.data_ptr(), ci.data_ptr(), sc.data_ptr(),
-                      zr.data_ptr(), pk, out, in_features, nnz, bits, group_size, x2.data_ptr(),
-                      m, y.data_ptr(), bptr, _MODES[mode or _mode], torch.get_num_threads())
+        _C.qmm_sparse(tiles.data_ptr(), ntiles, out, in_features, bits, group_size, pk,
+                      x2.data_ptr(), m, y.data_ptr(), bptr, _MODES[mode or _mode],
+                      torch.get_num_threads())
     return _finish(y, x, out)
 
 

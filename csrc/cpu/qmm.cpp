@@ -162,38 +162,53 @@ void repack_dense(uintptr_t qweight, int64_t out, int64_t words, int64_t in, int
   }
 }
 
-int64_t sparse_packed_bytes(int64_t nnz, int bits, int64_t gs) {
+int64_t sparse_tile_bytes(int bits, int64_t gs, int pkind) {
   check_bits(bits);
-  return nnz * make_sparse_geom(1, gs, nnz, bits, gs, 0).group_bytes;
+  return make_sparse_geom(1, gs, bits, gs, pkind, 0).tile_bytes;
 }
 
-void repack_sparse(uintptr_t qvalues, int64_t nnz, int64_t words, uintptr_t col_idx, int64_t in,
-                   int bits, int64_t gs, uintptr_t dst, int nthreads) {
+// Regroup block-sparse rows into column tiles (layout in qmm.h). tile_off[c] is the first
+// tile of column group c (ng + 1 entries, from the per-column counts rounded up to 8).
+void repack_sparse(uintptr_t row_ptr, uintptr_t col_idx, uintptr_t qvalues, int64_t words,
+                   uintptr_t scales, uintptr_t zeros, int pkind, int64_t out, int64_t in,
+                   int bits, int64_t gs, uintptr_t tile_off, uintptr_t dst) {
   check_bits(bits);
   if (words * (32 / bits) < gs) throw std::invalid_argument("repack_sparse: too few words");
-  const SparseGeom g = make_sparse_geom(1, in, nnz, bits, gs, 0);
-  const auto* qv = reinterpret_cast<const uint32_t*>(qvalues);
+  const auto* rp = reinterpret_cast<const int32_t*>(row_ptr);
   const auto* ci = reinterpret_cast<const int32_t*>(col_idx);
+  const auto* qv = reinterpret_cast<const uint32_t*>(qvalues);
+  const auto* sc = reinterpret_cast<const uint8_t*>(scales);
+  const auto* zr = reinterpret_cast<const uint8_t*>(zeros);
+  const auto* toff = reinterpret_cast<const int64_t*>(tile_off);
   auto* d = reinterpret_cast<uint8_t*>(dst);
+  const int64_t ng = ceil_div(in, gs);
+  const SparseGeom g = make_sparse_geom(out, in, bits, gs, pkind, toff[ng]);
+  const int ps = param_size(pkind);
   py::gil_scoped_release release;
-  std::memset(d, 0, size_t(nnz * g.group_bytes));
-#if defined(_OPENMP)
-#pragma omp parallel for num_threads(clamp_threads(nthreads)) schedule(static)
-#endif
-  for (int64_t e = 0; e < nnz; ++e) {
-    uint8_t* gp = d + e * g.group_bytes;
-    const int64_t valid = std::min<int64_t>(gs, in - int64_t(ci[e]) * gs);
-    for (int64_t k = 0; k < valid; ++k) {
-      const uint32_t u = canon_code(qv + e * words, bits, k);
-      if (bits == 2) gp[(k / 64) * 16 + k % 16] |= uint8_t(u << (2 * ((k % 64) / 16)));
-      else gp[(k / 32) * 16 + k % 16] |= uint8_t(u << (4 * ((k % 32) / 16)));
+  std::memset(d, 0, size_t(g.ntiles * g.tile_bytes));
+  for (int64_t t = 0; t < g.ntiles; ++t) {
+    int32_t none[8] = {-1, -1, -1, -1, -1, -1, -1, -1};
+    std::memcpy(d + t * g.tile_bytes + 4, none, 32);
+  }
+  std::vector<int64_t> fill(size_t(ng), 0);
+  for (int64_t r = 0; r < out; ++r) {
+    for (int64_t e = rp[r]; e < rp[r + 1]; ++e) {
+      const int32_t c = ci[e];
+      const int64_t slot = fill[size_t(c)]++;
+      uint8_t* tp = d + (toff[c] + slot / 8) * g.tile_bytes;
+      const int lane = int(slot % 8);
+      const int32_t row = int32_t(r);
+      std::memcpy(tp, &c, 4);
+      std::memcpy(tp + 4 + 4 * lane, &row, 4);
+      uint8_t* pp = tp + 36;
+      std::memcpy(pp + lane * ps, sc + e * ps, ps);
+      std::memcpy(pp + (8 + lane) * ps, zr + e * ps, ps);
+      uint8_t* cp = pp + g.param_bytes;
+      const int64_t valid = std::min<int64_t>(gs, in - int64_t(c) * gs);
+      for (int64_t k = 0; k < valid; ++k)
+        put_dense_code(cp, bits, gs, lane, k, canon_code(qv + e * words, bits, k));
     }
   }
-}
-
-inline uint32_t get_sparse_code(const uint8_t* gp, int bits, int64_t k) {
-  if (bits == 2) return (gp[(k / 64) * 16 + k % 16] >> (2 * ((k % 64) / 16))) & 3u;
-  return (gp[(k / 32) * 16 + k % 16] >> (4 * ((k % 32) / 16))) & 15u;
 }
 
 // ---- activations ----------------------------------------------------------------------------
@@ -289,29 +304,36 @@ void dense_tile_scalar(const DenseGeom& g, const Act& a, const uint8_t* tp, int6
   }
 }
 
-struct SparseGroupScalar {
-  const SparseGeom& g;
-  const Act& a;
-  const uint8_t* codes;
-  void operator()(int64_t e, int64_t col, int64_t m0, int mb, float* v) const {
-    const uint8_t* gp = codes + e * g.group_bytes;
-    const int64_t k0 = col * g.gs, n = std::min<int64_t>(g.gs, g.in - k0);
-    for (int i = 0; i < mb; ++i) {
-      const int64_t m = m0 + i, idx = m * a.nseg + col;
+void sparse_tile_scalar(const SparseGeom& g, const Act& a, const uint8_t* tp, float* ylocal) {
+  int32_t col, rows[8];
+  std::memcpy(&col, tp, 4);
+  std::memcpy(rows, tp + 4, 32);
+  const uint8_t* pp = tp + 36;
+  const uint8_t* cp = pp + g.param_bytes;
+  const int64_t k0 = int64_t(col) * g.gs;
+  for (int l = 0; l < 8; ++l) {
+    if (rows[l] < 0) continue;
+    const float s = load_param(pp, g.pkind, l), z = load_param(pp, g.pkind, 8 + l);
+    for (int64_t m = 0; m < a.M; ++m) {
+      const int64_t idx = m * a.nseg + col;
+      float t;
       if (a.mode == MODE_INT8) {
         const int8_t* q = a.q + m * a.stride + k0;
         int32_t isum = 0;
-        for (int64_t k = 0; k < n; ++k) isum += int32_t(get_sparse_code(gp, g.bits, k)) * q[k];
-        v[i] = float(isum) * a.d[idx] - a.b[idx];
+        for (int64_t k = 0; k < g.gs; ++k)
+          isum += int32_t(get_dense_code(cp, g.bits, g.gs, l, k)) * q[k];
+        t = float(isum) * a.d[idx] - a.b[idx];
       } else {
         const float* x = a.xf + m * a.stride + k0;
         float f = 0.f;
-        for (int64_t k = 0; k < n; ++k) f += float(get_sparse_code(gp, g.bits, k)) * x[k];
-        v[i] = f - a.b[idx];
+        for (int64_t k = 0; k < g.gs; ++k)
+          f += float(get_dense_code(cp, g.bits, g.gs, l, k)) * x[k];
+        t = f - a.b[idx];
       }
+      ylocal[m * g.out + rows[l]] += s * t + z * a.xs[idx];
     }
   }
-};
+}
 
 // ---- entry points -------------------------------------------------------------------------------
 void dense_qmm(uintptr_t packed, int64_t out, int64_t in, int bits, int64_t gs, int pkind,
@@ -344,17 +366,12 @@ void dense_qmm(uintptr_t packed, int64_t out, int64_t in, int bits, int64_t gs, 
   }
 }
 
-void sparse_qmm(uintptr_t codes, uintptr_t row_ptr, uintptr_t col_idx, uintptr_t scales,
-                uintptr_t zeros, int pkind, int64_t out, int64_t in, int64_t nnz, int bits,
-                int64_t gs, uintptr_t x, int64_t M, uintptr_t y, uintptr_t bias, int mode,
+void sparse_qmm(uintptr_t tiles, int64_t ntiles, int64_t out, int64_t in, int bits, int64_t gs,
+                int pkind, uintptr_t x, int64_t M, uintptr_t y, uintptr_t bias, int mode,
                 int nthreads) {
   check_bits(bits);
-  const SparseGeom g = make_sparse_geom(out, in, nnz, bits, gs, pkind);
-  const auto* cp = reinterpret_cast<const uint8_t*>(codes);
-  const auto* rp = reinterpret_cast<const int32_t*>(row_ptr);
-  const auto* ci = reinterpret_cast<const int32_t*>(col_idx);
-  const auto* sc = reinterpret_cast<const uint8_t*>(scales);
-  const auto* zr = reinterpret_cast<const uint8_t*>(zeros);
+  const SparseGeom g = make_sparse_geom(out, in, bits, gs, pkind, ntiles);
+  const auto* tp = reinterpret_cast<const uint8_t*>(tiles);
   auto* yp = reinterpret_cast<float*>(y);
   const auto* bp = reinterpret_cast<const float*>(bias);
   const int isa = resolved_isa();
@@ -362,13 +379,12 @@ void sparse_qmm(uintptr_t codes, uintptr_t row_ptr, uintptr_t col_idx, uintptr_t
   ActBuf ab;
   prepare_act(ab, reinterpret_cast<const float*>(x), M, in, gs, g.ng, bits, mode, nthreads);
   const Act& a = ab.a;
+  // Task-centric split: every thread gets the same number of tiles (8 kept groups each),
+  // whatever rows they belong to, and sums into private rows; the partial outputs are added.
+  int nt = int(std::min<int64_t>(clamp_threads(nthreads),
+                                 std::max<int64_t>(1, std::min(ntiles, M * ntiles * 8 * gs / g_min_work))));
+  std::vector<float> extra(size_t(nt > 1 ? (nt - 1) * M * out : 0), 0.f);
   std::memset(yp, 0, size_t(M * out) * sizeof(float));
-  int nt = clamp_threads(nthreads);
-  nt = int(std::min<int64_t>(nt, std::max<int64_t>(1, std::min(nnz, M * nnz * gs / g_min_work))));
-  std::vector<float> acc(size_t(nt * M)), parts(size_t(nt * 2 * M));
-  std::vector<int64_t> prow(size_t(nt * 2), -1);
-  // Task-centric split: each thread gets the same number of kept groups, whatever rows they
-  // belong to; rows cut by a split are summed from the per-thread partials below.
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(nt)
 #endif
@@ -378,23 +394,19 @@ void sparse_qmm(uintptr_t codes, uintptr_t row_ptr, uintptr_t col_idx, uintptr_t
 #else
     const int t = 0;
 #endif
-    const int64_t e0 = nnz * t / nt, e1 = nnz * (t + 1) / nt;
-    float* ac = acc.data() + t * M;
-    float* pa = parts.data() + t * 2 * M;
-    int64_t* pr = prow.data() + t * 2;
+    const int64_t t0 = ntiles * t / nt, t1 = ntiles * (t + 1) / nt;
+    float* yl = t == 0 ? yp : extra.data() + (t - 1) * M * out;
 #if defined(__x86_64__) || defined(_M_X64)
     if (isa == ISA_AVX2)
-      bitpress_cpu::sparse_range_avx2(g, a, rp, ci, cp, sc, zr, e0, e1, yp, ac, pa, pr);
+      bitpress_cpu::sparse_tiles_avx2(g, a, tp, t0, t1, yl);
     else
 #endif
-      sparse_range(g, a, rp, ci, sc, zr, e0, e1, yp, ac, pa, pr, SparseGroupScalar{g, a, cp});
+      for (int64_t i = t0; i < t1; ++i) sparse_tile_scalar(g, a, tp + i * g.tile_bytes, yl);
   }
-  for (int t = 0; t < nt; ++t)
-    for (int slot = 0; slot < 2; ++slot) {
-      const int64_t r = prow[t * 2 + slot];
-      if (r < 0) continue;
-      for (int64_t m = 0; m < M; ++m) yp[m * out + r] += parts[(t * 2 + slot) * M + m];
-    }
+  for (int t = 1; t < nt; ++t) {
+    const float* e = extra.data() + (t - 1) * M * out;
+    for (int64_t i = 0; i < M * out; ++i) yp[i] += e[i];
+  }
   if (bp)
     for (int64_t m = 0; m < M; ++m)
       for (int64_t r = 0; r < out; ++r) yp[m * out + r] += bp[r];
@@ -426,19 +438,19 @@ void bitpress_register_qmm(py::module_& m) {
         py::arg("words"), py::arg("in_features"), py::arg("bits"), py::arg("group_size"),
         py::arg("scales_ptr"), py::arg("zeros_ptr"), py::arg("pkind"), py::arg("dst_ptr"),
         py::arg("nthreads") = 1);
-  m.def("qmm_sparse_packed_bytes", &sparse_packed_bytes, py::arg("nnz"), py::arg("bits"),
-        py::arg("group_size"));
-  m.def("qmm_repack_sparse", &repack_sparse, py::arg("qvalues_ptr"), py::arg("nnz"),
-        py::arg("words"), py::arg("col_idx_ptr"), py::arg("in_features"), py::arg("bits"),
-        py::arg("group_size"), py::arg("dst_ptr"), py::arg("nthreads") = 1);
+  m.def("qmm_sparse_tile_bytes", &sparse_tile_bytes, py::arg("bits"), py::arg("group_size"),
+        py::arg("pkind"));
+  m.def("qmm_repack_sparse", &repack_sparse, py::arg("row_ptr_ptr"), py::arg("col_idx_ptr"),
+        py::arg("qvalues_ptr"), py::arg("words"), py::arg("scales_ptr"), py::arg("zeros_ptr"),
+        py::arg("pkind"), py::arg("out"), py::arg("in_features"), py::arg("bits"),
+        py::arg("group_size"), py::arg("tile_off_ptr"), py::arg("dst_ptr"));
   m.def("qmm_dense", &dense_qmm, py::arg("packed_ptr"), py::arg("out"), py::arg("in_features"),
         py::arg("bits"), py::arg("group_size"), py::arg("pkind"), py::arg("x_ptr"), py::arg("m"),
         py::arg("y_ptr"), py::arg("bias_ptr"), py::arg("mode"), py::arg("nthreads") = 1,
         "y[M,out] (fp32) = x[M,in] (fp32) @ W^T (+bias) from the repacked dense weight.");
-  m.def("qmm_sparse", &sparse_qmm, py::arg("codes_ptr"), py::arg("row_ptr_ptr"),
-        py::arg("col_idx_ptr"), py::arg("scales_ptr"), py::arg("zeros_ptr"), py::arg("pkind"),
-        py::arg("out"), py::arg("in_features"), py::arg("nnz"), py::arg("bits"),
-        py::arg("group_size"), py::arg("x_ptr"), py::arg("m"), py::arg("y_ptr"),
-        py::arg("bias_ptr"), py::arg("mode"), py::arg("nthreads") = 1,
-        "y[M,out] (fp32) from the repacked block-sparse weight, groups split evenly over threads.");
+  m.def("qmm_sparse", &sparse_qmm, py::arg("tiles_ptr"), py::arg("ntiles"), py::arg("out"),
+        py::arg("in_features"), py::arg("bits"), py::arg("group_size"), py::arg("pkind"),
+        py::arg("x_ptr"), py::arg("m"), py::arg("y_ptr"), py::arg("bias_ptr"), py::arg("mode"),
+        py::arg("nthreads") = 1,
+        "y[M,out] (fp32) from the column-tiled block-sparse weight, tiles split evenly over threads.");
 }

@@ -25,11 +25,15 @@
 // one low block and one high block. Columns past in_features hold code 0 and meet a zero
 // activation.
 //
-// ---- Sparse repacked layout (per kept group) -----------------------------------------------
-// Each kept group is padded to whole units of 16 bytes: 4-bit (and 3-bit, stored as 4-bit)
-// units hold 32 codes, byte i = u(i) | u(16+i) << 4; 2-bit units hold 64 codes,
-// byte i = u(i) | u(16+i) << 2 | u(32+i) << 4 | u(48+i) << 6. Padding and columns past
-// in_features hold u = 0, so they contribute nothing whatever the activations there.
+// ---- Sparse repacked layout ("column tiles") ----------------------------------------------
+// The kept groups are regrouped by column group: for each column group c, the rows that
+// keep c are cut into tiles of 8 (the last one padded with row -1, scale = zero = 0). A tile
+// is [int32 col][int32 rows[8]][scale[8], zero[8] as above][codes of one segment of gs
+// columns for the 8 lanes, in the dense layout]. All 8 lanes of a tile share the same
+// activations, so the dense kernels run unchanged and each lane's result is added to its
+// row. Threads take equal shares of tiles (i.e. of kept groups, whatever rows they are in:
+// task-centric splitting) and accumulate into private output rows summed at the end, so a
+// skewed row distribution cannot idle a core.
 #pragma once
 
 #include <algorithm>
@@ -52,12 +56,12 @@ struct DenseGeom {
 };
 
 struct SparseGeom {
-  int64_t out = 0, in = 0, nnz = 0;
+  int64_t out = 0, in = 0;
   int bits = 0, pkind = 0;
-  int64_t gs = 0, ng = 0;
-  int unit_codes = 0;      // 64 for 2-bit, 32 for 3/4-bit
-  int64_t units = 0;       // per group
-  int64_t group_bytes = 0; // units * 16
+  int64_t gs = 0, ng = 0, ntiles = 0;
+  int64_t code_bytes = 0;   // one segment of gs columns, 8 lanes
+  int64_t param_bytes = 0;  // 16 values
+  int64_t tile_bytes = 0;   // 36 + param_bytes + code_bytes
 };
 
 // Prepared activations, [M] rows of `stride` padded columns (segments of `seg`).
@@ -118,7 +122,11 @@ inline float load_param(const uint8_t* p, int kind, int64_t i) {
   }
   uint16_t h;
   std::memcpy(&h, p + 2 * i, 2);
+#if defined(__F16C__)  // set inside the AVX2 translation unit (pragma target)
+  return kind == P_F16 ? _cvtsh_ss(h) : bf16_to_float(h);
+#else
   return kind == P_F16 ? half_to_float(h) : bf16_to_float(h);
+#endif
 }
 
 
@@ -149,61 +157,15 @@ inline int64_t dense_seg_offset(const DenseGeom& g, int64_t s) {
 }
 
 
-inline SparseGeom make_sparse_geom(int64_t out, int64_t in, int64_t nnz, int bits, int64_t gs,
-                                   int pkind) {
+inline SparseGeom make_sparse_geom(int64_t out, int64_t in, int bits, int64_t gs, int pkind,
+                                   int64_t ntiles) {
   SparseGeom g;
-  g.out = out; g.in = in; g.nnz = nnz; g.bits = bits; g.gs = gs; g.pkind = pkind;
+  g.out = out; g.in = in; g.bits = bits; g.gs = gs; g.pkind = pkind; g.ntiles = ntiles;
   g.ng = ceil_div(in, gs);
-  g.unit_codes = bits == 2 ? 64 : 32;
-  g.units = ceil_div(gs, g.unit_codes);
-  g.group_bytes = g.units * 16;
+  g.code_bytes = seg_code_bytes(bits, gs);
+  g.param_bytes = 16 * param_size(pkind);
+  g.tile_bytes = 36 + g.param_bytes + g.code_bytes;
   return g;
-}
-
-
-// Row-range driver for the block-sparse kernels, shared by every ISA: walks kept groups
-// e0..e1 of one thread, accumulates per-row sums for the M activation rows, writes rows the
-// thread owns entirely straight to y and leaves its (possibly shared) first and last rows in
-// `parts` ([2][M], rows in prow[0..1]) for the caller to add up. `group(e, col, m0, mb, v)`
-// writes v[i] = (sum over the group of u*x for activation row m0+i) - off*sum(x).
-template <class GroupFn>
-void sparse_range(const SparseGeom& g, const Act& a, const int32_t* row_ptr,
-                  const int32_t* col_idx, const uint8_t* sc, const uint8_t* zr, int64_t e0,
-                  int64_t e1, float* y, float* acc, float* parts, int64_t* prow,
-                  GroupFn&& group) {
-  prow[0] = prow[1] = -1;
-  if (e0 >= e1) return;
-  const int64_t M = a.M;
-  int64_t r = std::upper_bound(row_ptr, row_ptr + g.out + 1, int32_t(e0)) - row_ptr - 1;
-  const int64_t rfirst = r;
-  const int64_t rlast = std::upper_bound(row_ptr, row_ptr + g.out + 1, int32_t(e1 - 1)) -
-                        row_ptr - 1;
-  for (int64_t m = 0; m < M; ++m) acc[m] = 0.f;
-  auto flush = [&](int64_t row) {
-    if (row == rfirst || row == rlast) {
-      const int slot = row == rfirst ? 0 : 1;
-      prow[slot] = row;
-      for (int64_t m = 0; m < M; ++m) parts[slot * M + m] = acc[m];
-    } else {
-      for (int64_t m = 0; m < M; ++m) y[m * g.out + row] = acc[m];
-    }
-    for (int64_t m = 0; m < M; ++m) acc[m] = 0.f;
-  };
-  float v[4];
-  for (int64_t e = e0; e < e1; ++e) {
-    while (row_ptr[r + 1] <= e) { flush(r); ++r; }
-    const int64_t col = col_idx[e];
-    const float s = load_param(sc, g.pkind, e), z = load_param(zr, g.pkind, e);
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int mb = int(std::min<int64_t>(4, M - m0));
-      group(e, col, m0, mb, v);
-      for (int i = 0; i < mb; ++i) {
-        const int64_t idx = (m0 + i) * a.nseg + col;
-        acc[m0 + i] += s * v[i] + z * a.xs[idx];
-      }
-    }
-  }
-  flush(r);
 }
 
 }  // namespace
@@ -212,8 +174,7 @@ void sparse_range(const SparseGeom& g, const Act& a, const int32_t* row_ptr,
 namespace bitpress_cpu {
 void dense_tile_avx2(const DenseGeom& g, const Act& a, const uint8_t* tile_ptr, int64_t tile,
                      float* y, const float* bias);
-void sparse_range_avx2(const SparseGeom& g, const Act& a, const int32_t* row_ptr,
-                       const int32_t* col_idx, const uint8_t* codes, const uint8_t* sc,
-                       const uint8_t* zr, int64_t e0, int64_t e1, float* y, float* acc,
-                       float* parts, int64_t* prow);
+// Column tiles t0..t1 accumulated into ylocal[M][out] (which the caller zeroes).
+void sparse_tiles_avx2(const SparseGeom& g, const Act& a, const uint8_t* tiles, int64_t t0,
+                       int64_t t1, float* ylocal);
 }  // namespace bitpress_cpu

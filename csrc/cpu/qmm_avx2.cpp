@@ -214,108 +214,85 @@ void tile_pk(const DenseGeom& g, const Act& a, const uint8_t* tp, int64_t tile, 
   }
 }
 
-inline int32_t hsum_epi32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
-
-inline float hsum_ps(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// ---- sparse: one kept group against MB activation rows -------------------------------------
-template <int BITS, int MB, bool I8>
-inline void sparse_group(const SparseGeom& g, const Act& a, const uint8_t* cp, int64_t col,
-                         int64_t m0, float* v) {
-  const int64_t k0 = col * g.gs;
-  const __m256i sh_lo = _mm256_setr_epi32(0, 0, 0, 0, BITS == 2 ? 2 : 4, BITS == 2 ? 2 : 4,
-                                          BITS == 2 ? 2 : 4, BITS == 2 ? 2 : 4);
-  const __m256i sh_hi = _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6);
-  const __m256i mask = _mm256_set1_epi8(char(BITS == 2 ? 3 : 15));
+// ---- sparse column tiles: 8 kept groups of one column group, rows scattered ----------------
+template <int BITS, int PK, int MB, bool I8>
+void sparse_tile_mb(const SparseGeom& g, const Act& a, const uint8_t* tp, int64_t m0,
+                    float* ylocal) {
+  constexpr int PS = PK == P_F32 ? 4 : 2;
+  int32_t col, rows[8];
+  std::memcpy(&col, tp, 4);
+  std::memcpy(rows, tp + 4, 32);
+  const uint8_t* p = tp + 36;
+  const __m256 s8 = load8p<PK>(p), z8 = load8p<PK>(p + 8 * PS);
+  p += 16 * PS;
+  const int64_t k0 = int64_t(col) * g.gs;
+  __m256 t[MB];
   if constexpr (I8) {
-    __m256i s16[MB];
-    const int8_t* q[MB];
+    __m256i iacc[MB];
+    const int8_t* qp[MB];
     for (int i = 0; i < MB; ++i) {
-      s16[i] = _mm256_setzero_si256();
-      q[i] = a.q + (m0 + i) * a.stride + k0;
+      iacc[i] = _mm256_setzero_si256();
+      qp[i] = a.q + (m0 + i) * a.stride + k0;
     }
-    for (int64_t u = 0; u < g.units; ++u, cp += 16) {
-      const __m256i w = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cp)));
-      const __m256i c0 = _mm256_and_si256(_mm256_srlv_epi32(w, sh_lo), mask);
-      if constexpr (BITS == 2) {
-        const __m256i c1 = _mm256_and_si256(_mm256_srlv_epi32(w, sh_hi), mask);
-        for (int i = 0; i < MB; ++i) {
-          const __m256i p0 = _mm256_maddubs_epi16(c0, ld(reinterpret_cast<const uint8_t*>(q[i] + 64 * u)));
-          const __m256i p1 = _mm256_maddubs_epi16(c1, ld(reinterpret_cast<const uint8_t*>(q[i] + 64 * u + 32)));
-          s16[i] = _mm256_add_epi16(s16[i], _mm256_add_epi16(p0, p1));
-        }
-      } else {
-        for (int i = 0; i < MB; ++i)
-          s16[i] = _mm256_add_epi16(
-              s16[i], _mm256_maddubs_epi16(c0, ld(reinterpret_cast<const uint8_t*>(q[i] + 32 * u))));
-      }
-    }
-    const __m256i ones = _mm256_set1_epi16(1);
+    seg_i8<BITS, MB>(p, g.gs, qp, iacc);
     for (int i = 0; i < MB; ++i) {
       const int64_t idx = (m0 + i) * a.nseg + col;
-      v[i] = float(hsum_epi32(_mm256_madd_epi16(s16[i], ones))) * a.d[idx] - a.b[idx];
+      t[i] = _mm256_fmsub_ps(_mm256_cvtepi32_ps(iacc[i]), _mm256_set1_ps(a.d[idx]),
+                             _mm256_set1_ps(a.b[idx]));
     }
   } else {
-    __m256 f[MB];
-    const float* x[MB];
+    __m256 facc[MB];
+    const float* xp[MB];
     for (int i = 0; i < MB; ++i) {
-      f[i] = _mm256_setzero_ps();
-      x[i] = a.xf + (m0 + i) * a.stride + k0;
+      facc[i] = _mm256_setzero_ps();
+      xp[i] = a.xf + (m0 + i) * a.stride + k0;
     }
-    auto fma32 = [&](__m256i c, int64_t off) {  // 32 code bytes against x[off .. off+32)
-      const __m128i lo = _mm256_castsi256_si128(c), hi = _mm256_extracti128_si256(c, 1);
-      const __m256 c0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-      const __m256 c1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-      const __m256 c2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-      const __m256 c3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-      for (int i = 0; i < MB; ++i) {
-        f[i] = _mm256_fmadd_ps(c0, _mm256_loadu_ps(x[i] + off), f[i]);
-        f[i] = _mm256_fmadd_ps(c1, _mm256_loadu_ps(x[i] + off + 8), f[i]);
-        f[i] = _mm256_fmadd_ps(c2, _mm256_loadu_ps(x[i] + off + 16), f[i]);
-        f[i] = _mm256_fmadd_ps(c3, _mm256_loadu_ps(x[i] + off + 24), f[i]);
-      }
-    };
-    for (int64_t u = 0; u < g.units; ++u, cp += 16) {
-      const __m256i w = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cp)));
-      fma32(_mm256_and_si256(_mm256_srlv_epi32(w, sh_lo), mask), g.unit_codes * u);
-      if constexpr (BITS == 2) fma32(_mm256_and_si256(_mm256_srlv_epi32(w, sh_hi), mask), 64 * u + 32);
-    }
-    for (int i = 0; i < MB; ++i) v[i] = hsum_ps(f[i]) - a.b[(m0 + i) * a.nseg + col];
+    seg_f32<BITS, MB>(p, g.gs, xp, facc);
+    for (int i = 0; i < MB; ++i)
+      t[i] = _mm256_sub_ps(facc[i], _mm256_set1_ps(a.b[(m0 + i) * a.nseg + col]));
+  }
+  for (int i = 0; i < MB; ++i) {
+    const int64_t idx = (m0 + i) * a.nseg + col;
+    const __m256 yv = _mm256_fmadd_ps(z8, _mm256_set1_ps(a.xs[idx]), _mm256_mul_ps(s8, t[i]));
+    alignas(32) float tmp[8];
+    _mm256_store_ps(tmp, yv);
+    float* yr = ylocal + (m0 + i) * g.out;
+    for (int l = 0; l < 8; ++l)
+      if (rows[l] >= 0) yr[rows[l]] += tmp[l];
   }
 }
 
-template <int BITS, bool I8>
-struct SparseGroupAvx2 {
-  const SparseGeom& g;
-  const Act& a;
-  const uint8_t* codes;
-  void operator()(int64_t e, int64_t col, int64_t m0, int mb, float* v) const {
-    const uint8_t* cp = codes + e * g.group_bytes;
-    switch (mb) {
-      case 4: sparse_group<BITS, 4, I8>(g, a, cp, col, m0, v); break;
-      case 3: sparse_group<BITS, 3, I8>(g, a, cp, col, m0, v); break;
-      case 2: sparse_group<BITS, 2, I8>(g, a, cp, col, m0, v); break;
-      default: sparse_group<BITS, 1, I8>(g, a, cp, col, m0, v); break;
+template <int BITS, int PK, bool I8>
+void sparse_tiles(const SparseGeom& g, const Act& a, const uint8_t* tiles, int64_t t0, int64_t t1,
+                  float* ylocal) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* tp = tiles + t * g.tile_bytes;
+    int64_t m0 = 0;
+    for (; m0 + 4 <= a.M; m0 += 4) sparse_tile_mb<BITS, PK, 4, I8>(g, a, tp, m0, ylocal);
+    switch (a.M - m0) {
+      case 3: sparse_tile_mb<BITS, PK, 3, I8>(g, a, tp, m0, ylocal); break;
+      case 2: sparse_tile_mb<BITS, PK, 2, I8>(g, a, tp, m0, ylocal); break;
+      case 1: sparse_tile_mb<BITS, PK, 1, I8>(g, a, tp, m0, ylocal); break;
+      default: break;
     }
   }
-};
+}
 
-template <int BITS, bool I8>
-void sparse_run(const SparseGeom& g, const Act& a, const int32_t* row_ptr, const int32_t* col_idx,
-                const uint8_t* codes, const uint8_t* sc, const uint8_t* zr, int64_t e0, int64_t e1,
-                float* y, float* acc, float* parts, int64_t* prow) {
-  sparse_range(g, a, row_ptr, col_idx, sc, zr, e0, e1, y, acc, parts, prow,
-               SparseGroupAvx2<BITS, I8>{g, a, codes});
+template <int BITS, int PK>
+void sparse_mode(const SparseGeom& g, const Act& a, const uint8_t* tiles, int64_t t0, int64_t t1,
+                 float* ylocal) {
+  if (a.mode == MODE_INT8) sparse_tiles<BITS, PK, true>(g, a, tiles, t0, t1, ylocal);
+  else sparse_tiles<BITS, PK, false>(g, a, tiles, t0, t1, ylocal);
+}
+
+template <int BITS>
+void sparse_pk(const SparseGeom& g, const Act& a, const uint8_t* tiles, int64_t t0, int64_t t1,
+               float* ylocal) {
+  switch (g.pkind) {
+    case P_F16: sparse_mode<BITS, P_F16>(g, a, tiles, t0, t1, ylocal); break;
+    case P_BF16: sparse_mode<BITS, P_BF16>(g, a, tiles, t0, t1, ylocal); break;
+    default: sparse_mode<BITS, P_F32>(g, a, tiles, t0, t1, ylocal); break;
+  }
 }
 
 }  // namespace
@@ -331,17 +308,12 @@ void dense_tile_avx2(const DenseGeom& g, const Act& a, const uint8_t* tile_ptr, 
   }
 }
 
-void sparse_range_avx2(const SparseGeom& g, const Act& a, const int32_t* row_ptr,
-                       const int32_t* col_idx, const uint8_t* codes, const uint8_t* sc,
-                       const uint8_t* zr, int64_t e0, int64_t e1, float* y, float* acc,
-                       float* parts, int64_t* prow) {
-  const bool i8 = a.mode == MODE_INT8;
-  if (g.bits == 2) {
-    if (i8) sparse_run<2, true>(g, a, row_ptr, col_idx, codes, sc, zr, e0, e1, y, acc, parts, prow);
-    else sparse_run<2, false>(g, a, row_ptr, col_idx, codes, sc, zr, e0, e1, y, acc, parts, prow);
-  } else {  // 3-bit groups are stored as 4-bit in the sparse layout
-    if (i8) sparse_run<4, true>(g, a, row_ptr, col_idx, codes, sc, zr, e0, e1, y, acc, parts, prow);
-    else sparse_run<4, false>(g, a, row_ptr, col_idx, codes, sc, zr, e0, e1, y, acc, parts, prow);
+void sparse_tiles_avx2(const SparseGeom& g, const Act& a, const uint8_t* tiles, int64_t t0,
+                       int64_t t1, float* ylocal) {
+  switch (g.bits) {
+    case 2: sparse_pk<2>(g, a, tiles, t0, t1, ylocal); break;
+    case 3: sparse_pk<3>(g, a, tiles, t0, t1, ylocal); break;
+    default: sparse_pk<4>(g, a, tiles, t0, t1, ylocal); break;
   }
 }
 

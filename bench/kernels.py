@@ -1,0 +1,264 @@
+"""CPU kernel benchmark for bitpress::dense_qmm / sparse_qmm (issue 5).
+
+For Llama-7B-like and SmolLM2 shapes and batch 1/4/16/64, times (same run, same process):
+
+* bitpress dense W2 g64, W3 g128, W4 g128 (default int8 activation mode) and W4 g128 exact,
+* bitpress group-sparse W4 g128 at 50% sparsity (block-sparse rows),
+* torch dense ``F.linear`` in fp32 / bf16 / fp16,
+* torch ``_weight_int4pack_mm_for_cpu`` (g128, bf16 activations) and ``_weight_int8pack_mm``,
+
+each over a rotation of weight copies whose total size exceeds the last-level cache (so
+every call streams its weight from memory), next to the machine's read bandwidth measured
+in the same run by a large-array reduction. GB/s counts the bytes a method must read for
+its weight (packed codes + fp16 scales/zeros for bitpress; indices too for sparse).
+
+    .venv/bin/python bench/kernels.py                 # full table, writes bench/results/kernels.json
+    .venv/bin/python bench/kernels.py --quick         # 4096x4096 and SmolLM2 only, batch 1/16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bitpress.formats.packing import packed_words  # noqa: E402
+from bitpress.kernels import cpu  # noqa: E402
+
+LLAMA = [(4096, 4096), (11008, 4096), (4096, 11008)]
+SMOL = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
+BATCHES = [1, 4, 16, 64]
+LLC_BYTES = 8 << 20
+
+
+def llc_bytes() -> int:
+    try:
+        for idx in range(8):
+            base = f"/sys/devices/system/cpu/cpu0/cache/index{idx}/"
+            if open(base + "level").read().strip() == "3":
+                s = open(base + "size").read().strip()
+                return int(s[:-1]) * (1 << 10 if s.endswith("K") else 1 << 20)
+    except OSError:
+        pass
+    return LLC_BYTES
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def read_bandwidth(reps: int = 7) -> float:
+    """GB/s of a multi-threaded sum over a 512 MiB fp32 array (best of ``reps``)."""
+    x = torch.ones(128 << 20, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def timeit(fns: list[Callable[[], object]], min_time: float = 0.25, passes: int = 5) -> float:
+    """Seconds per call: calls cycle through ``fns`` (rotating weight copies); the median
+    over ``passes`` of the mean call time of one pass."""
+    for f in fns:
+        f()
+    t = time.perf_counter()
+    fns[0]()
+    one = max(time.perf_counter() - t, 1e-6)
+    n = max(len(fns), int(min_time / passes / one))
+    n = (n + len(fns) - 1) // len(fns) * len(fns)
+    res = []
+    for _ in range(passes):
+        t = time.perf_counter()
+        for i in range(n):
+            fns[i % len(fns)]()
+        res.append((time.perf_counter() - t) / n)
+    return statistics.median(res)
+
+
+def copies(nbytes: int) -> int:
+    return max(2, -(-3 * llc_bytes() // max(nbytes, 1)))
+
+
+def dense_q(out: int, inf: int, bits: int, gs: int, g: torch.Generator) -> dict:
+    ng = -(-inf // gs)
+    qw = torch.randint(-2**31, 2**31 - 1, (out, packed_words(inf, bits)), dtype=torch.int32,
+                       generator=g)
+    if bits == 3:  # canonical 3-bit words use 30 bits
+        qw &= (1 << 30) - 1
+    sc = (torch.rand(out, ng, generator=g) * 0.02 + 0.001).half()
+    zr = (torch.randn(out, ng, generator=g) * 0.01).half()
+    return {"qweight": qw, "scales": sc, "zeros": zr,
+            "bytes": qw.numel() * 4 + sc.numel() * 2 + zr.numel() * 2}
+
+
+def sparse_q(out: int, inf: int, bits: int, gs: int, sparsity: float,
+             g: torch.Generator) -> dict:
+    ng = -(-inf // gs)
+    keep = torch.rand(out, ng, generator=g) >= sparsity
+    rows, cols = keep.nonzero(as_tuple=True)
+    row_ptr = torch.zeros(out + 1, dtype=torch.int32)
+    row_ptr[1:] = keep.sum(1).cumsum(0).to(torch.int32)
+    nnz = cols.numel()
+    qv = torch.randint(-2**31, 2**31 - 1, (nnz, packed_words(gs, bits)), dtype=torch.int32,
+                       generator=g)
+    sc = (torch.rand(nnz, generator=g) * 0.02 + 0.001).half()
+    zr = (torch.randn(nnz, generator=g) * 0.01).half()
+    return {"row_ptr": row_ptr, "col_idx": cols.to(torch.int32).contiguous(), "qvalues": qv,
+            "scales": sc, "zeros": zr,
+            "bytes": qv.numel() * 4 + nnz * (2 + 2 + 4) + (out + 1) * 4}
+
+
+def methods(out: int, inf: int, g: torch.Generator, skip: set[str]) -> dict:
+    """name -> (bytes per weight, builder(k) -> callable(x))"""
+    m: dict = {}
+
+    def add_dense(name, bits, gs, mode):
+        def build():
+            w = dense_q(out, inf, bits, gs, g)
+            return w["bytes"], (lambda x: cpu.dense_qmm_cpu(
+                x, w["qweight"], w["scales"], w["zeros"], None, bits, gs, inf, mode=mode))
+        m[name] = build
+
+    add_dense("bp W2 g64", 2, 64, "int8")
+    add_dense("bp W3 g128", 3, 128, "int8")
+    add_dense("bp W4 g128", 4, 128, "int8")
+    add_dense("bp W4 g128 exact", 4, 128, "exact")
+
+    def sparse_build():
+        w = sparse_q(out, inf, 4, 128, 0.5, g)
+        return w["bytes"], (lambda x: cpu.sparse_qmm_cpu(
+            x, w["row_ptr"], w["col_idx"], w["qvalues"], w["scales"], w["zeros"], None, 4, 128,
+            inf, mode="int8"))
+    m["bp W4 g128 S50"] = sparse_build
+
+    for dt, nm in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+        def build(dt=dt):
+            w = (torch.randn(out, inf, generator=g) * 0.02).to(dt)
+            return w.numel() * w.element_size(), (lambda x: F.linear(x.to(dt), w))
+        m[f"torch {nm}"] = build
+
+    def int4_build():
+        wi = torch.randint(0, 16, (out, inf), dtype=torch.int32, generator=g)
+        wp = torch._convert_weight_to_int4pack_for_cpu(wi, 2)
+        sz = (torch.rand(inf // 128, out, 2, generator=g) * 0.02).bfloat16()
+        return wp.numel() * wp.element_size() + sz.numel() * 2, \
+            (lambda x: torch._weight_int4pack_mm_for_cpu(x.bfloat16(), wp, 128, sz))
+    m["torch int4 g128"] = int4_build
+
+    def int8_build():
+        w8 = torch.randint(-128, 127, (out, inf), dtype=torch.int8, generator=g)
+        s8 = (torch.rand(out, generator=g) * 0.02).bfloat16()
+        return w8.numel() + s8.numel() * 2, \
+            (lambda x: torch._weight_int8pack_mm(x.bfloat16(), w8, s8))
+    m["torch int8"] = int8_build
+    return {k: v for k, v in m.items() if k not in skip}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results",
+                                                   "kernels.json"))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = ([(4096, 4096)] + SMOL) if args.quick else (LLAMA + SMOL)
+    batches = [1, 16] if args.quick else BATCHES
+    bw = read_bandwidth()
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "llc_bytes": llc_bytes(), "read_bandwidth_GBs": round(bw, 2),
+            "isa": cpu.get_isa(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    print(f"# {info['cpu']}, {info['cores']} cores, {info['threads']} threads, ISA {info['isa']}, "
+          f"LLC {info['llc_bytes'] >> 20} MiB, read bandwidth {bw:.1f} GB/s (sum over 512 MiB)")
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    hdr = f"{'shape':>12} {'M':>3} {'method':<18} {'us':>10} {'GB/s':>7} {'%BW':>5}"
+    print(hdr)
+    for out, inf in shapes:
+        for name, build in methods(out, inf, g, set()).items():
+            try:
+                nbytes, f0 = build()
+                ws = [f0] + [build()[1] for _ in range(copies(nbytes) - 1)]
+            except (RuntimeError, NotImplementedError) as e:
+                print(f"{out}x{inf} {name}: not available ({str(e)[:80]})")
+                continue
+            for mb in batches:
+                x = torch.randn(mb, inf, generator=g)
+                fns = [lambda f=f: f(x) for f in ws]
+                t = timeit(fns)
+                gbs = nbytes / t / 1e9
+                rows.append({"out": out, "in": inf, "batch": mb, "method": name,
+                             "us": round(t * 1e6, 2), "weight_bytes": nbytes,
+                             "GBs": round(gbs, 2), "pct_bw": round(100 * gbs / bw, 1),
+                             "copies": len(ws)})
+                print(f"{out:>5}x{inf:<6} {mb:>3} {name:<18} {t * 1e6:>10.1f} {gbs:>7.2f} "
+                      f"{100 * gbs / bw:>5.1f}", flush=True)
+            del ws
+            cpu.clear_cache()
+    summary = summarize(rows, bw)
+    for line in summary:
+        print(line)
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as fh:
+        json.dump({"machine": info, "rows": rows, "summary": summary}, fh, indent=1)
+    print(f"wrote {args.json}")
+
+
+def summarize(rows: list[dict], bw: float) -> list[str]:
+    def t(out, inf, mb, name):
+        for r in rows:
+            if (r["out"], r["in"], r["batch"], r["method"]) == (out, inf, mb, name):
+                return r
+        return None
+
+    lines = ["# targets (4096x4096 unless noted; same-run ratios)"]
+    r = t(4096, 4096, 1, "bp W2 g64")
+    f16 = t(4096, 4096, 1, "torch fp16")
+    if r:
+        lines.append(f"W2 g64 GEMV: {r['GBs']:.1f} GB/s = {r['pct_bw']:.0f}% of read bandwidth "
+                     f"(target >= 80%)")
+    if r and f16:
+        lines.append(f"W2 g64 GEMV vs torch fp16: {f16['us'] / r['us']:.1f}x (target >= 5x)")
+    for shape in ((4096, 4096), (11008, 4096), (4096, 11008)):
+        w4 = t(*shape, 1, "bp W4 g128")
+        i4 = t(*shape, 1, "torch int4 g128")
+        if w4 and i4:
+            lines.append(f"{shape[0]}x{shape[1]} W4 g128 M=1 vs torch int4: "
+                         f"{i4['us'] / w4['us']:.2f}x (target >= 1.5x)")
+        for mb in (16, 64):
+            w4 = t(*shape, mb, "bp W4 g128")
+            b16 = t(*shape, mb, "torch bf16")
+            f32 = t(*shape, mb, "torch fp32")
+            if w4 and b16:
+                lines.append(f"{shape[0]}x{shape[1]} W4 g128 M={mb} vs torch bf16: "
+                             f"{b16['us'] / w4['us']:.2f}x (target >= 1.2x); vs fp32: "
+                             f"{f32['us'] / w4['us']:.2f}x")
+        for mb in (1, 16):
+            sp = t(*shape, mb, "bp W4 g128 S50")
+            w4 = t(*shape, mb, "bp W4 g128")
+            if sp and w4:
+                lines.append(f"{shape[0]}x{shape[1]} sparse W4 S50 M={mb} vs dense W4: "
+                             f"{w4['us'] / sp['us']:.2f}x (target >= 1.6x)")
+    return lines
+
+
+if __name__ == "__main__":
+    main()
