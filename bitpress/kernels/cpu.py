@@ -136,7 +136,16 @@ def _dense_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     sig = (_sig(qweight), _sig(scales), _sig(zeros), bits, gs, in_features)
 
     def build():
+        probe = torch.empty(0, in_features)
+        if not dense_supports(probe, qweight, scales, zeros, None, bits, gs, in_features):
+            raise ValueError("dense_qmm_cpu: unsupported weight (bits 2/3/4, int32 qweight "
+                             "[out, ceil(in/pf)], group size a multiple of 16 up to 256 or "
+                             "per-channel, CPU tensors)")
         out = qweight.shape[0]
+        ng = (in_features + gs - 1) // gs
+        if tuple(scales.shape) != (out, ng) or tuple(zeros.shape) != (out, ng):
+            raise ValueError(f"scales/zeros must be {(out, ng)}, got {tuple(scales.shape)} / "
+                             f"{tuple(zeros.shape)}")
         qw = qweight.contiguous()
         sc, zr, pk = _params(scales, zeros)
         buf = torch.empty(_C.qmm_dense_packed_bytes(out, in_features, bits, gs, pk),
@@ -156,6 +165,14 @@ def _sparse_packed(row_ptr: torch.Tensor, col_idx: torch.Tensor, qvalues: torch.
            in_features)
 
     def build():
+        probe = torch.empty(0, in_features)
+        if not sparse_supports(probe, row_ptr, col_idx, qvalues, scales, zeros, None, bits, gs,
+                               in_features):
+            raise ValueError("sparse_qmm_cpu: unsupported weight (bits 2/3/4, int32 BSR tensors, "
+                             "group size a multiple of 16 up to 256, CPU tensors)")
+        if qvalues.shape[0] != col_idx.numel() or scales.numel() != col_idx.numel() \
+                or zeros.numel() != col_idx.numel():
+            raise ValueError("sparse_qmm_cpu: qvalues/scales/zeros need one entry per kept group")
         rp, ci, qv = row_ptr.contiguous(), col_idx.contiguous(), qvalues.contiguous()
         sc, zr, pk = _params(scales.reshape(-1), zeros.reshape(-1))
         ng = (in_features + gs - 1) // gs
@@ -221,8 +238,9 @@ def _prep_x(x: torch.Tensor, in_features: int) -> tuple[torch.Tensor, int]:
 def _bias(bias: Optional[torch.Tensor], out: int) -> tuple[Optional[torch.Tensor], int]:
     if bias is None:
         return None, 0
-    if bias.numel() != out:
-        raise ValueError(f"bias has {bias.numel()} elements, expected {out}")
+    if bias.numel() != out or bias.device.type != "cpu":
+        raise ValueError(f"bias must be a CPU tensor of {out} elements, got {bias.numel()} on "
+                         f"{bias.device}")
     b = bias.reshape(-1).float().contiguous()
     return b, b.data_ptr()
 
@@ -236,13 +254,11 @@ def _finish(y: torch.Tensor, x: torch.Tensor, out: int) -> torch.Tensor:
 def dense_qmm_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                   zeros: torch.Tensor, bias: Optional[torch.Tensor], bits: int, group_size: int,
                   in_features: int, mode: Optional[str] = None) -> torch.Tensor:
-    if not dense_supports(x, qweight, scales, zeros, bias, bits, group_size, in_features):
-        raise ValueError("dense_qmm_cpu: unsupported arguments (see bitpress.kernels.cpu)")
+    # the weight is validated once, when it is repacked (a cache hit implies the same
+    # tensors, shapes and versions); per call only the activation side is checked
+    if x.device.type != "cpu" or x.dtype not in _PKIND or x.shape[-1] != in_features:
+        raise ValueError(f"dense_qmm_cpu: x must be a CPU float tensor [..., {in_features}]")
     out = qweight.shape[0]
-    ng = (in_features + group_size - 1) // group_size
-    if tuple(scales.shape) != (out, ng) or tuple(zeros.shape) != (out, ng):
-        raise ValueError(f"scales/zeros must be {(out, ng)}, got {tuple(scales.shape)} / "
-                         f"{tuple(zeros.shape)}")
     packed, pk = _dense_packed(qweight, scales, zeros, bits, group_size, in_features)
     x2, m = _prep_x(x, in_features)
     y = torch.empty(m, out, dtype=torch.float32)
@@ -257,13 +273,9 @@ def sparse_qmm_cpu(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor
                    qvalues: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                    bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int,
                    mode: Optional[str] = None) -> torch.Tensor:
-    if not sparse_supports(x, row_ptr, col_idx, qvalues, scales, zeros, bias, bits, group_size,
-                           in_features):
-        raise ValueError("sparse_qmm_cpu: unsupported arguments (see bitpress.kernels.cpu)")
+    if x.device.type != "cpu" or x.dtype not in _PKIND or x.shape[-1] != in_features:
+        raise ValueError(f"sparse_qmm_cpu: x must be a CPU float tensor [..., {in_features}]")
     out = row_ptr.numel() - 1
-    nnz = col_idx.numel()
-    if qvalues.shape[0] != nnz or scales.numel() != nnz or zeros.numel() != nnz:
-        raise ValueError("sparse_qmm_cpu: qvalues/scales/zeros must have one entry per kept group")
     tiles, ntiles, pk = _sparse_packed(row_ptr, col_idx, qvalues, scales, zeros, bits,
                                        group_size, in_features)
     x2, m = _prep_x(x, in_features)
