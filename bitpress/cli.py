@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="compress a checkpoint (HF dir or .gguf)")
     c.add_argument("src", help="Hugging Face model directory (safetensors) or .gguf file")
     c.add_argument("--out", required=True, help="output directory (must not exist)")
-    c.add_argument("--method", default="rtn", help="compression method (default rtn)")
+    c.add_argument("--method", default="rtn",
+                   help="compression method: rtn (data-free) or gptq (calibrated); default rtn")
     c.add_argument("--bits", type=int, default=4, help="code bits: 2, 3, 4 or 8 (default 4)")
     c.add_argument("--group-size", type=_group_size, default=128,
                    help="weights per group, 16..256 step 16, or -1 per-channel (default 128)")
@@ -48,6 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="module name pattern to compress (repeatable; default: all linears)")
     c.add_argument("--recipe", help="recipe JSON file (overrides the options above)")
     c.add_argument("--force", action="store_true", help="replace an existing output directory")
+    k = c.add_argument_group("calibration (gptq; optional for rtn, where it only measures "
+                             "the H-weighted error)")
+    k.add_argument("--calib", default=None,
+                   help="UTF-8 text file to draw calibration windows from (default: the "
+                        "built-in offline text, CPython's documentation topics)")
+    k.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    k.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    k.add_argument("--seed", type=int, default=0, help="seed of the window positions (default 0)")
+    k.add_argument("--calib-batch-size", type=int, default=8,
+                   help="windows per block forward (default 8)")
+    k.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: quantize columns by decreasing Hessian diagonal, static groups "
+                        "(default on)")
+    k.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: H-weighted search of each group's clipping range (default on)")
+    k.add_argument("--damp", type=float, default=None,
+                   help="GPTQ: damping, relative to the mean Hessian diagonal (default 0.01)")
 
     e = sub.add_parser("eval", help="perplexity of a model (HF dir, .gguf or bitpress checkpoint)")
     e.add_argument("model")
@@ -74,8 +92,11 @@ def _recipe(args):
 
     if args.recipe:
         return Recipe.from_json(args.recipe)
+    opts = {k: v for k, v in (("act_order", args.act_order), ("clip_search", args.clip_search),
+                              ("damp", args.damp)) if v is not None}
     kw = dict(method=args.method, bits=args.bits, group_size=args.group_size,
-              sparsity=args.sparsity, sym=args.sym, param_dtype=args.param_dtype)
+              sparsity=args.sparsity, sym=args.sym, param_dtype=args.param_dtype,
+              options=opts)
     if args.ignore is not None:
         kw["ignore"] = args.ignore
     if args.targets is not None:
@@ -100,8 +121,11 @@ def run(args) -> int:
         import torch
 
         summary = compress(args.src, args.out, _recipe(args), overwrite=args.force,
-                           dtype=getattr(torch, args.dtype))
-        print(json.dumps({k: v for k, v in summary.items() if k != "relative_weight_error"},
+                           dtype=getattr(torch, args.dtype), calib=args.calib,
+                           nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                           batch_size=args.calib_batch_size)
+        print(json.dumps({k: v for k, v in summary.items()
+                          if k not in ("relative_weight_error", "tensors_read_per_block")},
                          indent=2))
     elif args.command == "inspect":
         from .pipeline.inspect import format_report, inspect_checkpoint

@@ -16,43 +16,152 @@ from ..nn import Recipe, replace_linears, target_linears
 from ..nn.recipe import rtn_quantize_linear
 from .checkpoint import save
 from .source import open_source
+from .stream import BlockHook
 
 log = logging.getLogger(__name__)
 
-#: data-free methods that need no calibration; calibrated methods are added by the
-#: streaming pipeline
-METHODS = ("rtn",)
+#: methods the streaming driver runs; calibrated ones need block inputs
+METHODS = ("rtn", "gptq")
+CALIBRATED = ("gptq",)
+
+#: GPTQ defaults (chosen on SmolLM2-135M, see bench/RESULTS.md "Quality")
+GPTQ_DEFAULTS: dict[str, Any] = {"act_order": True, "clip_search": True, "damp": 0.01}
 
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _solver(recipe: Recipe):
+    """``solve(name, W, H) -> QuantizedWeight`` for the recipe's method."""
+    from ..quant import PASSES, QuantSpec
+
+    if recipe.method == "rtn":
+        return lambda name, W, H: rtn_quantize_linear(W, recipe)
+    if recipe.sparse:
+        raise ConfigError(f"method {recipe.method!r} does not prune groups; drop --sparsity")
+    opts = dict(GPTQ_DEFAULTS)
+    opts.update(recipe.options or {})
+    spec = QuantSpec(bits=recipe.bits, group_size=recipe.group_size, sym=recipe.sym,
+                     param_dtype=recipe.param_dtype, options=opts)
+    fn = PASSES[recipe.method]
+    rtn = PASSES["rtn"]
+
+    def solve(name: str, W: torch.Tensor, H: Optional[torch.Tensor]):
+        return fn(W, H, spec) if H is not None else rtn(W, None, spec)
+    solve.options = opts  # type: ignore[attr-defined]
+    return solve
+
+
 def compress(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
              overwrite: bool = False, progress: bool = True,
-             dtype: Optional[torch.dtype] = torch.float16) -> dict[str, Any]:
-    """Compress ``src`` with ``recipe`` and write a bitpress checkpoint to ``out``.
+             dtype: Optional[torch.dtype] = torch.float16,
+             calib: Optional[str | os.PathLike] = None, nsamples: int = 128,
+             seqlen: int = 512, seed: int = 0, batch_size: int = 8,
+             calibrate: Optional[bool] = None,
+             block_hook: Optional[BlockHook] = None) -> dict[str, Any]:
+    """Compress ``src`` with ``recipe`` block by block and write a bitpress checkpoint.
 
-    Everything that can be checked is checked before the model is loaded; the output is
+    Only one decoder block's float weights are in memory at a time (see
+    :mod:`bitpress.pipeline.stream`). Calibrated methods (``gptq``) draw ``nsamples``
+    windows of ``seqlen`` tokens with ``seed`` from ``calib`` (a UTF-8 text file; default:
+    :func:`bitpress.pipeline.data.builtin_text`). RTN is data-free unless ``calibrate``
+    (or a ``calib`` file) asks for calibration, which then only serves the H-weighted error
+    report. Everything that can be checked is checked before the long work; the output is
     written atomically, so a failure leaves neither a partial ``out`` nor a changed ``src``.
     ``dtype`` is the storage dtype of the tensors left unquantized (embeddings, norms).
+    ``block_hook`` (see :class:`bitpress.pipeline.stream.BlockContext`) may re-solve a
+    block's weights against the float block's outputs (block tuning).
     """
+    from .calib import calibration_text, calibration_windows
+    from .evaluate import model_context
+    from .stream import GGUFStore, SafetensorsStore, build_skeleton, stream_quantize
+
+    t0 = time.time()
     if recipe.method not in METHODS:
         raise ConfigError(f"unknown method {recipe.method!r}; available: {', '.join(METHODS)}")
+    if batch_size < 1:
+        raise ConfigError(f"calibration batch size must be positive, got {batch_size}")
     out = Path(out)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"output directory {out} already exists; choose another path "
                                 f"or pass --force to replace it")
+    solve = _solver(recipe)
     source = open_source(src)
     if source.kind == "bitpress":
         raise ConfigError(f"{src} is already a bitpress checkpoint; compress the original model")
-    t0 = time.time()
-    model = source.load_model(torch.float32)
+    if calibrate is None:
+        calibrate = recipe.method in CALIBRATED or calib is not None or block_hook is not None
+    if recipe.method in CALIBRATED and not calibrate:
+        raise ConfigError(f"method {recipe.method!r} needs calibration data")
+    text = calib_desc = None
+    if calibrate:
+        text, calib_desc = calibration_text(calib)  # a bad file fails before any loading
+    config = source.load_config()
+    model = build_skeleton(config)
+    if source.kind == "hf":
+        store = SafetensorsStore(source.path, list(model.state_dict().keys()))
+    else:
+        store = GGUFStore(source.path, model)
     tokenizer = source.load_tokenizer()
-    summary = compress_model(model, tokenizer, recipe, out, overwrite=overwrite,
-                             progress=progress, dtype=dtype, source=str(source.path))
-    summary["seconds_load"] = round(time.time() - t0 - summary["seconds_quantize"], 2)
+    ids = None
+    if calibrate:
+        ids = calibration_windows(tokenizer, text, nsamples, seqlen, seed,
+                                  context=model_context(model))
+    t_setup = time.time() - t0
+    res = stream_quantize(model, store, recipe, solve, ids, batch_size=batch_size,
+                          block_hook=block_hook, progress=progress)
+    summary: dict[str, Any] = {
+        "source": str(source.path), "method": recipe.method, "recipe": recipe.to_dict(),
+        "options": getattr(solve, "options", {}),
+        "layers": len(res.schemes),
+        "calibration": ({"text": calib_desc, "nsamples": nsamples, "seqlen": seqlen,
+                         "seed": seed, "batch_size": batch_size} if calibrate else None),
+        "seconds_load": round(t_setup, 2), "seconds_quantize": round(res.seconds_quantize, 2),
+        "sequential_groups": res.groups,
+        "memory_bytes": res.memory, "tensors_read_per_block": res.reads_per_block,
+        "error_metric": res.error_metric,
+        "bits_per_weight": _bits_per_weight(res.model),
+    }
+    qcfg = {"method": recipe.method, "bits": recipe.bits, "group_size": recipe.group_size,
+            "sparsity": recipe.sparsity, "ignore": recipe.ignore,
+            "param_dtype": recipe.param_dtype}
+    summary["peak_rss_bytes"] = peak_rss_bytes()
+    summary["relative_weight_error"] = res.errors
+    _save_with_summary(res.model, out, tokenizer, qcfg, overwrite, dtype, summary, t0)
+    summary["out"] = str(out)
     return summary
+
+
+def _bits_per_weight(model) -> float:
+    from .checkpoint import packed_modules
+
+    bits = weights = 0
+    for m in packed_modules(model).values():
+        bits += 8 * sum(t.numel() * t.element_size() for n, t in m.named_buffers()
+                        if n != "bias")
+        weights += m.in_features * m.out_features
+    return round(bits / max(weights, 1), 4)
+
+
+def _save_with_summary(model, out: Path, tokenizer, qcfg, overwrite, dtype, summary, t0) -> None:
+    """Save atomically; the summary inside carries the size on disk and total time, which
+    are only known once the shards are written (patched in the temp dir before the rename)."""
+    from ..formats import atomic_output_dir
+    from ..formats.checkpoint import write_json
+
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        inner = tmp / "model"
+        save(model, inner, tokenizer, qcfg, overwrite=False,
+             extra_files={"bitpress_summary.json": summary}, dtype=dtype)
+        size = sum(f.stat().st_size for f in inner.iterdir() if f.is_file())
+        summary["size_on_disk_bytes"] = size
+        summary["peak_rss_bytes"] = peak_rss_bytes()
+        summary["seconds_total"] = round(time.time() - t0, 2)
+        write_json(inner / "bitpress_summary.json", summary)
+        for f in inner.iterdir():
+            os.replace(f, tmp / f.name)
+        inner.rmdir()
 
 
 def compress_model(model, tokenizer, recipe: Recipe, out: str | os.PathLike,
@@ -60,8 +169,9 @@ def compress_model(model, tokenizer, recipe: Recipe, out: str | os.PathLike,
                    dtype: Optional[torch.dtype] = torch.float16,
                    source: Optional[str] = None) -> dict[str, Any]:
     """Compress an already loaded float model **in place** and save it to ``out``."""
-    if recipe.method not in METHODS:
-        raise ConfigError(f"unknown method {recipe.method!r}; available: {', '.join(METHODS)}")
+    if recipe.method != "rtn":
+        raise ConfigError(f"compress_model runs only the data-free method 'rtn'; use "
+                          f"compress() for {recipe.method!r}")
     targets = [n for n, _ in target_linears(model, recipe)]
     if not targets:
         raise ConfigError("the recipe selects no linear layer of this model; check --targets / "

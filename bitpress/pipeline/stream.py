@@ -1,0 +1,647 @@
+"""Block-streaming compression of causal LMs made of a stack of decoder blocks.
+
+Memory: the model skeleton is built on the meta device; the tensors outside the block
+list (embeddings, final norm, head, position tables) are materialised once; then one block
+at a time is read from the lazy tensor store (safetensors shards or a memory-mapped GGUF),
+compressed, turned into packed modules and its float weights dropped. Peak memory is
+therefore about one block's float weights + the calibration activations (block inputs and
+outputs, ``2 · nsamples · seqlen · hidden · 4`` bytes) + the non-block tensors + the packed
+output so far.
+
+Everything here is architecture-generic:
+
+* :func:`find_blocks`: the decoder block list is the outermost ``nn.ModuleList`` of
+  identical modules that contain linears (preferring one whose length is the config's
+  layer count) — ``model.layers`` (Llama, Qwen2, Gemma, Mistral), ``transformer.h``
+  (GPT-2), ``gpt_neox.layers``, ``model.decoder.layers`` (OPT), … without naming any;
+* block inputs and the keyword arguments each block receives (attention mask, position
+  ids / rotary embeddings, cache position) are captured by replacing the blocks' forward
+  for one embedding pass, so per-layer differences (sliding-window masks) are kept;
+* :func:`sequential_groups`: one probe forward records the order in which the block's
+  linears are called; consecutive calls on the *same* input tensor form a group (q/k/v,
+  gate/up, GPT-2's ``c_attn`` alone, …). Groups are compressed in forward order and the
+  block is re-run (stopping at the next group's input) so that every group's Hessian
+  is measured on the outputs of the already-quantized earlier groups (true sequential).
+
+GGUF sources are streamed tensor by tensor with the ``gguf`` package's memory-mapped
+``GGUFReader``: each tensor is dequantised on demand and passed through transformers'
+own GGUF name map and tensor processor (which undoes llama.cpp's q/k row permutation),
+so a tensor read here equals the one ``from_pretrained(gguf_file=...)`` would produce —
+without converting the file or holding the whole float model.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, FormatError, SourceError
+from ..formats import QuantizedWeight, SafetensorsDir
+from ..nn.recipe import is_linear
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Raised inside a hook to end a forward pass early."""
+
+
+# ---------------------------------------------------------------------------------------
+# lazy tensor stores
+# ---------------------------------------------------------------------------------------
+class TensorStore:
+    """Lazy access to a source checkpoint's tensors under the model's state-dict names.
+
+    ``reads`` counts tensors read and ``log`` lists their names in read order (tests use
+    them to prove that blocks are read lazily, one at a time)."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.log: list[str] = []
+
+    def __contains__(self, name: str) -> bool:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _read(self, name: str) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def shape(self, name: str) -> Optional[tuple[int, ...]]:
+        """The stored shape when known without reading the tensor."""
+        return None
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self._read(name)
+        self.reads += 1
+        self.log.append(name)
+        return t
+
+
+class SafetensorsStore(TensorStore):
+    """Tensors of an HF safetensors directory; file names may lack or add the base-model
+    prefix (``transformer.``, ``model.``) relative to the model's state-dict names."""
+
+    def __init__(self, directory: str | Path, model_keys: list[str]):
+        super().__init__()
+        self.files = SafetensorsDir(directory)
+        self._map: dict[str, str] = {}
+        for k in model_keys:
+            for cand in _name_variants(k):
+                if cand in self.files:
+                    self._map[k] = cand
+                    break
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._map
+
+    def shape(self, name: str) -> Optional[tuple[int, ...]]:
+        return tuple(self.files.shapes[self._map[name]])
+
+    def _read(self, name: str) -> torch.Tensor:
+        return self.files.get(self._map[name])
+
+
+def _name_variants(k: str) -> list[str]:
+    out = [k]
+    for pre in ("model.", "transformer."):
+        if k.startswith(pre):
+            out.append(k[len(pre):])
+        else:
+            out.append(pre + k)
+    return out
+
+
+class GGUFStore(TensorStore):
+    """Tensors of a ``.gguf`` file, memory-mapped and dequantised one at a time."""
+
+    def __init__(self, path: str | Path, skeleton: nn.Module):
+        super().__init__()
+        try:
+            from gguf import GGUFReader
+            from gguf.quants import dequantize
+            from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS,
+                                                                  TensorProcessor,
+                                                                  get_gguf_hf_weights_map)
+        except ImportError:
+            raise SourceError("reading GGUF files needs the gguf package: pip install gguf") \
+                from None
+        self._dequantize = dequantize
+        try:
+            self.reader = GGUFReader(str(path))
+        except Exception as e:  # noqa: BLE001 - gguf raises plain errors
+            raise FormatError(f"cannot read GGUF {path}: {e}") from None
+        arch_field = self.reader.fields.get("general.architecture")
+        arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else ""
+        cls = TENSOR_PROCESSORS.get(arch, TensorProcessor)
+        self.processor = cls(config=skeleton.config.to_dict())
+        try:
+            g2h = get_gguf_hf_weights_map(skeleton, self.processor)
+        except Exception as e:  # noqa: BLE001
+            raise SourceError(f"cannot map the tensors of {path} to a {arch} model: {e}") from None
+        self._tensors = {t.name: t for t in self.reader.tensors}
+        self._map = {hf: gg for gg, hf in g2h.items() if gg in self._tensors}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._map
+
+    def _read(self, name: str) -> torch.Tensor:
+        import numpy as np
+
+        t = self._tensors[self._map[name]]
+        w = self._dequantize(t.data, t.tensor_type)
+        parsed: dict[str, Any] = {"tensors": {}, "config": {}}
+        res = self.processor.process(weights=w, name=t.name, tensor_key_mapping={},
+                                     parsed_parameters=parsed)
+        if res.name is None and len(parsed["tensors"]) == 1:  # stored aside by the processor
+            return next(iter(parsed["tensors"].values())).clone()
+        return torch.from_numpy(np.ascontiguousarray(res.weights).copy())
+
+
+# ---------------------------------------------------------------------------------------
+# model skeleton and block discovery
+# ---------------------------------------------------------------------------------------
+def build_skeleton(config) -> nn.Module:
+    """The causal LM of ``config`` with every parameter on the meta device (buffers such
+    as rotary frequencies are real: they are computed, not stored)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # noqa: BLE001 - transformers raises ValueError/KeyError/...
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"unsupported architecture {getattr(config, 'model_type', '?')!r}: "
+                          f"transformers cannot build it as a causal LM ({msg})") from None
+    return model.eval()
+
+
+def _num_layers(config) -> Optional[int]:
+    for k in ("num_hidden_layers", "n_layer", "num_layers"):
+        v = getattr(config, k, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(qualified name, module list) of the decoder blocks of ``model``."""
+    cands: list[tuple[str, nn.ModuleList]] = []
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.ModuleList) or len(m) == 0:
+            continue
+        if len({type(c) for c in m}) != 1:
+            continue
+        if not any(is_linear(x) for x in m[0].modules()):
+            continue
+        cands.append((name, m))
+    # outermost only (expert lists inside a block are not the block list)
+    cands = [(n, m) for n, m in cands
+             if not any(n != o and n.startswith(o + ".") for o, _ in cands)]
+    if not cands:
+        raise ConfigError(f"unsupported architecture {type(model).__name__}: no list of "
+                          f"decoder blocks with linear layers was found")
+    nl = _num_layers(model.config)
+    exact = [c for c in cands if len(c[1]) == nl]
+    return max(exact or cands, key=lambda c: len(c[1]))
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Module]:
+    """Relative name → linear (``nn.Linear`` or GPT-2 ``Conv1D``) inside one block."""
+    return {n: m for n, m in block.named_modules() if is_linear(m)}
+
+
+def linear_weight(m: nn.Module) -> torch.Tensor:
+    """Float32 ``[out, in]`` view of a linear's weight (Conv1D stores ``[in, out]``)."""
+    w = m.weight.detach()
+    return (w.t() if type(m).__name__ == "Conv1D" else w).float()
+
+
+def set_linear_weight(m: nn.Module, w: torch.Tensor) -> None:
+    w = w.t().contiguous() if type(m).__name__ == "Conv1D" else w.contiguous()
+    m.weight.data = w.to(m.weight.dtype)
+
+
+def materialize(model: nn.Module, names: list[str], store: TensorStore,
+                dtype: torch.dtype = torch.float32) -> None:
+    """Read ``names`` (state-dict keys) from ``store`` into ``model`` (floats as ``dtype``)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    sd = model.state_dict(keep_vars=True)
+    for k in names:
+        ref = sd[k]
+        t = store.get(k)
+        if tuple(t.shape) != tuple(ref.shape):
+            raise FormatError(f"tensor {k!r} has shape {tuple(t.shape)} in the source, the "
+                              f"model expects {tuple(ref.shape)}; the weights and the config "
+                              f"do not belong together")
+        if t.is_floating_point():
+            t = t.to(dtype)
+        set_module_tensor_to_device(model, k, "cpu", value=t)
+
+
+def release(module: nn.Module) -> None:
+    """Move a module's tensors back to meta (drop the float weights)."""
+    module.to_empty(device="meta")
+
+
+# ---------------------------------------------------------------------------------------
+# capturing block inputs
+# ---------------------------------------------------------------------------------------
+@dataclass
+class BlockInputs:
+    """Calibration activations entering one block: a list of ``[b, seqlen, hidden]``
+    batches and, per block, the extra positional/keyword arguments the model passes
+    (keyed by batch size; identical for every batch of that size)."""
+    hidden: list[torch.Tensor]
+    extra: list[dict[int, tuple[tuple, dict]]]  # per block: batch size -> (args, kwargs)
+
+    def call(self, block: nn.Module, index: int, h: torch.Tensor):
+        args, kwargs = self.extra[index][h.shape[0]]
+        out = block(h, *args, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _hidden_of(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    if args:
+        return args[0], tuple(args[1:]), dict(kwargs)
+    if "hidden_states" in kwargs:
+        kw = dict(kwargs)
+        return kw.pop("hidden_states"), (), kw
+    raise ConfigError("cannot find the hidden states among the decoder block's arguments")
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor,
+                   batch_size: int, tuple_out: bool) -> BlockInputs:
+    """Run the model's embedding part on ``ids`` ``[n, seqlen]`` in batches, record the
+    first block's input and every block's extra arguments (blocks replaced by identities
+    for one batch of each size). ``tuple_out``: the blocks return tuples."""
+    hidden: list[torch.Tensor] = []
+    extra: list[dict[int, tuple[tuple, dict]]] = [dict() for _ in blocks]
+    n_blocks = len(blocks)
+    originals = [b.forward for b in blocks]
+
+    def make(i: int):
+        def fwd(*args, **kwargs):
+            h, rest, kw = _hidden_of(args, kwargs)
+            kw.pop("past_key_value", None)
+            kw.pop("past_key_values", None)
+            kw.pop("layer_past", None)
+            if "use_cache" in kw:
+                kw["use_cache"] = False
+            if i == 0:
+                hidden.append(h.detach().clone())
+            bs = h.shape[0]
+            if bs not in extra[i]:
+                extra[i][bs] = (rest, kw)
+            if i == n_blocks - 1 or (i == 0 and all(bs in e for e in extra)):
+                raise _Stop
+            return (h,) if tuple_out else h
+        return fwd
+
+    try:
+        for i, b in enumerate(blocks):
+            b.forward = make(i)
+        for s in range(0, ids.shape[0], batch_size):
+            batch = ids[s:s + batch_size]
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for b, f in zip(blocks, originals):
+            b.forward = f
+            if "forward" in b.__dict__:
+                del b.__dict__["forward"]
+    if len(hidden) != (ids.shape[0] + batch_size - 1) // batch_size:
+        raise ConfigError("the model did not call its first decoder block once per batch; "
+                          "this architecture is not supported by the streaming pipeline")
+    return BlockInputs(hidden, extra)
+
+
+# ---------------------------------------------------------------------------------------
+# Hessians and the sequential order
+# ---------------------------------------------------------------------------------------
+class Hessian:
+    """Running ``H = XᵀX / n`` of a linear's inputs (float64 accumulation)."""
+
+    def __init__(self, n_in: int):
+        self.sum = torch.zeros(n_in, n_in, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.sum += (x.T @ x).double()
+        self.n += x.shape[0]
+
+    @property
+    def H(self) -> torch.Tensor:
+        if self.n == 0:
+            raise ConfigError("no calibration inputs reached this layer")
+        return (self.sum / self.n).float()
+
+
+@torch.no_grad()
+def sequential_groups(block: nn.Module, names: list[str], run: Callable[[], Any]
+                      ) -> list[list[str]]:
+    """Groups of ``names`` (relative linear names) in forward order: one probe forward
+    (``run()``) records the call order; consecutive calls on the same input tensor form a
+    group. Linears the forward never calls come last, one group each."""
+    mods = {n: block.get_submodule(n) for n in names}
+    calls: list[tuple[str, bool]] = []
+    state: dict[str, Any] = {"last": None}
+
+    def make(n: str):
+        def hook(_m, args):
+            x = args[0] if args else None
+            calls.append((n, x is not None and x is state["last"]))
+            state["last"] = x
+        return hook
+
+    handles = [m.register_forward_pre_hook(make(n)) for n, m in mods.items()]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+        state["last"] = None
+    groups: list[list[str]] = []
+    seen: set[str] = set()
+    for n, same in calls:
+        if n in seen:
+            continue
+        seen.add(n)
+        if same and groups:
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+    groups += [[n] for n in names if n not in seen]
+    return groups
+
+
+# ---------------------------------------------------------------------------------------
+# block hook interface
+# ---------------------------------------------------------------------------------------
+@dataclass
+class BlockContext:
+    """What a block-level hook (decoupleQ / GQSA block tuning) is given.
+
+    ``block`` holds fake-quantized float linears (weights = dequantised ``qweights``);
+    ``inputs`` calls the block on one calibration batch (``inputs.call(block, index, h)``);
+    ``hidden`` are the (quantized-model) inputs of this block; ``targets`` the outputs of
+    the *float* block on the same inputs. The hook returns updated QuantizedWeights (or
+    ``None`` to keep them)."""
+    index: int
+    name: str
+    block: nn.Module
+    inputs: BlockInputs
+    hidden: list[torch.Tensor]
+    targets: list[torch.Tensor]
+    qweights: dict[str, QuantizedWeight]
+    hessians: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+BlockHook = Callable[[BlockContext], Optional[dict[str, QuantizedWeight]]]
+
+
+# ---------------------------------------------------------------------------------------
+# the driver
+# ---------------------------------------------------------------------------------------
+def _prefix_keys(keys: list[str], prefix: str) -> list[str]:
+    return [k for k in keys if k.startswith(prefix)]
+
+
+def _hessian_rel_error(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor) -> float:
+    Hd = H.double()
+    E = What.double() - W.double()
+    num = ((E @ Hd) * E).sum()
+    den = ((W.double() @ Hd) * W.double()).sum()
+    return float(num / den.clamp_min(1e-300))
+
+
+def _weight_rel_error(W: torch.Tensor, What: torch.Tensor) -> float:
+    return float((What - W).pow(2).sum() / W.pow(2).sum().clamp_min(1e-30))
+
+
+def _tensor_bytes(m: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers())
+               if t.device.type != "meta")
+
+
+@dataclass
+class StreamResult:
+    model: nn.Module
+    schemes: dict[str, dict[str, Any]]
+    errors: dict[str, float]
+    error_metric: str
+    groups: list[list[str]]
+    memory: dict[str, int]
+    seconds_quantize: float
+    reads_per_block: list[int]
+
+
+def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callable[
+        [str, torch.Tensor, Optional[torch.Tensor]], QuantizedWeight],
+        calib_ids: Optional[torch.Tensor] = None, batch_size: int = 8,
+        block_hook: Optional[BlockHook] = None, progress: bool = True,
+        solver_threads: Optional[int] = 1) -> StreamResult:
+    """Compress the meta-device ``model`` block by block from ``store``.
+
+    ``solve(name, W, H)`` returns the QuantizedWeight of one linear (``H`` is ``None``
+    without calibration). Returns the model with packed modules in every block and all
+    other tensors materialised, ready for :func:`bitpress.pipeline.checkpoint.save`.
+
+    ``solver_threads``: torch threads while a pass solves one matrix (default 1: GPTQ's
+    column loop is thousands of tiny ops, which run faster without OpenMP barriers,
+    especially on a shared machine); the block forwards use the process setting."""
+    from tqdm.auto import tqdm
+
+    from ..nn.recipe import packed_module, set_submodule
+
+    blocks_name, blocks = find_blocks(model)
+    sd = model.state_dict(keep_vars=True)
+    keys = list(sd)
+    block_prefix = blocks_name + "."
+    tie = bool(getattr(model.config, "tie_word_embeddings", False))
+    missing = [k for k in keys if sd[k].device.type == "meta" and k not in store
+               and not (tie and k.endswith("lm_head.weight"))]
+    if missing:
+        raise FormatError(f"the source has no tensor for {', '.join(missing[:3])}"
+                          + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+                          + "; the weights and the config do not belong together")
+    for k in keys:  # shapes from the headers: a mismatch fails before any long work
+        shp = store.shape(k) if k in store else None
+        if shp is not None and tuple(shp) != tuple(sd[k].shape):
+            raise FormatError(f"tensor {k!r} has shape {tuple(shp)} in the source, the model "
+                              f"in config.json expects {tuple(sd[k].shape)}; the weights and "
+                              f"the config do not belong together")
+    outer = [k for k in keys if not k.startswith(block_prefix) and sd[k].device.type == "meta"
+             and k in store]
+    materialize(model, outer, store)
+    if tie and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    left = [n for n, t in model.state_dict(keep_vars=True).items()
+            if not n.startswith(block_prefix) and t.device.type == "meta"]
+    if left:
+        raise FormatError(f"tensors {left[:3]} could not be read from the source")
+    memory = {"nonblock_bytes": _tensor_bytes(model), "block_float_bytes": 0,
+              "activation_bytes": 0}
+
+    targets_by_block = []
+    for i, b in enumerate(blocks):
+        pre = f"{blocks_name}.{i}."
+        targets_by_block.append([n for n in block_linears(b) if recipe.matches(pre + n)])
+    if not any(targets_by_block):
+        raise ConfigError("the recipe selects no linear layer inside the decoder blocks; check "
+                          "--targets / --ignore")
+
+    schemes: dict[str, dict[str, Any]] = {}
+    errors: dict[str, float] = {}
+    all_groups: list[list[str]] = []
+    reads_per_block: list[int] = []
+    t0 = time.time()
+    inputs: Optional[BlockInputs] = None
+    bar = tqdm(total=len(blocks), desc=f"{recipe.method} W{recipe.bits}", unit="block",
+               disable=not progress)
+    for i, block in enumerate(blocks):
+        tb = time.time()
+        pre = f"{blocks_name}.{i}."
+        r0 = store.reads
+        materialize(model, _prefix_keys(keys, pre), store)
+        reads_per_block.append(store.reads - r0)
+        memory["block_float_bytes"] = max(memory["block_float_bytes"], _tensor_bytes(block))
+        names = targets_by_block[i]
+        qweights: dict[str, QuantizedWeight] = {}
+        hessians: dict[str, torch.Tensor] = {}
+        if calib_ids is not None and inputs is None:
+            inputs = _first_inputs(model, blocks, calib_ids, batch_size)
+            memory["activation_bytes"] = sum(h.numel() * h.element_size()
+                                              for h in inputs.hidden)
+        if inputs is None:
+            for n in names:
+                m = block.get_submodule(n)
+                W = linear_weight(m)
+                qw = solve(pre + n, W, None)
+                errors[pre + n] = _weight_rel_error(W, qw.dequantize())
+                qweights[n] = qw
+        else:
+            hid = inputs.hidden
+            with torch.no_grad():
+                targets = [inputs.call(block, i, h) for h in hid] if block_hook else []
+                groups = sequential_groups(block, names, lambda: inputs.call(block, i, hid[0]))
+                if i == 0:
+                    all_groups = groups
+                for group in groups:
+                    H = _group_hessian(block, group[0], lambda h: inputs.call(block, i, h), hid)
+                    for n in group:
+                        m = block.get_submodule(n)
+                        W = linear_weight(m)
+                        if H is None:
+                            log.warning("%s is never called on calibration data; quantizing "
+                                        "it without a Hessian", pre + n)
+                        with _threads(solver_threads):
+                            qw = solve(pre + n, W, H)
+                        What = qw.dequantize()
+                        errors[pre + n] = (_hessian_rel_error(W, What, H) if H is not None
+                                           else _weight_rel_error(W, What))
+                        set_linear_weight(m, What)
+                        qweights[n] = qw
+                        if H is not None:
+                            hessians[n] = H
+                if block_hook is not None:
+                    ctx = BlockContext(i, pre[:-1], block, inputs, hid, targets, qweights,
+                                       hessians)
+                    new = block_hook(ctx)
+                    if new:
+                        qweights.update(new)
+                        for n, qw in new.items():
+                            set_linear_weight(block.get_submodule(n), qw.dequantize())
+                    del targets, ctx
+                for j, h in enumerate(hid):  # the quantized block's outputs feed the next
+                    hid[j] = inputs.call(block, i, h)
+        for n in names:
+            m = block.get_submodule(n)
+            bias = m.bias.detach().float() if getattr(m, "bias", None) is not None else None
+            new_m = packed_module(qweights[n], bias, recipe.torch_param_dtype)
+            set_submodule(block, n, new_m)
+            schemes[pre + n] = new_m.scheme()
+        # anything float left in the block but the small tensors (norms) is dropped
+        del qweights, hessians
+        short = " ".join(f"{n.rsplit('.', 1)[-1]} {errors[pre + n]:.1e}" for n in names)
+        bar.set_postfix_str(f"{short} | {time.time() - tb:.1f}s")
+        log.info("block %d: %s (%.1f s)", i, short, time.time() - tb)
+        bar.update(1)
+    bar.close()
+    return StreamResult(model, schemes, errors, "hessian" if calib_ids is not None else "weight",
+                        all_groups, memory, time.time() - t0, reads_per_block)
+
+
+class _threads:
+    """Temporarily set torch's intra-op thread count (``None``: unchanged)."""
+
+    def __init__(self, n: Optional[int]):
+        self.n, self.old = n, torch.get_num_threads()
+
+    def __enter__(self):
+        if self.n:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        if self.n:
+            torch.set_num_threads(self.old)
+
+
+def _first_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor,
+                  batch_size: int) -> BlockInputs:
+    """Probe whether blocks return tuples (block 0 must be materialised), then capture."""
+    probe: dict[str, Any] = {}
+
+    def pre(_m, args, kwargs):
+        probe["in"] = _hidden_of(args, kwargs)
+        raise _Stop
+
+    h = blocks[0].register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids[:1], use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    if "in" not in probe:
+        raise ConfigError("the model never called its first decoder block; this architecture "
+                          "is not supported by the streaming pipeline")
+    x, rest, kw = probe["in"]
+    kw = {k: v for k, v in kw.items() if k not in ("past_key_value", "past_key_values",
+                                                    "layer_past")}
+    with torch.no_grad():
+        out = blocks[0](x, *rest, **kw)
+    return capture_inputs(model, blocks, ids, batch_size, isinstance(out, (tuple, list)))
+
+
+def _group_hessian(block: nn.Module, first: str, call: Callable[[torch.Tensor], Any],
+                   hid: list[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Run the block on every batch up to ``first``'s input, accumulating its Hessian."""
+    m = block.get_submodule(first)
+    n_in = linear_weight(m).shape[1]
+    acc = Hessian(n_in)
+
+    def hook(_m, args):
+        acc.add(args[0])
+        raise _Stop
+
+    handle = m.register_forward_pre_hook(hook)
+    try:
+        for h in hid:
+            try:
+                call(h)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return acc.H if acc.n else None
