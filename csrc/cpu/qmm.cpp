@@ -250,9 +250,9 @@ void prepare_act(ActBuf& ab, const float* x, int64_t M, int64_t in, int64_t seg,
         const float dd = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
         int8_t* qr = ab.q.data() + m * a.stride;
         int32_t qsum = 0;
-        for (int64_t k = k0; k < k1; ++k) {
-          const int v = int(std::nearbyint(xr[k] * id));
-          const int8_t qv = int8_t(std::max(-127, std::min(127, v)));
+        for (int64_t k = k0; k < k1; ++k) {  // round half away from zero; |x*id| <= 127
+          const float v = xr[k] * id;
+          const int8_t qv = int8_t(int(v + (v >= 0.f ? 0.5f : -0.5f)));
           qr[k] = qv;
           qsum += qv;
         }
