@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPTQ: quantize columns by decreasing Hessian diagonal, static groups "
                         "(default on)")
     k.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
-                   help="GPTQ: H-weighted search of each group's clipping range (default on)")
+                   help="GPTQ: H-weighted search of each group's clipping range (default: on at "
+                        "<= 3 bits)")
     k.add_argument("--damp", type=float, default=None,
                    help="GPTQ: damping, relative to the mean Hessian diagonal (default 0.01)")
 
