@@ -33,13 +33,20 @@ def grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def minmax_params(w: torch.Tensor, bits: int, group_size: int, sym: bool = False,
-                  clip: float = 1.0, param_dtype: Optional[torch.dtype] = torch.float16
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  clip: float = 1.0, param_dtype: Optional[torch.dtype] = torch.float16,
+                  align_zero: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Min/max grid parameters per group: returns ``scale, zero`` float32 ``[out, n_groups]``.
 
     Asymmetric: the grid ``s*q + z`` spans ``[min, max]`` (shrunk by ``clip``); symmetric:
     ``z = 0`` and ``s = max|w| / 2^(b-1)``. Parameters are rounded to ``param_dtype`` (the
     on-disk dtype) so that codes chosen against them are exact for the stored model.
+
+    ``align_zero`` (default) shifts an asymmetric grid by less than half a step so that 0 is
+    a grid point (``z`` a multiple of ``s``, i.e. an integer zero point). That costs a little
+    mean-squared weight error but removes the systematic per-group bias that near-zero
+    weights otherwise get, which the network's non-zero-mean activations amplify: on
+    SmolLM2-135M RTN W4 g128 it takes WikiText-2 perplexity (512-token windows) from 40.7 to
+    32.1 (float 25.5).
     """
     qmin, qmax = qrange(bits)
     g = grouped(w.float(), group_size)
@@ -53,6 +60,10 @@ def minmax_params(w: torch.Tensor, bits: int, group_size: int, sym: bool = False
         lo, hi = torch.minimum(lo, hi), torch.maximum(lo, hi)
         scale = (hi - lo) / (qmax - qmin)
         zero = lo - scale * qmin
+        if align_zero:
+            if param_dtype is not None:
+                scale = scale.to(param_dtype).float()
+            zero = scale * torch.round(zero / scale.clamp_min(1e-30))
     # a constant group: any positive scale represents it exactly through the zero point
     tiny = torch.finfo(torch.float16).tiny if param_dtype == torch.float16 else 1e-12
     scale = torch.where(scale > tiny, scale, torch.full_like(scale, max(tiny, 1e-8)))
