@@ -506,6 +506,7 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
     reads_per_block: list[int] = []
     t0 = time.time()
     inputs: Optional[BlockInputs] = None
+    order_cache: dict[tuple, list[list[str]]] = {}
     bar = tqdm(total=len(blocks), desc=f"{recipe.method} W{recipe.bits}", unit="block",
                disable=not progress)
     for i, block in enumerate(blocks):
@@ -533,7 +534,13 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
             hid = inputs.hidden
             with torch.no_grad():
                 targets = [inputs.call(block, i, h) for h in hid] if block_hook else []
-                groups = sequential_groups(block, names, lambda: inputs.call(block, i, hid[0]))
+                # blocks of one class with the same targets call their linears in the same
+                # order: probe once per (class, targets), not once per block
+                key = (type(block), tuple(names))
+                if key not in order_cache:
+                    order_cache[key] = sequential_groups(
+                        block, names, lambda: inputs.call(block, i, hid[0]))
+                groups = order_cache[key]
                 if i == 0:
                     all_groups = groups
                 for group in groups:
