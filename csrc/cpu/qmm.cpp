@@ -330,7 +330,7 @@ void sparse_tile_scalar(const SparseGeom& g, const Act& a, const uint8_t* tp, fl
           f += float(get_dense_code(cp, g.bits, g.gs, l, k)) * x[k];
         t = f - a.b[idx];
       }
-      ylocal[m * g.out + rows[l]] += s * t + z * a.xs[idx];
+      ylocal[int64_t(rows[l]) * a.M + m] += s * t + z * a.xs[idx];
     }
   }
 }
@@ -383,8 +383,8 @@ void sparse_qmm(uintptr_t tiles, int64_t ntiles, int64_t out, int64_t in, int bi
   // whatever rows they belong to, and sums into private rows; the partial outputs are added.
   int nt = int(std::min<int64_t>(clamp_threads(nthreads),
                                  std::max<int64_t>(1, std::min(ntiles, M * ntiles * 8 * gs / g_min_work))));
-  std::vector<float> extra(size_t(nt > 1 ? (nt - 1) * M * out : 0), 0.f);
-  std::memset(yp, 0, size_t(M * out) * sizeof(float));
+  // per-thread partial outputs, [out][M] (a tile adds MB contiguous values per row)
+  std::vector<float> part(size_t(nt * M * out), 0.f);
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(nt)
 #endif
@@ -395,7 +395,7 @@ void sparse_qmm(uintptr_t tiles, int64_t ntiles, int64_t out, int64_t in, int bi
     const int t = 0;
 #endif
     const int64_t t0 = ntiles * t / nt, t1 = ntiles * (t + 1) / nt;
-    float* yl = t == 0 ? yp : extra.data() + (t - 1) * M * out;
+    float* yl = part.data() + t * M * out;
 #if defined(__x86_64__) || defined(_M_X64)
     if (isa == ISA_AVX2)
       bitpress_cpu::sparse_tiles_avx2(g, a, tp, t0, t1, yl);
@@ -403,13 +403,14 @@ void sparse_qmm(uintptr_t tiles, int64_t ntiles, int64_t out, int64_t in, int bi
 #endif
       for (int64_t i = t0; i < t1; ++i) sparse_tile_scalar(g, a, tp + i * g.tile_bytes, yl);
   }
-  for (int t = 1; t < nt; ++t) {
-    const float* e = extra.data() + (t - 1) * M * out;
-    for (int64_t i = 0; i < M * out; ++i) yp[i] += e[i];
+  for (int64_t r = 0; r < out; ++r) {
+    const float bb = bp ? bp[r] : 0.f;
+    for (int64_t m = 0; m < M; ++m) {
+      float v = bb;
+      for (int t = 0; t < nt; ++t) v += part[size_t(t * M * out + r * M + m)];
+      yp[m * out + r] = v;
+    }
   }
-  if (bp)
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t r = 0; r < out; ++r) yp[m * out + r] += bp[r];
 }
 
 py::dict dense_geometry(int64_t out, int64_t in, int bits, int64_t gs, int pkind) {

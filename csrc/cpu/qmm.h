@@ -174,7 +174,7 @@ inline SparseGeom make_sparse_geom(int64_t out, int64_t in, int bits, int64_t gs
 namespace bitpress_cpu {
 void dense_tile_avx2(const DenseGeom& g, const Act& a, const uint8_t* tile_ptr, int64_t tile,
                      float* y, const float* bias);
-// Column tiles t0..t1 accumulated into ylocal[M][out] (which the caller zeroes).
+// Column tiles t0..t1 accumulated into ylocal[out][M] (which the caller zeroes).
 void sparse_tiles_avx2(const SparseGeom& g, const Act& a, const uint8_t* tiles, int64_t t0,
                        int64_t t1, float* ylocal);
 }  // namespace bitpress_cpu

@@ -251,14 +251,33 @@ void sparse_tile_mb(const SparseGeom& g, const Act& a, const uint8_t* tp, int64_
     for (int i = 0; i < MB; ++i)
       t[i] = _mm256_sub_ps(facc[i], _mm256_set1_ps(a.b[(m0 + i) * a.nseg + col]));
   }
+  __m256 yv[MB];
   for (int i = 0; i < MB; ++i) {
     const int64_t idx = (m0 + i) * a.nseg + col;
-    const __m256 yv = _mm256_fmadd_ps(z8, _mm256_set1_ps(a.xs[idx]), _mm256_mul_ps(s8, t[i]));
-    alignas(32) float tmp[8];
-    _mm256_store_ps(tmp, yv);
-    float* yr = ylocal + (m0 + i) * g.out;
-    for (int l = 0; l < 8; ++l)
-      if (rows[l] >= 0) yr[rows[l]] += tmp[l];
+    yv[i] = _mm256_fmadd_ps(z8, _mm256_set1_ps(a.xs[idx]), _mm256_mul_ps(s8, t[i]));
+  }
+  // ylocal is [out][M]: lane l adds its MB values to row rows[l], activation rows m0..
+  if constexpr (MB == 4) {
+    __m128 lo[4], hi[4];
+    for (int i = 0; i < 4; ++i) {
+      lo[i] = _mm256_castps256_ps128(yv[i]);
+      hi[i] = _mm256_extractf128_ps(yv[i], 1);
+    }
+    _MM_TRANSPOSE4_PS(lo[0], lo[1], lo[2], lo[3]);
+    _MM_TRANSPOSE4_PS(hi[0], hi[1], hi[2], hi[3]);
+    for (int l = 0; l < 8; ++l) {
+      if (rows[l] < 0) continue;
+      float* yr = ylocal + int64_t(rows[l]) * a.M + m0;
+      _mm_storeu_ps(yr, _mm_add_ps(_mm_loadu_ps(yr), l < 4 ? lo[l] : hi[l - 4]));
+    }
+  } else {
+    alignas(32) float tmp[MB][8];
+    for (int i = 0; i < MB; ++i) _mm256_store_ps(tmp[i], yv[i]);
+    for (int l = 0; l < 8; ++l) {
+      if (rows[l] < 0) continue;
+      float* yr = ylocal + int64_t(rows[l]) * a.M + m0;
+      for (int i = 0; i < MB; ++i) yr[i] += tmp[i][l];
+    }
   }
 }
 
