@@ -10,12 +10,15 @@ import torch
 from ..formats import QuantizedWeight
 from .gptq import (HessianFactor, NumericalError, gptq, gptq_round_fixed_grid, hessian_loss,
                    prepare_hessian)
+from .decoupleq import (DecoupleQReport, box_relaxed_codes, decoupleq, decoupleq_solve,
+                        least_squares_params)
 from .rtn import rtn
 from .spec import QuantSpec
 
 PassFn = Callable[[torch.Tensor, Optional[torch.Tensor], QuantSpec], QuantizedWeight]
 
-PASSES: dict[str, PassFn] = {"rtn": rtn, "gptq": gptq}
+PASSES: dict[str, PassFn] = {"rtn": rtn, "gptq": gptq, "decoupleq": decoupleq}
 
 __all__ = ["QuantSpec", "rtn", "gptq", "PASSES", "PassFn", "HessianFactor", "NumericalError",
-           "prepare_hessian", "gptq_round_fixed_grid", "hessian_loss"]
+           "prepare_hessian", "gptq_round_fixed_grid", "hessian_loss", "decoupleq",
+           "decoupleq_solve", "DecoupleQReport", "box_relaxed_codes", "least_squares_params"]
