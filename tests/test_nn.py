@@ -122,3 +122,19 @@ def test_from_quantized_any_pass():
     m = QuantLinear.from_quantized(qw, param_dtype=torch.float32)
     torch.testing.assert_close(m.dequantize(), qw.dequantize())
     del w
+
+
+def test_direct_kernel_path_equals_op_and_checks_shapes():
+    """Outside autograd the module calls the selected kernel directly; same numbers as the
+    op, forced implementations respected, wrong widths rejected."""
+    torch.manual_seed(0)
+    q = QuantLinear.from_linear(nn.Linear(200, 24), bits=4, group_size=64)
+    x = torch.randn(3, 200)
+    with torch.no_grad():
+        direct = q(x)
+    op = torch.ops.bitpress.dense_qmm(x, q.qweight, q.scales, q.zeros, q.bias, 4, 64, 200)
+    torch.testing.assert_close(direct, op)
+    with torch.no_grad(), use_impl("reference"):
+        torch.testing.assert_close(q(x), nn.functional.linear(x, q.dequantize(), q.bias))
+    with pytest.raises(RuntimeError, match="expected 200"):
+        q(torch.randn(3, 199))
