@@ -54,9 +54,10 @@ dict per stage: ``{"stage": "init" | "iter", "iter": k, "loss_before", "loss_aft
 
 ``spec.options``: ``iters`` (4), ``int_step`` (``"gptq"`` | ``"pgd"``), ``pgd_steps`` (50),
 ``damp`` (0.01, the GPTQ factor's relative damping; the objective itself uses ``H`` as
-given), ``block_size`` (128, GPTQ's lazy-update block), ``clip_grid`` (1.0, 0.95, …, 0.5;
-``[1.0]`` disables the search), ``row_chunk`` (rows per float-step chunk; default: chosen
-to keep each chunk's buffers near 64 MiB).
+given), ``block_size`` (64, the feedback loop's lazy-update block), ``clip_grid`` (1.0, 0.95, …,
+0.5 for group-wise, 1.0, 0.9, …, 0.6 for per-channel; ``[1.0]`` disables the search), ``row_chunk`` (rows per float-step chunk; default: chosen
+to keep each chunk's buffers near 64 MiB), ``init_ls_rtn`` (False: the RTN codes get their
+float step only on rows where RTN beats GPTQ; True: on every row).
 """
 from __future__ import annotations
 
@@ -82,10 +83,11 @@ DEFAULT_PGD_STEPS = 50
 RIDGE = 1e-10            # relative ridge of the float step (× diag of the normal matrix)
 RIDGE_RETRIES = 3        # each ×1000
 CHUNK_BYTES = 64 << 20
+COARSE_CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6)
 FEEDBACK_BLOCK = 64      # lazy-update block of the transposed feedback loop
 
 _KNOWN_OPTIONS = {"iters", "int_step", "pgd_steps", "damp", "block_size", "clip_grid",
-                  "row_chunk"}
+                  "row_chunk", "init_ls_rtn"}
 
 LogFn = Callable[[dict[str, Any]], None]
 
@@ -131,7 +133,15 @@ def _options(spec: QuantSpec) -> dict[str, Any]:
     damp = opts.get("damp", DEFAULT_DAMP)
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0:
         raise ConfigError(f"decoupleQ option 'damp' must be a non-negative number, got {damp!r}")
-    grid = opts.get("clip_grid", DEFAULT_CLIP_GRID)
+    init_ls_rtn = opts.get("init_ls_rtn", False)
+    if not isinstance(init_ls_rtn, bool):
+        raise ConfigError(f"decoupleQ option 'init_ls_rtn' must be true or false, got "
+                          f"{init_ls_rtn!r}")
+    grid = opts.get("clip_grid", None)
+    if grid is None:      # resolved per layer (finer for group-wise, coarser per-channel)
+        return {"iters": iters, "int_step": int_step, "pgd_steps": pgd_steps,
+                "damp": float(damp), "block_size": block_size, "clip_grid": None,
+                "row_chunk": row_chunk, "init_ls_rtn": init_ls_rtn}
     try:
         grid = tuple(float(c) for c in grid)
     except (TypeError, ValueError):
@@ -141,7 +151,8 @@ def _options(spec: QuantSpec) -> dict[str, Any]:
         raise ConfigError(f"decoupleQ option 'clip_grid' must be non-empty with factors in "
                           f"(0, 1], got {grid!r}")
     return {"iters": iters, "int_step": int_step, "pgd_steps": pgd_steps, "damp": float(damp),
-            "block_size": block_size, "clip_grid": grid, "row_chunk": row_chunk}
+            "block_size": block_size, "clip_grid": grid, "row_chunk": row_chunk,
+            "init_ls_rtn": init_ls_rtn}
 
 
 # ---------------------------------------------------------------------------------------
@@ -549,7 +560,12 @@ def decoupleq_solve(W: torch.Tensor, H: Optional[torch.Tensor], spec: QuantSpec,
 
     # ---- initialisation -----------------------------------------------------------------
     t0 = time.perf_counter()
-    s0, z0 = _clip_search_grid(Wz, P, bits, sym, pdt, opts["clip_grid"])
+    grid = opts["clip_grid"]
+    if grid is None:
+        # per-channel rows: every candidate costs a full [out, in] × [in, in] product, so
+        # the default grid is coarser there (the float step refits s, z anyway)
+        grid = DEFAULT_CLIP_GRID if G > 1 else COARSE_CLIP_GRID
+    s0, z0 = _clip_search_grid(Wz, P, bits, sym, pdt, grid)
     sx, zx = _expand(s0, gs, n), _expand(z0, gs, n)
     q_rtn = torch.clamp(torch.round((Wz - zx) / sx), qmin, qmax).to(torch.int8)
     q_gptq = feedback_round_t(Wz, factor, s0, z0, bits, group_arg,
@@ -565,7 +581,7 @@ def decoupleq_solve(W: torch.Tensor, H: Optional[torch.Tensor], spec: QuantSpec,
     Q, S, Z, L = q_gptq.clone(), s0d.clone(), z0d.clone(), l_gptq.clone()
     better = lg_ls < L
     Q[better], S[better], Z[better], L[better] = qg[better], sg[better], zg[better], lg_ls[better]
-    ridx = (l_rtn < l_gptq).nonzero().squeeze(1)
+    ridx = rows if opts["init_ls_rtn"] else (l_rtn < l_gptq).nonzero().squeeze(1)
     init_exact = l_gptq.clone()
     if ridx.numel():
         qr, sr, zr, lr_ls, lr = P.float_step(q_rtn[ridx], ridx, s0d[ridx], z0d[ridx])
