@@ -1,0 +1,124 @@
+"""Joint prune + quantize error-feedback sweep (the SparseGPT/GPTQ loop with a mask).
+
+One loop serves GQSA (group masks), the 2:4 baseline and the unstructured baseline: the
+caller supplies ``select(i1, i2, Wb, Ub)`` which decides, when column block ``[i1, i2)`` is
+reached, which of its weights are kept (bool ``[i2 - i1, out]``, transposed layout). Then,
+group by group (``gs`` columns), the grid ``s, z`` of every row is fitted to the row's *kept*,
+error-updated weights (min/max through :func:`bitpress.formats.minmax_params`, optionally an
+H-aware clip search) and the columns are processed one at a time: a kept weight is rounded
+onto the grid, a pruned one is set to 0, and the error is spread over the columns not yet
+processed with the inverse-Cholesky factor (``W[:, later] -= err · U[i, later] / U[i, i]``),
+lazily per block as GPTQ does.
+
+The weight is worked transposed (``[in, out]``) so per-column reads and rank-1 updates touch
+contiguous memory. ``factor=None`` switches compensation off (the same mask and grids, plain
+masked round-to-nearest): the ablation of the error feedback.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..formats import effective_group_size, minmax_params, num_groups, qrange
+from ..quant import HessianFactor
+
+# select(i1, i2, Wb [cnt, out] updated weights (transposed), Ub [cnt, cnt] or None) -> keep
+SelectFn = Callable[[int, int, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+def _masked_params(Wg: torch.Tensor, keep: torch.Tensor, bits: int, sym: bool,
+                   param_dtype: Optional[torch.dtype], clip: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max grid of each row's kept entries: ``Wg``, ``keep`` ``[out, glen]`` → ``[out]``."""
+    any_kept = keep.any(1, keepdim=True)
+    Wm = torch.where(keep, Wg, torch.full_like(Wg, float("nan")))
+    Wm = torch.where(any_kept, Wm, torch.zeros_like(Wg))  # fully pruned rows: a dummy grid
+    s, z = minmax_params(Wm, bits, -1, sym=sym, clip=clip, param_dtype=param_dtype)
+    return s[:, 0], z[:, 0]
+
+
+def _group_params(Wg: torch.Tensor, keep: torch.Tensor, Ug: Optional[torch.Tensor], bits: int,
+                  sym: bool, param_dtype: Optional[torch.dtype],
+                  clip_grid: Optional[Sequence[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid of one group for every row; with ``clip_grid`` each row keeps the shrink factor
+    whose rounding error of the kept entries is smallest in the metric ``‖e U_GG⁻¹‖²`` (the
+    error left after the later columns compensate optimally), or plain squared error when
+    there is no compensation."""
+    if not clip_grid:
+        return _masked_params(Wg, keep, bits, sym, param_dtype, 1.0)
+    qmin, qmax = qrange(bits)
+    kf = keep.to(Wg.dtype)
+    best = None
+    for c in clip_grid:
+        s, z = _masked_params(Wg, keep, bits, sym, param_dtype, float(c))
+        q = torch.clamp(torch.round((Wg - z[:, None]) / s[:, None]), qmin, qmax)
+        E = (q * s[:, None] + z[:, None] - Wg) * kf
+        if Ug is not None:
+            loss = torch.linalg.solve_triangular(Ug, E, upper=True, left=False).pow(2).sum(1)
+        else:
+            loss = E.pow(2).sum(1)
+        if best is None:
+            best = [loss, s, z]
+        else:
+            better = loss < best[0]
+            best = [torch.where(better, a, b) for a, b in zip((loss, s, z), best)]
+    assert best is not None
+    return best[1], best[2]
+
+
+def prune_quantize_sweep(W: torch.Tensor, factor: Optional[HessianFactor], select: SelectFn,
+                         bits: int, group_size: int, *, sym: bool = False,
+                         param_dtype: Optional[torch.dtype] = torch.float16,
+                         clip_grid: Optional[Sequence[float]] = None, block_size: int = 128
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the joint sweep. ``W`` float ``[out, in]`` (not modified); ``factor`` from
+    :func:`bitpress.quant.prepare_hessian` without a permutation (natural order), or ``None``
+    for no compensation. Blocks are rounded to whole groups.
+
+    Returns ``(codes int8 [out, in], scale [out, G], zero [out, G], keep bool [out, in])``:
+    codes are 0 at pruned positions; ``scale``/``zero`` are exact in ``param_dtype``.
+    """
+    out, n = W.shape
+    gs = effective_group_size(group_size, n)
+    G = num_groups(group_size, n)
+    dev = W.device
+    qmin, qmax = qrange(bits)
+    Wt = W.detach().to(torch.float32).T.contiguous()            # [in, out]
+    U = Ud = None
+    if factor is not None:
+        if factor.perm is not None:
+            raise ValueError("prune_quantize_sweep needs a natural-order Hessian factor")
+        U = factor.U.to(dev)
+        Ud = U / torch.diagonal(U)[:, None]                      # row-scaled U[i, :] / U[i, i]
+        Wt[factor.dead.to(dev)] = 0.0
+    codes = torch.zeros(n, out, dtype=torch.float32, device=dev)
+    keep_t = torch.zeros(n, out, dtype=torch.bool, device=dev)
+    scale = torch.empty(G, out, dtype=torch.float32, device=dev)
+    zero = torch.empty(G, out, dtype=torch.float32, device=dev)
+    bsz = max(gs, (block_size // gs) * gs)
+    for i1 in range(0, n, bsz):
+        i2 = min(i1 + bsz, n)
+        cnt = i2 - i1
+        kb = select(i1, i2, Wt[i1:i2], None if U is None else U[i1:i2, i1:i2])
+        keep_t[i1:i2] = kb
+        E = torch.empty(cnt, out, dtype=torch.float32, device=dev)
+        for k0 in range(i1, i2, gs):
+            k1 = min(k0 + gs, i2)
+            g = k0 // gs
+            kg = kb[k0 - i1:k1 - i1]
+            s, z = _group_params(Wt[k0:k1].T, kg.T, None if U is None else U[k0:k1, k0:k1],
+                                 bits, sym, param_dtype, clip_grid)
+            scale[g], zero[g] = s, z
+            for i in range(k0, k1):
+                w = Wt[i]
+                kf = kb[i - i1].to(torch.float32)
+                q = torch.clamp(torch.round((w - z) / s), qmin, qmax).mul_(kf)
+                codes[i] = q
+                e = torch.sub(w, (q * s + z).mul_(kf), out=E[i - i1])
+                if Ud is not None and i + 1 < i2:
+                    Wt[i + 1:i2].addr_(Ud[i, i + 1:i2], e, alpha=-1.0)
+        if Ud is not None and i2 < n:
+            Wt[i2:].addmm_(Ud[i1:i2, i2:].T, E, alpha=-1.0)
+    return (codes.T.to(torch.int8).contiguous(), scale.T.contiguous(), zero.T.contiguous(),
+            keep_t.T.contiguous())
