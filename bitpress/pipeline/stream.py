@@ -244,11 +244,6 @@ def materialize(model: nn.Module, names: list[str], store: TensorStore,
         set_module_tensor_to_device(model, k, "cpu", value=t)
 
 
-def release(module: nn.Module) -> None:
-    """Move a module's tensors back to meta (drop the float weights)."""
-    module.to_empty(device="meta")
-
-
 # ---------------------------------------------------------------------------------------
 # capturing block inputs
 # ---------------------------------------------------------------------------------------
