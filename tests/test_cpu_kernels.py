@@ -5,6 +5,8 @@ Tolerances (per output, ``mag = |W| @ |x|`` the magnitude of the dot product):
 * ``exact`` mode: ``|y - ref| <= 2e-5 * mag`` (fp32 summation order only);
 * ``int8`` mode: ``|y - ref| <= int8_error_bound + 2e-5 * mag`` (the documented bound:
   activations move by at most half an int8 step of their segment);
+* ``lut`` mode (2-bit, AVX2): ``|y - ref| <= lut_error_bound + 2e-5 * mag`` (each int8
+  table entry is off by at most half a table step; under the scalar ISA lut runs int8);
 * bf16 activations: plus half a bf16 ulp of the output (``2^-8 |ref|``), since both sides
   round the fp32 result to bf16.
 
@@ -218,7 +220,7 @@ def test_op_dispatch_selects_native_and_modes():
 
 
 def test_act_mode_switch_and_isa_errors():
-    assert cpu.get_act_mode() in ("int8", "exact")
+    assert cpu.get_act_mode() in ("lut", "int8", "exact")
     prev = cpu.get_act_mode()
     try:
         cpu.set_act_mode("exact")
@@ -261,3 +263,84 @@ def test_int8_error_is_small_in_practice():
     rel = ((y - ref).norm() / ref.norm()).item()
     rel_w = ((x @ w.t() - ref).norm() / ref.norm()).item()
     assert rel < 1e-2 and rel < rel_w / 5
+
+
+# ---- 2-bit lookup-table kernel (mode "lut": AVX2 only; elsewhere it runs int8) -------------
+LUT_SHAPES = [(1, 16, 16), (37, 100, 32), (24, 200, -1), (40, 600, -1), (33, 80, 48),
+              (19, 272, 256), (72, 1040, 208), (130, 1000, 64)]
+
+
+def _lut_case(qw, gs_eff, x, bias, param_dtype=torch.float16):
+    p = qw.pack_dense(param_dtype)
+    inf = qw.in_features
+    args = (x, p["qweight"], p["scales"], p["zeros"], bias, 2, gs_eff, inf)
+    ref = reference.dense_qmm_ref(*args)
+    y = cpu.dense_qmm_cpu(*args, mode="lut")
+    w = reference.dense_weight(p["qweight"], p["scales"], p["zeros"], 2, gs_eff, inf)
+    mag = x.float().abs() @ w.abs().t()
+    sc = p["scales"].float()
+    if cpu.get_isa() == "avx2":
+        bound = cpu.lut_error_bound(x, qw.codes, sc, gs_eff)
+    else:  # the scalar ISA has no lut kernel: int8 runs instead
+        bound = cpu.int8_error_bound(x, qw.codes, sc, gs_eff)
+        torch.testing.assert_close(y, cpu.dense_qmm_cpu(*args, mode="int8"), rtol=0, atol=0)
+    _check(y, ref, mag, bound, x.dtype)
+
+
+@pytest.mark.parametrize("shape", LUT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_lut_w2_matches_reference(isa, shape):
+    out, inf, gs = shape
+    qw = _weight(out, inf, 2, gs, seed=out * 5 + inf)
+    gs_eff = inf if gs == -1 else gs
+    g = torch.Generator().manual_seed(11)
+    for m in (1, 3, 6):
+        x = torch.randn(m, inf, generator=g)
+        if m == 6:
+            x[:, : inf // 3] *= 40  # segments of very different magnitude
+        _lut_case(qw, gs_eff, x, torch.randn(out, generator=g) if m == 3 else None)
+
+
+@pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float32])
+def test_lut_w2_dtypes_threads_batched_shapes(isa, param_dtype):
+    qw = _weight(45, 320, 2, 64, param_dtype=param_dtype, seed=4)
+    g = torch.Generator().manual_seed(3)
+    torch.set_num_threads(3)
+    cpu._C.qmm_set_min_work(1)
+    try:
+        for shp, dt in (((1, 1), torch.float32), ((2, 5), torch.bfloat16), ((9,), torch.float16)):
+            x = torch.randn(*shp, 320, generator=g).to(dt)
+            _lut_case(qw, 64, x, torch.randn(45, generator=g), param_dtype)
+    finally:
+        cpu._C.qmm_set_min_work(65536)
+
+
+def test_lut_modes_share_weight_and_other_bits_run_int8():
+    # both repacks of one weight live side by side in the cache; 3/4-bit "lut" is int8
+    qw = _weight(24, 256, 2, 64, seed=8)
+    p = qw.pack_dense()
+    x = torch.randn(2, 256)
+    args = (x, p["qweight"], p["scales"], p["zeros"], None, 2, 64, 256)
+    ref = reference.dense_qmm_ref(*args)
+    for mode in ("int8", "lut", "exact", "lut"):
+        assert (cpu.dense_qmm_cpu(*args, mode=mode) - ref).abs().max() < 0.1 * ref.abs().max()
+    for bits in (3, 4):
+        p4 = _weight(24, 256, bits, 64).pack_dense()
+        a4 = (x, p4["qweight"], p4["scales"], p4["zeros"], None, bits, 64, 256)
+        assert torch.equal(cpu.dense_qmm_cpu(*a4, mode="lut"), cpu.dense_qmm_cpu(*a4, mode="int8"))
+    with use_impl("cpu_lut"):
+        assert torch.equal(dense_qmm(*args), cpu.dense_qmm_cpu(*args, mode="lut"))
+
+
+def test_lut_error_is_small_in_practice():
+    if "avx2" not in ISAS:
+        pytest.skip("no AVX2: the lut kernel does not run")
+    w = torch.randn(256, 1024)
+    qw = quantize_rtn(w, 2, 64)
+    p = qw.pack_dense()
+    x = torch.randn(4, 1024)
+    args = (x, p["qweight"], p["scales"], p["zeros"], None, 2, 64, 1024)
+    ref = reference.dense_qmm_ref(*args)
+    y = cpu.dense_qmm_cpu(*args, mode="lut")
+    rel = ((y - ref).norm() / ref.norm()).item()
+    rel_w = ((x @ w.t() - ref).norm() / ref.norm()).item()
+    assert rel < 3e-2 and rel < rel_w / 10

@@ -2,22 +2,34 @@
 
 Importing this module registers, for device type ``cpu``:
 
-* ``cpu_native`` (priority 10): the default activation mode (:func:`get_act_mode`, ``int8``
-  unless changed with :func:`set_act_mode` or ``BITPRESS_CPU_ACT=exact``);
-* ``cpu_int8`` and ``cpu_exact`` (priority 5 / 4): one mode each, for ``use_impl``.
+* ``cpu_native`` (priority 10): the default activation mode (:func:`get_act_mode`, ``lut``
+  unless changed with :func:`set_act_mode` or ``BITPRESS_CPU_ACT=int8|exact``);
+* ``cpu_lut``, ``cpu_int8`` and ``cpu_exact`` (priority 6 / 5 / 4): one mode each, for
+  ``use_impl``.
 
-Both modes run the same repacked weight (8 output rows interleaved, see csrc/cpu/qmm.h;
+``int8`` and ``exact`` run the same repacked weight (8 output rows interleaved, see csrc/cpu/qmm.h;
 block-sparse weights are regrouped into tiles of 8 kept groups sharing a column group, so the
 same kernels run on them and threads split the kept groups evenly),
 built once per weight on first use and cached (keyed by the tensors' storage pointer,
-version counter and shape; dropped when the ``qweight`` tensor dies). The disk format is
-untouched.
+version counter and shape; dropped when the ``qweight`` tensor dies). ``lut`` on a 2-bit
+dense weight with the avx2 ISA uses its own repack of the same size ("lut2": bit planes of 4
+columns as 4-bit table indices), cached alongside. The disk format is untouched.
 
 Modes and their error against :func:`bitpress.kernels.reference.dense_qmm_ref`:
 
 * ``exact``: fp32 FMA over the dequantised weight; differs from the reference only by fp32
   summation order (relative error ~1e-6 of ``sum |W||x|``).
-* ``int8`` (default): the activations are quantised per segment (the weight group, or 256
+* ``lut`` (default; 2-bit dense weights on AVX2 only, every other call runs ``int8``): per
+  segment, for every 4 columns, the 16 subset sums of x are rounded to int8 with one step
+  ``dt = max|subset sum| / 127``; ``vpshufb`` gathers them with 4-bit indices formed by one
+  bit plane of 4 codes, ``vpmaddubsw`` adds plane 0 + 2 * plane 1, then the same fp32 group
+  correction. Each looked-up entry is off by at most ``dt/2`` (entry 0 is exact):
+
+      |y_lut - y_exact| <= sum_seg |scale_g| * (dt_seg / 2) * sum_{4 cols} ([idx0 != 0] + 2 [idx1 != 0])
+
+  :func:`lut_error_bound` computes it. Typical error ~1.5% of ``|y|`` on random data (int8:
+  ~0.8%), far below the 2-bit weight error; 1.3-1.5x faster than ``int8`` at 2 bits here.
+* ``int8``: the activations are quantised per segment (the weight group, or 256
   columns for per-channel weights) to int8 with scale ``d = max|x_seg| / 127``; integer
   u8 x s8 dot products, fp32 group correction, exact fp32 ``sum(x)`` for the zero points.
   Each activation moves by at most ``d/2``, so for every output
@@ -52,10 +64,11 @@ if _C is None or not hasattr(_C, "qmm_dense"):
     raise ImportError("bitpress._C with the CPU qmm kernels is not built")
 
 _PKIND = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
-_MODES = {"exact": 0, "int8": 1}
-_mode = os.environ.get("BITPRESS_CPU_ACT", "int8")
+_MODES = {"exact": 0, "int8": 1, "lut": 2}
+_mode = os.environ.get("BITPRESS_CPU_ACT", "lut")
 if _mode not in _MODES:
-    raise ValueError(f"BITPRESS_CPU_ACT must be 'int8' or 'exact', got {_mode!r}")
+    raise ValueError(f"BITPRESS_CPU_ACT must be 'lut', 'int8' or 'exact', got {_mode!r}")
+_isa = _C.qmm_get_isa()
 _lock = threading.Lock()
 _cache: dict[int, tuple] = {}
 
@@ -63,7 +76,9 @@ _cache: dict[int, tuple] = {}
 # ---- configuration ---------------------------------------------------------------------------
 def set_isa(name: str) -> None:
     """Force the kernel ISA: ``"auto"``, ``"avx2"`` or ``"scalar"`` (process-wide)."""
+    global _isa
     _C.qmm_set_isa(name)
+    _isa = _C.qmm_get_isa()
 
 
 def get_isa() -> str:
@@ -75,10 +90,11 @@ def available_isas() -> list[str]:
 
 
 def set_act_mode(mode: str) -> None:
-    """Activation mode of ``cpu_native``: ``"int8"`` (default, fast) or ``"exact"``."""
+    """Activation mode of ``cpu_native``: ``"lut"`` (default: the lookup-table kernel for
+    2-bit dense weights on AVX2, ``int8`` for everything else), ``"int8"`` or ``"exact"``."""
     global _mode
     if mode not in _MODES:
-        raise ValueError(f"activation mode must be 'int8' or 'exact', got {mode!r}")
+        raise ValueError(f"activation mode must be 'lut', 'int8' or 'exact', got {mode!r}")
     _mode = mode
 
 
@@ -112,8 +128,8 @@ def _params(scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, to
     return scales.float().contiguous(), zeros.float().contiguous(), _PKIND[torch.float32]
 
 
-def _cached(owner: torch.Tensor, sig: tuple, build):
-    key = id(owner)
+def _cached(owner: torch.Tensor, sig: tuple, build, layout: int = 0):
+    key = (id(owner), layout)
     hit = _cache.get(key)
     if hit is not None and hit[0]() is owner and hit[1] == sig:
         return hit[2]
@@ -132,7 +148,7 @@ def _drop(key: int, ref) -> None:
 
 
 def _dense_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
-                  gs: int, in_features: int) -> tuple[torch.Tensor, int]:
+                  gs: int, in_features: int, layout: int = 0) -> tuple[torch.Tensor, int]:
     sig = (_sig(qweight), _sig(scales), _sig(zeros), bits, gs, in_features)
 
     def build():
@@ -152,10 +168,10 @@ def _dense_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
                           dtype=torch.uint8)
         _C.qmm_repack_dense(qw.data_ptr(), out, qw.shape[1], in_features, bits, gs,
                             sc.data_ptr(), zr.data_ptr(), pk, buf.data_ptr(),
-                            torch.get_num_threads())
+                            torch.get_num_threads(), layout)
         return buf, pk
 
-    return _cached(qweight, sig, build)
+    return _cached(qweight, sig, build, layout)
 
 
 def _sparse_packed(row_ptr: torch.Tensor, col_idx: torch.Tensor, qvalues: torch.Tensor,
@@ -229,25 +245,24 @@ def sparse_supports(x, row_ptr, col_idx, qvalues, scales, zeros, bias, bits, gro
 
 # ---- the kernels -----------------------------------------------------------------------------
 def _prep_x(x: torch.Tensor, in_features: int) -> tuple[torch.Tensor, int]:
-    x2 = x.reshape(-1, in_features)
-    if x2.dtype != torch.float32 or not x2.is_contiguous():
-        x2 = x2.float().contiguous()
-    return x2, x2.shape[0]
+    # a contiguous fp32 x is passed as is (the kernels read it as [M, in] rows)
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.reshape(-1, in_features).float().contiguous()
+    return x, x.numel() // in_features
 
 
 def _bias(bias: Optional[torch.Tensor], out: int) -> tuple[Optional[torch.Tensor], int]:
     if bias is None:
         return None, 0
-    if bias.numel() != out or bias.device.type != "cpu":
+    if bias.numel() != out or not bias.is_cpu:
         raise ValueError(f"bias must be a CPU tensor of {out} elements, got {bias.numel()} on "
                          f"{bias.device}")
-    b = bias.reshape(-1).float().contiguous()
+    b = bias if bias.dtype == torch.float32 and bias.is_contiguous() else \
+        bias.reshape(-1).float().contiguous()
     return b, b.data_ptr()
 
 
 def _finish(y: torch.Tensor, x: torch.Tensor, out: int) -> torch.Tensor:
-    if x.dim() != 2:
-        y = y.view(*x.shape[:-1], out)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
@@ -256,16 +271,20 @@ def dense_qmm_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                   in_features: int, mode: Optional[str] = None) -> torch.Tensor:
     # the weight is validated once, when it is repacked (a cache hit implies the same
     # tensors, shapes and versions); per call only the activation side is checked
-    if x.device.type != "cpu" or x.dtype not in _PKIND or x.shape[-1] != in_features:
+    if not x.is_cpu or x.dtype not in _PKIND or x.shape[-1] != in_features:
         raise ValueError(f"dense_qmm_cpu: x must be a CPU float tensor [..., {in_features}]")
     out = qweight.shape[0]
-    packed, pk = _dense_packed(qweight, scales, zeros, bits, group_size, in_features)
+    code = _MODES[mode or _mode]
+    if code == 2 and (bits != 2 or _isa != "avx2"):
+        code = 1  # the lut kernel is 2-bit AVX2 only; elsewhere lut means int8
+    packed, pk = _dense_packed(qweight, scales, zeros, bits, group_size, in_features,
+                               1 if code == 2 else 0)
     x2, m = _prep_x(x, in_features)
-    y = torch.empty(m, out, dtype=torch.float32)
+    y = torch.empty(*x.shape[:-1], out, dtype=torch.float32)
     b, bptr = _bias(bias, out)
     if m:
         _C.qmm_dense(packed.data_ptr(), out, in_features, bits, group_size, pk, x2.data_ptr(), m,
-                     y.data_ptr(), bptr, _MODES[mode or _mode], torch.get_num_threads())
+                     y.data_ptr(), bptr, code, torch.get_num_threads())
     return _finish(y, x, out)
 
 
@@ -273,17 +292,17 @@ def sparse_qmm_cpu(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor
                    qvalues: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                    bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int,
                    mode: Optional[str] = None) -> torch.Tensor:
-    if x.device.type != "cpu" or x.dtype not in _PKIND or x.shape[-1] != in_features:
+    if not x.is_cpu or x.dtype not in _PKIND or x.shape[-1] != in_features:
         raise ValueError(f"sparse_qmm_cpu: x must be a CPU float tensor [..., {in_features}]")
     out = row_ptr.numel() - 1
     tiles, ntiles, pk = _sparse_packed(row_ptr, col_idx, qvalues, scales, zeros, bits,
                                        group_size, in_features)
     x2, m = _prep_x(x, in_features)
-    y = torch.empty(m, out, dtype=torch.float32)
+    y = torch.empty(*x.shape[:-1], out, dtype=torch.float32)
     b, bptr = _bias(bias, out)
     if m:
         _C.qmm_sparse(tiles.data_ptr(), ntiles, out, in_features, bits, group_size, pk,
-                      x2.data_ptr(), m, y.data_ptr(), bptr, _MODES[mode or _mode],
+                      x2.data_ptr(), m, y.data_ptr(), bptr, min(_MODES[mode or _mode], 1),
                       torch.get_num_threads())
     return _finish(y, x, out)
 
@@ -308,6 +327,34 @@ def int8_error_bound(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     return bound.reshape(*x.shape[:-1], codes.shape[0])
 
 
+def lut_error_bound(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                    group_size: int) -> torch.Tensor:
+    """Upper bound of ``|y_lut - y_exact|`` per output (``[..., out]``) of the 2-bit ``lut``
+    kernel, for signed 2-bit ``codes [out, in]`` and float ``scale [out, n_groups]``, at
+    effective ``group_size``; fp32 rounding not included.
+
+    Per segment the tables hold, for every 4 columns, the 16 subset sums of x rounded to
+    int8 with one step ``dt = max |subset sum| / 127`` (so each looked-up entry is off by
+    at most ``dt/2``, and entry 0 is exact). A row adds, per 4 columns, the plane-0 entry
+    plus twice the plane-1 entry, hence at most ``dt/2 * ([idx0 != 0] + 2 [idx1 != 0])``."""
+    in_features = codes.shape[1]
+    seg = group_size if group_size < in_features else min(256, (in_features + 15) // 16 * 16)
+    nseg = (in_features + seg - 1) // seg
+    pad = nseg * seg - in_features
+    x2 = x.reshape(-1, in_features).float()
+    xq = torch.nn.functional.pad(x2, (0, pad)).reshape(-1, nseg, seg // 4, 4)
+    sub = torch.maximum(xq.clamp(min=0).sum(-1), (-xq).clamp(min=0).sum(-1))  # max |entry|
+    dt = sub.amax(-1) / 127.0                                              # [M, nseg]
+    u = torch.nn.functional.pad(codes.long() + 2, (0, pad)).reshape(-1, nseg, seg // 4, 4)
+    hits = ((u & 1) != 0).any(-1).float() + 2 * ((u & 2) != 0).any(-1).float()
+    cnt = hits.sum(-1)                                                     # [out, nseg]
+    gi = (torch.arange(nseg) * seg) // group_size if group_size < in_features \
+        else torch.zeros(nseg, dtype=torch.long)
+    s = scale.float().abs()[:, gi]                                         # [out, nseg]
+    bound = (dt / 2) @ (s * cnt).t()                                       # [M, out]
+    return bound.reshape(*x.shape[:-1], codes.shape[0])
+
+
 def _native(mode: Optional[str]):
     def dense(x, qweight, scales, zeros, bias, bits, group_size, in_features):
         return dense_qmm_cpu(x, qweight, scales, zeros, bias, bits, group_size, in_features,
@@ -320,8 +367,8 @@ def _native(mode: Optional[str]):
     return dense, sparse
 
 
-for _name, _mode_arg, _prio in (("cpu_native", None, 10), ("cpu_int8", "int8", 5),
-                                ("cpu_exact", "exact", 4)):
+for _name, _mode_arg, _prio in (("cpu_native", None, 10), ("cpu_lut", "lut", 6),
+                                ("cpu_int8", "int8", 5), ("cpu_exact", "exact", 4)):
     _d, _s = _native(_mode_arg)
     register_impl("dense_qmm", "cpu", _name, _d, _prio, dense_supports)
     register_impl("sparse_qmm", "cpu", _name, _s, _prio, sparse_supports)

@@ -103,6 +103,14 @@ inline void put_dense_code(uint8_t* cp, int bits, int64_t seg, int r, int64_t k,
   }
 }
 
+// lut2 layout (qmm.h): the two bit planes of code u, row r, segment-local column k.
+inline void put_lut2_code(uint8_t* cp, int r, int64_t k, uint32_t u) {
+  const int64_t blk = k / 16;
+  const int kk = int(k % 16), c = kk / 4, j = kk % 4, lane = c & 1, nibble = c >> 1;
+  for (int p = 0; p < 2; ++p)
+    cp[blk * 32 + 16 * lane + 2 * r + p] |= uint8_t(((u >> p) & 1u) << (4 * nibble + j));
+}
+
 inline uint32_t get_dense_code(const uint8_t* cp, int bits, int64_t seg, int r, int64_t k) {
   if (bits == 2 || bits == 4) {
     const int cpd = 32 / bits;
@@ -125,9 +133,13 @@ int64_t dense_packed_bytes(int64_t out, int64_t in, int bits, int64_t gs, int pk
          make_dense_geom(out, in, bits, gs, pkind).tile_bytes;
 }
 
+// layout 0: the 8-row interleaved layout; layout 1: lut2 (2-bit only, same size)
 void repack_dense(uintptr_t qweight, int64_t out, int64_t words, int64_t in, int bits, int64_t gs,
-                  uintptr_t scales, uintptr_t zeros, int pkind, uintptr_t dst, int nthreads) {
+                  uintptr_t scales, uintptr_t zeros, int pkind, uintptr_t dst, int nthreads,
+                  int layout) {
   check_bits(bits);
+  if (layout != 0 && (layout != 1 || bits != 2))
+    throw std::invalid_argument("repack_dense: layout 1 (lut2) is for 2-bit weights only");
   if (words * (32 / bits) < in) throw std::invalid_argument("repack_dense: too few words");
   const DenseGeom g = make_dense_geom(out, in, bits, gs, pkind);
   const auto* qw = reinterpret_cast<const uint32_t*>(qweight);
@@ -155,8 +167,11 @@ void repack_dense(uintptr_t qweight, int64_t out, int64_t words, int64_t in, int
           std::memcpy(pp + (8 + r) * ps, zr + (row * g.ng + grp) * ps, ps);
         }
         const int64_t k0 = s * g.seg, k1 = std::min(in, k0 + g.seg);
-        for (int64_t k = k0; k < k1; ++k)
-          put_dense_code(cp, bits, g.seg, r, k - k0, canon_code(src, bits, k));
+        if (layout == 1)
+          for (int64_t k = k0; k < k1; ++k) put_lut2_code(cp, r, k - k0, canon_code(src, bits, k));
+        else
+          for (int64_t k = k0; k < k1; ++k)
+            put_dense_code(cp, bits, g.seg, r, k - k0, canon_code(src, bits, k));
       }
     }
   }
@@ -214,8 +229,8 @@ void repack_sparse(uintptr_t row_ptr, uintptr_t col_idx, uintptr_t qvalues, int6
 // ---- activations ----------------------------------------------------------------------------
 struct ActBuf {
   Act a;
-  std::vector<int8_t> q;
-  std::vector<float> xf, d, b, xs;
+  std::vector<int8_t> q, lut;
+  std::vector<float> xf, d, b, xs, dl;
 };
 
 void prepare_act(ActBuf& ab, const float* x, int64_t M, int64_t in, int64_t seg, int64_t nseg,
@@ -226,7 +241,11 @@ void prepare_act(ActBuf& ab, const float* x, int64_t M, int64_t in, int64_t seg,
   const float off = float(1 << (bits - 1));
   ab.xs.assign(size_t(M * nseg), 0.f);
   ab.b.assign(size_t(M * nseg), 0.f);
-  if (mode == MODE_INT8) {
+  if (mode == MODE_LUT) {
+    a.lstride = nseg * seg * 4;
+    ab.lut.resize(size_t(M * a.lstride));
+    ab.dl.resize(size_t(M * nseg));
+  } else if (mode == MODE_INT8) {
     ab.q.assign(size_t(M * a.stride), 0);
     ab.d.assign(size_t(M * nseg), 0.f);
   } else {
@@ -258,6 +277,8 @@ void prepare_act(ActBuf& ab, const float* x, int64_t M, int64_t in, int64_t seg,
         }
         ab.d[idx] = dd;
         ab.b[idx] = dd * off * float(qsum);
+      } else if (mode == MODE_LUT) {
+        ab.b[idx] = off * sum;
       } else {
         std::memcpy(ab.xf.data() + m * a.stride + k0, xr + k0, size_t(k1 - k0) * 4);
         ab.b[idx] = off * sum;
@@ -266,6 +287,11 @@ void prepare_act(ActBuf& ab, const float* x, int64_t M, int64_t in, int64_t seg,
   }
   a.q = ab.q.data(); a.xf = ab.xf.data(); a.d = ab.d.data(); a.b = ab.b.data();
   a.xs = ab.xs.data();
+#if defined(__x86_64__) || defined(_M_X64)
+  if (mode == MODE_LUT)
+    bitpress_cpu::build_lut_avx2(x, M, in, seg, nseg, ab.lut.data(), a.lstride, ab.dl.data());
+#endif
+  a.lut = ab.lut.data(); a.dl = ab.dl.data();
 }
 
 // ---- scalar kernels ---------------------------------------------------------------------------
@@ -344,6 +370,9 @@ void dense_qmm(uintptr_t packed, int64_t out, int64_t in, int bits, int64_t gs, 
   auto* yp = reinterpret_cast<float*>(y);
   const auto* bp = reinterpret_cast<const float*>(bias);
   const int isa = resolved_isa();
+  if (mode == MODE_LUT && (bits != 2 || isa != ISA_AVX2))
+    throw std::invalid_argument("qmm_dense: mode 2 (lut) needs 2-bit weights in the lut2 "
+                                "layout and the avx2 ISA");
   py::gil_scoped_release release;
   ActBuf ab;
   prepare_act(ab, reinterpret_cast<const float*>(x), M, in, g.seg, g.nseg, bits, mode, nthreads);
@@ -357,6 +386,10 @@ void dense_qmm(uintptr_t packed, int64_t out, int64_t in, int bits, int64_t gs, 
   for (int64_t t = 0; t < g.tiles; ++t) {
     const uint8_t* tp = pk + t * g.tile_bytes;
 #if defined(__x86_64__) || defined(_M_X64)
+    if (mode == MODE_LUT) {
+      bitpress_cpu::dense_tile_lut_avx2(g, a, tp, t, yp, bp);
+      continue;
+    }
     if (isa == ISA_AVX2) {
       bitpress_cpu::dense_tile_avx2(g, a, tp, t, yp, bp);
       continue;
@@ -371,6 +404,7 @@ void sparse_qmm(uintptr_t tiles, int64_t ntiles, int64_t out, int64_t in, int bi
                 int nthreads) {
   check_bits(bits);
   const SparseGeom g = make_sparse_geom(out, in, bits, gs, pkind, ntiles);
+  if (mode == MODE_LUT) mode = MODE_INT8;  // no lut kernel for sparse tiles
   const auto* tp = reinterpret_cast<const uint8_t*>(tiles);
   auto* yp = reinterpret_cast<float*>(y);
   const auto* bp = reinterpret_cast<const float*>(bias);
@@ -438,7 +472,7 @@ void bitpress_register_qmm(py::module_& m) {
   m.def("qmm_repack_dense", &repack_dense, py::arg("qweight_ptr"), py::arg("out"),
         py::arg("words"), py::arg("in_features"), py::arg("bits"), py::arg("group_size"),
         py::arg("scales_ptr"), py::arg("zeros_ptr"), py::arg("pkind"), py::arg("dst_ptr"),
-        py::arg("nthreads") = 1);
+        py::arg("nthreads") = 1, py::arg("layout") = 0);
   m.def("qmm_sparse_tile_bytes", &sparse_tile_bytes, py::arg("bits"), py::arg("group_size"),
         py::arg("pkind"));
   m.def("qmm_repack_sparse", &repack_sparse, py::arg("row_ptr_ptr"), py::arg("col_idx_ptr"),

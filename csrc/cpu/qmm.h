@@ -42,7 +42,7 @@
 
 namespace bitpress_cpu {
 enum ParamKind : int { P_F16 = 0, P_BF16 = 1, P_F32 = 2 };
-enum ActMode : int { MODE_EXACT = 0, MODE_INT8 = 1 };
+enum ActMode : int { MODE_EXACT = 0, MODE_INT8 = 1, MODE_LUT = 2 };
 
 struct DenseGeom {
   int64_t out = 0, in = 0;
@@ -75,6 +75,11 @@ struct Act {
   const float* d = nullptr;
   const float* b = nullptr;
   const float* xs = nullptr;
+  // lut mode (2-bit, AVX2): per row m, lstride bytes of int8 tables, 16 per 4 columns
+  // (entry i = sum of the columns j with bit j of i set, / dl); dl[m*nseg+s] = table step
+  const int8_t* lut = nullptr;
+  int64_t lstride = 0;
+  const float* dl = nullptr;
 };
 }  // namespace bitpress_cpu
 
@@ -170,10 +175,25 @@ inline SparseGeom make_sparse_geom(int64_t out, int64_t in, int bits, int64_t gs
 
 }  // namespace
 
+// ---- 2-bit lookup-table layout ("lut2", AVX2 only) -----------------------------------------
+// Same tiles, params and sizes as the 2-bit dense layout; only the code bytes of a segment
+// differ. A 32-byte block covers 16 columns (4-column groups c = 0..3) of the 8 rows. Byte
+// 16*L + 2*r + p (lane L = 0/1, row r, bit plane p) holds in its low nibble the plane-p
+// bits of row r's codes in column group c = L (bit j = column 4c + j) and in its high nibble
+// those of column group c = 2 + L. One vpshufb of the low nibbles against the two 16-entry
+// tables of groups 0|1 (and of the high nibbles against 2|3) gathers partial sums of the
+// activations; vpmaddubsw with (1, 2) byte weights adds the two planes of a row.
+
 // Per-ISA entry points (defined in qmm_avx2.cpp; absent when not compiled for x86).
 namespace bitpress_cpu {
 void dense_tile_avx2(const DenseGeom& g, const Act& a, const uint8_t* tile_ptr, int64_t tile,
                      float* y, const float* bias);
+// 2-bit dense tile from the lut2 layout (a.mode == MODE_LUT).
+void dense_tile_lut_avx2(const DenseGeom& g, const Act& a, const uint8_t* tile_ptr, int64_t tile,
+                         float* y, const float* bias);
+// Tables for the lut mode: x [M, in] fp32 -> lut [M][lstride] int8, dl [M * nseg].
+void build_lut_avx2(const float* x, int64_t M, int64_t in, int64_t seg, int64_t nseg,
+                    int8_t* lut, int64_t lstride, float* dl);
 // Column tiles t0..t1 accumulated into ylocal[out][M] (which the caller zeroes).
 void sparse_tiles_avx2(const SparseGeom& g, const Act& a, const uint8_t* tiles, int64_t t0,
                        int64_t t1, float* ylocal);
