@@ -6,6 +6,10 @@ try:  # CPU fast paths (need bitpress._C); without them the reference runs
     from . import cpu  # noqa: F401
 except ImportError:  # pragma: no cover
     pass
+try:  # GPU fast paths (Triton, CuPy CUDA GEMV): register for cuda only when a GPU exists
+    from . import triton as _gpu  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
 
 __all__ = ["dense_qmm", "sparse_qmm", "register_impl", "registered_impls", "select_impl",
            "use_impl", "native", "reference"]

@@ -1,0 +1,224 @@
+"""Triton kernels for ``bitpress::dense_qmm`` and ``bitpress::sparse_qmm``.
+
+Importing this module decorates the kernels with ``triton.jit``; whether they compile for a
+GPU or run in Triton's interpreter is decided *then*, by ``TRITON_INTERPRET`` (set it before
+the first import to run them on CPU tensors).
+
+Layouts (built by :mod:`.repack` from the canonical tensors, see that module):
+
+* dense: ``qw`` int32 ``[KW, N]`` (K-major: word ``kw`` of column ``n`` holds the codes of
+  inputs ``kw*PF .. kw*PF+PF-1`` of output ``n``, element ``i`` at bits ``i*BITS``, unsigned
+  with offset ``2^(BITS-1)``, exactly the canonical word, transposed), ``s``/``z``
+  ``[NG, N]`` (fp16/bf16/fp32). Neighbouring outputs are neighbouring addresses, so every
+  load of a ``[BLOCK_K, BLOCK_N]`` weight tile is coalesced along N.
+* sparse: the canonical BSR arrays plus ``rows`` int32 ``[nnz]`` (the row of each kept
+  group), so a program can start in the middle of a row.
+
+Codes are extracted with ``(word >> ((k % PF) * BITS)) & mask``: one gather per element
+(neighbouring k of one word hit the same address, served from L1), which makes 3-bit
+(PF = 10, 30 of 32 bits used) work exactly like 2- and 4-bit.
+
+Group parameters: when a ``BLOCK_K`` tile lies inside one group (``GROUP_TILE``: ``GS`` is a
+multiple of ``BLOCK_K``, or one group per row) the kernel loads one scale/zero per output
+and uses ``sum_k x_k (s q_k + z) = s * sum_k x_k q_k + z * sum_k x_k``; otherwise it gathers
+the parameter of every element (any group size, ragged last groups included).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _codes(w, sh, BITS: tl.constexpr):
+    """Signed codes from packed words ``w`` shifted by ``sh`` bits."""
+    return ((w >> sh) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
+
+
+# ---- dense: batch-1 / tiny-batch GEMV (CUDA cores, split-K) ------------------------------------
+@triton.jit
+def dense_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+                      M, N, K, GS, stride_xm, stride_ym,
+                      BITS: tl.constexpr, PF: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      SPLIT_K: tl.constexpr, GROUP_TILE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """``y[m, n] = sum_k x[m, k] W[n, k]`` for ``BLOCK_M`` (1, 2, 4) rows of x at once.
+
+    Grid ``(cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, BLOCK_M))``. With ``SPLIT_K > 1`` each program
+    reduces a contiguous slice of K tiles and adds its partial sums to an fp32 ``y`` with
+    atomics (bias then added by the caller); otherwise it stores ``y`` (+ bias) in y's dtype.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per = tl.cdiv(k_tiles, SPLIT_K)
+    t0 = pid_k * per
+    t1 = tl.minimum(t0 + per, k_tiles)
+    for t in range(t0, t1):
+        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        w = tl.load(qw_ptr + (offs_k // PF)[:, None] * N + offs_n[None, :],
+                    mask=k_mask[:, None] & n_mask[None, :], other=0)
+        q = _codes(w, ((offs_k % PF) * BITS)[:, None], BITS).to(tl.float32)   # [BK, BN]
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)  # [BM, BK]
+        if GROUP_TILE:
+            g = (t * BLOCK_K) // GS
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            xq = tl.sum(x[:, :, None] * q[None, :, :], axis=1)                 # [BM, BN]
+            xs = tl.sum(x, axis=1)                                              # [BM]
+            acc += xq * s[None, :] + xs[:, None] * z[None, :]
+        else:
+            gp = (offs_k // GS)[:, None] * N + offs_n[None, :]
+            pm = k_mask[:, None] & n_mask[None, :]
+            s = tl.load(s_ptr + gp, mask=pm, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + gp, mask=pm, other=0.0).to(tl.float32)
+            wf = q * s + z
+            acc += tl.sum(x[:, :, None] * wf[None, :, :], axis=1)
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    o_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=o_mask)
+
+
+# ---- dense: dequantise-then-tl.dot GEMM (tensor cores; small batches with split-K) -----------
+@triton.jit
+def dense_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+                    M, N, K, GS, stride_xm, stride_ym,
+                    BITS: tl.constexpr, PF: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    SPLIT_K: tl.constexpr, GROUP_TILE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    DOT_F32: tl.constexpr):
+    """Tile ``[BLOCK_M, BLOCK_N]`` of y: each ``[BLOCK_K, BLOCK_N]`` weight tile is
+    dequantised in registers to x's dtype and fed to ``tl.dot`` (fp32 accumulation).
+
+    Grid ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)``; programs that share a weight tile
+    are adjacent (M fastest) so the tile is read from DRAM once and from L2 after.
+    """
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % num_m
+    pid_n = pid // num_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per = tl.cdiv(k_tiles, SPLIT_K)
+    t0 = pid_k * per
+    t1 = tl.minimum(t0 + per, k_tiles)
+    for t in range(t0, t1):
+        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        wm = k_mask[:, None] & n_mask[None, :]
+        w = tl.load(qw_ptr + (offs_k // PF)[:, None] * N + offs_n[None, :], mask=wm, other=0)
+        q = _codes(w, ((offs_k % PF) * BITS)[:, None], BITS).to(tl.float32)
+        if GROUP_TILE:
+            g = (t * BLOCK_K) // GS
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        else:
+            gp = (offs_k // GS)[:, None] * N + offs_n[None, :]
+            s = tl.load(s_ptr + gp, mask=wm, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + gp, mask=wm, other=0.0).to(tl.float32)
+        wf = q * s + z
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if DOT_F32:
+            acc += tl.dot(x.to(tl.float32), wf, input_precision="ieee")
+        else:
+            acc += tl.dot(x, wf.to(x.dtype))
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    o_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=o_mask)
+
+
+# ---- group-sparse: task-centric GEMV -------------------------------------------------------
+@triton.jit
+def sparse_task_kernel(x_ptr, rows_ptr, cols_ptr, qv_ptr, s_ptr, z_ptr, y_ptr,
+                       M, NNZ, K, GS, WPG, GPT, stride_xm, stride_ym,
+                       BITS: tl.constexpr, PF: tl.constexpr, GS_PAD: tl.constexpr,
+                       BLOCK_G: tl.constexpr):
+    """Program ``p`` owns kept groups ``[p*GPT, min((p+1)*GPT, NNZ))`` in BSR order, whatever
+    rows they belong to (every program gets the same amount of weight to read, however
+    skewed the mask). It walks them ``BLOCK_G`` at a time: dequantise ``[BLOCK_G, GS]``
+    codes once, then for each of the ``M`` activation rows gather x at each group's columns
+    and add each group's dot product to ``y[m, row]`` (fp32) with an atomic add.
+    """
+    pid = tl.program_id(0)
+    start = pid * GPT
+    end = tl.minimum(start + GPT, NNZ)
+    offs_k = tl.arange(0, GS_PAD)
+    k_in = offs_k < GS
+    sh = ((offs_k % PF) * BITS)[None, :]
+    for g0 in range(start, end, BLOCK_G):
+        offs_g = g0 + tl.arange(0, BLOCK_G)
+        gm = offs_g < end
+        row = tl.load(rows_ptr + offs_g, mask=gm, other=0)
+        col = tl.load(cols_ptr + offs_g, mask=gm, other=0)
+        s = tl.load(s_ptr + offs_g, mask=gm, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + offs_g, mask=gm, other=0.0).to(tl.float32)
+        w = tl.load(qv_ptr + offs_g[:, None] * WPG + (offs_k // PF)[None, :],
+                    mask=gm[:, None] & k_in[None, :], other=0)
+        q = _codes(w, sh, BITS).to(tl.float32)                                  # [BG, GS_PAD]
+        xcol = col[:, None] * GS + offs_k[None, :]
+        xm = gm[:, None] & k_in[None, :] & (xcol < K)
+        for m in range(0, M):
+            x = tl.load(x_ptr + m * stride_xm + xcol, mask=xm, other=0.0).to(tl.float32)
+            part = tl.sum(x * q, axis=1) * s + tl.sum(x, axis=1) * z
+            tl.atomic_add(y_ptr + m * stride_ym + row, part, mask=gm)
+
+
+# ---- group-sparse: row-split GEMV (for comparison on skewed masks) -----------------------------
+@triton.jit
+def sparse_row_kernel(x_ptr, rp_ptr, cols_ptr, qv_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+                      N, K, GS, WPG, stride_xm, stride_ym,
+                      BITS: tl.constexpr, PF: tl.constexpr, GS_PAD: tl.constexpr,
+                      BLOCK_G: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One program per (output row, activation row): walk the row's kept groups
+    ``BLOCK_G`` at a time and store the result (+ bias) directly. A row with many kept
+    groups keeps its program busy while others idle: this is the baseline the task split
+    is compared against."""
+    r = tl.program_id(0)
+    m = tl.program_id(1)
+    lo = tl.load(rp_ptr + r)
+    hi = tl.load(rp_ptr + r + 1)
+    offs_k = tl.arange(0, GS_PAD)
+    k_in = offs_k < GS
+    sh = ((offs_k % PF) * BITS)[None, :]
+    acc = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    for g0 in range(lo, hi, BLOCK_G):
+        offs_g = g0 + tl.arange(0, BLOCK_G)
+        gm = offs_g < hi
+        col = tl.load(cols_ptr + offs_g, mask=gm, other=0)
+        s = tl.load(s_ptr + offs_g, mask=gm, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + offs_g, mask=gm, other=0.0).to(tl.float32)
+        w = tl.load(qv_ptr + offs_g[:, None] * WPG + (offs_k // PF)[None, :],
+                    mask=gm[:, None] & k_in[None, :], other=0)
+        q = _codes(w, sh, BITS).to(tl.float32)
+        xcol = col[:, None] * GS + offs_k[None, :]
+        xm = gm[:, None] & k_in[None, :] & (xcol < K)
+        x = tl.load(x_ptr + m * stride_xm + xcol, mask=xm, other=0.0).to(tl.float32)
+        acc += tl.sum(x * q, axis=1) * s + tl.sum(x, axis=1) * z
+    out = tl.sum(acc, axis=0)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + r).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + r, out.to(y_ptr.dtype.element_ty))
