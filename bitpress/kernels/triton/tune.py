@@ -95,30 +95,31 @@ def gemv_candidates(m: int, n: int, k: int, gs: int, device: torch.device) -> li
     base = gemv_default(m, n, k, gs, device)
     out = [base]
     bm = base["BLOCK_M"]
+    sms = num_sms(device)
     for bn in (32, 64, 128):
-        for bk in {block_k_for(gs, k, 64), block_k_for(gs, k, 128), block_k_for(gs, k, 256)}:
+        for bk in sorted({block_k_for(gs, k, 128), block_k_for(gs, k, 256)}):
             if bm * bn * bk > 16384:
                 continue
             k_tiles = -(-k // bk)
+            progs = -(-n // bn) * -(-m // bm)
             for split in (1, 2, 4, 8):
-                if split > k_tiles:
+                if split > k_tiles or (split > 1 and progs * split > 8 * sms):
                     continue
-                for nw in (2, 4):
-                    c = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
-                         "num_warps": nw}
-                    if c not in out:
-                        out.append(c)
+                c = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
+                     "num_warps": 4}
+                if c not in out:
+                    out.append(c)
     return out
 
 
 def mm_candidates(m: int, n: int, k: int, gs: int, device: torch.device) -> list[Config]:
     out = [mm_default(m, n, k, gs, device)]
-    bms = (16,) if m <= 16 else ((16, 32) if m <= 32 else ((32, 64) if m <= 64 else (64, 128)))
+    bms = (16,) if m <= 16 else ((32,) if m <= 32 else ((64,) if m <= 64 else (64, 128)))
     for bm in bms:
         for bn in (64, 128):
-            for bk in {block_k_for(gs, k, 32), block_k_for(gs, k, 64), block_k_for(gs, k, 128)}:
+            for bk in sorted({block_k_for(gs, k, 64), block_k_for(gs, k, 128)}):
                 for split in ((1, 2, 4) if m <= 64 else (1,)):
-                    for nw, ns in ((4, 3), (8, 3), (4, 4)):
+                    for nw, ns in ((4, 3), (8, 4)):
                         c = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split,
                              "num_warps": nw, "num_stages": ns}
                         if c not in out:
@@ -129,9 +130,9 @@ def mm_candidates(m: int, n: int, k: int, gs: int, device: torch.device) -> list
 def sparse_candidates(m: int, n: int, nnz: int, gs: int, device: torch.device) -> list[Config]:
     out = [sparse_default(m, n, nnz, gs, device)]
     sms = num_sms(device)
-    for per_sm in (2, 4, 8, 16):
-        for bg in (4, 8, 16, 32):
-            for nw in (1, 2, 4):
+    for per_sm in (2, 4, 8):
+        for bg in (8, 16, 32):
+            for nw in (2, 4):
                 c = {"n_tasks": max(1, min(per_sm * sms, nnz)), "BLOCK_G": bg, "num_warps": nw}
                 if c not in out:
                     out.append(c)
