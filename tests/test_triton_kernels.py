@@ -21,6 +21,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"   # must precede the first import of triton
+os.environ.setdefault("BITPRESS_TRITON_TUNE", "0")  # heuristic configs: no autotuning in tests
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
@@ -233,6 +234,7 @@ def test_tune_helpers(tmp_path, monkeypatch):
 @pytest.mark.skipif(DEVICE != "cuda", reason="the per-GPU-model tuning cache needs a GPU")
 def test_tuning_cache_roundtrip(tmp_path, monkeypatch):
     monkeypatch.setenv("BITPRESS_TRITON_CACHE", str(tmp_path))
+    monkeypatch.setenv("BITPRESS_TRITON_TUNE", "1")
     tune._tables.clear()
     calls = []
     got = tune.pick("key", torch.device("cuda"), {"a": 0}, lambda: [{"a": 1}, {"a": 2}],
