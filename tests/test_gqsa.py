@@ -39,7 +39,7 @@ def loss(W: torch.Tensor, q, H: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("balanced", [False, True])
-@pytest.mark.parametrize("score", ["obs", "wanda", "magnitude"])
+@pytest.mark.parametrize("score", ["obs_seq", "obs", "wanda", "magnitude"])
 @pytest.mark.parametrize("sparsity", [0.3, 0.5])
 def test_keep_mask_has_requested_sparsity(balanced: bool, score: str, sparsity: float) -> None:
     W, H = make_problem(48, 128, seed=1)
@@ -98,30 +98,37 @@ def test_pruned_groups_are_zero_and_bsr_round_trip(n: int) -> None:
     assert (m(x) - x @ deq.T).abs().max() <= 0.02 * (x @ deq.T).abs().max()
 
 
-def test_obs_score_matches_brute_force() -> None:
+@pytest.mark.parametrize("sequential", [False, True])
+def test_obs_score_matches_brute_force(sequential: bool) -> None:
     torch.manual_seed(0)
     W, H = make_problem(3, 40, seed=4, corr=0.6)     # groups 16, 16, 8 (ragged)
     H = H.double() + 0.05 * torch.eye(40, dtype=torch.float64)
-    s = obs_group_scores(W, H, 16, damp=0.0)
+    s = obs_group_scores(W, H, 16, damp=0.0, sequential=sequential)
     n = 40
     for r in range(3):
         w = W[r].double()
         for g, (k0, k1) in enumerate([(0, 16), (16, 32), (32, 40)]):
             G = torch.arange(k0, k1)
-            F = torch.tensor([k for k in range(n) if not k0 <= k < k1])
+            # free weights: all others (full OBS) or only the later ones (sequential)
+            free = [k for k in range(n) if not k0 <= k < k1 and (k >= k1 or not sequential)]
+            if not free:
+                brute = float(w[G] @ H[G][:, G] @ w[G])
+                assert abs(float(s[r, g]) - brute) <= 1e-4 * brute + 1e-9
+                continue
+            F = torch.tensor(free)
             # remove the group, re-fit the rest optimally: min over d_F of
             # [−w_G, d_F] H [−w_G, d_F]ᵀ  →  d_F = H_FF⁻¹ H_FG w_G
             dF = torch.linalg.solve(H[F][:, F], H[F][:, G] @ w[G])
             d = torch.zeros(n, dtype=torch.float64)
             d[G] = -w[G]
-            d[F] = dF
+            d[F] = dF      # columns neither in G nor free keep their value (d = 0)
             brute = float(d @ H @ d)
             assert abs(float(s[r, g]) - brute) <= 1e-4 * brute + 1e-9, (r, g, float(s[r, g]), brute)
 
 
 def test_scores_shapes_and_wanda_magnitude() -> None:
     W, H = make_problem(8, 200, seed=5)
-    for score in ("obs", "wanda", "magnitude"):
+    for score in ("obs_seq", "obs", "wanda", "magnitude"):
         s = group_scores(W, H, 16, score)
         assert s.shape == (8, 13) and bool((s >= 0).all())
     xn = torch.diagonal(H).sqrt()
@@ -134,7 +141,8 @@ def test_scores_shapes_and_wanda_magnitude() -> None:
 
 def test_obs_with_compensation_beats_magnitude_and_wanda() -> None:
     W, H = make_problem(64, 192, seed=6, corr=0.8)
-    obs = loss(W, gqsa(W, H, gqsa_spec()), H)
+    obs = loss(W, gqsa(W, H, gqsa_spec()), H)          # default: sequential OBS
+    assert obs < loss(W, gqsa(W, H, gqsa_spec(score="obs")), H) * 1.05
     mag_rtn = loss(W, gqsa(W, H, gqsa_spec(score="magnitude", compensate=False, refine=False)), H)
     wanda = loss(W, gqsa(W, H, gqsa_spec(score="wanda")), H)
     mag = loss(W, gqsa(W, H, gqsa_spec(score="magnitude")), H)

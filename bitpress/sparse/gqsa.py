@@ -12,13 +12,21 @@ Algorithm
 ---------
 1. **Saliency** of every group (``options["score"]``):
 
-   * ``"obs"`` (default): the optimal-brain-surgeon error of removing the group while all
+   * ``"obs_seq"`` (default): the sequential OBS error ``‖w_G U_GG⁻¹‖²`` with ``U`` the
+     inverse-Cholesky factor of the damped ``H`` — the loss increase when the group is set
+     to 0 and only the *later* columns compensate, which is exactly what the sweep can do
+     (:func:`obs_group_scores` with ``sequential=True``);
+   * ``"obs"``: the optimal-brain-surgeon error of removing the group while all
      other weights of the row are optimally re-fitted, ``w_G ((H⁻¹)_GG)⁻¹ w_Gᵀ`` with
      ``H`` damped as for GPTQ (:func:`obs_group_scores`, batched ``g × g`` triangular solves
      over row chunks);
    * ``"wanda"``: ``Σ_{k∈G} |w_k| · sqrt(H_kk)``;
    * ``"magnitude"``: the L2 norm of the group.
 
+   Measured on SmolLM2-135M layers (W4 S50 g16, H from 32×512 WikiText-2 tokens, loss after
+   the sweep + refit relative to ``w H wᵀ``): q_proj L2 obs_seq 0.035 / wanda 0.039 / obs
+   0.064; o_proj L2 0.070 / 0.074 / 0.074; v_proj L20 0.162 / 0.192 / 0.179 — the full OBS
+   score assumes a re-fit the forward-only sweep cannot deliver, hence the sequential default.
    Short last groups are not penalised for being short under ``wanda``/``magnitude`` (their
    score is scaled by ``g / len``); the OBS score needs no such correction (it is a loss).
 2. **Mask**: the lowest-scoring groups are pruned — one threshold over the whole matrix
@@ -42,7 +50,7 @@ Algorithm
    fixed (:class:`bitpress.sparse.lsq.MaskedLeastSquares`); a row takes the refit only
    where it lowers the loss.
 
-``spec.options``: ``score`` ("obs" | "wanda" | "magnitude"), ``balanced_rows`` (False),
+``spec.options``: ``score`` ("obs_seq" | "obs" | "wanda" | "magnitude"), ``balanced_rows`` (False),
 ``mask`` ("global" | "adaptive"), ``damp`` (0.01), ``block_size`` (128), ``clip_search``
 (False), ``clip_grid`` (1.0 … 0.5), ``refine`` (True), ``compensate`` (True), ``row_chunk``.
 
@@ -66,7 +74,7 @@ from .sweep import prune_quantize_sweep
 
 GQSA_DEFAULT_GROUP = 16
 DEFAULT_SPARSITY = 0.5
-SCORES = ("obs", "wanda", "magnitude")
+SCORES = ("obs_seq", "obs", "wanda", "magnitude")
 MASK_MODES = ("global", "adaptive")
 SCORE_CHUNK_BYTES = 32 << 20
 
@@ -85,7 +93,7 @@ def _options(spec: QuantSpec) -> dict[str, Any]:
     unknown = set(opts) - _KNOWN
     if unknown:
         raise ConfigError(f"unknown GQSA option(s) {sorted(unknown)}; known: {sorted(_KNOWN)}")
-    score = opts.get("score", "obs")
+    score = opts.get("score", "obs_seq")
     if score not in SCORES:
         raise ConfigError(f"GQSA option 'score' must be one of {SCORES}, got {score!r}")
     mask = opts.get("mask", "global")
@@ -142,9 +150,21 @@ def _inverse_blocks(factor: HessianFactor, gs: int) -> torch.Tensor:
     return torch.linalg.cholesky(blocks)
 
 
+def _diag_blocks_u(factor: HessianFactor, gs: int) -> torch.Tensor:
+    """Diagonal blocks ``U_GG`` (float64 ``[G, gs, gs]``, short last block padded with I)."""
+    U = factor.U.double()
+    n = U.shape[0]
+    G = (n + gs - 1) // gs
+    blocks = torch.eye(gs, dtype=torch.float64, device=U.device).repeat(G, 1, 1)
+    for g in range(G):
+        k0, k1 = g * gs, min((g + 1) * gs, n)
+        blocks[g, :k1 - k0, :k1 - k0] = U[k0:k1, k0:k1]
+    return blocks
+
+
 def obs_group_scores(W: torch.Tensor, H: torch.Tensor | HessianFactor, group_size: int,
-                     damp: float = DEFAULT_DAMP, row_chunk: Optional[int] = None
-                     ) -> torch.Tensor:
+                     damp: float = DEFAULT_DAMP, row_chunk: Optional[int] = None,
+                     sequential: bool = False) -> torch.Tensor:
     """OBS saliency ``w_G ((H⁻¹)_GG)⁻¹ w_Gᵀ`` of every group: float32 ``[out, n_groups]``.
 
     This is the exact increase of ``(Ŵ−W)_r H (Ŵ−W)_rᵀ`` when group ``G`` of row ``r`` is
@@ -152,6 +172,9 @@ def obs_group_scores(W: torch.Tensor, H: torch.Tensor | HessianFactor, group_siz
     Hessian (damped by ``damp`` × mean diag, dead inputs fixed as in GPTQ) or a natural-order
     :class:`~bitpress.quant.HessianFactor`. Rows are processed in chunks; the work per chunk
     is one batched ``g × g`` triangular solve.
+
+    ``sequential``: instead ``‖w_G U_GG⁻¹‖²`` (``U`` the upper inverse-Cholesky factor), the
+    increase when only the columns after the group are re-fitted (GPTQ/SparseGPT order).
     """
     _check_weight(W)
     _check_group(group_size)
@@ -162,7 +185,10 @@ def obs_group_scores(W: torch.Tensor, H: torch.Tensor | HessianFactor, group_siz
         raise ConfigError("obs_group_scores needs a natural-order Hessian factor")
     gs = effective_group_size(group_size, n)
     G = num_groups(group_size, n)
-    L = _inverse_blocks(factor, gs).to(W.device)
+    if sequential:
+        L = _diag_blocks_u(factor, gs).transpose(-1, -2).to(W.device)   # (U_GG)ᵀ, lower
+    else:
+        L = _inverse_blocks(factor, gs).to(W.device)
     Wd = W.detach().double()
     Wd[:, factor.dead.to(W.device)] = 0.0
     pad = G * gs - n
@@ -190,17 +216,17 @@ def _length_correction(W: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def group_scores(W: torch.Tensor, H: Optional[torch.Tensor | HessianFactor], group_size: int,
-                 score: str = "obs", damp: float = DEFAULT_DAMP,
+                 score: str = "obs_seq", damp: float = DEFAULT_DAMP,
                  row_chunk: Optional[int] = None) -> torch.Tensor:
     """Saliency of every group, float32 ``[out, n_groups]`` (higher = more important).
-    ``score``: ``"obs"`` (needs ``H`` or a factor), ``"wanda"`` (needs the raw ``H``),
+    ``score``: ``"obs_seq"`` / ``"obs"`` (need ``H`` or a factor), ``"wanda"`` (needs the raw ``H``),
     ``"magnitude"`` (``H`` unused)."""
     _check_weight(W)
     _check_group(group_size)
-    if score == "obs":
+    if score in ("obs", "obs_seq"):
         if H is None:
             raise ConfigError("the OBS score needs the layer Hessian H")
-        return obs_group_scores(W, H, group_size, damp, row_chunk)
+        return obs_group_scores(W, H, group_size, damp, row_chunk, score == "obs_seq")
     Wf = W.detach().float()
     if score == "magnitude":
         g = torch.nan_to_num(grouped(Wf, group_size), nan=0.0)
@@ -216,7 +242,7 @@ def group_scores(W: torch.Tensor, H: Optional[torch.Tensor | HessianFactor], gro
 
 
 def gqsa_keep_mask(W: torch.Tensor, H: Optional[torch.Tensor | HessianFactor], group_size: int,
-                   sparsity: float, score: str = "obs", balanced_rows: bool = False,
+                   sparsity: float, score: str = "obs_seq", balanced_rows: bool = False,
                    damp: float = DEFAULT_DAMP) -> torch.Tensor:
     """Keep mask bool ``[out, n_groups]`` at ``sparsity`` (share of pruned groups) from
     :func:`group_scores`; uniform per layer or balanced per row."""
@@ -315,7 +341,7 @@ def gqsa(W: torch.Tensor, H: Optional[torch.Tensor], spec: QuantSpec) -> Quantiz
     factor = prepare_hessian(H, damp=opts["damp"])
     Wz = W.detach().float().clone()
     Wz[:, factor.dead.to(W.device)] = 0.0
-    src = factor if opts["score"] == "obs" else H
+    src = factor if opts["score"] in ("obs", "obs_seq") else H
     scores = group_scores(Wz, src, spec.group_size, opts["score"], opts["damp"],
                           opts["row_chunk"])
     keep = keep_mask_from_scores(scores, sparsity, opts["balanced_rows"])
