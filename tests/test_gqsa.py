@@ -154,7 +154,7 @@ def test_obs_with_compensation_beats_magnitude_and_wanda() -> None:
 def test_compensation_lowers_loss_for_the_same_mask(refine: bool) -> None:
     W, H = make_problem(48, 160, seed=7, corr=0.7)
     keep = gqsa_keep_mask(W, H, 16, 0.5)
-    spec = gqsa_spec(refine=refine)
+    spec = gqsa_spec(refine=refine, mask="global")
     with_c = gqsa_with_mask(W, H, keep, spec)
     without = gqsa_with_mask(W, H, keep, gqsa_spec(refine=refine, compensate=False))
     assert torch.equal(with_c.keep, without.keep)
@@ -164,8 +164,8 @@ def test_compensation_lowers_loss_for_the_same_mask(refine: bool) -> None:
 def test_refit_never_hurts_and_is_the_exact_masked_optimum() -> None:
     W, H = make_problem(24, 96, seed=8, corr=0.5)
     keep = gqsa_keep_mask(W, H, 16, 0.5)
-    a = gqsa_with_mask(W, H, keep, gqsa_spec(refine=False))
-    b = gqsa_with_mask(W, H, keep, gqsa_spec(refine=True))
+    a = gqsa_with_mask(W, H, keep, gqsa_spec(refine=False, mask="global"))
+    b = gqsa_with_mask(W, H, keep, gqsa_spec(refine=True, mask="global"))
     la, lb = hessian_loss(W, a.dequantize(), H), hessian_loss(W, b.dequantize(), H)
     assert bool((lb <= la * (1 + 1e-5) + 1e-9).all()) and float(lb.sum()) < float(la.sum())
     # unrounded refit of row 0 against an explicit constrained least-squares solve

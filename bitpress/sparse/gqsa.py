@@ -37,8 +37,9 @@ Algorithm
    row prunes inside each column block; which ones is re-decided when the block is reached,
    from the error-updated weights and the sequential score ``‖w_G U_GG⁻¹‖²`` (the error
    left when only later columns can compensate — SparseGPT's adaptive mask selection,
-   adapted to groups; sparsity and row balance are preserved exactly). Default
-   ``"global"``: the up-front mask is final.
+   adapted to groups; sparsity and row balance are preserved exactly). This is the
+   default: on the six SmolLM2 layers measured it lowers the loss by 2–4 % against
+   ``"global"`` (the up-front mask is final).
 3. **Joint prune + quantize sweep** (:func:`bitpress.sparse.sweep.prune_quantize_sweep`): GPTQ's
    error-feedback loop over columns in natural order with the damped inverse-Cholesky
    factor; when a group's first column is reached its grid is fitted per row to the
@@ -51,7 +52,7 @@ Algorithm
    where it lowers the loss.
 
 ``spec.options``: ``score`` ("obs_seq" | "obs" | "wanda" | "magnitude"), ``balanced_rows`` (False),
-``mask`` ("global" | "adaptive"), ``damp`` (0.01), ``block_size`` (128), ``clip_search``
+``mask`` ("adaptive" | "global"), ``damp`` (0.01), ``block_size`` (128), ``clip_search``
 (False), ``clip_grid`` (1.0 … 0.5), ``refine`` (True), ``compensate`` (True), ``row_chunk``.
 
 Building blocks for the recovery stages (BQPO, E2E-OQP): :func:`group_scores`,
@@ -96,7 +97,7 @@ def _options(spec: QuantSpec) -> dict[str, Any]:
     score = opts.get("score", "obs_seq")
     if score not in SCORES:
         raise ConfigError(f"GQSA option 'score' must be one of {SCORES}, got {score!r}")
-    mask = opts.get("mask", "global")
+    mask = opts.get("mask", "adaptive")
     if mask not in MASK_MODES:
         raise ConfigError(f"GQSA option 'mask' must be one of {MASK_MODES}, got {mask!r}")
     for key in ("balanced_rows", "clip_search", "refine", "compensate"):
