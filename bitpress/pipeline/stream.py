@@ -31,6 +31,8 @@ without converting the file or holding the whole float model.
 """
 from __future__ import annotations
 
+import abc
+
 import logging
 import time
 from dataclasses import dataclass, field
@@ -54,7 +56,7 @@ class _Stop(Exception):
 # ---------------------------------------------------------------------------------------
 # lazy tensor stores
 # ---------------------------------------------------------------------------------------
-class TensorStore:
+class TensorStore(abc.ABC):
     """Lazy access to a source checkpoint's tensors under the model's state-dict names.
 
     ``reads`` counts tensors read and ``log`` lists their names in read order (tests use
@@ -64,11 +66,13 @@ class TensorStore:
         self.reads = 0
         self.log: list[str] = []
 
-    def __contains__(self, name: str) -> bool:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __contains__(self, name: str) -> bool:
+        """Whether the source holds ``name``."""
 
-    def _read(self, name: str) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _read(self, name: str) -> torch.Tensor:
+        """Read one tensor (counted by :meth:`get`)."""
 
     def shape(self, name: str) -> Optional[tuple[int, ...]]:
         """The stored shape when known without reading the tensor."""
