@@ -31,12 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", help="Hugging Face model directory (safetensors) or .gguf file")
     c.add_argument("--out", required=True, help="output directory (must not exist)")
     c.add_argument("--method", default="rtn",
-                   help="compression method: rtn (data-free) or gptq (calibrated); default rtn")
+                   help="compression method: rtn (data-free; magnitude group pruning with "
+                        "--sparsity), gptq, decoupleq (layer solver), gqsa (group-sparse; "
+                        "calibrated); default rtn")
     c.add_argument("--bits", type=int, default=4, help="code bits: 2, 3, 4 or 8 (default 4)")
-    c.add_argument("--group-size", type=_group_size, default=128,
-                   help="weights per group, 16..256 step 16, or -1 per-channel (default 128)")
+    c.add_argument("--group-size", type=_group_size, default=None,
+                   help="weights per group, 16..256 step 16, or -1 per-channel (default 128; "
+                        "16 for gqsa)")
     c.add_argument("--sparsity", type=float, default=None,
-                   help="share of weight groups to prune (group-sparse formats)")
+                   help="share of weight groups to prune (group-sparse formats; default 0.5 "
+                        "for gqsa)")
     c.add_argument("--sym", action="store_true", help="symmetric grid (zero point 0)")
     c.add_argument("--param-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of scales/zeros on disk (default float16)")
@@ -95,9 +99,13 @@ def _recipe(args):
         return Recipe.from_json(args.recipe)
     opts = {k: v for k, v in (("act_order", args.act_order), ("clip_search", args.clip_search),
                               ("damp", args.damp)) if v is not None}
-    kw = dict(method=args.method, bits=args.bits, group_size=args.group_size,
-              sparsity=args.sparsity, sym=args.sym, param_dtype=args.param_dtype,
-              options=opts)
+    from .pipeline.compress import SPARSE_METHODS
+
+    sparse_default = SPARSE_METHODS.get(args.method)
+    group = args.group_size if args.group_size is not None else (16 if sparse_default else 128)
+    sparsity = args.sparsity if args.sparsity is not None else sparse_default
+    kw = dict(method=args.method, bits=args.bits, group_size=group, sparsity=sparsity,
+              sym=args.sym, param_dtype=args.param_dtype, options=opts)
     if args.ignore is not None:
         kw["ignore"] = args.ignore
     if args.targets is not None:

@@ -21,8 +21,10 @@ from .stream import BlockHook
 log = logging.getLogger(__name__)
 
 #: methods the streaming driver runs; calibrated ones need block inputs
-METHODS = ("rtn", "gptq")
-CALIBRATED = ("gptq",)
+METHODS = ("rtn", "gptq", "decoupleq", "gqsa")
+CALIBRATED = ("gptq", "decoupleq", "gqsa")
+#: group-sparse methods: ``--sparsity`` defaults to this share of pruned groups
+SPARSE_METHODS = {"gqsa": 0.5}
 
 #: GPTQ defaults: act-order (static groups) always, H-weighted clip search at <= 3 bits, as
 #: the GPTQ work suggests; not yet re-measured here on the full protocol (bench/RESULTS.md)
@@ -36,20 +38,29 @@ def peak_rss_bytes() -> int:
 def _solver(recipe: Recipe):
     """``solve(name, W, H) -> QuantizedWeight`` for the recipe's method."""
     from ..quant import PASSES, QuantSpec
+    from ..sparse import SPARSE_PASSES
 
     if recipe.method == "rtn":
         return lambda name, W, H: rtn_quantize_linear(W, recipe)
-    if recipe.sparse:
-        raise ConfigError(f"method {recipe.method!r} does not prune groups; drop --sparsity")
-    opts = dict(GPTQ_DEFAULTS, clip_search=recipe.bits <= 3)
-    opts.update(recipe.options or {})
+    if recipe.method in SPARSE_METHODS:
+        if not recipe.sparse:
+            raise ConfigError(f"method {recipe.method!r} prunes groups: give --sparsity in (0, 1)")
+        opts = dict(recipe.options or {})
+        fn = SPARSE_PASSES[recipe.method]
+    else:
+        if recipe.sparse:
+            raise ConfigError(f"method {recipe.method!r} does not prune groups; drop --sparsity")
+        opts = dict(GPTQ_DEFAULTS, clip_search=recipe.bits <= 3) if recipe.method == "gptq" \
+            else {}
+        opts.update(recipe.options or {})
+        fn = PASSES[recipe.method]
     spec = QuantSpec(bits=recipe.bits, group_size=recipe.group_size, sym=recipe.sym,
-                     param_dtype=recipe.param_dtype, options=opts)
-    fn = PASSES[recipe.method]
-    rtn = PASSES["rtn"]
+                     param_dtype=recipe.param_dtype, sparsity=recipe.sparsity, options=opts)
 
     def solve(name: str, W: torch.Tensor, H: Optional[torch.Tensor]):
-        return fn(W, H, spec) if H is not None else rtn(W, None, spec)
+        if H is None:  # linears outside the block stack (e.g. a targeted head): data-free
+            return rtn_quantize_linear(W, recipe)
+        return fn(W, H, spec)
     solve.options = opts  # type: ignore[attr-defined]
     return solve
 
