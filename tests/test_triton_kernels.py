@@ -236,12 +236,14 @@ def test_tuning_cache_roundtrip(tmp_path, monkeypatch):
     monkeypatch.setenv("BITPRESS_TRITON_CACHE", str(tmp_path))
     monkeypatch.setenv("BITPRESS_TRITON_TUNE", "1")
     tune._tables.clear()
+    tune._picked.clear()
     calls = []
     got = tune.pick("key", torch.device("cuda"), {"a": 0}, lambda: [{"a": 1}, {"a": 2}],
                     lambda c: calls.append(c))
     assert got in ({"a": 1}, {"a": 2}) and calls
     assert any(p.suffix == ".json" for p in tmp_path.iterdir())
     tune._tables.clear()
+    tune._picked.clear()
     assert tune.pick("key", torch.device("cuda"), {"a": 0}, lambda: [], lambda c: None) == got
 
 

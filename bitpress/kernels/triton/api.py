@@ -25,8 +25,9 @@ SPARSE_GEMV_MAX_M = 16
 
 
 def _interpreting() -> bool:
-    return bool(getattr(triton, "knobs", None) and triton.knobs.runtime.interpret) \
-        or bool(int(__import__("os").environ.get("TRITON_INTERPRET", "0") or 0))
+    """Whether the kernels were built for Triton's interpreter (``TRITON_INTERPRET=1`` when
+    :mod:`.kernels` was first imported)."""
+    return type(K.dense_gemv_kernel).__name__ == "InterpretedFunction"
 
 
 def _check_x(x: torch.Tensor, in_features: int, dev: torch.device, what: str) -> torch.Tensor:

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 Config = dict
 _lock = threading.Lock()
 _tables: dict[str, dict[str, Config]] = {}
+_picked: dict[tuple, Config] = {}   # (key, device index) -> config, this process
 
 
 def tuning_enabled() -> bool:
@@ -180,11 +181,16 @@ def pick(key: str, device: torch.device, default: Config, candidates: Callable[[
     ``run(config)`` (skipping any that fail to compile), store and return the fastest."""
     if device.type != "cuda" or not tuning_enabled():
         return default
+    memo = (key, device.index)
+    hit = _picked.get(memo)
+    if hit is not None:
+        return hit
     path = _cache_file(device)
     with _lock:
         table = _table(path)
         hit = table.get(key)
     if hit is not None:
+        _picked[memo] = hit
         return hit
     from triton.testing import do_bench
 
@@ -205,4 +211,5 @@ def pick(key: str, device: torch.device, default: Config, candidates: Callable[[
         table = _table(path)
         table[key] = best
         _save(path, table)
+    _picked[memo] = best
     return best
