@@ -2,7 +2,8 @@
 
 For Llama-7B-like and SmolLM2 shapes and batch 1/4/16/64, times (same run, same process):
 
-* bitpress dense W2 g64, W3 g128, W4 g128 (default int8 activation mode) and W4 g128 exact,
+* bitpress dense W2 g64 (default ``lut`` mode: lookup-table kernel) and W2 g64 on the int8
+  path, W3 g128, W4 g128 (int8 activation mode) and W4 g128 exact,
 * bitpress group-sparse W4 g128 at 50% sparsity (block-sparse rows),
 * torch dense ``F.linear`` in fp32 / bf16 / fp16,
 * torch ``_weight_int4pack_mm_for_cpu`` (g128, bf16 activations) and ``_weight_int8pack_mm``,
@@ -14,6 +15,10 @@ its weight (packed codes + fp16 scales/zeros for bitpress; indices too for spars
 
     .venv/bin/python bench/kernels.py                 # full table, writes bench/results/kernels.json
     .venv/bin/python bench/kernels.py --quick         # 4096x4096 and SmolLM2 only, batch 1/16
+    .venv/bin/python bench/kernels.py --threads 1 --methods "bp W2 g64,bp W2 g64 int8" \
+        --shapes 4096x4096 --batches 1,4 --json /tmp/k.json   # a subset
+    .venv/bin/python bench/kernels.py --threads 1 --compare-w2 \
+        --json bench/results/kernels_w2_lut_ab.json           # W2 lut vs int8, interleaved
 """
 from __future__ import annotations
 
@@ -36,7 +41,8 @@ from bitpress.kernels import cpu  # noqa: E402
 LLAMA = [(4096, 4096), (11008, 4096), (4096, 11008)]
 SMOL = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 BATCHES = [1, 4, 16, 64]
-EXTRA = {(4096, 4096): ([128, 512], ["bp W4 g128", "bp W2 g64", "torch fp32", "torch bf16"])}
+EXTRA = {(4096, 4096): ([128, 512], ["bp W4 g128", "bp W2 g64", "bp W2 g64 int8", "torch fp32",
+                                     "torch bf16"])}
 LLC_BYTES = 8 << 20
 
 
@@ -138,7 +144,8 @@ def methods(out: int, inf: int, g: torch.Generator, skip: set[str]) -> dict:
                 x, w["qweight"], w["scales"], w["zeros"], None, bits, gs, inf, mode=mode))
         m[name] = build
 
-    add_dense("bp W2 g64", 2, 64, "int8")
+    add_dense("bp W2 g64", 2, 64, "lut")  # the default: lookup-table kernel on AVX2
+    add_dense("bp W2 g64 int8", 2, 64, "int8")
     add_dense("bp W3 g128", 3, 128, "int8")
     add_dense("bp W4 g128", 4, 128, "int8")
     add_dense("bp W4 g128 exact", 4, 128, "exact")
@@ -179,6 +186,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--methods", default=None,
+                    help="comma list of method names to run (default: all)")
+    ap.add_argument("--shapes", default=None, help="comma list like 4096x4096,576x576")
+    ap.add_argument("--batches", default=None, help="comma list like 1,4,16")
+    ap.add_argument("--compare-w2", action="store_true",
+                    help="only W2 g64 lut vs int8 path, interleaved pass by pass (A/B)")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results",
                                                    "kernels.json"))
     args = ap.parse_args()
@@ -186,6 +199,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     shapes = ([(4096, 4096)] + SMOL) if args.quick else (LLAMA + SMOL)
     batches = [1, 16] if args.quick else BATCHES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
+    if args.batches:
+        batches = [int(b) for b in args.batches.split(",")]
+    keep = set(args.methods.split(",")) if args.methods else None
     bw = read_bandwidth()
     info = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "llc_bytes": llc_bytes(), "read_bandwidth_GBs": round(bw, 2),
@@ -194,11 +212,16 @@ def main() -> None:
     print(f"# {info['cpu']}, {info['cores']} cores, {info['threads']} threads, ISA {info['isa']}, "
           f"LLC {info['llc_bytes'] >> 20} MiB, read bandwidth {bw:.1f} GB/s (sum over 512 MiB)")
     g = torch.Generator().manual_seed(0)
+    if args.compare_w2:
+        compare_w2(shapes, batches, g, bw, info, args.json)
+        return
     rows = []
     hdr = f"{'shape':>12} {'M':>3} {'method':<18} {'us':>10} {'GB/s':>7} {'%BW':>5}"
     print(hdr)
     for out, inf in shapes:
         for name, build in methods(out, inf, g, set()).items():
+            if keep is not None and name not in keep:
+                continue
             try:
                 nbytes, f0 = build()
                 ws = [f0] + [build()[1] for _ in range(copies(nbytes) - 1)]
@@ -230,6 +253,39 @@ def main() -> None:
     print(f"wrote {args.json}")
 
 
+def compare_w2(shapes, batches, g, bw: float, info: dict, path: str, rounds: int = 7) -> None:
+    """W2 g64: the lut kernel vs the int8 path on the same weights, alternating pass by pass
+    so that load changes on a shared machine hit both alike; median over ``rounds``."""
+    rows = []
+    print(f"{'shape':>12} {'M':>3} {'lut us':>9} {'int8 us':>9} {'int8/lut':>8} {'lut %BW':>8}")
+    for out, inf in shapes:
+        ws = []
+        nbytes = dense_q(out, inf, 2, 64, g)["bytes"]
+        for _ in range(copies(nbytes)):
+            ws.append(dense_q(out, inf, 2, 64, g))
+        for mb in batches:
+            x = torch.randn(mb, inf, generator=g)
+            fns = {mode: [lambda w=w, mode=mode: cpu.dense_qmm_cpu(
+                x, w["qweight"], w["scales"], w["zeros"], None, 2, 64, inf, mode=mode)
+                for w in ws] for mode in ("lut", "int8")}
+            res = {"lut": [], "int8": []}
+            for _ in range(rounds):
+                for mode in ("lut", "int8"):
+                    res[mode].append(timeit(fns[mode], min_time=0.05, passes=1))
+            tl, ti = statistics.median(res["lut"]), statistics.median(res["int8"])
+            gbs = nbytes / tl / 1e9
+            rows.append({"out": out, "in": inf, "batch": mb, "lut_us": round(tl * 1e6, 2),
+                         "int8_us": round(ti * 1e6, 2), "speedup": round(ti / tl, 3),
+                         "lut_GBs": round(gbs, 2), "lut_pct_bw": round(100 * gbs / bw, 1)})
+            print(f"{out:>5}x{inf:<6} {mb:>3} {tl * 1e6:>9.1f} {ti * 1e6:>9.1f} {ti / tl:>8.2f} "
+                  f"{100 * gbs / bw:>8.1f}", flush=True)
+        cpu.clear_cache()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump({"machine": info, "rows": rows}, fh, indent=1)
+    print(f"wrote {path}")
+
+
 def summarize(rows: list[dict], bw: float) -> list[str]:
     def t(out, inf, mb, name):
         for r in rows:
@@ -245,6 +301,12 @@ def summarize(rows: list[dict], bw: float) -> list[str]:
             lines.append(f"{shape[0]}x{shape[1]} M=1: W2 g64 {r2['GBs']:.1f} GB/s "
                          f"({r2['pct_bw']:.0f}% BW), W4 g128 {r4['GBs']:.1f} GB/s "
                          f"({r4['pct_bw']:.0f}% BW)")
+    for r in rows:
+        if r["method"] == "bp W2 g64":
+            old = t(r["out"], r["in"], r["batch"], "bp W2 g64 int8")
+            if old:
+                lines.append(f"{r['out']}x{r['in']} M={r['batch']}: W2 g64 lut {r['us']:.0f} us "
+                             f"vs int8 path {old['us']:.0f} us = {old['us'] / r['us']:.2f}x")
     r = t(4096, 4096, 1, "bp W2 g64")
     f16 = t(4096, 4096, 1, "torch fp16")
     if r:
