@@ -49,8 +49,6 @@ are supported; other calls (8-bit, ...) fall back to the reference.
 from __future__ import annotations
 
 import os
-import threading
-import weakref
 from typing import Optional
 
 import torch
@@ -58,6 +56,7 @@ import torch
 from ..formats.packing import packed_words
 from . import native
 from .ops import register_impl
+from .repack_cache import RepackCache, tensor_sig
 
 _C = native._module()
 if _C is None or not hasattr(_C, "qmm_dense"):
@@ -69,8 +68,7 @@ _mode = os.environ.get("BITPRESS_CPU_ACT", "lut")
 if _mode not in _MODES:
     raise ValueError(f"BITPRESS_CPU_ACT must be 'lut', 'int8' or 'exact', got {_mode!r}")
 _isa = _C.qmm_get_isa()
-_lock = threading.Lock()
-_cache: dict[int, tuple] = {}
+_CACHE = RepackCache()
 
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -103,23 +101,11 @@ def get_act_mode() -> str:
 
 
 def clear_cache() -> None:
-    with _lock:
-        _cache.clear()
+    _CACHE.clear()
 
 
-# ---- repacking cache -------------------------------------------------------------------------
-# One entry per weight tensor, keyed by id() and validated by a weak reference to the tensor
-# plus the storage pointers and version counters of every tensor the repack read, so an
-# in-place update (or a recycled id) triggers a fresh repack. Entries die with the tensor.
-def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors carry no version counter
-        return 0
-
-
-def _sig(t: torch.Tensor) -> tuple:
-    return (t.data_ptr(), _version(t), t.shape, t.dtype)
+# ---- repacking cache (shared mechanism: bitpress.kernels.repack_cache) ----------------------
+_sig = tensor_sig
 
 
 def _params(scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -129,22 +115,7 @@ def _params(scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def _cached(owner: torch.Tensor, sig: tuple, build, layout: int = 0):
-    key = (id(owner), layout)
-    hit = _cache.get(key)
-    if hit is not None and hit[0]() is owner and hit[1] == sig:
-        return hit[2]
-    value = build()
-    ref = weakref.ref(owner, lambda _r, k=key: _drop(k, _r))
-    with _lock:
-        _cache[key] = (ref, sig, value)
-    return value
-
-
-def _drop(key: int, ref) -> None:
-    with _lock:
-        hit = _cache.get(key)
-        if hit is not None and hit[0] is ref:
-            del _cache[key]
+    return _CACHE.get(owner, sig, build, layout)
 
 
 def _dense_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,

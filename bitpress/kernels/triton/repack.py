@@ -15,55 +15,25 @@ with the tensor). The disk format is untouched.
 """
 from __future__ import annotations
 
-import threading
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 
 from ...formats.packing import pack_codes, packed_words, unpack_codes
+from ..repack_cache import RepackCache, tensor_sig
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-_lock = threading.Lock()
-_cache: dict[int, tuple] = {}
+_CACHE = RepackCache()
+_sig = tensor_sig
 
 
 def clear_cache() -> None:
-    with _lock:
-        _cache.clear()
-
-
-def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors carry no version counter
-        return 0
-
-
-def _sig(t: torch.Tensor) -> tuple:
-    return (t.data_ptr(), _version(t), tuple(t.shape), t.dtype, t.device)
+    _CACHE.clear()
 
 
 def _cached(owner: torch.Tensor, sig: tuple, build: Callable[[], Any]) -> Any:
-    key = id(owner)
-    hit = _cache.get(key)
-    if hit is not None and hit[0]() is owner and hit[1] == sig:
-        return hit[2]
-    value = build()
-    ref = weakref.ref(owner, lambda _r, k=key, drop=_drop: drop(k, _r))
-    with _lock:
-        _cache[key] = (ref, sig, value)
-    return value
-
-
-def _drop(key: int, ref, lock=_lock, cache=_cache) -> None:
-    # bound as defaults: weakref callbacks may fire at interpreter shutdown, after the
-    # module globals are gone
-    with lock:
-        hit = cache.get(key)
-        if hit is not None and hit[0] is ref:
-            del cache[key]
+    return _CACHE.get(owner, sig, build)
 
 
 def _param(t: torch.Tensor) -> torch.Tensor:
