@@ -166,33 +166,42 @@ def _tiny(dtype: Optional[torch.dtype]) -> float:
     return float(torch.finfo(torch.float16).tiny) if dtype == torch.float16 else 1e-12
 
 
+def grouped_normal_pieces(obj: Any, W: torch.Tensor, H: torch.Tensor, group_size: int) -> None:
+    """Set on ``obj`` the layer-wide pieces of the per-row least-squares problems over the
+    group parameters (used by decoupleQ's float step and GQSA's masked refit): ``W`` and the
+    symmetrised ``H`` padded to ``N = G·gs`` columns in float64 (``Wp``, ``Hp``), the group
+    sums ``B = H E`` [N, G] and ``Zz = Eᵀ H E`` [G, G], ``WH = W H`` [out, N], ``c = wᵀHw``
+    [out] and ``bz = W H E`` [out, G]; plus ``out, n, gs, G, N``."""
+    out, n = W.shape
+    obj.out, obj.n = out, n
+    obj.gs = gs = effective_group_size(group_size, n)
+    obj.G = G = num_groups(group_size, n)
+    obj.N = N = G * gs
+    pad = N - n
+    Hd = H.detach().to(torch.float64)
+    Hd = (Hd + Hd.T) * 0.5
+    obj.Hp = torch.nn.functional.pad(Hd, (0, pad, 0, pad)) if pad else Hd
+    obj.B = obj.Hp.view(N, G, gs).sum(-1)
+    obj.Zz = obj.B.view(G, gs, G).sum(1)
+    Wp = W.detach().to(torch.float64)
+    obj.Wp = torch.nn.functional.pad(Wp, (0, pad)) if pad else Wp
+    obj.WH = obj.Wp @ obj.Hp
+    obj.c = (obj.Wp * obj.WH).sum(1)
+    obj.bz = obj.WH.view(out, G, gs).sum(-1)
+
+
 class _Problem:
     """``W``, ``H`` padded to ``N = G·gs`` columns (zeros) in float64, with the shared pieces
     of the normal equations."""
 
     def __init__(self, W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, sym: bool,
                  param_dtype: Optional[torch.dtype], row_chunk: Optional[int]) -> None:
-        out, n = W.shape
+        grouped_normal_pieces(self, W, H, group_size)
+        out, G, N = self.out, self.G, self.N
         self.bits = bits
-        self.out, self.n = out, n
-        self.gs = effective_group_size(group_size, n)
-        self.G = num_groups(group_size, n)
-        self.N = self.G * self.gs
         self.sym = sym
         self.param_dtype = param_dtype
         self.tiny = _tiny(param_dtype)
-        pad = self.N - n
-        Hd = H.detach().to(torch.float64)
-        Hd = (Hd + Hd.T) * 0.5
-        self.Hp = torch.nn.functional.pad(Hd, (0, pad, 0, pad)) if pad else Hd
-        G, gs, N = self.G, self.gs, self.N
-        self.B = self.Hp.view(N, G, gs).sum(-1)                  # H E        [N, G]
-        self.Zz = self.B.view(G, gs, G).sum(1)                   # Eᵀ H E     [G, G]
-        Wp = W.detach().to(torch.float64)
-        self.Wp = torch.nn.functional.pad(Wp, (0, pad)) if pad else Wp
-        self.WH = self.Wp @ self.Hp                               # [out, N]
-        self.c = (self.Wp * self.WH).sum(1)                       # wᵀHw       [out]
-        self.bz = self.WH.view(out, G, gs).sum(-1)                # [out, G]
         # offsets given scales: (Zz + ridge) z = bz − M_szᵀ s, one factorisation for all rows
         dz = torch.diagonal(self.Zz).clamp(min=0)
         dz = dz + 1e-300 + 1e-12 * float(dz.mean()) if G else dz

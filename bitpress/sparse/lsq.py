@@ -23,7 +23,8 @@ from typing import Optional
 
 import torch
 
-from ..formats import effective_group_size, num_groups, qrange
+from ..formats import qrange
+from ..quant.decoupleq import grouped_normal_pieces
 
 RIDGE = 1e-10
 CHUNK_BYTES = 64 << 20
@@ -63,23 +64,8 @@ class MaskedLeastSquares:
 
     def __init__(self, W: torch.Tensor, H: torch.Tensor, group_size: int,
                  row_chunk: Optional[int] = None) -> None:
-        out, n = W.shape
-        self.out, self.n = out, n
-        self.gs = effective_group_size(group_size, n)
-        self.G = num_groups(group_size, n)
-        self.N = self.G * self.gs
-        pad = self.N - n
-        Hd = H.detach().to(torch.float64)
-        Hd = (Hd + Hd.T) * 0.5
-        self.Hp = torch.nn.functional.pad(Hd, (0, pad, 0, pad)) if pad else Hd
-        G, gs, N = self.G, self.gs, self.N
-        self.B = self.Hp.view(N, G, gs).sum(-1)                   # H E      [N, G]
-        self.Zz = self.B.view(G, gs, G).sum(1)                    # Eᵀ H E   [G, G]
-        Wp = W.detach().to(torch.float64)
-        self.Wp = torch.nn.functional.pad(Wp, (0, pad)) if pad else Wp
-        self.WH = self.Wp @ self.Hp
-        self.c = (self.Wp * self.WH).sum(1)
-        self.bz = self.WH.view(out, G, gs).sum(-1)
+        grouped_normal_pieces(self, W, H, group_size)
+        out, G, N = self.out, self.G, self.N
         per_row = 8 * (3 * N + 8 * (2 * G) ** 2)
         self.row_chunk = row_chunk or max(1, min(out, CHUNK_BYTES // per_row))
 
