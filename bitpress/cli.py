@@ -1,4 +1,4 @@
-"""The ``bitpress`` command: ``compress``, ``eval``, ``inspect``, ``generate``.
+"""The ``bitpress`` command: ``compress``, ``finetune``, ``eval``, ``inspect``, ``generate``.
 
 User mistakes print one line (``bitpress: error: ...``) and exit with status 2; no
 traceback, and no output directory is left behind.
@@ -72,6 +72,35 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--damp", type=float, default=None,
                    help="GPTQ: damping, relative to the mean Hessian diagonal (default 0.01)")
 
+    t = c.add_argument_group("block tuning (against the float block's outputs, after each "
+                             "block's linears are solved)")
+    t.add_argument("--block-tune", default=None, choices=["none", "float_parts", "bqpo"],
+                   help="float_parts: train scales/zeros and norms, codes frozen (decoupleQ); "
+                        "bqpo: also the kept weights by straight-through rounding, mask "
+                        "frozen (GQSA). Default: float_parts for decoupleq, bqpo for gqsa, "
+                        "none otherwise")
+    t.add_argument("--tune-epochs", type=int, default=None,
+                   help="passes over the calibration samples per block (default 4)")
+    t.add_argument("--tune-lr", type=float, default=None, help="Adam learning rate")
+
+    f = sub.add_parser("finetune", help="fine-tune the scales/zeros (and norms) of a packed "
+                       "checkpoint end to end on a text; codes untouched")
+    f.add_argument("dir", help="bitpress checkpoint directory (rewritten atomically unless --out)")
+    f.add_argument("--text", required=True, help="UTF-8 text file to train on")
+    f.add_argument("--out", default=None, help="write the result here instead of into DIR")
+    f.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    f.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (default: --epochs passes over the windows)")
+    f.add_argument("--epochs", type=int, default=1, help="passes over the windows (default 1)")
+    f.add_argument("--lr", type=float, default=None, help="Adam learning rate")
+    f.add_argument("--norm-lr", type=float, default=None,
+                   help="learning rate of the norm weights (default: --lr)")
+    f.add_argument("--batch-size", type=int, default=1, help="windows per step (default 1)")
+    f.add_argument("--nsamples", type=int, default=128, help="training windows (default 128)")
+    f.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
+    f.add_argument("--seed", type=int, default=0, help="seed of windows and order (default 0)")
+    f.add_argument("--no-norms", action="store_true", help="train only scales/zeros")
+
     e = sub.add_parser("eval", help="perplexity of a model (HF dir, .gguf or bitpress checkpoint)")
     e.add_argument("model")
     e.add_argument("--text", required=True, help="UTF-8 text file to score")
@@ -123,6 +152,44 @@ def _load_any(path: str):
     return src.load_model(), src.load_tokenizer()
 
 
+def _finetune(args) -> dict:
+    """``bitpress finetune``: everything checkable is checked before the model is loaded;
+    the checkpoint is rewritten (or ``--out`` written) atomically only after training."""
+    from pathlib import Path
+
+    from .errors import ConfigError, OutputExistsError
+    from .pipeline.calib import calibration_windows
+    from .pipeline.checkpoint import load, load_tokenizer
+    from .pipeline.evaluate import model_context, read_text
+    from .quant.finetune import DEFAULT_LR, finetune_float_parts, write_float_parts
+
+    d = Path(args.dir)
+    if args.out is not None and Path(args.out).exists() and not args.force:
+        raise OutputExistsError(f"output directory {args.out} already exists; choose another "
+                                f"path or pass --force to replace it")
+    for name in ("steps", "nsamples", "batch_size", "epochs"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    lr = args.lr if args.lr is not None else DEFAULT_LR
+    if not lr > 0 or (args.norm_lr is not None and not args.norm_lr > 0):
+        raise ConfigError("--lr / --norm-lr must be positive")
+    text = read_text(args.text)
+    model = load(d)
+    tok = load_tokenizer(d)
+    ids = calibration_windows(tok, text, args.nsamples, args.seqlen, args.seed,
+                              context=model_context(model))
+    res = finetune_float_parts(model, ids, steps=args.steps, epochs=args.epochs, lr=lr,
+                               norm_lr=args.norm_lr, batch_size=args.batch_size,
+                               train_norms=not args.no_norms, seed=args.seed, progress=True)
+    res.update({"source": str(d), "text": str(args.text), "nsamples": args.nsamples,
+                "seed": args.seed})
+    out = write_float_parts(model, d, args.out, overwrite=args.force, norms=not args.no_norms,
+                            record=res)
+    res["out"] = str(out)
+    return res
+
+
 def run(args) -> int:
     if args.command == "compress":
         from .pipeline.compress import compress
@@ -132,10 +199,14 @@ def run(args) -> int:
         summary = compress(args.src, args.out, _recipe(args), overwrite=args.force,
                            dtype=getattr(torch, args.dtype), calib=args.calib,
                            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                           batch_size=args.calib_batch_size)
+                           batch_size=args.calib_batch_size, block_tune=args.block_tune,
+                           tune_epochs=args.tune_epochs, tune_lr=args.tune_lr)
         print(json.dumps({k: v for k, v in summary.items()
                           if k not in ("relative_weight_error", "tensors_read_per_block")},
                          indent=2))
+    elif args.command == "finetune":
+        res = _finetune(args)
+        print(json.dumps({k: v for k, v in res.items() if k != "losses"}, indent=2))
     elif args.command == "inspect":
         from .pipeline.inspect import format_report, inspect_checkpoint
 

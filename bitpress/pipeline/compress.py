@@ -26,6 +26,10 @@ CALIBRATED = ("gptq", "decoupleq", "gqsa")
 #: group-sparse methods: ``--sparsity`` defaults to this share of pruned groups
 SPARSE_METHODS = {"gqsa": 0.5}
 
+#: block tuning (see :mod:`bitpress.quant.blocktune`) each method runs unless told otherwise
+BLOCK_TUNE_MODES = ("none", "float_parts", "bqpo")
+BLOCK_TUNE_DEFAULTS: dict[str, str] = {"decoupleq": "float_parts", "gqsa": "bqpo"}
+
 #: GPTQ defaults: act-order (static groups) always, H-weighted clip search at <= 3 bits, as
 #: the GPTQ work suggests; not yet re-measured here on the full protocol (bench/RESULTS.md)
 GPTQ_DEFAULTS: dict[str, Any] = {"act_order": True, "damp": 0.01}
@@ -71,7 +75,9 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
              calib: Optional[str | os.PathLike] = None, nsamples: int = 128,
              seqlen: int = 512, seed: int = 0, batch_size: int = 8,
              calibrate: Optional[bool] = None,
-             block_hook: Optional[BlockHook] = None) -> dict[str, Any]:
+             block_hook: Optional[BlockHook] = None, block_tune: Optional[str] = None,
+             tune_epochs: Optional[int] = None, tune_lr: Optional[float] = None,
+             tune_options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Compress ``src`` with ``recipe`` block by block and write a bitpress checkpoint.
 
     Only one decoder block's float weights are in memory at a time (see
@@ -99,6 +105,10 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
         raise OutputExistsError(f"output directory {out} already exists; choose another path "
                                 f"or pass --force to replace it")
     solve = _solver(recipe)
+    tuner = _block_tuner(recipe, block_tune, tune_epochs, tune_lr, tune_options, block_hook,
+                         progress)
+    if tuner is not None:
+        block_hook = tuner
     source = open_source(src)
     if source.kind == "bitpress":
         raise ConfigError(f"{src} is already a bitpress checkpoint; compress the original model")
@@ -130,6 +140,11 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
         "calibration": ({"text": calib_desc, "nsamples": nsamples, "seqlen": seqlen,
                          "seed": seed, "batch_size": batch_size} if calibrate else None),
         "seconds_load": round(t_setup, 2), "seconds_quantize": round(res.seconds_quantize, 2),
+        "seconds_solver": round(res.seconds_quantize - (tuner.seconds if tuner else 0.0), 2),
+        "block_tune": tuner.options() if tuner is not None else None,
+        "seconds_block_tune": round(tuner.seconds, 2) if tuner is not None else 0.0,
+        "block_tune_losses": [r.to_dict() for r in tuner.records] if tuner is not None
+        else None,
         "sequential_groups": res.groups,
         "memory_bytes": res.memory, "tensors_read_per_block": res.reads_per_block,
         "error_metric": res.error_metric,
@@ -143,6 +158,35 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
     _save_with_summary(res.model, out, tokenizer, qcfg, overwrite, dtype, summary, t0)
     summary["out"] = str(out)
     return summary
+
+
+def _block_tuner(recipe: Recipe, block_tune: Optional[str], epochs: Optional[int],
+                 lr: Optional[float], options: Optional[dict[str, Any]],
+                 block_hook: Optional[BlockHook], progress: bool):
+    """The :class:`~bitpress.quant.blocktune.BlockTuner` asked for (``None``: no tuning)."""
+    from ..quant.blocktune import DEFAULT_EPOCHS, DEFAULT_LR, make_block_tuner
+
+    if block_tune is not None and block_tune not in BLOCK_TUNE_MODES:
+        raise ConfigError(f"unknown block tuning {block_tune!r}; choose one of "
+                          f"{', '.join(BLOCK_TUNE_MODES)}")
+    explicit = block_tune is not None and block_tune != "none"
+    if block_hook is not None:
+        if explicit:
+            raise ConfigError("give either a custom block_hook or block_tune, not both")
+        mode = "none"
+    else:
+        mode = block_tune if block_tune is not None else \
+            BLOCK_TUNE_DEFAULTS.get(recipe.method, "none")
+    if mode == "none":
+        if epochs is not None or lr is not None:
+            raise ConfigError("--tune-epochs / --tune-lr need block tuning; drop them or pick "
+                              "--block-tune float_parts|bqpo")
+        return None
+    opts = dict(options or {})
+    opts.setdefault("param_dtype", recipe.torch_param_dtype)
+    opts.setdefault("progress", progress)
+    return make_block_tuner(mode, epochs=epochs if epochs is not None else DEFAULT_EPOCHS,
+                            lr=lr if lr is not None else DEFAULT_LR, **opts)
 
 
 def _bits_per_weight(model) -> float:

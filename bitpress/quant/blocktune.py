@@ -1,0 +1,436 @@
+"""Block-wise minimisation of a quantized decoder block against the float block's outputs.
+
+The streaming pipeline (:func:`bitpress.pipeline.stream.stream_quantize`) calls a *block
+hook* once every target linear of a block has been solved; the hook sees the block (its
+linears hold the dequantised weights), the quantized model's inputs to the block and the
+*float* block's outputs on the same inputs (``ctx.targets``). :func:`make_block_tuner`
+builds such a hook. Two modes:
+
+* ``"float_parts"`` (decoupleQ, issue 4 item 3): the integer codes are frozen; float32
+  master copies of every linear's scale and zero (per row and group) and the block's norm
+  weights are trained with Adam on the mean squared error of the block output.
+* ``"bqpo"`` (GQSA's block-wise quantization-pruning optimisation, issue 6 item 2): the
+  group mask is frozen; the kept weights ``V`` (float32, initialised from the dequantised
+  weights) are trained with straight-through rounding onto the current grid, together with
+  ``s``, ``z`` and the norms: the forward uses ``W = keep·(s·clamp(round((V − z)/s)) + z)``;
+  gradients reach ``V`` through the straight-through rounding and ``s``, ``z`` as in
+  ``float_parts`` (the codes count as constants for them). Afterwards the codes are
+  re-derived from ``V`` and the trained (storage-rounded) ``s``, ``z`` and clamped; pruned
+  groups stay pruned (their codes and parameters are left as they were).
+
+Per block the output loss on the calibration batches is measured before and after tuning,
+with the weights exactly as the pipeline will use them (parameters rounded to the storage
+dtype); a block whose loss did not drop keeps its untuned parameters and norms (logged), so
+tuning never makes a block worse on the calibration data.
+
+Norm weights are changed in place in ``ctx.block``, so the pipeline's packed model (and the
+saved checkpoint) keeps them. Norm parameters are found generically: every parameter of a
+non-linear sub-module whose class name contains ``Norm`` (``LayerNorm``, ``LlamaRMSNorm``,
+GPT-2's ``ln_1``/``ln_2``, Qwen3's ``q_norm``...) or whose qualified name contains ``norm``.
+
+Memory: the targets are the ones the pipeline already holds; training slices them (views,
+no copies). The hook adds, per target linear, float32 codes and the trainable parameters
+with their Adam state (``bqpo``: ``V`` and its two Adam moments, i.e. three float32 copies
+of the block's linear weights), and the activations of one micro-batch's backward pass.
+
+This module depends on the block only through ``BlockContext``'s fields and
+``ctx.inputs.extra`` (the per-batch-size extra arguments of the block call), which it slices
+along the batch dimension to run micro-batches smaller than a calibration batch.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..formats import QuantizedWeight, qrange
+
+if TYPE_CHECKING:  # the pipeline owns the context; nothing here imports it at run time
+    from ..pipeline.stream import BlockContext
+
+log = logging.getLogger(__name__)
+
+MODES = ("float_parts", "bqpo")
+#: defaults (see :func:`make_block_tuner` for how they were chosen)
+DEFAULT_EPOCHS = 4
+DEFAULT_LR = 1e-5
+DEFAULT_MICRO_BATCH = 1
+
+
+# ---------------------------------------------------------------------------------------
+# generic helpers (linears, norms, slicing the block call)
+# ---------------------------------------------------------------------------------------
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+def _weight_of(m: nn.Module) -> torch.Tensor:
+    """``[out, in]`` view of an ``nn.Linear`` or GPT-2 ``Conv1D`` weight (``[in, out]``)."""
+    w = m.weight.detach()
+    return w.t() if type(m).__name__ == "Conv1D" else w
+
+
+def _set_weight(m: nn.Module, w: torch.Tensor) -> None:
+    w = w.t().contiguous() if type(m).__name__ == "Conv1D" else w.contiguous()
+    m.weight.data = w.to(m.weight.dtype)
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def norm_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    """Qualified name → parameter of every normalisation weight/bias inside ``module``.
+
+    A parameter counts when its owning module's class name contains ``Norm`` (LayerNorm,
+    RMSNorm and their model-specific subclasses; GPT-2's ``ln_1``) or when its qualified name
+    contains ``norm``; parameters of linear layers and of the packed modules never count."""
+    out: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for mname, m in module.named_modules():
+        if _is_linear(m) or hasattr(m, "float_parts_trainable"):
+            continue
+        norm_mod = "norm" in type(m).__name__.lower()
+        for pname, p in m.named_parameters(recurse=False):
+            full = f"{mname}.{pname}" if mname else pname
+            if (norm_mod or "norm" in full.lower()) and id(p) not in seen \
+                    and p.is_floating_point():
+                seen.add(id(p))
+                out[full] = p
+    return out
+
+
+def _slice_batch(obj: Any, B: int, j: int, mb: int) -> Any:
+    """Slice every tensor of ``obj`` (nested tuples/lists/dicts) whose first dimension is the
+    batch ``B`` (and that has at least 2 dimensions: 1-D tensors such as ``cache_position``
+    are not batch-indexed) to ``[j:j+mb]``; broadcast tensors (first dim 1) stay."""
+    if isinstance(obj, torch.Tensor):
+        return obj[j:j + mb] if obj.dim() >= 2 and obj.shape[0] == B and B > 1 else obj
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_slice_batch(o, B, j, mb) for o in obj)
+    if isinstance(obj, list):
+        return [_slice_batch(o, B, j, mb) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _slice_batch(v, B, j, mb) for k, v in obj.items()}
+    return obj
+
+
+def _call_block(ctx: "BlockContext", k: int, j: int = 0, mb: Optional[int] = None
+                ) -> torch.Tensor:
+    """The block's output on samples ``j:j+mb`` of calibration batch ``k``."""
+    h = ctx.hidden[k]
+    B = h.shape[0]
+    if mb is None or (j == 0 and mb >= B):
+        return ctx.inputs.call(ctx.block, ctx.index, h)
+    args, kwargs = ctx.inputs.extra[ctx.index][B]
+    out = ctx.block(h[j:j + mb], *_slice_batch(args, B, j, mb),
+                    **_slice_batch(kwargs, B, j, mb))
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def block_output_loss(ctx: "BlockContext") -> float:
+    """Mean squared error of the block's output against ``ctx.targets`` over every
+    calibration batch (element-weighted mean)."""
+    total, count = 0.0, 0
+    for k, t in enumerate(ctx.targets):
+        out = _call_block(ctx, k)
+        total += float((out.float() - t.float()).pow(2).sum())
+        count += t.numel()
+    if count == 0:
+        raise ConfigError("block tuning needs calibration batches (ctx.targets is empty)")
+    return total / count
+
+
+# ---------------------------------------------------------------------------------------
+# the trainable stand-in for one linear
+# ---------------------------------------------------------------------------------------
+def _grouped(t: torch.Tensor, gs: int, ng: int) -> torch.Tensor:
+    """``[out, in]`` → ``[out, ng, gs]`` zero-padded (the padding is sliced off again)."""
+    out, n = t.shape
+    pad = ng * gs - n
+    if pad:
+        t = nn.functional.pad(t, (0, pad))
+    return t.reshape(out, ng, gs)
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+class _TunedLinear(nn.Module):
+    """Computes ``x Wᵀ + b`` with ``W`` built from codes (or latent weights) and float32
+    master copies of the group parameters; stands in for one linear during tuning."""
+
+    def __init__(self, qw: QuantizedWeight, bias: Optional[torch.Tensor], mode: str,
+                 train_zero: bool) -> None:
+        super().__init__()
+        self.mode, self.bits = mode, qw.bits
+        self.gs, self.ng, self.n = qw.gs, qw.n_groups, qw.in_features
+        self.qmin, self.qmax = qrange(qw.bits)
+        self.scale = nn.Parameter(qw.scale.detach().float().clone())
+        z = qw.zero.detach().float().clone()
+        self.zero = nn.Parameter(z) if train_zero else None
+        if not train_zero:
+            self.register_buffer("zero_fixed", z)
+        keep = qw.keep if qw.keep is not None else None
+        self.register_buffer("keep", None if keep is None else keep.float())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        if mode == "float_parts":
+            self.register_buffer("codes", _grouped(qw.codes.float(), self.gs, self.ng))
+            self.latent = None
+        else:
+            self.codes = None
+            self.latent = nn.Parameter(_grouped(qw.dequantize(), self.gs, self.ng).clone())
+
+    def z(self) -> torch.Tensor:
+        return self.zero if self.zero is not None else self.zero_fixed
+
+    def weight(self) -> torch.Tensor:
+        s, z = self.scale, self.z()
+        if self.keep is not None:
+            s, z = s * self.keep, z * self.keep
+        if self.mode == "float_parts":
+            q = self.codes
+        else:
+            sd = self.scale.detach()
+            sd = torch.where(sd.abs() > 1e-12, sd, torch.full_like(sd, 1e-12))
+            u = (self.latent - self.z().detach()[..., None]) / sd[..., None]
+            q = torch.clamp(_round_ste(u), self.qmin, self.qmax)
+        w = q * s[..., None] + z[..., None]
+        return w.reshape(w.shape[0], -1)[:, : self.n]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight().to(x.dtype),
+                                    None if self.bias is None else self.bias.to(x.dtype))
+
+    def parameters_to_train(self) -> list[nn.Parameter]:
+        return [p for p in (self.latent, self.scale, self.zero) if p is not None]
+
+    @torch.no_grad()
+    def result(self, old: QuantizedWeight, param_dtype: Optional[torch.dtype]
+               ) -> QuantizedWeight:
+        """The tuned QuantizedWeight: parameters rounded to the storage dtype; pruned groups
+        keep their old codes and parameters; ``bqpo`` re-derives (clamped) codes."""
+        def rnd(t: torch.Tensor) -> torch.Tensor:
+            return t.to(param_dtype).float() if param_dtype is not None else t.float()
+
+        kept = old.keep if old.keep is not None else torch.ones_like(old.scale, dtype=torch.bool)
+        scale = torch.where(kept, rnd(self.scale), old.scale.float())
+        zero = torch.where(kept, rnd(self.z()), old.zero.float())
+        codes = old.codes
+        if self.mode == "bqpo":
+            ok = kept & (scale.abs() > 1e-12)
+            safe = torch.where(ok, scale, torch.ones_like(scale))
+            u = (self.latent - zero[..., None]) / safe[..., None]
+            q = torch.clamp(torch.round(u), self.qmin, self.qmax)
+            q = q.reshape(q.shape[0], -1)[:, : self.n].to(torch.int8)
+            okx = ok.repeat_interleave(self.gs, dim=1)[:, : self.n]
+            codes = torch.where(okx, q, old.codes)
+        return QuantizedWeight(codes.contiguous(), scale, zero, old.bits, old.group_size,
+                               old.keep)
+
+
+# ---------------------------------------------------------------------------------------
+# the hook
+# ---------------------------------------------------------------------------------------
+@dataclass
+class BlockTuneRecord:
+    """What tuning did to one block (losses: MSE of the block output vs the targets)."""
+    block: int
+    name: str
+    loss_before: float
+    loss_after: float
+    accepted: bool
+    steps: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"block": self.block, "name": self.name, "loss_before": self.loss_before,
+                "loss_after": self.loss_after, "accepted": self.accepted, "steps": self.steps,
+                "seconds": round(self.seconds, 3)}
+
+
+@dataclass
+class BlockTuner:
+    """A :data:`~bitpress.pipeline.stream.BlockHook` that tunes each block; build it with
+    :func:`make_block_tuner`. ``records`` collects one :class:`BlockTuneRecord` per block."""
+    mode: str = "float_parts"
+    epochs: int = DEFAULT_EPOCHS
+    lr: float = DEFAULT_LR
+    norm_lr: Optional[float] = None
+    weight_lr: Optional[float] = None
+    micro_batch: Optional[int] = DEFAULT_MICRO_BATCH
+    train_norms: bool = True
+    param_dtype: Optional[torch.dtype] = torch.float16
+    seed: int = 0
+    progress: bool = True
+    records: list[BlockTuneRecord] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return sum(r.seconds for r in self.records)
+
+    def options(self) -> dict[str, Any]:
+        return {"mode": self.mode, "epochs": self.epochs, "lr": self.lr,
+                "norm_lr": self.norm_lr if self.norm_lr is not None else self.lr,
+                "weight_lr": (self.weight_lr if self.weight_lr is not None else self.lr)
+                if self.mode == "bqpo" else None,
+                "micro_batch": self.micro_batch, "train_norms": self.train_norms,
+                "param_dtype": str(self.param_dtype).replace("torch.", "")}
+
+    def __call__(self, ctx: "BlockContext") -> Optional[dict[str, QuantizedWeight]]:
+        with torch.enable_grad():
+            return self._tune(ctx)
+
+    # -----------------------------------------------------------------------------------
+    def _tune(self, ctx: "BlockContext") -> Optional[dict[str, QuantizedWeight]]:
+        t0 = time.time()
+        if not ctx.targets or len(ctx.targets) != len(ctx.hidden):
+            raise ConfigError("block tuning needs the float block's outputs on the "
+                              "calibration batches (run with calibration data)")
+        if not ctx.qweights:
+            return None
+        block = ctx.block
+        norms = norm_parameters(block) if self.train_norms else {}
+        norm_backup = {n: p.detach().clone() for n, p in norms.items()}
+        flags = {id(p): p.requires_grad for p in block.parameters()}
+        loss_before = block_output_loss(ctx)
+
+        originals = {n: block.get_submodule(n) for n in ctx.qweights}
+        tuned: dict[str, _TunedLinear] = {}
+        for n, qw in ctx.qweights.items():
+            m = originals[n]
+            bias = m.bias if getattr(m, "bias", None) is not None else None
+            train_zero = bool((qw.zero != 0).any())  # a symmetric grid keeps zero = 0
+            tuned[n] = _TunedLinear(qw, bias, self.mode, train_zero)
+        steps = 0
+        try:
+            for p in block.parameters():
+                p.requires_grad_(False)
+            for n, t in tuned.items():
+                _set_submodule(block, n, t)
+            for p in norms.values():
+                p.requires_grad_(True)
+            steps = self._train(ctx, tuned, norms)
+        finally:
+            for n, m in originals.items():
+                _set_submodule(block, n, m)
+            for p in block.parameters():
+                p.requires_grad_(flags.get(id(p), p.requires_grad))
+            for p in norms.values():
+                p.grad = None
+
+        new = {n: t.result(ctx.qweights[n], self.param_dtype) for n, t in tuned.items()}
+        del tuned
+        with torch.no_grad():
+            for n, qw in new.items():
+                _set_weight(originals[n], qw.dequantize())
+            loss_after = block_output_loss(ctx)
+            accepted = math.isfinite(loss_after) and loss_after < loss_before
+            if not accepted:
+                for n, qw in ctx.qweights.items():
+                    _set_weight(originals[n], qw.dequantize())
+                for n, p in norms.items():
+                    p.data.copy_(norm_backup[n])
+        rec = BlockTuneRecord(ctx.index, ctx.name, loss_before, loss_after, accepted, steps,
+                              time.time() - t0)
+        self.records.append(rec)
+        if accepted:
+            log.info("block tune %s (%s): loss %.4g -> %.4g (%.1f%%), %d steps, %.1f s",
+                     ctx.name, self.mode, loss_before, loss_after,
+                     100 * (loss_after / max(loss_before, 1e-30) - 1), steps, rec.seconds)
+        else:
+            log.info("block tune %s (%s): loss %.4g -> %.4g did not improve; kept the untuned "
+                     "parameters (%.1f s)", ctx.name, self.mode, loss_before, loss_after,
+                     rec.seconds)
+        return new if accepted else None
+
+    def _train(self, ctx: "BlockContext", tuned: dict[str, _TunedLinear],
+               norms: dict[str, nn.Parameter]) -> int:
+        from tqdm.auto import tqdm
+
+        groups: list[dict[str, Any]] = []
+        sz = [p for t in tuned.values() for p in (t.scale, t.zero) if p is not None]
+        groups.append({"params": sz, "lr": self.lr})
+        latents = [t.latent for t in tuned.values() if t.latent is not None]
+        if latents:
+            groups.append({"params": latents,
+                           "lr": self.weight_lr if self.weight_lr is not None else self.lr})
+        if norms:
+            groups.append({"params": list(norms.values()),
+                           "lr": self.norm_lr if self.norm_lr is not None else self.lr})
+        opt = torch.optim.Adam(groups)
+        chunks = []
+        for k, h in enumerate(ctx.hidden):
+            B = h.shape[0]
+            mb = B if self.micro_batch is None else min(self.micro_batch, B)
+            chunks += [(k, j, min(mb, B - j)) for j in range(0, B, mb)]
+        g = torch.Generator().manual_seed(self.seed)
+        total = self.epochs * len(chunks)
+        bar = tqdm(total=total, desc=f"tune {ctx.name}", unit="step", leave=False,
+                   disable=not self.progress)
+        steps = 0
+        try:
+            for _ in range(self.epochs):
+                run, n_run = 0.0, 0
+                for i in torch.randperm(len(chunks), generator=g).tolist():
+                    k, j, mb = chunks[i]
+                    out = _call_block(ctx, k, j, mb)
+                    target = ctx.targets[k][j:j + mb]
+                    loss = nn.functional.mse_loss(out.float(), target.float())
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    steps += 1
+                    run, n_run = run + float(loss.detach()), n_run + 1
+                    bar.update(1)
+                    if n_run % 8 == 0:
+                        bar.set_postfix(loss=f"{run / n_run:.4g}")
+        finally:
+            bar.close()
+        return steps
+
+
+def make_block_tuner(mode: str = "float_parts", *, epochs: int = DEFAULT_EPOCHS,
+                     lr: float = DEFAULT_LR, norm_lr: Optional[float] = None,
+                     weight_lr: Optional[float] = None,
+                     micro_batch: Optional[int] = DEFAULT_MICRO_BATCH,
+                     train_norms: bool = True,
+                     param_dtype: Optional[torch.dtype | str] = torch.float16,
+                     seed: int = 0, progress: bool = True) -> BlockTuner:
+    """A block hook for :func:`~bitpress.pipeline.stream.stream_quantize` (``block_hook=``).
+
+    ``mode``: ``"float_parts"`` (codes frozen; scales, zeros, norms trained) or ``"bqpo"``
+    (mask frozen; kept weights by straight-through rounding, scales, zeros, norms trained;
+    codes re-derived). ``epochs`` passes over the calibration samples, one Adam step per
+    ``micro_batch`` samples (``None``: per calibration batch) at learning rate ``lr``
+    (``norm_lr`` for norm weights and ``weight_lr`` for ``bqpo``'s latent weights default to
+    ``lr``). ``param_dtype``: storage dtype of scales/zeros; the result is rounded to it before
+    the acceptance check. The returned hook keeps per-block :class:`BlockTuneRecord`\\ s in
+    ``.records``.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"unknown block tuning mode {mode!r}; choose one of {', '.join(MODES)}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"block tuning epochs must be a positive integer, got {epochs!r}")
+    for name, v in (("lr", lr), ("norm_lr", norm_lr), ("weight_lr", weight_lr)):
+        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ConfigError(f"block tuning {name} must be a positive number, got {v!r}")
+    if micro_batch is not None and (not isinstance(micro_batch, int) or micro_batch < 1):
+        raise ConfigError(f"block tuning micro batch must be a positive integer, got "
+                          f"{micro_batch!r}")
+    if isinstance(param_dtype, str):
+        if param_dtype not in ("float16", "bfloat16", "float32"):
+            raise ConfigError(f"param dtype {param_dtype!r} not supported")
+        param_dtype = getattr(torch, param_dtype)
+    return BlockTuner(mode, epochs, float(lr), norm_lr, weight_lr, micro_batch, train_norms,
+                      param_dtype, seed, progress)

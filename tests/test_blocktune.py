@@ -1,0 +1,220 @@
+"""Block-wise minimisation (decoupleQ float parts, GQSA BQPO) inside the streaming pipeline,
+on the tiny Llama / GPT-2 fixtures: the block output loss never rises, codes (float_parts) and
+masks (bqpo) stay, tuned norms reach the saved checkpoint, bad options fail early."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import bitpress
+from bitpress.errors import ConfigError
+from bitpress.nn import Recipe
+from bitpress.pipeline.compress import compress
+from bitpress.quant.blocktune import block_output_loss, make_block_tuner, norm_parameters
+
+from conftest import TEXT
+
+FAST = dict(nsamples=8, seqlen=48, batch_size=4, progress=False, dtype=torch.float32)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    p = tmp_path / "calib.txt"
+    p.write_text(TEXT)
+    return p
+
+
+class Spy:
+    """Wraps a tuner; records what each block looked like before and after."""
+
+    def __init__(self, tuner):
+        self.tuner, self.rows = tuner, []
+
+    def __call__(self, ctx):
+        before = {n: (qw.codes.clone(), qw.scale.clone(), qw.zero.clone(),
+                      None if qw.keep is None else qw.keep.clone())
+                  for n, qw in ctx.qweights.items()}
+        norms0 = {n: p.detach().clone() for n, p in norm_parameters(ctx.block).items()}
+        loss0 = block_output_loss(ctx)
+        new = self.tuner(ctx)
+        if new:  # what the pipeline does with the result
+            for n, qw in new.items():
+                m = ctx.block.get_submodule(n)
+                w = qw.dequantize()
+                m.weight.data = (w.t() if type(m).__name__ == "Conv1D" else w).contiguous()
+        loss1 = block_output_loss(ctx)
+        norms1 = {n: p.detach().clone() for n, p in norm_parameters(ctx.block).items()}
+        self.rows.append(dict(name=ctx.name, before=before, new=new, loss0=loss0,
+                              loss1=loss1, norms0=norms0, norms1=norms1))
+        return new
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama_dir", "tiny_gpt2_dir"])
+def test_float_parts_lowers_loss_keeps_codes_saves_norms(request, tmp_path, calib_file, arch):
+    src = request.getfixturevalue(arch)
+    spy = Spy(make_block_tuner("float_parts", epochs=3, lr=1e-3, progress=False,
+                               param_dtype=torch.float32))
+    out = tmp_path / "q"
+    compress(src, out, Recipe(method="decoupleq", bits=2, group_size=32), calib=calib_file,
+             block_hook=spy, **FAST)
+    assert len(spy.rows) == 2
+    assert any(r["new"] for r in spy.rows), "tuning improved no block at all"
+    for r in spy.rows:
+        assert r["loss1"] <= r["loss0"] * (1 + 1e-6)
+        if r["new"]:
+            assert r["loss1"] < r["loss0"]
+            for n, (codes, scale, zero, keep) in r["before"].items():
+                assert torch.equal(r["new"][n].codes, codes)  # codes frozen
+                assert r["new"][n].keep is None
+            assert any(not torch.equal(r["new"][n].scale, b[1]) for n, b in r["before"].items())
+            assert any(not torch.equal(r["norms1"][k], v) for k, v in r["norms0"].items())
+        else:  # rejected: norms restored exactly
+            assert all(torch.equal(r["norms1"][k], v) for k, v in r["norms0"].items())
+    # GPT-2 ln_1/ln_2 (weight and bias) and Llama's RMSNorms are found
+    names = list(spy.rows[0]["norms0"])
+    assert len(names) == (4 if arch == "tiny_gpt2_dir" else 2), names
+    # the tuned norm weights are in the saved checkpoint (float32 storage here: exact)
+    model = bitpress.load(out)
+    sd = model.state_dict()
+    for r in spy.rows:
+        for k, v in r["norms1"].items():
+            assert torch.equal(sd[f"{r['name']}.{k}"], v), k
+
+
+def test_float_parts_block0_codes_identical_to_untuned_run(tiny_llama_dir, tmp_path,
+                                                             calib_file):
+    """Block 0 sees the same inputs with and without tuning: its packed codes are
+    byte-identical, its scales differ; the summary records tuning time and losses."""
+    from safetensors.torch import load_file
+
+    recipe = Recipe(method="decoupleq", bits=2, group_size=32)
+    a = compress(tiny_llama_dir, tmp_path / "a", recipe, calib=calib_file, block_tune="none",
+                 **FAST)
+    b = compress(tiny_llama_dir, tmp_path / "b", recipe, calib=calib_file,
+                 block_tune="float_parts", tune_epochs=3, tune_lr=1e-3, **FAST)
+    assert a["block_tune"] is None and a["seconds_block_tune"] == 0.0
+    assert b["block_tune"]["mode"] == "float_parts" and b["block_tune"]["epochs"] == 3
+    assert b["seconds_block_tune"] > 0 and b["seconds_solver"] > 0
+    assert b["seconds_solver"] + b["seconds_block_tune"] == pytest.approx(
+        b["seconds_quantize"], abs=0.05)
+    recs = b["block_tune_losses"]
+    assert [r["block"] for r in recs] == [0, 1]
+    assert all(r["loss_after"] <= r["loss_before"] or not r["accepted"] for r in recs)
+    saved = json.loads((tmp_path / "b" / "bitpress_summary.json").read_text())
+    assert saved["block_tune_losses"] == recs
+    ta, tb = load_file(tmp_path / "a" / "model.safetensors"), \
+        load_file(tmp_path / "b" / "model.safetensors")
+    pre = "model.layers.0."
+    qkeys = [k for k in ta if k.startswith(pre) and k.endswith(".qweight")]
+    assert len(qkeys) == 7
+    for k in qkeys:
+        assert torch.equal(ta[k], tb[k]), k
+    if recs[0]["accepted"]:
+        assert any(not torch.equal(ta[k.replace("qweight", "scales")],
+                                   tb[k.replace("qweight", "scales")]) for k in qkeys)
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama_dir", "tiny_gpt2_dir"])
+def test_bqpo_keeps_mask_and_never_raises_loss(request, tmp_path, calib_file, arch):
+    src = request.getfixturevalue(arch)
+    spy = Spy(make_block_tuner("bqpo", epochs=3, lr=1e-3, weight_lr=1e-3, progress=False))
+    out = tmp_path / "q"
+    compress(src, out, Recipe(method="gqsa", bits=4, group_size=16, sparsity=0.5),
+             calib=calib_file, block_hook=spy, **FAST)
+    for r in spy.rows:
+        assert r["loss1"] <= r["loss0"] * (1 + 1e-6)
+        if not r["new"]:
+            continue
+        for n, (codes, scale, zero, keep) in r["before"].items():
+            q = r["new"][n]
+            assert torch.equal(q.keep, keep)  # the mask is fixed
+            assert int(q.codes.min()) >= -8 and int(q.codes.max()) <= 7
+            pruned = ~keep.repeat_interleave(16, dim=1)[:, :codes.shape[1]]
+            assert torch.equal(q.codes[pruned], codes[pruned])  # pruned groups untouched
+            assert not bool(q.dequantize()[pruned].any())
+            # fp16 storage: the tuned parameters are representable
+            assert torch.equal(q.scale, q.scale.half().float())
+    model = bitpress.load(out)
+    mods = [m for m in model.modules() if type(m).__name__ == "GroupSparseLinear"]
+    assert mods and all(abs(m.sparsity - 0.5) < 0.02 for m in mods)
+
+
+def test_bqpo_changes_codes_when_it_helps(tiny_llama_dir, tmp_path, calib_file):
+    """With a large latent learning rate some codes move (the straight-through path is live)
+    whenever the tuned block is accepted."""
+    spy = Spy(make_block_tuner("bqpo", epochs=4, lr=1e-3, weight_lr=2e-3, progress=False))
+    compress(tiny_llama_dir, tmp_path / "q", Recipe(method="rtn", bits=4, group_size=16,
+                                                    sparsity=0.5),
+             calib=calib_file, block_hook=spy, **FAST)
+    assert all(r["new"] for r in spy.rows)  # RTN leaves plenty to recover here
+    for r in spy.rows:
+        assert r["loss1"] < r["loss0"]
+        assert any(not torch.equal(r["new"][n].codes, b[0]) for n, b in r["before"].items())
+
+
+def test_rejected_tuning_keeps_untuned_block(tiny_llama_dir, tmp_path, calib_file):
+    """An absurd learning rate makes the block worse: the hook keeps everything as it was."""
+    spy = Spy(make_block_tuner("float_parts", epochs=1, lr=5.0, progress=False))
+    compress(tiny_llama_dir, tmp_path / "q", Recipe(method="rtn", bits=4, group_size=32),
+             calib=calib_file, block_hook=spy, **FAST)
+    assert spy.tuner.records and not any(r.accepted for r in spy.tuner.records)
+    for r in spy.rows:
+        assert r["new"] is None
+        assert r["loss1"] == pytest.approx(r["loss0"], rel=1e-6)
+        assert all(torch.equal(r["norms1"][k], v) for k, v in r["norms0"].items())
+
+
+def test_micro_batches_slice_the_block_call(tiny_qwen2_dir, tmp_path, calib_file):
+    """Micro-batches smaller than the calibration batch (sliced masks / rotary tables) and
+    whole calibration batches both work."""
+    for mb in (1, None):
+        t = make_block_tuner("float_parts", epochs=1, lr=1e-3, micro_batch=mb, progress=False)
+        compress(tiny_qwen2_dir, tmp_path / f"q{mb}", Recipe(method="rtn", bits=3, group_size=32),
+                 calib=calib_file, block_hook=t, **FAST)
+        assert [r.steps for r in t.records] == [8 if mb == 1 else 2] * 2
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(block_tune="sometimes"), "unknown block tuning"),
+    (dict(block_tune="float_parts", tune_epochs=0), "epochs"),
+    (dict(block_tune="bqpo", tune_lr=-1.0), "lr"),
+    (dict(block_tune="float_parts", block_hook=lambda ctx: None), "either"),
+])
+def test_bad_block_tune_options(tiny_llama_dir, tmp_path, calib_file, kw, msg):
+    out = tmp_path / "q"
+    with pytest.raises(ConfigError, match=msg):
+        compress(tiny_llama_dir, out, Recipe(method="rtn", bits=4, group_size=32),
+                 calib=calib_file, **FAST, **kw)
+    assert not out.exists()
+
+
+def test_cli_block_tune(tiny_llama_dir, tmp_path, calib_file, capsys):
+    from bitpress.cli import main
+
+    out = tmp_path / "q"
+    assert main(["compress", str(tiny_llama_dir), "--out", str(out), "--calib", str(calib_file),
+                 "--nsamples", "4", "--seqlen", "32", "--method", "rtn", "--bits", "3",
+                 "--group-size", "32", "--block-tune", "float_parts", "--tune-epochs", "1",
+                 "--tune-lr", "1e-3"]) == 0
+    s = json.loads((out / "bitpress_summary.json").read_text())
+    assert s["block_tune"]["mode"] == "float_parts" and s["block_tune"]["lr"] == 1e-3
+    assert len(s["block_tune_losses"]) == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # argparse refuses the choice
+        main(["compress", str(tiny_llama_dir), "--out", str(tmp_path / "r"),
+              "--block-tune", "bogus"])
+    assert e.value.code == 2
+    assert main(["compress", str(tiny_llama_dir), "--out", str(tmp_path / "r"),
+                 "--tune-epochs", "2"]) == 2  # rtn: no block tuning to configure
+    assert "need block tuning" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

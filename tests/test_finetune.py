@@ -1,0 +1,167 @@
+"""End-to-end float-part fine-tuning (decoupleQ item 4, GQSA E2E-OQP) of packed tiny models:
+the loss drops, only scales/zeros/norms change, the checkpoint is rewritten atomically with
+codes byte-identical, the reload reproduces the tuned logits, bad input writes nothing."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import bitpress
+from bitpress.errors import ConfigError
+from bitpress.nn import Recipe
+from bitpress.pipeline.compress import compress
+from bitpress.quant import finetune_float_parts, lm_loss, norm_parameters, write_float_parts
+
+from conftest import TEXT
+
+FAST = dict(nsamples=4, seqlen=32, batch_size=4, progress=False, dtype=torch.float32)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def packed_dirs(tiny_llama_dir, tiny_gpt2_dir, tmp_path_factory):
+    """RTN W3 g32 (dense) of tiny Llama and RTN W4 g16 S50 (block-sparse) of tiny GPT-2;
+    norms stored in float16 so the write-back rounding is exercised."""
+    d = tmp_path_factory.mktemp("ft")
+    out = {}
+    compress(tiny_llama_dir, d / "dense", Recipe(method="rtn", bits=3, group_size=32),
+             progress=False, dtype=torch.float16)
+    compress(tiny_gpt2_dir, d / "bsr", Recipe(method="rtn", bits=4, group_size=16,
+                                              sparsity=0.5), progress=False,
+             dtype=torch.float16)
+    out["dense"], out["bsr"] = d / "dense", d / "bsr"
+    return out
+
+
+def _ids(n=6, L=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 400, (n, L), generator=g)
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["dense", "bsr"])
+def test_finetune_lowers_loss_writes_back_codes_identical(packed_dirs, tmp_path, kind):
+    d = _copy(packed_dirs[kind], tmp_path / "ck")
+    before = load_file(d / "model.safetensors")
+    model = bitpress.load(d)
+    data = _ids()
+    loss0 = lm_loss(model, data)
+    res = finetune_float_parts(model, data, steps=12, lr=3e-3, batch_size=2, progress=False,
+                               evaluate=True)
+    assert res["steps"] == 12 and len(res["losses"]) == 12
+    assert res["loss_before"] == pytest.approx(loss0, rel=1e-6)
+    assert res["loss_after"] < res["loss_before"]
+    assert res["trainable_parameters"] > 0 and res["norm_tensors"] > 0
+    # back to buffers in the storage dtype, nothing left trainable
+    assert not any(p.requires_grad for m in model.modules() if hasattr(m, "scales")
+                   for p in m.parameters(recurse=False))
+    assert all(m.scales.dtype == torch.float16 for m in model.modules() if hasattr(m, "scales")
+               and hasattr(m, "float_parts_trainable"))
+    write_float_parts(model, d, record=res)
+    after = load_file(d / "model.safetensors")
+    assert set(after) == set(before)
+    trainable = {k for k in before if k.endswith((".scales", ".zeros"))} | \
+        set(norm_parameters(model))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= trainable, changed - trainable
+    for k, t in before.items():  # codes, indices, biases, embeddings: byte-identical
+        if k not in trainable:
+            assert after[k].dtype == t.dtype
+            assert after[k].numpy().tobytes() == t.numpy().tobytes(), k
+    rec = json.loads((d / "bitpress_finetune.json").read_text())
+    assert rec["runs"][-1]["steps"] == 12
+    # the reloaded checkpoint reproduces the tuned model exactly
+    again = bitpress.load(d)
+    x = _ids(2, 24, seed=5)
+    with torch.no_grad():
+        a, b = model(x).logits, again(x).logits
+    assert torch.equal(a, b)
+    assert lm_loss(again, data) == pytest.approx(res["loss_after"], rel=1e-3)
+
+
+def test_finetune_without_norms_and_to_new_dir(packed_dirs, tmp_path):
+    src = packed_dirs["dense"]
+    model = bitpress.load(src)
+    norms0 = {k: v.detach().clone() for k, v in norm_parameters(model).items()}
+    finetune_float_parts(model, _ids().flatten(), seqlen=16, steps=3, lr=1e-3,
+                         train_norms=False, progress=False)
+    assert all(torch.equal(norm_parameters(model)[k], v) for k, v in norms0.items())
+    src_bytes = {f.name: f.read_bytes() for f in src.iterdir()}
+    out = write_float_parts(model, src, tmp_path / "new", norms=False)
+    assert {f.name: f.read_bytes() for f in src.iterdir()} == src_bytes  # source untouched
+    assert (out / "config.json").read_bytes() == src_bytes["config.json"]
+    assert (out / "tokenizer.json").exists()
+    with pytest.raises(bitpress.OutputExistsError):
+        write_float_parts(model, src, out)
+
+
+def test_cli_finetune_in_place(packed_dirs, tmp_path, capsys):
+    from bitpress.cli import main
+
+    d = _copy(packed_dirs["dense"], tmp_path / "ck")
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    q0 = load_file(d / "model.safetensors")
+    assert main(["finetune", str(d), "--text", str(text), "--steps", "3", "--lr", "1e-3",
+                 "--nsamples", "4", "--seqlen", "32"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["steps"] == 3 and res["out"] == str(d)
+    q1 = load_file(d / "model.safetensors")
+    assert all(torch.equal(q0[k], q1[k]) for k in q0 if k.endswith("qweight"))
+    assert any(not torch.equal(q0[k], q1[k]) for k in q0 if k.endswith("scales"))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ck")]  # no temp dirs left
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--steps", "0"], "--steps must be positive"),
+    (["--lr", "-1"], "--lr"),
+    (["--seqlen", "100000"], "exceeds the model's context"),
+])
+def test_cli_finetune_bad_input_writes_nothing(packed_dirs, tmp_path, capsys, argv, msg):
+    from bitpress.cli import main
+
+    d = _copy(packed_dirs["dense"], tmp_path / "ck")
+    snap = {f.name: f.read_bytes() for f in d.iterdir()}
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    assert main(["finetune", str(d), "--text", str(text), *argv]) == 2
+    assert msg in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in d.iterdir()} == snap
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "t.txt"]
+
+
+def test_bad_input_raises_config_error(packed_dirs, tiny_llama_dir, tmp_path):
+    from bitpress.pipeline.source import open_source
+
+    model = bitpress.load(packed_dirs["dense"])
+    sd0 = {k: v.clone() for k, v in model.state_dict().items()}
+    for data, kw in [(torch.zeros(0, 16, dtype=torch.long), {}),
+                     (torch.zeros(5, dtype=torch.long), dict(seqlen=8)),  # shorter than a window
+                     (torch.rand(2, 8), {}),
+                     (_ids(), dict(steps=0)),
+                     (_ids(), dict(lr=0.0))]:
+        with pytest.raises(ConfigError):
+            finetune_float_parts(model, data, progress=False, **kw)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in sd0.items())
+    fp = open_source(tiny_llama_dir).load_model()
+    with pytest.raises(ConfigError, match="no packed"):
+        finetune_float_parts(fp, _ids(), progress=False)
+    with pytest.raises(ConfigError, match="no packed"):
+        write_float_parts(fp, packed_dirs["dense"], tmp_path / "x")
+    assert not (tmp_path / "x").exists()
