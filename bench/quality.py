@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,9 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bitpress  # noqa: E402
-from bitpress.nn import Recipe  # noqa: E402
 from bitpress.pipeline.checkpoint import load_tokenizer  # noqa: E402
-from bitpress.pipeline.compress import compress  # noqa: E402
 from bitpress.pipeline.data import builtin_text, find_wikitext  # noqa: E402
 from bitpress.pipeline.evaluate import perplexity, read_text  # noqa: E402
 from bitpress.pipeline.source import open_source, packaged_gguf  # noqa: E402
@@ -46,6 +45,20 @@ def second_text() -> tuple[str, str]:
         if p.is_file():
             return read_text(p), "gensim lee_background.cor (news)"
     return builtin_text(), "builtin pydoc_data.topics (Python docs)"
+
+
+def compress_in_subprocess(model_path, out: Path, method: str, bits: int, gs: int,
+                           calib_path, args) -> dict:
+    """``bitpress compress`` in a fresh process, so its peak RSS is its own (the evaluation
+    of earlier rows in this process would otherwise dominate ``ru_maxrss``)."""
+    cmd = [sys.executable, "-m", "bitpress.cli", "compress", str(model_path), "--out", str(out),
+           "--method", method, "--bits", str(bits), "--group-size", str(gs)]
+    if method != "rtn":
+        cmd += ["--calib", str(calib_path), "--nsamples", str(args.nsamples),
+                "--seqlen", str(args.calib_seqlen)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    subprocess.run(cmd, check=True, env=env)
+    return json.loads((out / "bitpress_summary.json").read_text())
 
 
 def cpu_model() -> str:
@@ -105,17 +118,18 @@ def main() -> None:
             for m in [m for m in methods if m != "fp"]:
                 out = Path(work) / f"{m}-w{bits}g{gs}"
                 t0 = time.time()
-                s = compress(model_path, out, Recipe(method=m, bits=bits, group_size=gs),
-                             calib=calib_path if m != "rtn" else None, nsamples=args.nsamples,
-                             seqlen=args.calib_seqlen, progress=True)
+                s = compress_in_subprocess(model_path, out, m, bits, gs, calib_path, args)
                 tc = time.time() - t0
                 t1 = time.time()
                 model, tok = bitpress.load(out), load_tokenizer(out)
                 ppl = score(model, tok)
+                mem = s.get("memory_bytes") or {}
                 rows.append({"method": m, "bits": bits, "group_size": gs,
                              "bits_per_weight": s["bits_per_weight"],
                              "seconds_compress": round(tc, 1),
+                             "seconds_quantize": s.get("seconds_quantize"),
                              "peak_rss_mb": round(s["peak_rss_bytes"] / 2**20),
+                             "memory_mb": {k: round(v / 2**20) for k, v in mem.items()},
                              "options": s.get("options"), "ppl": ppl,
                              "seconds_eval": round(time.time() - t1, 1)})
                 print(rows[-1], flush=True)

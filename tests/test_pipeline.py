@@ -116,21 +116,26 @@ def test_blocks_are_streamed_one_at_a_time(tiny_qwen2_dir, calib_file):
     assert len(set(log)) == len(log)  # every tensor read once
 
 
-def test_hessian_accumulation_matches_explicit():
+@pytest.mark.parametrize("rows", [7, 70])  # 70 rows per batch: the syrk path
+def test_hessian_accumulation_matches_explicit(rows):
     torch.manual_seed(0)
-    xs = [torch.randn(3, 7, 16) for _ in range(4)]
+    xs = [torch.randn(3, rows, 16) for _ in range(4)]
+    xs[1] = xs[1][:, :5]  # a small batch among large ones: both paths mixed
     xs[0][..., 5] = 0
     acc = Hessian(16)
     for x in xs:
         acc.add(x)
     X = torch.cat([x.reshape(-1, 16) for x in xs]).double()
     torch.testing.assert_close(acc.H.double(), X.T @ X / X.shape[0], rtol=1e-6, atol=1e-7)
-    assert acc.n == 84
+    assert acc.n == X.shape[0] == 9 * rows + 15
+    assert torch.equal(acc.H, acc.H.T)
 
 
-def test_true_sequential_hessians(tiny_qwen2_dir, calib_file):
+@pytest.mark.parametrize("sequential", ["stash", "recompute"])
+def test_true_sequential_hessians(tiny_qwen2_dir, calib_file, sequential):
     """Each group's H is XᵀX/n of its inputs computed with the earlier groups of the same
-    block already quantized; groups come in forward order."""
+    block already quantized; groups come in forward order — whether the inputs come from
+    one paused forward per batch (stash) or from re-running the block (recompute)."""
     from transformers import AutoTokenizer
 
     src = open_source(tiny_qwen2_dir)
@@ -165,7 +170,7 @@ def test_true_sequential_hessians(tiny_qwen2_dir, calib_file):
 
     recipe = Recipe(method="gptq", bits=2, group_size=32)
     res = stream_quantize(model, store, recipe, _solver(recipe), ids, batch_size=2,
-                          block_hook=hook, progress=False)
+                          block_hook=hook, progress=False, sequential=sequential)
     assert res.groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
                           ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"],
                           ["mlp.down_proj"]]
@@ -309,3 +314,73 @@ def test_cli_decoupleq_and_gqsa_layer_passes(tiny_qwen2_dir, tmp_path, argv, cls
     ids = torch.randint(0, 400, (1, 16))
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+def test_stash_and_recompute_agree_with_one_forward(tiny_llama_dir, calib_file):
+    """The paused single forward gives the same packed model as re-running the block up
+    to each group, and runs each block exactly once per batch (plus none extra)."""
+    from transformers import AutoTokenizer
+
+    from bitpress.pipeline.compress import _solver
+
+    src = open_source(tiny_llama_dir)
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    ids = calibration_windows(tok, TEXT, 6, 24, seed=1)
+    recipe = Recipe(method="gptq", bits=3, group_size=32)
+    results, calls = {}, {}
+    for mode in ("stash", "recompute"):
+        model = build_skeleton(src.load_config())
+        store = SafetensorsStore(src.path, list(model.state_dict().keys()))
+        n_calls = [0]  # completed calls of block 1's first linear (never probed)
+        model.model.layers[1].self_attn.q_proj.register_forward_hook(
+            lambda *a: n_calls.__setitem__(0, n_calls[0] + 1))
+        res = stream_quantize(model, store, recipe, _solver(recipe), ids, batch_size=2,
+                              progress=False, sequential=mode)
+        results[mode] = {k: v for k, v in res.model.state_dict().items()
+                         if "layers" in k}
+        calls[mode] = n_calls[0]
+    n_batches = 3
+    assert calls["stash"] == n_batches  # one forward per batch
+    assert calls["recompute"] == 4 * n_batches  # up to o, gate/up, down, then the outputs
+    a, b = results["stash"], results["recompute"]
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].dtype.is_floating_point:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_stash_forward_propagates_errors_and_releases_threads(tiny_llama_dir):
+    """A failing solve aborts every paused forward: no thread is left behind."""
+    import threading
+
+    from bitpress.pipeline.stream import stash_forward
+
+    fm = _float_model(tiny_llama_dir)
+    blk = fm.model.layers[0]
+    hidden = fm.config.hidden_size
+    pos = torch.arange(8)[None]
+    emb = fm.model.rotary_emb(torch.zeros(1, 8, hidden), pos)
+    hid = [torch.randn(1, 8, hidden) for _ in range(3)]
+
+    def call(h):
+        out = blk(h, position_embeddings=emb, attention_mask=None)
+        return out[0] if isinstance(out, tuple) else out
+
+    groups = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+              ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    before = threading.active_count()
+
+    def bad(group, H):
+        if group[0] == "self_attn.o_proj":
+            raise ValueError("boom")
+
+    with torch.no_grad(), pytest.raises(ValueError, match="boom"):
+        stash_forward(blk, groups, hid, call, bad)
+    assert threading.active_count() == before
+    with torch.no_grad():
+        outs = stash_forward(blk, groups, hid, call, lambda g, H: None)
+        for h, o in zip(hid, outs):
+            torch.testing.assert_close(o, call(h))
+    assert threading.active_count() == before

@@ -5,8 +5,9 @@ list (embeddings, final norm, head, position tables) are materialised once; then
 at a time is read from the lazy tensor store (safetensors shards or a memory-mapped GGUF),
 compressed, turned into packed modules and its float weights dropped. Peak memory is
 therefore about one block's float weights + the calibration activations (block inputs and
-outputs, ``2 · nsamples · seqlen · hidden · 4`` bytes) + the non-block tensors + the packed
-output so far.
+outputs, ``2 · nsamples · seqlen · hidden · 4`` bytes) + the paused forwards' live
+activations (single-forward mode, :func:`stash_bytes_estimate`) + the non-block tensors +
+the packed output so far; the run's ``memory`` record states each term and the peak.
 
 Everything here is architecture-generic:
 
@@ -19,9 +20,12 @@ Everything here is architecture-generic:
   for one embedding pass, so per-layer differences (sliding-window masks) are kept;
 * :func:`sequential_groups`: one probe forward records the order in which the block's
   linears are called; consecutive calls on the *same* input tensor form a group (q/k/v,
-  gate/up, GPT-2's ``c_attn`` alone, …). Groups are compressed in forward order and the
-  block is re-run (stopping at the next group's input) so that every group's Hessian
-  is measured on the outputs of the already-quantized earlier groups (true sequential).
+  gate/up, GPT-2's ``c_attn`` alone, …). Groups are compressed in forward order and
+  every group's Hessian is measured on the outputs of the already-quantized earlier
+  groups (true sequential): by default each calibration batch runs through the block
+  **once**, paused at each group's input until the group is quantized
+  (:func:`stash_forward`; threads as resumable frames), or — when the paused
+  activations would not fit in memory — the block is re-run up to each group.
 
 GGUF sources are streamed tensor by tensor with the ``gguf`` package's memory-mapped
 ``GGUFReader``: each tensor is dequantised on demand and passed through transformers'
@@ -32,6 +36,9 @@ without converting the file or holding the whole float model.
 from __future__ import annotations
 
 import abc
+import os
+import queue
+import threading
 
 import logging
 import time
@@ -327,22 +334,51 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor,
 # Hessians and the sequential order
 # ---------------------------------------------------------------------------------------
 class Hessian:
-    """Running ``H = XᵀX / n`` of a linear's inputs (float64 accumulation)."""
+    """Running ``H = XᵀX / n`` of a linear's inputs (float32 products, float64 sum).
+
+    XᵀX is symmetric: with SciPy present each batch goes through BLAS ``ssyrk``, which
+    computes one triangle — half the flops of a full matmul (1.85× faster measured on
+    1536-wide inputs here; the Hessian of ``down_proj`` is a third of GPTQ's time)."""
 
     def __init__(self, n_in: int):
         self.sum = torch.zeros(n_in, n_in, dtype=torch.float64)
         self.n = 0
+        self._upper = False  # self.sum holds only the upper triangle (syrk path)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
-        self.sum += (x.T @ x).double()
+        if x.device.type == "cpu" and _ssyrk is not None and x.shape[0] >= 64:
+            x = x.contiguous()
+            # row-major X [n, d] is column-major Xᵀ [d, n]: syrk(trans=0) gives XᵀX
+            c = _ssyrk(1.0, x.numpy().T, trans=0, lower=0)
+            if not self._upper:
+                self.sum = torch.triu(self.sum)
+                self._upper = True
+            self.sum += torch.from_numpy(c).double()  # upper triangle valid, lower zero
+        else:
+            xx = (x.T @ x).double()
+            self.sum += torch.triu(xx) if self._upper else xx
         self.n += x.shape[0]
 
     @property
     def H(self) -> torch.Tensor:
         if self.n == 0:
             raise ConfigError("no calibration inputs reached this layer")
-        return (self.sum / self.n).float()
+        S = self.sum
+        if self._upper:
+            S = S + torch.triu(S, 1).T
+        return (S / self.n).float()
+
+
+def _find_ssyrk():
+    try:
+        from scipy.linalg.blas import ssyrk
+    except ImportError:  # SciPy is optional (the `solver` extra): fall back to matmul
+        return None
+    return ssyrk
+
+
+_ssyrk = _find_ssyrk()
 
 
 @torch.no_grad()
@@ -448,7 +484,7 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
         [str, torch.Tensor, Optional[torch.Tensor]], QuantizedWeight],
         calib_ids: Optional[torch.Tensor] = None, batch_size: int = 8,
         block_hook: Optional[BlockHook] = None, progress: bool = True,
-        solver_threads: Optional[int] = 1) -> StreamResult:
+        solver_threads: Optional[int] = 1, sequential: str = "auto") -> StreamResult:
     """Compress the meta-device ``model`` block by block from ``store``.
 
     ``solve(name, W, H)`` returns the QuantizedWeight of one linear (``H`` is ``None``
@@ -457,11 +493,22 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
 
     ``solver_threads``: torch threads while a pass solves one matrix (default 1: GPTQ's
     column loop is thousands of tiny ops, which run faster without OpenMP barriers,
-    especially on a shared machine); the block forwards use the process setting."""
+    especially on a shared machine); the block forwards use the process setting.
+
+    ``sequential``: how each group's inputs are produced with the earlier groups already
+    quantized — ``"stash"`` runs every calibration batch through the block once, pausing
+    at each group (:func:`stash_forward`; one forward per block, more memory),
+    ``"recompute"`` re-runs the block up to each group (about 2.3 forwards per block,
+    memory = the block inputs), ``"auto"`` stashes when :func:`stash_bytes_estimate` is
+    under a quarter of the available memory."""
+    if sequential not in ("auto", "stash", "recompute"):
+        raise ConfigError(f"sequential must be 'auto', 'stash' or 'recompute', not "
+                          f"{sequential!r}")
     from tqdm.auto import tqdm
 
     from ..nn.recipe import packed_module, set_submodule
 
+    rss_at_start = _rss_now()
     blocks_name, blocks = find_blocks(model)
     sd = model.state_dict(keep_vars=True)
     keys = list(sd)
@@ -488,8 +535,8 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
             if not n.startswith(block_prefix) and t.device.type == "meta"]
     if left:
         raise FormatError(f"tensors {left[:3]} could not be read from the source")
-    memory = {"nonblock_bytes": _tensor_bytes(model), "block_float_bytes": 0,
-              "activation_bytes": 0}
+    memory = {"rss_at_start_bytes": rss_at_start, "nonblock_bytes": _tensor_bytes(model),
+              "block_float_bytes": 0, "activation_bytes": 0, "stash_estimate_bytes": 0}
 
     targets_by_block = []
     for i, b in enumerate(blocks):
@@ -506,6 +553,7 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
     t0 = time.time()
     inputs: Optional[BlockInputs] = None
     order_cache: dict[tuple, list[list[str]]] = {}
+    stash: Optional[bool] = None
     bar = tqdm(total=len(blocks), desc=f"{recipe.method} W{recipe.bits}", unit="block",
                disable=not progress)
     for i, block in enumerate(blocks):
@@ -542,8 +590,8 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
                 groups = order_cache[key]
                 if i == 0:
                     all_groups = groups
-                for group in groups:
-                    H = _group_hessian(block, group[0], lambda h: inputs.call(block, i, h), hid)
+
+                def solve_group(group: list[str], H: Optional[torch.Tensor]) -> None:
                     for n in group:
                         m = block.get_submodule(n)
                         W = linear_weight(m)
@@ -559,6 +607,27 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
                         qweights[n] = qw
                         if H is not None:
                             hessians[n] = H
+
+                if stash is None:
+                    hidden_size = hid[0].shape[-1]
+                    est = stash_bytes_estimate(block, names, memory["activation_bytes"],
+                                               hidden_size)
+                    avail = _mem_available()
+                    stash = sequential == "stash" or (
+                        sequential == "auto" and avail is not None and est < avail // 4)
+                    memory["stash_estimate_bytes"] = est if stash else 0
+                    log.info("true-sequential inputs by %s (stash estimate %.0f MiB, "
+                             "available %s MiB)", "one paused forward" if stash else
+                             "re-running the block", est / 2**20,
+                             f"{avail / 2**20:.0f}" if avail else "?")
+                outs: Optional[list[torch.Tensor]] = None
+                if stash:
+                    outs = stash_forward(block, groups, hid,
+                                         lambda h: inputs.call(block, i, h), solve_group)
+                else:
+                    for group in groups:
+                        solve_group(group, _group_hessian(
+                            block, group[0], lambda h: inputs.call(block, i, h), hid))
                 if block_hook is not None:
                     ctx = BlockContext(i, pre[:-1], block, inputs, hid, targets, qweights,
                                        hessians)
@@ -568,8 +637,10 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
                         for n, qw in new.items():
                             set_linear_weight(block.get_submodule(n), qw.dequantize())
                     del targets, ctx
+                    outs = None  # the hook may have changed weights or norms: re-run
                 for j, h in enumerate(hid):  # the quantized block's outputs feed the next
-                    hid[j] = inputs.call(block, i, h)
+                    hid[j] = outs[j] if outs is not None else inputs.call(block, i, h)
+                del outs
         for n in names:
             m = block.get_submodule(n)
             bias = m.bias.detach().float() if getattr(m, "bias", None) is not None else None
@@ -577,12 +648,20 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
             set_submodule(block, n, new_m)
             schemes[pre + n] = new_m.scheme()
         # anything float left in the block but the small tensors (norms) is dropped
-        del qweights, hessians
+        qweights, hessians = {}, {}
         short = " ".join(f"{n.rsplit('.', 1)[-1]} {errors[pre + n]:.1e}" for n in names)
         bar.set_postfix_str(f"{short} | {time.time() - tb:.1f}s")
         log.info("block %d: %s (%.1f s)", i, short, time.time() - tb)
         bar.update(1)
     bar.close()
+    memory["packed_bytes"] = sum(_tensor_bytes(b) for b in blocks)
+    # what the process should need at most: what it held on entry (libraries, tokenizer,
+    # calibration ids) + the tensors outside the blocks + one block's float weights + the
+    # block inputs and outputs + the paused forwards + the packed output
+    memory["accounted_bytes"] = (memory["rss_at_start_bytes"] + memory["nonblock_bytes"]
+                                 + memory["block_float_bytes"] + 2 * memory["activation_bytes"]
+                                 + memory["stash_estimate_bytes"] + memory["packed_bytes"])
+    memory["peak_rss_bytes"] = _peak_rss()
     return StreamResult(model, schemes, errors, "hessian" if calib_ids is not None else "weight",
                         all_groups, memory, time.time() - t0, reads_per_block)
 
@@ -651,3 +730,174 @@ def _group_hessian(block: nn.Module, first: str, call: Callable[[torch.Tensor], 
     finally:
         handle.remove()
     return acc.H if acc.n else None
+
+
+# ---------------------------------------------------------------------------------------
+# one forward per block: every batch's forward paused at each group's input
+# ---------------------------------------------------------------------------------------
+_DONE = 1 << 30
+
+
+class _Worker:
+    """One calibration batch's block forward, run in its own thread and paused (holding
+    its live activations) at the input of each group until that group is quantized."""
+
+    def __init__(self, index: int, h: torch.Tensor):
+        self.index, self.h = index, h
+        self.go = threading.Event()
+        self.at = -1          # group index it is parked at; _DONE when finished
+        self.out: Any = None
+        self.error: Optional[BaseException] = None
+        self.thread: Optional[threading.Thread] = None
+
+
+def stash_forward(block: nn.Module, groups: list[list[str]], hid: list[torch.Tensor],
+                  call: Callable[[torch.Tensor], Any],
+                  solve_group: Callable[[list[str], Optional[torch.Tensor]], None]
+                  ) -> list[torch.Tensor]:
+    """True-sequential compression of one block with **one** forward per batch.
+
+    Each batch's forward runs in a worker thread (one at a time — a baton is passed, so
+    the intra-op thread pool is never shared) and stops at the pre-hook of each group's
+    first linear after adding its input to that group's Hessian. When every batch has
+    stopped there (or finished), ``solve_group(group, H)`` quantizes the group and sets
+    its weights, then the batches resume through the quantized linears. The block outputs
+    of the same forwards are returned: they are the quantized block's outputs.
+
+    Cost: the paused batches' live activations (at the MLP output projection: the wide
+    intermediate plus the residual) are held at once — more memory than re-running the
+    block up to each group (:func:`_group_hessian`), in exchange for ~2.3× less compute.
+    """
+    _return_big_frees_to_os()
+    n_in = {g[0]: linear_weight(block.get_submodule(g[0])).shape[1] for g in groups}
+    accs = [Hessian(n_in[g[0]]) for g in groups]
+    done_groups: set[int] = set()
+    report: "queue.Queue[_Worker]" = queue.Queue()
+    state = {"abort": False}
+    local = threading.local()
+    grad = torch.is_grad_enabled()
+
+    def make_hook(gi: int):
+        def hook(_m, args):
+            w: Optional[_Worker] = getattr(local, "worker", None)
+            if w is None or gi in done_groups:
+                return None  # main thread, or a linear called again after its group
+            accs[gi].add(args[0])
+            w.at = gi
+            w.go.clear()
+            report.put(w)
+            w.go.wait()
+            if state["abort"]:
+                raise _Stop
+            return None
+        return hook
+
+    def run(w: _Worker) -> None:
+        local.worker = w
+        try:
+            w.go.wait()
+            if state["abort"]:
+                raise _Stop
+            with torch.set_grad_enabled(grad):
+                w.out = call(w.h)
+        except BaseException as e:  # noqa: BLE001 — handed to the main thread
+            w.error = None if isinstance(e, _Stop) else e
+        w.at = _DONE
+        report.put(w)
+
+    def step(w: _Worker) -> None:
+        """Let one worker run until it parks again or finishes (one runs at a time)."""
+        w.go.set()
+        got = report.get()
+        assert got is w
+        if w.error is not None:
+            raise w.error
+
+    handles = [block.get_submodule(g[0]).register_forward_pre_hook(make_hook(gi))
+               for gi, g in enumerate(groups)]
+    workers = [_Worker(j, h) for j, h in enumerate(hid)]
+    try:
+        for w in workers:
+            w.thread = threading.Thread(target=run, args=(w,), daemon=True,
+                                        name=f"bitpress-calib-{w.index}")
+            w.thread.start()
+        for gi, group in enumerate(groups):
+            for w in workers:
+                # run every batch that is behind this group up to it (or to its end)
+                while w.at < gi:
+                    step(w)
+            solve_group(group, accs[gi].H if accs[gi].n else None)
+            done_groups.add(gi)
+        for w in workers:
+            while w.at != _DONE:
+                step(w)
+    finally:
+        if any(w.at != _DONE for w in workers):
+            state["abort"] = True
+            for w in workers:
+                w.go.set()
+        for w in workers:
+            if w.thread is not None:
+                w.thread.join()
+        for h in handles:
+            h.remove()
+    return [w.out for w in workers]
+
+
+_MALLOC_TUNED = False
+
+
+def _return_big_frees_to_os() -> None:
+    """glibc raises its mmap threshold after the first large free (up to 32 MB), so the
+    activation-sized temporaries of every paused thread are then carved from per-thread
+    arenas that keep their high-water mark: 4.1 GB RSS instead of 1.9 GB for SmolLM2's
+    block at 128×512 calibration tokens. A fixed 1 MiB threshold makes large tensors mmap
+    chunks that go back to the OS when freed (measured: no slowdown). Process-wide and
+    permanent — harmless for a compression job; a no-op off glibc."""
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def stash_bytes_estimate(block: nn.Module, names: list[str], activation_bytes: int,
+                         hidden_size: int) -> int:
+    """Rough upper bound of what :func:`stash_forward` holds at once beyond the block
+    inputs: per token the widest linear input + a residual + two more hidden-sized
+    tensor, in float32 (``activation_bytes`` = the block inputs of all batches)."""
+    widest = max((linear_weight(block.get_submodule(n)).shape[1] for n in names),
+                 default=hidden_size)
+    return int(activation_bytes * (widest + 3 * hidden_size) / max(hidden_size, 1))
+
+
+def _mem_available() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _rss_now() -> int:
+    """Resident set size of this process now (bytes; 0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
