@@ -14,6 +14,16 @@ from bitpress.cache.runtime import (as_schedule, count_macs, enable_cache, enabl
 from bitpress.errors import ConfigError  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine the thread pool's
+    synchronisation makes each forward ~50x slower: run these tests single-threaded."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_unet(seed: int = 0, skip: bool = False, layers: int = 1) -> UNet2DModel:
     torch.manual_seed(seed)
     if skip:  # score-sde style skip-sample blocks: the output of an up block is a tuple
@@ -198,7 +208,7 @@ def test_stable_diffusion_pipeline_tiny() -> None:
                         down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
                         norm_num_groups=4, sample_size=8).eval()
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
-                                   scheduler=DDIMScheduler(num_train_timesteps=1000, clip_sample=False),
+                                   scheduler=DDIMScheduler(num_train_timesteps=1000, clip_sample=False, steps_offset=1),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     kw = dict(prompt_embeds=torch.randn(1, 5, 12), negative_prompt_embeds=torch.randn(1, 5, 12),
