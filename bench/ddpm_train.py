@@ -40,7 +40,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import shutil
@@ -49,38 +48,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+from bitpress.cache.fid import load_fashion_mnist  # the one Fashion-MNIST loader (also used by FID)
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "models" / "ddpm-fmnist"
-
-
-def load_idx_images(path: Path) -> np.ndarray:
-    """Read an idx3-ubyte(.gz) image file into a uint8 array [n, rows, cols]."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    magic, n, rows, cols = np.frombuffer(data[:16], dtype=">i4")
-    if magic != 2051:
-        raise ValueError(f"{path} is not an idx3 image file (magic {magic}, expected 2051)")
-    return np.frombuffer(data[16:], dtype=np.uint8).reshape(n, rows, cols)
-
-
-def load_fashion_mnist(split: str = "train", root: Path = FMNIST_DIR) -> torch.Tensor:
-    """Fashion-MNIST images as float32 [n, 1, 28, 28] in [-1, 1].
-
-    ``split`` is ``"train"`` (60k) or ``"test"`` (10k). Files come from the Debian
-    package ``dataset-fashion-mnist``.
-    """
-    name = {"train": "train-images-idx3-ubyte.gz", "test": "t10k-images-idx3-ubyte.gz"}[split]
-    path = root / name
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} not found: install the Debian package dataset-fashion-mnist "
-            "or pass the folder holding the idx files")
-    x = torch.from_numpy(load_idx_images(path).copy()).float().div_(127.5).sub_(1.0)
-    return x.unsqueeze(1)
 
 
 def build_unet(sample_size: int = 28):
