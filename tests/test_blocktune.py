@@ -127,7 +127,7 @@ def test_float_parts_block0_codes_identical_to_untuned_run(tiny_llama_dir, tmp_p
 @pytest.mark.parametrize("arch", ["tiny_llama_dir", "tiny_gpt2_dir"])
 def test_bqpo_keeps_mask_and_never_raises_loss(request, tmp_path, calib_file, arch):
     src = request.getfixturevalue(arch)
-    spy = Spy(make_block_tuner("bqpo", epochs=3, lr=1e-3, weight_lr=1e-3, progress=False))
+    spy = Spy(make_block_tuner("bqpo", epochs=3, lr=1e-3, progress=False))
     out = tmp_path / "q"
     compress(src, out, Recipe(method="gqsa", bits=4, group_size=16, sparsity=0.5),
              calib=calib_file, block_hook=spy, **FAST)
@@ -152,7 +152,7 @@ def test_bqpo_keeps_mask_and_never_raises_loss(request, tmp_path, calib_file, ar
 def test_bqpo_changes_codes_when_it_helps(tiny_llama_dir, tmp_path, calib_file):
     """With a large latent learning rate some codes move (the straight-through path is live)
     whenever the tuned block is accepted."""
-    spy = Spy(make_block_tuner("bqpo", epochs=4, lr=1e-3, weight_lr=2e-3, progress=False))
+    spy = Spy(make_block_tuner("bqpo", epochs=4, lr=1e-3, latent_lr=5e-2, progress=False))
     compress(tiny_llama_dir, tmp_path / "q", Recipe(method="rtn", bits=4, group_size=16,
                                                     sparsity=0.5),
              calib=calib_file, block_hook=spy, **FAST)

@@ -10,13 +10,17 @@ builds such a hook. Two modes:
   master copies of every linear's scale and zero (per row and group) and the block's norm
   weights are trained with Adam on the mean squared error of the block output.
 * ``"bqpo"`` (GQSA's block-wise quantization-pruning optimisation, issue 6 item 2): the
-  group mask is frozen; the kept weights ``V`` (float32, initialised from the dequantised
-  weights) are trained with straight-through rounding onto the current grid, together with
-  ``s``, ``z`` and the norms: the forward uses ``W = keep·(s·clamp(round((V − z)/s)) + z)``;
-  gradients reach ``V`` through the straight-through rounding and ``s``, ``z`` as in
-  ``float_parts`` (the codes count as constants for them). Afterwards the codes are
-  re-derived from ``V`` and the trained (storage-rounded) ``s``, ``z`` and clamped; pruned
-  groups stay pruned (their codes and parameters are left as they were).
+  group mask is frozen; the kept weights are trained with straight-through rounding onto the
+  current grid, together with ``s``, ``z`` and the norms. By default the kept weights are
+  held in code units, ``V = s·U + z`` with ``U`` initialised at the codes and the forward
+  using ``W = keep·(s·clamp(round_ste(U)) + z)``: with ``U`` fixed this is exactly
+  ``float_parts``, and ``U`` crossing a half step changes a code. (``latent="weight"``
+  holds ``V`` itself and re-rounds it onto the moving grid, ``round((V − z)/s)``: moving
+  ``s``, ``z`` then re-rounds the same weights instead of moving them, which measured worse
+  on SmolLM2 unless ``V`` is trained with a large learning rate.) Afterwards the codes are
+  re-derived, ``clamp(round((V − z)/s)) = clamp(round(U))``, and stored with the trained
+  (storage-rounded) ``s``, ``z``; pruned groups stay pruned (their codes and parameters are
+  left as they were).
 
 Per block the output loss on the calibration batches is measured before and after tuning,
 with the weights exactly as the pipeline will use them (parameters rounded to the storage
@@ -61,6 +65,7 @@ MODES = ("float_parts", "bqpo")
 DEFAULT_EPOCHS = 4
 DEFAULT_LR = 1e-5
 DEFAULT_MICRO_BATCH = 1
+DEFAULT_CODE_LR = 1e-2
 
 
 # ---------------------------------------------------------------------------------------
@@ -171,9 +176,9 @@ class _TunedLinear(nn.Module):
     master copies of the group parameters; stands in for one linear during tuning."""
 
     def __init__(self, qw: QuantizedWeight, bias: Optional[torch.Tensor], mode: str,
-                 train_zero: bool) -> None:
+                 train_zero: bool, latent: str = "code") -> None:
         super().__init__()
-        self.mode, self.bits = mode, qw.bits
+        self.mode, self.bits, self.latent_kind = mode, qw.bits, latent
         self.gs, self.ng, self.n = qw.gs, qw.n_groups, qw.in_features
         self.qmin, self.qmax = qrange(qw.bits)
         self.scale = nn.Parameter(qw.scale.detach().float().clone())
@@ -187,7 +192,10 @@ class _TunedLinear(nn.Module):
         if mode == "float_parts":
             self.register_buffer("codes", _grouped(qw.codes.float(), self.gs, self.ng))
             self.latent = None
-        else:
+        elif latent == "code":  # V = s·U + z with U in code units, initialised at the codes
+            self.codes = None
+            self.latent = nn.Parameter(_grouped(qw.codes.float(), self.gs, self.ng))
+        else:  # latent weights V themselves
             self.codes = None
             self.latent = nn.Parameter(_grouped(qw.dequantize(), self.gs, self.ng).clone())
 
@@ -200,6 +208,8 @@ class _TunedLinear(nn.Module):
             s, z = s * self.keep, z * self.keep
         if self.mode == "float_parts":
             q = self.codes
+        elif self.latent_kind == "code":
+            q = torch.clamp(_round_ste(self.latent), self.qmin, self.qmax)
         else:
             sd = self.scale.detach()
             sd = torch.where(sd.abs() > 1e-12, sd, torch.full_like(sd, 1e-12))
@@ -212,8 +222,11 @@ class _TunedLinear(nn.Module):
         return nn.functional.linear(x, self.weight().to(x.dtype),
                                     None if self.bias is None else self.bias.to(x.dtype))
 
-    def parameters_to_train(self) -> list[nn.Parameter]:
-        return [p for p in (self.latent, self.scale, self.zero) if p is not None]
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Keep latent codes within half a step of the grid so the rounding stays live."""
+        if self.latent is not None and self.latent_kind == "code":
+            self.latent.clamp_(self.qmin - 0.49, self.qmax + 0.49)
 
     @torch.no_grad()
     def result(self, old: QuantizedWeight, param_dtype: Optional[torch.dtype]
@@ -230,7 +243,8 @@ class _TunedLinear(nn.Module):
         if self.mode == "bqpo":
             ok = kept & (scale.abs() > 1e-12)
             safe = torch.where(ok, scale, torch.ones_like(scale))
-            u = (self.latent - zero[..., None]) / safe[..., None]
+            u = self.latent if self.latent_kind == "code" else \
+                (self.latent - zero[..., None]) / safe[..., None]
             q = torch.clamp(torch.round(u), self.qmin, self.qmax)
             q = q.reshape(q.shape[0], -1)[:, : self.n].to(torch.int8)
             okx = ok.repeat_interleave(self.gs, dim=1)[:, : self.n]
@@ -267,7 +281,8 @@ class BlockTuner:
     epochs: int = DEFAULT_EPOCHS
     lr: float = DEFAULT_LR
     norm_lr: Optional[float] = None
-    weight_lr: Optional[float] = None
+    latent_lr: Optional[float] = None
+    latent: str = "code"
     micro_batch: Optional[int] = DEFAULT_MICRO_BATCH
     train_norms: bool = True
     param_dtype: Optional[torch.dtype] = torch.float16
@@ -282,10 +297,15 @@ class BlockTuner:
     def options(self) -> dict[str, Any]:
         return {"mode": self.mode, "epochs": self.epochs, "lr": self.lr,
                 "norm_lr": self.norm_lr if self.norm_lr is not None else self.lr,
-                "weight_lr": (self.weight_lr if self.weight_lr is not None else self.lr)
-                if self.mode == "bqpo" else None,
+                "latent": self.latent if self.mode == "bqpo" else None,
+                "latent_lr": self._latent_lr() if self.mode == "bqpo" else None,
                 "micro_batch": self.micro_batch, "train_norms": self.train_norms,
                 "param_dtype": str(self.param_dtype).replace("torch.", "")}
+
+    def _latent_lr(self) -> float:
+        if self.latent_lr is not None:
+            return self.latent_lr
+        return DEFAULT_CODE_LR if self.latent == "code" else self.lr
 
     def __call__(self, ctx: "BlockContext") -> Optional[dict[str, QuantizedWeight]]:
         with torch.enable_grad():
@@ -311,7 +331,7 @@ class BlockTuner:
             m = originals[n]
             bias = m.bias if getattr(m, "bias", None) is not None else None
             train_zero = bool((qw.zero != 0).any())  # a symmetric grid keeps zero = 0
-            tuned[n] = _TunedLinear(qw, bias, self.mode, train_zero)
+            tuned[n] = _TunedLinear(qw, bias, self.mode, train_zero, self.latent)
         steps = 0
         try:
             for p in block.parameters():
@@ -363,8 +383,7 @@ class BlockTuner:
         groups.append({"params": sz, "lr": self.lr})
         latents = [t.latent for t in tuned.values() if t.latent is not None]
         if latents:
-            groups.append({"params": latents,
-                           "lr": self.weight_lr if self.weight_lr is not None else self.lr})
+            groups.append({"params": latents, "lr": self._latent_lr()})
         if norms:
             groups.append({"params": list(norms.values()),
                            "lr": self.norm_lr if self.norm_lr is not None else self.lr})
@@ -390,6 +409,8 @@ class BlockTuner:
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
+                    for t in tuned.values():
+                        t.after_step()
                     steps += 1
                     run, n_run = run + float(loss.detach()), n_run + 1
                     bar.update(1)
@@ -402,7 +423,7 @@ class BlockTuner:
 
 def make_block_tuner(mode: str = "float_parts", *, epochs: int = DEFAULT_EPOCHS,
                      lr: float = DEFAULT_LR, norm_lr: Optional[float] = None,
-                     weight_lr: Optional[float] = None,
+                     latent_lr: Optional[float] = None, latent: str = "code",
                      micro_batch: Optional[int] = DEFAULT_MICRO_BATCH,
                      train_norms: bool = True,
                      param_dtype: Optional[torch.dtype | str] = torch.float16,
@@ -413,8 +434,11 @@ def make_block_tuner(mode: str = "float_parts", *, epochs: int = DEFAULT_EPOCHS,
     (mask frozen; kept weights by straight-through rounding, scales, zeros, norms trained;
     codes re-derived). ``epochs`` passes over the calibration samples, one Adam step per
     ``micro_batch`` samples (``None``: per calibration batch) at learning rate ``lr``
-    (``norm_lr`` for norm weights and ``weight_lr`` for ``bqpo``'s latent weights default to
-    ``lr``). ``param_dtype``: storage dtype of scales/zeros; the result is rounded to it before
+    (``norm_lr`` for norm weights defaults to ``lr``). ``bqpo``'s latent weights are
+    ``latent="code"`` (default: ``V = s·U + z`` with ``U`` in code units, initialised at the
+    codes, learning rate ``latent_lr`` in code units, default :data:`DEFAULT_CODE_LR`; with
+    ``U`` fixed this is exactly ``float_parts``) or ``"weight"`` (``V`` itself, re-rounded onto
+    the moving grid; ``latent_lr`` defaults to ``lr``). ``param_dtype``: storage dtype of scales/zeros; the result is rounded to it before
     the acceptance check. The returned hook keeps per-block :class:`BlockTuneRecord`\\ s in
     ``.records``.
     """
@@ -422,7 +446,9 @@ def make_block_tuner(mode: str = "float_parts", *, epochs: int = DEFAULT_EPOCHS,
         raise ConfigError(f"unknown block tuning mode {mode!r}; choose one of {', '.join(MODES)}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"block tuning epochs must be a positive integer, got {epochs!r}")
-    for name, v in (("lr", lr), ("norm_lr", norm_lr), ("weight_lr", weight_lr)):
+    if latent not in ("code", "weight"):
+        raise ConfigError(f"bqpo latent must be 'code' or 'weight', got {latent!r}")
+    for name, v in (("lr", lr), ("norm_lr", norm_lr), ("latent_lr", latent_lr)):
         if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise ConfigError(f"block tuning {name} must be a positive number, got {v!r}")
     if micro_batch is not None and (not isinstance(micro_batch, int) or micro_batch < 1):
@@ -432,5 +458,5 @@ def make_block_tuner(mode: str = "float_parts", *, epochs: int = DEFAULT_EPOCHS,
         if param_dtype not in ("float16", "bfloat16", "float32"):
             raise ConfigError(f"param dtype {param_dtype!r} not supported")
         param_dtype = getattr(torch, param_dtype)
-    return BlockTuner(mode, epochs, float(lr), norm_lr, weight_lr, micro_batch, train_norms,
-                      param_dtype, seed, progress)
+    return BlockTuner(mode, epochs, float(lr), norm_lr, latent_lr, latent, micro_batch,
+                      train_norms, param_dtype, seed, progress)
