@@ -22,13 +22,15 @@ exactly this protocol, so numbers are comparable across rows:
 * **Distance**: the Frechet distance between Gaussians fitted to the two feature sets
   (:func:`frechet_distance`, scipy ``sqrtm``).
 
-Why 500 samples: measured on this machine (2 cores, heavily loaded by other jobs, CPU
-seconds per image, one thread): the testbed U-Net costs ~17 ms per image per step, so a
-100-step FP sample is ~1.7 core-s; Inception costs ~0.49 core-s per image. The benchmark's
-~8 rows add up to ~3.5 FP-equivalents of U-Net work (cached / quantized rows are cheaper)
-plus 8 Inception passes: ~9.8 core-s per sample index, i.e. ~41 minutes for 500 samples on
-two cores -- inside the one-hour budget of the issue. The 10k reference statistics cost
-~80 core-minutes once, then come from the cache.
+Why 500 samples: measured on this machine (2 cores, heavily loaded by other jobs; CPU
+seconds per image, one thread): a 100-step DDIM sample of the testbed U-Net costs 1.85
+core-s in full and 0.63 core-s with the uniform N=5 cache (depth 1); Inception costs 0.49
+core-s per image. Eight rows -- FP, three cached rows at ~0.63, DPS+DEC+W8A8 at <= 0.63 and
+three quantized rows counted at FP cost as an upper bound -- are ~9.9 core-s of U-Net work
+plus 8 x 0.49 of Inception, ~13.8 core-s per sample index: 500 samples take ~58 minutes on
+two cores (two single-threaded processes; on a busy machine a 2-thread pool is far slower
+than two 1-thread processes), less once the quantized rows run on int8 kernels. The 10k
+reference statistics cost ~80 core-minutes once, then come from the cache.
 """
 from __future__ import annotations
 
@@ -196,6 +198,42 @@ def reference_stats(images: torch.Tensor | None = None, name: str = "fmnist-test
     return mu, sigma
 
 
+def protocol_scheduler(scheduler_config: dict | None = None):
+    """The protocol's sampler: diffusers ``DDIMScheduler`` (eta 0) built from the model's own
+    scheduler config (training betas), e.g. ``pipe.scheduler.config``."""
+    from diffusers import DDIMScheduler
+
+    if scheduler_config is None:
+        return DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    return DDIMScheduler.from_config(scheduler_config)
+
+
+@torch.no_grad()
+def protocol_samples(unet: torch.nn.Module, scheduler_config: dict | None = None, schedule=None,
+                     cache=None, n: int | None = None, progress: bool = True) -> torch.Tensor:
+    """Generate the protocol's samples ``[n, C, H, W]`` in [-1, 1] with ``unet``.
+
+    Same initial noise (:func:`protocol_noise`), sampler and step count for every row;
+    ``schedule`` (a refresh mask of length ``PROTOCOL.num_inference_steps``) or a prepared
+    ``cache`` (:func:`bitpress.cache.runtime.enable_cache`, e.g. with a DEC transform
+    installed) selects the cached variant; neither runs the full U-Net at every step.
+    """
+    from tqdm.auto import tqdm
+
+    from .runtime import sample_loop
+
+    cfg = unet.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    noise = protocol_noise((cfg.in_channels, size, size), n)
+    sched = protocol_scheduler(scheduler_config)
+    out = []
+    for i in tqdm(range(0, noise.shape[0], PROTOCOL.batch_size), disable=not progress, desc="samples"):
+        x = sample_loop(unet, sched, noise[i:i + PROTOCOL.batch_size], PROTOCOL.num_inference_steps,
+                        schedule if cache is None else None, eta=0.0, cache=cache)
+        out.append(x.clamp(-1, 1))
+    return torch.cat(out)
+
+
 def fid(samples: torch.Tensor, reference: tuple[np.ndarray, np.ndarray] | None = None,
         extractor: InceptionFeatures | None = None, progress: bool = False) -> float:
     """FID of generated ``samples`` ``[n, 1, H, W]`` in [-1, 1] against the reference stats.
@@ -210,5 +248,6 @@ def fid(samples: torch.Tensor, reference: tuple[np.ndarray, np.ndarray] | None =
 
 
 __all__ = ["FidProtocol", "PROTOCOL", "load_fashion_mnist", "load_idx_images", "protocol_noise",
+           "protocol_scheduler", "protocol_samples",
            "InceptionFeatures", "gaussian_stats", "frechet_distance", "cache_dir",
            "reference_stats", "fid"]
