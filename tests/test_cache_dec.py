@@ -1,6 +1,8 @@
 """bitpress.cache.dec: closed-form per-step, per-channel corrections of the cached feature."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -107,3 +109,33 @@ def test_dec_on_tiny_unet_brings_cached_feature_closer() -> None:
     assert not torch.equal(with_dec, without)
     with pytest.raises(ConfigError):
         corr.install(enable_cache(unet, uniform(T + 1, 4)))
+
+
+def test_calibrate_cache_plans() -> None:
+    pytest.importorskip("diffusers")
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    from bitpress.cache.features import collect_features
+    from bitpress.cache.plan import CachePlan, calibrate_cache
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
+    sched = DDIMScheduler(num_train_timesteps=1000)
+    noise = torch.randn(4, 1, 8, 8)
+    feats = collect_features(unet, sched, noise, 10)
+    plans = {k: calibrate_cache(unet, sched, noise, 10, 3, kind=k, features=feats)
+             for k in ("uniform", "deepcache", "dps")}
+    assert all(sum(p.mask) == 4 and p.mask[0] for p in plans.values())
+    assert plans["dps"].feature_error <= min(p.feature_error for p in plans.values()) + 1e-12
+    p = plans["dps"]
+    back = CachePlan.from_meta(json.dumps(p.meta()), p.tensors())
+    assert back.mask == p.mask and torch.equal(back.correction.scale, p.correction.scale)
+    cache = back.install(unet)
+    assert cache.feature_transform is back.correction
+    cache.disable()
+    with pytest.raises(ConfigError):
+        calibrate_cache(unet, sched, noise, 10, 3, kind="nope", features=feats)
+    with pytest.raises(FormatError):
+        CachePlan.from_meta({"mask": [1, 0]})

@@ -9,12 +9,15 @@
   (:func:`collect_features`) and their pairwise errors (:func:`feature_distance_matrix`).
 * :mod:`~bitpress.cache.dec` -- decoupled error correction: per-step, per-channel affine
   fixes fitted in closed form (:func:`fit_cache_correction`, :func:`fit_channel_affine`).
+* :mod:`~bitpress.cache.plan` -- :func:`calibrate_cache`: schedule + DEC from a calibration
+  batch in one call, stored as tensors + JSON (:class:`CachePlan`).
 * :mod:`~bitpress.cache.fid` -- the benchmark's FID protocol (imported on demand).
 
 diffusers is needed for the runtime (``pip install 'bitpress[diffusion]'``); the schedule
 and DEC maths import without it.
 """
 from .dec import CacheCorrection, fit_cache_correction, fit_channel_affine
+from .plan import CachePlan, calibrate_cache
 from .features import collect_features, feature_distance_matrix
 from .runtime import (PipelineCache, UNetCache, as_schedule, count_macs, enable_cache,
                       enable_pipeline_cache, get_cache, max_depth, n_evaluations, sample_loop,
@@ -22,7 +25,7 @@ from .runtime import (PipelineCache, UNetCache, as_schedule, count_macs, enable_
 from .schedule import (DPSResult, brute_force_schedule, deepcache_nonuniform, dps, n_refresh,
                        refresh_steps, schedule_cost, segment_costs, uniform)
 
-__all__ = ["CacheCorrection", "fit_cache_correction", "fit_channel_affine", "collect_features",
+__all__ = ["CachePlan", "calibrate_cache", "CacheCorrection", "fit_cache_correction", "fit_channel_affine", "collect_features",
            "feature_distance_matrix", "PipelineCache", "UNetCache", "as_schedule", "count_macs",
            "enable_cache", "enable_pipeline_cache", "get_cache", "max_depth", "n_evaluations",
            "sample_loop", "schedule_macs", "DPSResult", "brute_force_schedule",
