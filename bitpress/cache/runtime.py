@@ -207,21 +207,20 @@ class UNetCache:
         """Current step of every stream (how many evaluations it has done in this trajectory)."""
         return {k: s.step for k, s in self._streams.items()}
 
-    def _is_refresh(self, st: _Stream, sample: torch.Tensor) -> bool:
+    def _is_refresh(self, st: _Stream) -> bool:
+        """Whether the stream's current step runs the full U-Net (wrapping to a new trajectory)."""
         if self.schedule is None or not st.outputs:
             return True
         if st.step >= len(self.schedule):  # a new trajectory on the same stream
             st.step = 0
-        if self.schedule[st.step]:
-            return True
-        return False
+        return self.schedule[st.step]
 
     def _unet_forward(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
         key = (self._tag, tuple(sample.shape), sample.dtype, sample.device)
         st = self._streams.setdefault(key, _Stream())
         if self.schedule is not None and st.step >= len(self.schedule):
             st.step = 0
-        refresh = self._is_refresh(st, sample)
+        refresh = self._is_refresh(st)
         self._mode, self._cur = ("refresh" if refresh else "cached"), st
         try:
             out = self._orig_unet_forward(sample, timestep, *args, **kwargs)
