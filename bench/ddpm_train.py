@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             print("--resume: batch size / seed differ from the checkpoint's", file=sys.stderr)
             return 2
         state.update(prev)
+        state.update(lr=args.lr, ema_decay=args.ema_decay, threads=threads)  # this run's settings
         tensors = load_file(str(st_path))
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         _load_opt_state(opt, [nm for nm, _ in model.named_parameters()], tensors)
@@ -270,8 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         "images_per_s": round((state["images"] - run_img0) / max(1e-9, now - run_t0), 2)}]
     state["epochs_seen"] = round(state["images"] / n, 3)
     save_checkpoint(args.out, ema, model, opt, sched, state)
+    loss_txt = "n/a" if state["loss_ema"] is None else f"{state['loss_ema']:.4f}"
     print(f"done: step {state['step']} images {state['images']} ({state['epochs_seen']} epochs) "
-          f"loss_ema {state['loss_ema']:.4f} -> {args.out}", flush=True)
+          f"loss_ema {loss_txt} -> {args.out}", flush=True)
     return 0
 
 
