@@ -127,3 +127,21 @@ def test_bad_inputs() -> None:
         dps(np.zeros((4, 4)))
     with pytest.raises(ConfigError):
         dps(np.zeros((4, 4)), K=5)
+
+
+def test_collect_features_cfg_batch() -> None:
+    pytest.importorskip("diffusers")
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    from bitpress.cache.features import collect_features
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12,
+                                norm_num_groups=4, attention_head_dim=4).eval()
+    emb = torch.randn(4, 5, 12)
+    F = collect_features(unet, DDIMScheduler(num_train_timesteps=1000), torch.randn(2, 4, 8, 8), 3,
+                         guidance_scale=5.0, unet_kwargs={"encoder_hidden_states": emb}, dtype=torch.float16)
+    assert F.shape[:2] == (3, 4) and F.dtype == torch.float16 and torch.isfinite(F.float()).all()
+    assert not torch.equal(F[:, :2], F[:, 2:])  # the two CFG halves have their own features
