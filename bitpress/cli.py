@@ -80,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "frozen (GQSA). Default: float_parts for decoupleq, bqpo for gqsa, "
                         "none otherwise")
     t.add_argument("--tune-epochs", type=int, default=None,
-                   help="passes over the calibration samples per block (default 4)")
-    t.add_argument("--tune-lr", type=float, default=None, help="Adam learning rate")
+                   help="passes over the calibration samples per block, one Adam step per "
+                        "sample (default 1)")
+    t.add_argument("--tune-lr", type=float, default=None,
+                   help="Adam learning rate of scales, zeros and norms (default 1e-3)")
 
     f = sub.add_parser("finetune", help="fine-tune the scales/zeros (and norms) of a packed "
                        "checkpoint end to end on a text; codes untouched")
@@ -92,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--steps", type=int, default=None,
                    help="optimizer steps (default: --epochs passes over the windows)")
     f.add_argument("--epochs", type=int, default=1, help="passes over the windows (default 1)")
-    f.add_argument("--lr", type=float, default=None, help="Adam learning rate")
+    f.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate of scales/zeros (default 1e-5)")
     f.add_argument("--norm-lr", type=float, default=None,
                    help="learning rate of the norm weights (default: --lr)")
     f.add_argument("--batch-size", type=int, default=1, help="windows per step (default 1)")
