@@ -239,3 +239,21 @@ def test_count_macs() -> None:
     assert get_cache(unet) is None
     cm = count_macs(tiny_cond_unet(), torch.randn(1, 4, 8, 8), 3, encoder_hidden_states=torch.randn(1, 5, 12))
     assert 0 < cm["cached"] < cm["full"]
+
+
+def test_disable_restores_foreign_forward_wrappers() -> None:
+    """A forward wrapper someone else installed (as accelerate's hooks do) survives enable/disable."""
+    unet = tiny_unet()
+    calls = []
+    plain_forward = unet.forward
+
+    def wrapped(*a, **k):
+        calls.append(1)
+        return plain_forward(*a, **k)
+
+    unet.forward = wrapped
+    cache = enable_cache(unet, [True, False])
+    with torch.no_grad():
+        unet(torch.randn(1, 1, 16, 16), 1)
+    cache.disable()
+    assert unet.forward is wrapped and len(calls) == 1

@@ -140,7 +140,9 @@ class UNetCache:
         self._tag: Any = None
         self._mode: str | None = None  # "refresh" | "cached" | None (outside a call)
         self._cur: _Stream | None = None
-        self._patched: list[nn.Module] = []
+        # (module, its own instance-level forward before patching, or None): restored on disable,
+        # so wrappers installed by others (e.g. accelerate's offload hooks) survive
+        self._patched: list[tuple[nn.Module, Any]] = []
         n_up = len(unet.up_blocks)
         deep: list[tuple[str, nn.Module]] = [(f"down{i}", b) for i, b in enumerate(unet.down_blocks) if i >= depth]
         if getattr(unet, "mid_block", None) is not None:
@@ -150,12 +152,14 @@ class UNetCache:
         for key, mod in deep:
             self._patch(key, mod)
         self._orig_unet_forward = unet.forward
+        self._unet_prev_forward = unet.__dict__.get("forward")
         unet.forward = self._unet_forward  # instance attribute: module tree unchanged
         unet._bitpress_cache = self
 
     # -- patching -------------------------------------------------------------------------
     def _patch(self, key: str, mod: nn.Module) -> None:
         orig = mod.forward
+        prev = mod.__dict__.get("forward")
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             st = self._cur
@@ -175,15 +179,19 @@ class UNetCache:
             return out
 
         mod.forward = forward
-        self._patched.append(mod)
+        self._patched.append((mod, prev))
 
     def disable(self) -> None:
         """Restore the U-Net's original forwards and drop all cached tensors."""
-        for mod in self._patched:
-            if "forward" in mod.__dict__:
+        for mod, prev in self._patched:
+            if prev is not None:
+                mod.forward = prev
+            elif "forward" in mod.__dict__:
                 del mod.forward
         self._patched = []
-        if "forward" in self.unet.__dict__:
+        if self._unet_prev_forward is not None:
+            self.unet.forward = self._unet_prev_forward
+        elif "forward" in self.unet.__dict__:
             del self.unet.forward
         self.unet._bitpress_cache = None
         self._streams.clear()
