@@ -275,16 +275,17 @@ def _lut_case(qw, gs_eff, x, bias, param_dtype=torch.float16):
     inf = qw.in_features
     args = (x, p["qweight"], p["scales"], p["zeros"], bias, 2, gs_eff, inf)
     ref = reference.dense_qmm_ref(*args)
-    y = cpu.dense_qmm_cpu(*args, mode="lut")
     w = reference.dense_weight(p["qweight"], p["scales"], p["zeros"], 2, gs_eff, inf)
     mag = x.float().abs() @ w.abs().t()
     sc = p["scales"].float()
-    if cpu.get_isa() == "avx2":
-        bound = cpu.lut_error_bound(x, qw.codes, sc, gs_eff)
-    else:  # the scalar ISA has no lut kernel: int8 runs instead
-        bound = cpu.int8_error_bound(x, qw.codes, sc, gs_eff)
-        torch.testing.assert_close(y, cpu.dense_qmm_cpu(*args, mode="int8"), rtol=0, atol=0)
-    _check(y, ref, mag, bound, x.dtype)
+    for mode in ("lut", "lut63"):
+        y = cpu.dense_qmm_cpu(*args, mode=mode)
+        if cpu.get_isa() == "avx2":
+            bound = cpu.lut_error_bound(x, qw.codes, sc, gs_eff, mode=mode)
+        else:  # the scalar ISA has no lut kernel: int8 runs instead
+            bound = cpu.int8_error_bound(x, qw.codes, sc, gs_eff)
+            torch.testing.assert_close(y, cpu.dense_qmm_cpu(*args, mode="int8"), rtol=0, atol=0)
+        _check(y, ref, mag, bound, x.dtype)
 
 
 @pytest.mark.parametrize("shape", LUT_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -327,6 +328,8 @@ def test_lut_modes_share_weight_and_other_bits_run_int8():
         p4 = _weight(24, 256, bits, 64).pack_dense()
         a4 = (x, p4["qweight"], p4["scales"], p4["zeros"], None, bits, 64, 256)
         assert torch.equal(cpu.dense_qmm_cpu(*a4, mode="lut"), cpu.dense_qmm_cpu(*a4, mode="int8"))
+        assert torch.equal(cpu.dense_qmm_cpu(*a4, mode="lut63"),
+                           cpu.dense_qmm_cpu(*a4, mode="int8"))
     with use_impl("cpu_lut"):
         assert torch.equal(dense_qmm(*args), cpu.dense_qmm_cpu(*args, mode="lut"))
 
@@ -344,3 +347,6 @@ def test_lut_error_is_small_in_practice():
     rel = ((y - ref).norm() / ref.norm()).item()
     rel_w = ((x @ w.t() - ref).norm() / ref.norm()).item()
     assert rel < 3e-2 and rel < rel_w / 10
+    y63 = cpu.dense_qmm_cpu(*args, mode="lut63")  # tables in +-63: about twice the error
+    rel63 = ((y63 - ref).norm() / ref.norm()).item()
+    assert rel63 < 6e-2 and rel63 < rel_w / 5

@@ -234,9 +234,9 @@ struct ActBuf {
 };
 
 void prepare_act(ActBuf& ab, const float* x, int64_t M, int64_t in, int64_t seg, int64_t nseg,
-                 int bits, int mode, int nthreads) {
+                 int bits, int mode, int nthreads, int lut_max = LUT_MAX) {
   Act& a = ab.a;
-  a.mode = mode; a.M = M; a.seg = seg; a.nseg = nseg;
+  a.mode = mode; a.M = M; a.seg = seg; a.nseg = nseg; a.lut_max = lut_max;
   a.stride = nseg * seg + 64;  // kernels may read (zero-code-weighted) bytes past a group
   const float off = float(1 << (bits - 1));
   ab.xs.assign(size_t(M * nseg), 0.f);
@@ -289,7 +289,8 @@ void prepare_act(ActBuf& ab, const float* x, int64_t M, int64_t in, int64_t seg,
   a.xs = ab.xs.data();
 #if defined(__x86_64__) || defined(_M_X64)
   if (mode == MODE_LUT)
-    bitpress_cpu::build_lut_avx2(x, M, in, seg, nseg, ab.lut.data(), a.lstride, ab.dl.data());
+    bitpress_cpu::build_lut_avx2(x, M, in, seg, nseg, ab.lut.data(), a.lstride, ab.dl.data(),
+                                 lut_max);
 #endif
   a.lut = ab.lut.data(); a.dl = ab.dl.data();
 }
@@ -370,26 +371,41 @@ void dense_qmm(uintptr_t packed, int64_t out, int64_t in, int bits, int64_t gs, 
   auto* yp = reinterpret_cast<float*>(y);
   const auto* bp = reinterpret_cast<const float*>(bias);
   const int isa = resolved_isa();
+  const int lut_max = mode == MODE_LUT63 ? LUT_MAX_FOLD : LUT_MAX;
+  if (mode == MODE_LUT63) mode = MODE_LUT;
   if (mode == MODE_LUT && (bits != 2 || isa != ISA_AVX2))
-    throw std::invalid_argument("qmm_dense: mode 2 (lut) needs 2-bit weights in the lut2 "
-                                "layout and the avx2 ISA");
+    throw std::invalid_argument("qmm_dense: modes 2/3 (lut/lut63) need 2-bit weights in the "
+                                "lut2 layout and the avx2 ISA");
   py::gil_scoped_release release;
   ActBuf ab;
-  prepare_act(ab, reinterpret_cast<const float*>(x), M, in, g.seg, g.nseg, bits, mode, nthreads);
+  prepare_act(ab, reinterpret_cast<const float*>(x), M, in, g.seg, g.nseg, bits, mode, nthreads,
+              lut_max);
   const Act& a = ab.a;
   // below ~64k MACs per thread a parallel region costs more than it saves
   int nt = int(std::min<int64_t>(clamp_threads(nthreads),
                                  std::max<int64_t>(1, std::min(g.tiles, M * out * in / g_min_work))));
+#if defined(__x86_64__) || defined(_M_X64)
+  if (mode == MODE_LUT) {
+    // batch 1: pairs of tiles (16 rows) share the table loads
+    const int tt = M == 1 ? 2 : 1;
+    const int64_t units = ceil_div(g.tiles, tt);
+#if defined(_OPENMP)
+#pragma omp parallel for num_threads(nt) schedule(static)
+#endif
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t t = u * tt;
+      bitpress_cpu::dense_tile_lut_avx2(g, a, pk + t * g.tile_bytes, t,
+                                        int(std::min<int64_t>(tt, g.tiles - t)), yp, bp);
+    }
+    return;
+  }
+#endif
 #if defined(_OPENMP)
 #pragma omp parallel for num_threads(nt) schedule(static)
 #endif
   for (int64_t t = 0; t < g.tiles; ++t) {
     const uint8_t* tp = pk + t * g.tile_bytes;
 #if defined(__x86_64__) || defined(_M_X64)
-    if (mode == MODE_LUT) {
-      bitpress_cpu::dense_tile_lut_avx2(g, a, tp, t, yp, bp);
-      continue;
-    }
     if (isa == ISA_AVX2) {
       bitpress_cpu::dense_tile_avx2(g, a, tp, t, yp, bp);
       continue;
@@ -404,7 +420,7 @@ void sparse_qmm(uintptr_t tiles, int64_t ntiles, int64_t out, int64_t in, int bi
                 int nthreads) {
   check_bits(bits);
   const SparseGeom g = make_sparse_geom(out, in, bits, gs, pkind, ntiles);
-  if (mode == MODE_LUT) mode = MODE_INT8;  // no lut kernel for sparse tiles
+  if (mode == MODE_LUT || mode == MODE_LUT63) mode = MODE_INT8;  // no lut kernel for sparse tiles
   const auto* tp = reinterpret_cast<const uint8_t*>(tiles);
   auto* yp = reinterpret_cast<float*>(y);
   const auto* bp = reinterpret_cast<const float*>(bias);

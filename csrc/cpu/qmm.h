@@ -42,7 +42,10 @@
 
 namespace bitpress_cpu {
 enum ParamKind : int { P_F16 = 0, P_BF16 = 1, P_F32 = 2 };
-enum ActMode : int { MODE_EXACT = 0, MODE_INT8 = 1, MODE_LUT = 2 };
+// MODE_LUT63: the lut kernel with tables within +-63, so the two lookups of a block are added
+// in int8 before one vpmaddubsw (faster, twice the table error; opt-in)
+enum ActMode : int { MODE_EXACT = 0, MODE_INT8 = 1, MODE_LUT = 2, MODE_LUT63 = 3 };
+constexpr int LUT_MAX = 127, LUT_MAX_FOLD = 63;  // largest |table entry| of lut / lut63
 
 struct DenseGeom {
   int64_t out = 0, in = 0;
@@ -79,6 +82,7 @@ struct Act {
   // (entry i = sum of the columns j with bit j of i set, / dl); dl[m*nseg+s] = table step
   const int8_t* lut = nullptr;
   int64_t lstride = 0;
+  int lut_max = LUT_MAX;  // LUT_MAX_FOLD: the folded kernel (mode lut63)
   const float* dl = nullptr;
 };
 }  // namespace bitpress_cpu
@@ -188,12 +192,13 @@ inline SparseGeom make_sparse_geom(int64_t out, int64_t in, int bits, int64_t gs
 namespace bitpress_cpu {
 void dense_tile_avx2(const DenseGeom& g, const Act& a, const uint8_t* tile_ptr, int64_t tile,
                      float* y, const float* bias);
-// 2-bit dense tile from the lut2 layout (a.mode == MODE_LUT).
+// 2-bit dense tiles tile, .., tile + ntile - 1 (ntile 1 or 2, consecutive) from the lut2
+// layout (a.mode == MODE_LUT; a.lut_max picks the plain or the folded kernel).
 void dense_tile_lut_avx2(const DenseGeom& g, const Act& a, const uint8_t* tile_ptr, int64_t tile,
-                         float* y, const float* bias);
+                         int ntile, float* y, const float* bias);
 // Tables for the lut mode: x [M, in] fp32 -> lut [M][lstride] int8, dl [M * nseg].
 void build_lut_avx2(const float* x, int64_t M, int64_t in, int64_t seg, int64_t nseg,
-                    int8_t* lut, int64_t lstride, float* dl);
+                    int8_t* lut, int64_t lstride, float* dl, int lut_max);
 // Column tiles t0..t1 accumulated into ylocal[out][M] (which the caller zeroes).
 void sparse_tiles_avx2(const SparseGeom& g, const Act& a, const uint8_t* tiles, int64_t t0,
                        int64_t t1, float* ylocal);

@@ -316,84 +316,123 @@ void sparse_pk(const SparseGeom& g, const Act& a, const uint8_t* tiles, int64_t 
 
 // ---- 2-bit lookup-table kernel (lut2 layout, see qmm.h) -----------------------------------
 // Per 32-byte block (16 columns x 8 rows x 2 bits): 2 masks + 1 shift for the indices, per
-// activation row 2 table loads (L1), 2 vpshufb, 2 vpmaddubsw (weights 1, 2 add the planes)
-// and 2 int16 adds. A block adds at most 2 * 3 * 127 = 762 per int16 lane, so a segment of
-// up to 256 columns (16 blocks) stays below 2^15 before it is widened.
-template <int PK, int MB>
+// activation row 2 table loads (L1) and 2 vpshufb (column groups {0,1} from the low nibbles,
+// {2,3} from the high ones), then vpmaddubsw with (1, 2) byte weights adds the two bit planes
+// of each row:
+//  * FOLD = false (mode lut, entries |e| <= 127): 2 vpmaddubsw + 2 int16 adds; a block adds
+//    at most 2 * 3 * 127 = 762 per int16 lane;
+//  * FOLD = true (mode lut63, entries |e| <= 63): the two lookups are added as int8 first
+//    (|sum| <= 126), then 1 vpmaddubsw + 1 int16 add; at most 3 * 126 = 378 per lane.
+// A segment of up to 256 columns (16 blocks) and the sum of the two 128-bit lanes
+// (<= 2 * 16 * 762 = 24384) stay below 2^15 before they are widened.
+// TT tiles (8 rows each, consecutive) share the table loads and the per-segment activation
+// terms; MB activation rows share the code loads and index extraction.
+template <int PK, int MB, int TT, bool FOLD>
 void lut_tile_mb(const DenseGeom& g, const Act& a, const uint8_t* tp, int64_t tile, int64_t m0,
                  float* y, const float* bias) {
   constexpr int PS = PK == P_F32 ? 4 : 2;
   const __m256i nib = _mm256_set1_epi8(0x0F);
   const __m256i w12 = _mm256_set1_epi16(0x0201);  // bytes 1, 2: plane 0 and plane 1
-  __m256 yacc[MB];
-  for (int i = 0; i < MB; ++i) yacc[i] = _mm256_setzero_ps();
-  __m256 s8 = _mm256_setzero_ps(), z8 = _mm256_setzero_ps();
+  __m256 yacc[TT][MB];
+  for (int u = 0; u < TT; ++u)
+    for (int i = 0; i < MB; ++i) yacc[u][i] = _mm256_setzero_ps();
+  __m256 s8[TT], z8[TT];
+  for (int u = 0; u < TT; ++u) s8[u] = z8[u] = _mm256_setzero_ps();
   const uint8_t* p = tp;
-  const int64_t nblk = g.seg / 16;
+  const int64_t nblk = g.seg / 16, tb_bytes = g.tile_bytes;
+  const int8_t* T[MB];
+  for (int i = 0; i < MB; ++i) T[i] = a.lut + (m0 + i) * a.lstride;  // 64 bytes per block
   for (int64_t s = 0; s < g.nseg; ++s) {
     if (s == 0 || g.grouped) {
-      s8 = load8p<PK>(p);
-      z8 = load8p<PK>(p + 8 * PS);
+      for (int u = 0; u < TT; ++u) {
+        s8[u] = load8p<PK>(p + u * tb_bytes);
+        z8[u] = load8p<PK>(p + u * tb_bytes + 8 * PS);
+      }
       p += 16 * PS;
     }
-    const int8_t* T[MB];
-    __m256i acc[MB];
-    for (int i = 0; i < MB; ++i) {
-      T[i] = a.lut + (m0 + i) * a.lstride + s * g.seg * 4;  // 16 bytes per 4 columns
-      acc[i] = _mm256_setzero_si256();
-    }
-#pragma GCC unroll 2
+    __m256i acc[TT][MB];
+    for (int u = 0; u < TT; ++u)
+      for (int i = 0; i < MB; ++i) acc[u][i] = _mm256_setzero_si256();
+#pragma GCC unroll 4
     for (int64_t b = 0; b < nblk; ++b) {
-      const __m256i v = ld(p + 32 * b);
-      const __m256i ia = _mm256_and_si256(v, nib);
-      const __m256i ib = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+      __m256i ia[TT], ib[TT];
+      for (int u = 0; u < TT; ++u) {
+        const __m256i v = ld(p + u * tb_bytes + 32 * b);
+        ia[u] = _mm256_and_si256(v, nib);
+        ib[u] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+      }
       for (int i = 0; i < MB; ++i) {
         const uint8_t* tb = reinterpret_cast<const uint8_t*>(T[i]) + 64 * b;
-        const __m256i la = _mm256_shuffle_epi8(ld(tb), ia);
-        const __m256i lb = _mm256_shuffle_epi8(ld(tb + 32), ib);
-        acc[i] = _mm256_add_epi16(acc[i], _mm256_add_epi16(_mm256_maddubs_epi16(w12, la),
-                                                           _mm256_maddubs_epi16(w12, lb)));
+        const __m256i ta = ld(tb), tbb = ld(tb + 32);
+        for (int u = 0; u < TT; ++u) {
+          const __m256i la = _mm256_shuffle_epi8(ta, ia[u]), lb = _mm256_shuffle_epi8(tbb, ib[u]);
+          if constexpr (FOLD) {
+            acc[u][i] = _mm256_add_epi16(acc[u][i],
+                                         _mm256_maddubs_epi16(w12, _mm256_add_epi8(la, lb)));
+          } else {
+            acc[u][i] = _mm256_add_epi16(acc[u][i], _mm256_add_epi16(_mm256_maddubs_epi16(w12, la),
+                                                                     _mm256_maddubs_epi16(w12, lb)));
+          }
+        }
       }
     }
     for (int i = 0; i < MB; ++i) {
-      // lanes hold column groups {0,2} and {1,3} of the same 8 rows: widen and add them
-      const __m256i a32 = _mm256_add_epi32(
-          _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc[i])),
-          _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc[i], 1)));
       const int64_t idx = (m0 + i) * a.nseg + s;
-      const __m256 t = _mm256_fmsub_ps(_mm256_cvtepi32_ps(a32), _mm256_set1_ps(a.dl[idx]),
-                                       _mm256_set1_ps(a.b[idx]));
-      yacc[i] = _mm256_fmadd_ps(s8, t, yacc[i]);
-      yacc[i] = _mm256_fmadd_ps(z8, _mm256_set1_ps(a.xs[idx]), yacc[i]);
+      const __m256 dl = _mm256_set1_ps(a.dl[idx]), bb = _mm256_set1_ps(a.b[idx]),
+                   xs = _mm256_set1_ps(a.xs[idx]);
+      for (int u = 0; u < TT; ++u) {
+        // lanes hold column groups {0,2} and {1,3} of the same 8 rows: add them, then widen
+        const __m256i a32 = _mm256_cvtepi16_epi32(_mm_add_epi16(
+            _mm256_castsi256_si128(acc[u][i]), _mm256_extracti128_si256(acc[u][i], 1)));
+        const __m256 t = _mm256_fmsub_ps(_mm256_cvtepi32_ps(a32), dl, bb);
+        yacc[u][i] = _mm256_fmadd_ps(s8[u], t, yacc[u][i]);
+        yacc[u][i] = _mm256_fmadd_ps(z8[u], xs, yacc[u][i]);
+      }
+      T[i] += 64 * nblk;
     }
     p += g.code_bytes;
   }
-  const int64_t r0 = tile * 8, nr = std::min<int64_t>(8, g.out - r0);
-  for (int i = 0; i < MB; ++i) {
-    float* yr = y + (m0 + i) * g.out + r0;
-    if (nr == 8) {
-      __m256 v = yacc[i];
-      if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + r0));
-      _mm256_storeu_ps(yr, v);
-    } else {
-      alignas(32) float tmp[8];
-      _mm256_store_ps(tmp, yacc[i]);
-      for (int64_t r = 0; r < nr; ++r) yr[r] = tmp[r] + (bias ? bias[r0 + r] : 0.f);
+  for (int u = 0; u < TT; ++u) {
+    const int64_t r0 = (tile + u) * 8, nr = std::min<int64_t>(8, g.out - r0);
+    for (int i = 0; i < MB; ++i) {
+      float* yr = y + (m0 + i) * g.out + r0;
+      if (nr == 8) {
+        __m256 v = yacc[u][i];
+        if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + r0));
+        _mm256_storeu_ps(yr, v);
+      } else {
+        alignas(32) float tmp[8];
+        _mm256_store_ps(tmp, yacc[u][i]);
+        for (int64_t r = 0; r < nr; ++r) yr[r] = tmp[r] + (bias ? bias[r0 + r] : 0.f);
+      }
     }
   }
 }
 
-template <int PK>
-void lut_tile_all(const DenseGeom& g, const Act& a, const uint8_t* tp, int64_t tile, float* y,
-                  const float* bias) {
+// ntile = 1 or 2 consecutive tiles (2: the table loads are shared by 16 rows)
+template <int PK, bool FOLD>
+void lut_tile_all(const DenseGeom& g, const Act& a, const uint8_t* tp, int64_t tile, int ntile,
+                  float* y, const float* bias) {
   int64_t m0 = 0;
-  for (; m0 + 4 <= a.M; m0 += 4) lut_tile_mb<PK, 4>(g, a, tp, tile, m0, y, bias);
+  if (ntile == 2) {
+    for (; m0 + 2 <= a.M; m0 += 2) lut_tile_mb<PK, 2, 2, FOLD>(g, a, tp, tile, m0, y, bias);
+    if (a.M - m0 == 1) lut_tile_mb<PK, 1, 2, FOLD>(g, a, tp, tile, m0, y, bias);
+    return;
+  }
+  for (; m0 + 4 <= a.M; m0 += 4) lut_tile_mb<PK, 4, 1, FOLD>(g, a, tp, tile, m0, y, bias);
   switch (a.M - m0) {
-    case 3: lut_tile_mb<PK, 3>(g, a, tp, tile, m0, y, bias); break;
-    case 2: lut_tile_mb<PK, 2>(g, a, tp, tile, m0, y, bias); break;
-    case 1: lut_tile_mb<PK, 1>(g, a, tp, tile, m0, y, bias); break;
+    case 3: lut_tile_mb<PK, 3, 1, FOLD>(g, a, tp, tile, m0, y, bias); break;
+    case 2: lut_tile_mb<PK, 2, 1, FOLD>(g, a, tp, tile, m0, y, bias); break;
+    case 1: lut_tile_mb<PK, 1, 1, FOLD>(g, a, tp, tile, m0, y, bias); break;
     default: break;
   }
+}
+
+template <int PK>
+void lut_tile_fold(const DenseGeom& g, const Act& a, const uint8_t* tp, int64_t tile, int ntile,
+                   float* y, const float* bias) {
+  if (a.lut_max == LUT_MAX_FOLD) lut_tile_all<PK, true>(g, a, tp, tile, ntile, y, bias);
+  else lut_tile_all<PK, false>(g, a, tp, tile, ntile, y, bias);
 }
 
 }  // namespace
@@ -401,19 +440,20 @@ void lut_tile_all(const DenseGeom& g, const Act& a, const uint8_t* tp, int64_t t
 namespace bitpress_cpu {
 
 void dense_tile_lut_avx2(const DenseGeom& g, const Act& a, const uint8_t* tile_ptr, int64_t tile,
-                         float* y, const float* bias) {
+                         int ntile, float* y, const float* bias) {
   switch (g.pkind) {
-    case P_F16: lut_tile_all<P_F16>(g, a, tile_ptr, tile, y, bias); break;
-    case P_BF16: lut_tile_all<P_BF16>(g, a, tile_ptr, tile, y, bias); break;
-    default: lut_tile_all<P_F32>(g, a, tile_ptr, tile, y, bias); break;
+    case P_F16: lut_tile_fold<P_F16>(g, a, tile_ptr, tile, ntile, y, bias); break;
+    case P_BF16: lut_tile_fold<P_BF16>(g, a, tile_ptr, tile, ntile, y, bias); break;
+    default: lut_tile_fold<P_F32>(g, a, tile_ptr, tile, ntile, y, bias); break;
   }
 }
 
 // Tables: for every 4 columns, entry i = sum of x_{4c+j} over the bits j of i, in fp32, then
-// rounded (nearest) to int8 with one step per segment, dl = max |entry| / 127 (x is read
-// as zero past `in`). Two passes per segment over an L1-resident fp32 scratch.
+// rounded (nearest) to an integer in [-lut_max, lut_max] with one step per segment,
+// dl = max |entry| / lut_max (x is read as zero past `in`). Two passes per segment over an
+// L1-resident fp32 scratch.
 void build_lut_avx2(const float* x, int64_t M, int64_t in, int64_t seg, int64_t nseg,
-                    int8_t* lut, int64_t lstride, float* dl) {
+                    int8_t* lut, int64_t lstride, float* dl, int lut_max) {
   const __m256 b0 = _mm256_setr_ps(0, 1, 0, 1, 0, 1, 0, 1);
   const __m256 b1 = _mm256_setr_ps(0, 0, 1, 1, 0, 0, 1, 1);
   const __m256 b2 = _mm256_setr_ps(0, 0, 0, 0, 1, 1, 1, 1);
@@ -444,8 +484,8 @@ void build_lut_avx2(const float* x, int64_t M, int64_t in, int64_t seg, int64_t 
       m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
       m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
       const float amax = _mm_cvtss_f32(m4);
-      dl[m * nseg + s] = amax / 127.f;
-      const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+      dl[m * nseg + s] = amax / float(lut_max);
+      const __m256 inv = _mm256_set1_ps(amax > 0.f ? float(lut_max) / amax : 0.f);
       int8_t* dst = lr + k0 * 4;
       for (int64_t c = 0; c < seg / 4; ++c) {
         const __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_load_ps(tmp + 16 * c), inv));
