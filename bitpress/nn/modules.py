@@ -110,7 +110,33 @@ class _PackedLinear(nn.Module):
         if cached is None or cached[0] != key:
             cached = (key, ops.select_impl(op_name, x.device.type, *args)[1])
             self.__dict__["_impl_cache"] = cached
-        return cached[1](*args)
+            self.__dict__.pop("_fast", None)
+        impl = cached[1]
+        plan = getattr(impl, "plan", None)
+        if plan is not None and not any(isinstance(t, nn.Parameter) for t in args[1:5]):
+            # bind the weight once (see _fast_forward); the plan re-validates every call
+            fast = plan(args)
+            if fast is not None:
+                self.__dict__["_fast"] = (fast, args[1:5])
+                y = fast(x)
+                if y is not None:
+                    return y
+        return impl(*args)
+
+    def _fast_forward(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The lean per-call path (inference on a kernel that offers a plan): the kernel's
+        bound call, after checking that the module still holds the tensors it was bound to;
+        ``None`` sends the call through :meth:`_run`."""
+        fp = self.__dict__.get("_fast")
+        if fp is None or (torch.is_grad_enabled() and x.requires_grad) \
+                or torch.compiler.is_compiling():
+            return None
+        fast, bound = fp
+        b = self._buffers
+        if (b.get("qweight") is not bound[0] or b.get("scales") is not bound[1]
+                or b.get("zeros") is not bound[2] or self.bias is not bound[3]):
+            return None
+        return fast(x)
 
     def extra_repr(self) -> str:
         gs = "per-channel" if self.group_size == -1 else self.group_size
@@ -169,6 +195,14 @@ class QuantLinear(_PackedLinear):
                 "in_features": self.in_features, "out_features": self.out_features}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = self.__dict__.get("_fused")
+        if fused is not None:  # bitpress.nn.fuse: one call for the linears sharing x
+            y = fused.member_forward(self, x)
+            if y is not None:
+                return y
+        y = self._fast_forward(x)
+        if y is not None:
+            return y
         return self._run("dense_qmm", dense_qmm, (x, self.qweight, self.scales, self.zeros,
                                                   self.bias, self.bits, self.gs,
                                                   self.in_features))

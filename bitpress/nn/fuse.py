@@ -1,0 +1,198 @@
+"""Inference-time helpers for packed models: one kernel call for linears that share an input,
+and a packed copy of a (tied) output head.
+
+:func:`fuse_linears` groups sibling :class:`QuantLinear` modules that read the same input
+(``q_proj``/``k_proj``/``v_proj`` and ``gate_proj``/``up_proj`` by default) so that the first
+member called runs **one** packed GEMV over the concatenated rows and the other members
+pick up their slice of it. The modules, their buffers and the state dict are unchanged (the
+checkpoint format does not move); the group keeps a concatenated copy of the packed tensors
+(built on first use, rebuilt when a member's tensors are replaced or updated in place).
+Exact: codes, scales and zeros are per output row, so every row of the fused call is
+computed exactly as in the member's own call (the same kernel, bit for bit).
+
+A member's result is handed out only for the very tensor (and version) the group computed
+it from; anything else — another input, autograd, ``torch.compile``, a non-CPU or non-fp32
+input, a forced implementation other than the CPU kernels — runs the member on its own.
+
+:func:`pack_output_head` replaces a model's output head (``get_output_embeddings()``) by a
+packed copy; with tied embeddings the input embedding stays float (opt-in: it changes the
+model's numbers, see bench/RESULTS.md "Decode").
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .modules import QuantLinear
+
+DEFAULT_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"),  # Llama, Qwen2, Mistral, ... attention
+    ("gate_proj", "up_proj"),        # gated MLPs
+)
+
+
+class FusedGroup:
+    """Sibling :class:`QuantLinear` modules computed by one packed call (see module doc)."""
+
+    def __init__(self, members: Sequence[QuantLinear]) -> None:
+        m0 = members[0]
+        self.members = list(members)
+        self.index = {id(m): i for i, m in enumerate(members)}
+        self.splits = [m.out_features for m in members]
+        self.in_features, self.bits, self.group_size = m0.in_features, m0.bits, m0.group_size
+        self._fused: Optional[QuantLinear] = None
+        self._checks: Optional[tuple] = None  # per member: what the concatenation was made of
+        # (x, x version, outputs of the last call; an entry is None once taken)
+        self._pending: Optional[tuple] = None
+
+    # ---- the concatenated module ---------------------------------------------------------
+    @staticmethod
+    def _member_checks(m: QuantLinear) -> Optional[tuple]:
+        """(buffer dict, name, tensor, version) of the member's tensors, to see later whether
+        they were replaced or updated in place; None when they are not plain buffers (e.g.
+        float parts made trainable): such a group is not fused."""
+        b = m._buffers
+        if b.get("qweight") is None or b.get("scales") is None or b.get("zeros") is None \
+                or "bias" in m._parameters:
+            return None
+        out = []
+        for name in ("qweight", "scales", "zeros", "bias"):
+            t = b.get(name)
+            try:
+                v = None if t is None else t._version
+            except RuntimeError:  # inference tensors: no version counter, no in-place update
+                v = -1
+            out.append((b, name, t, v))
+        return tuple(out)
+
+    @staticmethod
+    def _valid(checks: Optional[tuple]) -> bool:
+        if checks is None:
+            return False
+        for b, name, t, v in checks:
+            if b.get(name) is not t:
+                return False
+            if t is not None and v != -1 and t._version != v:
+                return False
+        return True
+
+    def _build(self) -> Optional[QuantLinear]:
+        ms = self.members
+        if any(c is None for c in self._checks):
+            return None
+        qw = [m.qweight for m in ms]
+        sc, zr, bs = [m.scales for m in ms], [m.zeros for m in ms], [m.bias for m in ms]
+        if (len({t.dtype for t in sc + zr}) != 1 or len({t.device for t in qw + sc + zr}) != 1
+                or any(b is None for b in bs) != all(b is None for b in bs)):
+            return None
+        f = QuantLinear(self.in_features, sum(self.splits), self.bits, self.group_size,
+                        bias=bs[0] is not None, param_dtype=sc[0].dtype, device=qw[0].device)
+        f.qweight = torch.cat([t.detach() for t in qw])
+        f.scales = torch.cat([t.detach() for t in sc])
+        f.zeros = torch.cat([t.detach() for t in zr])
+        if bs[0] is not None:
+            f.bias = torch.cat([b.detach().float() for b in bs])
+        return f.eval()
+
+    def fused(self) -> Optional[QuantLinear]:
+        """The concatenated module, rebuilt when a member's tensors changed (None when the
+        members cannot be fused as they are now)."""
+        checks = self._checks
+        if checks is None or not all(self._valid(c) for c in checks):
+            self._checks = tuple(self._member_checks(m) for m in self.members)
+            self._pending = None
+            self._fused = self._build()
+        return self._fused
+
+    # ---- forward -------------------------------------------------------------------------
+    def member_forward(self, member: QuantLinear, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The member's output from the group's call, or ``None`` (run it alone)."""
+        if (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling() \
+                or x.dtype is not torch.float32 or not x.is_cpu:
+            return None
+        i = self.index[id(member)]
+        try:
+            xv = x._version
+        except RuntimeError:
+            xv = -1
+        p = self._pending
+        if p is not None and p[0] is x and p[1] == xv:
+            # made moments ago by the group's call on this very input (version included),
+            # from weights validated then
+            y = p[2][i]
+            if y is not None:
+                p[2][i] = None
+                return y
+        f = self.fused()
+        if f is None:
+            return None
+        y = f._fast_forward(x)
+        if y is None:
+            y = f(x)  # binds the kernel's plan on the first call
+        outs = list(torch.split(y, self.splits, dim=-1))
+        if x.numel() != self.in_features:  # several rows: the slices are strided
+            outs = [o.contiguous() for o in outs]
+        mine = outs[i]
+        outs[i] = None
+        self._pending = (x, xv, outs)
+        return mine
+
+
+def fuse_linears(model: nn.Module,
+                 groups: Iterable[Sequence[str]] = DEFAULT_GROUPS) -> int:
+    """Make sibling :class:`QuantLinear` children that share an input (names in one of
+    ``groups``, under the same parent) run as one packed call at inference. Only members
+    with the same ``in_features``, bits, group size, parameter dtype and bias presence are
+    fused. Returns the number of groups formed; :func:`unfuse_linears` undoes it."""
+    n = 0
+    for parent in model.modules():
+        for names in groups:
+            mods = [getattr(parent, nm, None) for nm in names]
+            if len(mods) < 2 or not all(isinstance(m, QuantLinear) for m in mods):
+                continue
+            m0 = mods[0]
+            if any((m.in_features, m.bits, m.group_size, m.scales.dtype, m.bias is None)
+                   != (m0.in_features, m0.bits, m0.group_size, m0.scales.dtype, m0.bias is None)
+                   for m in mods):
+                continue
+            if any(m.__dict__.get("_fused") is not None for m in mods):
+                continue
+            g = FusedGroup(mods)
+            for m in mods:
+                m.__dict__["_fused"] = g
+            n += 1
+    return n
+
+
+def unfuse_linears(model: nn.Module) -> int:
+    """Undo :func:`fuse_linears` (drops the concatenated copies); returns modules released."""
+    n = 0
+    for m in model.modules():
+        if m.__dict__.pop("_fused", None) is not None:
+            n += 1
+    return n
+
+
+def pack_output_head(model: nn.Module, bits: int = 4, group_size: int = 128,
+                     param_dtype: torch.dtype = torch.float16) -> QuantLinear:
+    """Replace the model's output head (``get_output_embeddings()``, an ``nn.Linear``) by a
+    round-to-nearest packed copy; a tied input embedding stays float. Returns the new head.
+    Opt-in: it adds the head's quantisation error to the model's."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if get is not None else None
+    if not isinstance(head, nn.Linear):
+        raise ConfigError("pack_output_head: the model has no nn.Linear output head "
+                          "(get_output_embeddings())")
+    q = QuantLinear.from_linear(head, bits=bits, group_size=group_size, param_dtype=param_dtype)
+    q = q.to(head.weight.device)
+    if hasattr(model, "set_output_embeddings"):
+        model.set_output_embeddings(q)
+    else:  # pragma: no cover - HF models have the setter
+        raise ConfigError("pack_output_head: the model has no set_output_embeddings()")
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+        cfg.tie_word_embeddings = False  # keep HF from re-tying the packed head to the embedding
+    return q

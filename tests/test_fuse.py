@@ -1,0 +1,179 @@
+"""The lean per-call path of QuantLinear (kernel plans) and bitpress.nn.fuse (one packed
+call for linears sharing an input, packed output head)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bitpress.errors import ConfigError
+from bitpress.kernels import use_impl
+from bitpress.nn import QuantLinear, Recipe, replace_linears
+from bitpress.nn.fuse import fuse_linears, pack_output_head, unfuse_linears
+
+cpu = pytest.importorskip("bitpress.kernels.cpu", reason="bitpress._C CPU kernels not built")
+
+
+class Block(nn.Module):
+    """Llama-like sibling names: q/k/v share x, gate/up share h."""
+
+    def __init__(self, d: int = 96, kv: int = 32, ff: int = 160, bias: bool = False):
+        super().__init__()
+        self.q_proj, self.k_proj = nn.Linear(d, d, bias=bias), nn.Linear(d, kv, bias=bias)
+        self.v_proj, self.o_proj = nn.Linear(d, kv, bias=bias), nn.Linear(d, d, bias=bias)
+        self.gate_proj, self.up_proj = nn.Linear(d, ff, bias=bias), nn.Linear(d, ff, bias=bias)
+        self.down_proj = nn.Linear(ff, d, bias=bias)
+
+    def forward(self, x):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        h = self.o_proj(q) + torch.cat([k, v], -1).sum(-1, keepdim=True)
+        return self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+def _model(bits=2, gs=32, bias=False, seed=0):
+    torch.manual_seed(seed)
+    m = Block(bias=bias)
+    replace_linears(m, Recipe(bits=bits, group_size=gs))
+    return m.eval()
+
+
+@pytest.mark.parametrize("mode", ["lut", "int8", "exact"])
+@pytest.mark.parametrize("bits,bias", [(2, False), (4, True), (3, False)])
+def test_fused_equals_unfused_bit_for_bit(mode, bits, bias):
+    m = _model(bits, 32, bias)
+    prev = cpu.get_act_mode()
+    cpu.set_act_mode(mode)
+    try:
+        with torch.inference_mode():
+            xs = [torch.randn(1, 96), torch.randn(1, 1, 96), torch.randn(3, 5, 96)]
+            ref = [m(x) for x in xs]
+            parts = [(m.q_proj(x), m.k_proj(x), m.v_proj(x)) for x in xs]
+            assert fuse_linears(m) == 2
+            for x, r, p in zip(xs, ref, parts):
+                assert torch.equal(m(x), r)
+                got = (m.q_proj(x), m.k_proj(x), m.v_proj(x))
+                for a, b in zip(got, p):
+                    assert torch.equal(a, b) and a.is_contiguous() and a.shape == b.shape
+            # members called out of order, or alone, still get their own rows
+            x = xs[2]
+            assert torch.equal(m.v_proj(x), parts[2][2])
+            assert torch.equal(m.q_proj(x), parts[2][0])
+            assert torch.equal(m.v_proj(x), parts[2][2])
+    finally:
+        cpu.set_act_mode(prev)
+
+
+def test_fused_state_dict_unchanged_and_unfuse():
+    m = _model()
+    keys = {k: v.clone() for k, v in m.state_dict().items()}
+    fuse_linears(m)
+    with torch.no_grad():
+        m(torch.randn(2, 96))
+    assert set(m.state_dict()) == set(keys)
+    assert all(torch.equal(v, keys[k]) for k, v in m.state_dict().items())
+    assert unfuse_linears(m) == 5 and unfuse_linears(m) == 0
+
+
+def test_fused_group_sees_weight_updates_and_new_inputs():
+    m = _model(bits=2)
+    fuse_linears(m)
+    x = torch.randn(1, 96)
+    with torch.no_grad():
+        m(x)
+        m.k_proj.scales.mul_(2)  # in-place update of one member: the group rebuilds
+        got = m.q_proj(x), m.k_proj(x), m.v_proj(x)
+        unfuse_linears(m)
+        want = m.q_proj(x), m.k_proj(x), m.v_proj(x)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        fuse_linears(m)
+        m.q_proj(x)
+        x.mul_(3)  # same tensor, new version: no stale hand-out
+        assert torch.equal(m.k_proj(x), want[1] * 0 + m.k_proj.__dict__["_fused"]._fused(x)[:, 96:128])
+        unfuse_linears(m)
+        assert torch.equal(m.v_proj(x), m.v_proj(x.clone()))
+
+
+def test_fused_falls_back_for_autograd_reference_and_other_dtypes():
+    m = _model(bits=4)
+    fuse_linears(m)
+    x = torch.randn(2, 96, requires_grad=True)
+    with use_impl("reference"):
+        y = m(x)  # autograd through the op
+    y.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with torch.no_grad(), use_impl("reference"):
+        xr = torch.randn(2, 96)
+        torch.testing.assert_close(m.q_proj(xr), xr @ m.q_proj.dequantize().t())
+    with torch.no_grad():
+        xb = torch.randn(2, 96).bfloat16()
+        assert m(xb).dtype == torch.bfloat16
+    m.k_proj.float_parts_trainable(True)  # parameters, not buffers: the group stays unfused
+    with torch.no_grad():
+        xf = torch.randn(1, 96)
+        assert torch.equal(m.k_proj(xf), m.k_proj(xf))
+        assert m.k_proj.__dict__["_fused"].fused() is None
+
+
+def test_fast_path_revalidates():
+    """The bound kernel plan of a module: same numbers as the regular path; mode, forced
+    implementation, in-place updates and replaced buffers all re-route the call."""
+    torch.manual_seed(1)
+    q = QuantLinear.from_linear(nn.Linear(128, 40), bits=2, group_size=64)
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        y0 = q(x)
+        assert "_fast" in q.__dict__
+        assert torch.equal(q(x), cpu.dense_qmm_cpu(x, q.qweight, q.scales, q.zeros, q.bias, 2,
+                                                    64, 128))
+        prev = cpu.get_act_mode()
+        try:
+            cpu.set_act_mode("exact")
+            torch.testing.assert_close(q(x), nn.functional.linear(x, q.dequantize(), q.bias),
+                                       rtol=1e-5, atol=1e-5)
+        finally:
+            cpu.set_act_mode(prev)
+        assert torch.equal(q(x), y0)
+        with use_impl("reference"):
+            torch.testing.assert_close(q(x), nn.functional.linear(x, q.dequantize(), q.bias))
+        q.zeros.add_(0.01)
+        torch.testing.assert_close(q(x), cpu.dense_qmm_cpu(x, q.qweight, q.scales, q.zeros,
+                                                           q.bias, 2, 64, 128))
+        q.bias = torch.zeros(40)
+        torch.testing.assert_close(q(x), cpu.dense_qmm_cpu(x, q.qweight, q.scales, q.zeros,
+                                                           None, 2, 64, 128))
+        assert q(x[:, :0].new_empty(0, 128)).shape == (0, 40)
+        with pytest.raises(RuntimeError, match="expected 128"):
+            q(torch.randn(2, 127))
+
+
+class _Head(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 64)
+        self.head = nn.Linear(64, 50, bias=False)
+        self.head.weight = self.emb.weight  # tied
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def set_output_embeddings(self, m):
+        self.head = m
+
+    def forward(self, ids):
+        return self.head(self.emb(ids))
+
+
+def test_pack_output_head_keeps_embedding_float():
+    torch.manual_seed(2)
+    m = _Head()
+    w = m.emb.weight.detach().clone()
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        ref = m(ids)
+        q = pack_output_head(m, bits=4, group_size=32)
+        assert isinstance(m.head, QuantLinear) and q is m.head
+        assert torch.equal(m.emb.weight, w)
+        out = m(ids)
+    assert (out - ref).norm() < 0.2 * ref.norm()
+    with pytest.raises(ConfigError):
+        pack_output_head(nn.Linear(3, 3))
