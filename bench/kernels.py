@@ -2,8 +2,9 @@
 
 For Llama-7B-like and SmolLM2 shapes and batch 1/4/16/64, times (same run, same process):
 
-* bitpress dense W2 g64 (default ``lut`` mode: lookup-table kernel) and W2 g64 on the int8
-  path, W3 g128, W4 g128 (int8 activation mode) and W4 g128 exact,
+* bitpress dense W2 g64 (default ``lut`` mode: lookup-table kernel; ``lut63``: the opt-in
+  folded variant) and W2 g64 on the int8 path, W3 g128, W4 g128 (int8 activation mode) and
+  W4 g128 exact,
 * bitpress group-sparse W4 g128 at 50% sparsity (block-sparse rows),
 * torch dense ``F.linear`` in fp32 / bf16 / fp16,
 * torch ``_weight_int4pack_mm_for_cpu`` (g128, bf16 activations) and ``_weight_int8pack_mm``,
@@ -145,6 +146,7 @@ def methods(out: int, inf: int, g: torch.Generator, skip: set[str]) -> dict:
         m[name] = build
 
     add_dense("bp W2 g64", 2, 64, "lut")  # the default: lookup-table kernel on AVX2
+    add_dense("bp W2 g64 lut63", 2, 64, "lut63")  # opt-in: tables in +-63, folded lookups
     add_dense("bp W2 g64 int8", 2, 64, "int8")
     add_dense("bp W3 g128", 3, 128, "int8")
     add_dense("bp W4 g128", 4, 128, "int8")
