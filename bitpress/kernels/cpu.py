@@ -306,10 +306,9 @@ def dense_plan(args: tuple, mode: Optional[str] = None):
     forced_local, forced_env = getattr(local, "forced", None), env.get(_ENV_KEY)
     qd, pptr, nthreads, empty = _C.qmm_dense, packed.data_ptr(), torch.get_num_threads, torch.empty
     f32 = torch.float32
-    try:
-        tv = [(t, t._version) for t in (qweight, scales, zeros, bias) if t is not None]
-    except RuntimeError:  # inference tensors carry no version counter (nor in-place updates)
-        tv = []
+    ts = [t for t in (qweight, scales, zeros, bias) if t is not None]
+    # inference tensors have no version counter (asking raises): identity checks only
+    tv = [] if any(t.is_inference() for t in ts) else [(t, t._version) for t in ts]
     (q0, v0), (s0, v1), (z0, v2) = tv[:3] if tv else ((qweight, 0),) * 3
     check_v = bool(tv)
 

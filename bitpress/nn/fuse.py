@@ -61,10 +61,8 @@ class FusedGroup:
         out = []
         for name in ("qweight", "scales", "zeros", "bias"):
             t = b.get(name)
-            try:
-                v = None if t is None else t._version
-            except RuntimeError:  # inference tensors: no version counter, no in-place update
-                v = -1
+            # inference tensors have no version counter (-1: identity checks only)
+            v = None if t is None else (-1 if t.is_inference() else t._version)
             out.append((b, name, t, v))
         return tuple(out)
 
@@ -114,10 +112,9 @@ class FusedGroup:
                 or x.dtype is not torch.float32 or not x.is_cpu:
             return None
         i = self.index[id(member)]
-        try:
-            xv = x._version
-        except RuntimeError:
-            xv = -1
+        # inference tensors track no version (and asking raises, which is slow): their
+        # identity alone ties a member's output to the group's call
+        xv = -1 if x.is_inference() else x._version
         p = self._pending
         if p is not None and p[0] is x and p[1] == xv:
             # made moments ago by the group's call on this very input (version included),
