@@ -11,7 +11,11 @@ in the machine's load hits every model alike). Models:
 * ``W4 g16 S50`` - group-sparse: 50% of the 16-column groups pruned by magnitude, then RTN
   (``GroupSparseLinear``),
 * ``W2 g64 +head W4`` - W2 g64 with the tied ``lm_head`` (49152 x 576, a third of the fp32
-  model's bytes) also packed at W4 g128: what the decoder costs once the head is not fp32.
+  model's bytes) also packed at W4 g128 (``bitpress.nn.fuse.pack_output_head``; the input
+  embedding stays float): what the decoder costs once the head is not fp32,
+* ``W2 g64 fused`` (and ``... fused +head W4``) - the same packed model after
+  ``bitpress.nn.fuse.fuse_linears``: q/k/v and gate/up run as one packed call each (the same
+  kernel on the concatenated rows; outputs identical bit for bit).
 
 Tokens/s counts the decode steps only (new tokens after the first, which the prefill makes);
 prefill time is reported separately. A per-step breakdown for each packed model (time in
@@ -20,6 +24,7 @@ comes from one extra instrumented generation.
 
     .venv/bin/python bench/decode.py                   # 1 thread, writes bench/results/decode.json
     .venv/bin/python bench/decode.py --threads 1,2 --rounds 3
+    .venv/bin/python bench/decode.py --only "W2 g64,W2 g64 fused,W2 g64 fused +head W4"  # + fp32
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import bitpress.nn as bnn  # noqa: E402
 from bitpress.kernels import cpu as kcpu  # noqa: E402
+from bitpress.nn.fuse import fuse_linears, pack_output_head  # noqa: E402
 from bitpress.pipeline.source import open_source, packaged_gguf  # noqa: E402
 
 PROMPT = "The history of the printing press begins"
@@ -96,7 +102,7 @@ class _Timer:
     """Proxy of the native module that times qmm_dense / qmm_sparse calls."""
 
     def __init__(self, mod):
-        self._mod, self.t = mod, 0.0
+        self._mod, self.t, self.n = mod, 0.0, 0
 
     def __getattr__(self, name):
         f = getattr(self._mod, name)
@@ -107,6 +113,7 @@ class _Timer:
             t = time.perf_counter()
             r = f(*a, **k)
             self.t += time.perf_counter() - t
+            self.n += 1
             return r
         return timed
 
@@ -133,11 +140,12 @@ def breakdown(model, ids: torch.Tensor, new_tokens: int) -> dict:
     timer = _Timer(kcpu._C)
     real = kcpu._C
     kcpu._C = timer
+    kcpu.clear_cache()  # the modules' bound kernel plans are re-made through the timer
     try:
         out = model(input_ids=ids, use_cache=True)  # prefill, not counted
         past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
         acc["modules"] = acc["lm_head"] = 0.0
-        timer.t = 0.0
+        timer.t, timer.n = 0.0, 0
         t0 = time.perf_counter()
         for _ in range(new_tokens - 1):
             out = model(input_ids=nxt, past_key_values=past, use_cache=True)
@@ -145,6 +153,7 @@ def breakdown(model, ids: torch.Tensor, new_tokens: int) -> dict:
         total = time.perf_counter() - t0
     finally:
         kcpu._C = real
+        kcpu.clear_cache()
         for h in hooks:
             h.remove()
     n = new_tokens - 1
@@ -155,6 +164,7 @@ def breakdown(model, ids: torch.Tensor, new_tokens: int) -> dict:
             "packed_module_python_ms": 1e3 * (mods - kern) / n,
             "lm_head_ms": 1e3 * acc["lm_head"] / n,
             "rest_ms": 1e3 * (total - mods - (0 if head_is_packed else acc["lm_head"])) / n,
+            "native_calls_per_step": timer.n / n,
             "packed_calls_per_step": sum(isinstance(m, (bnn.QuantLinear, bnn.GroupSparseLinear))
                                          for m in model.modules())}
 
@@ -164,10 +174,13 @@ def main() -> None:
     ap.add_argument("--threads", default="1", help="comma list, e.g. 1,2")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per model")
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--only", default=None,
+                    help="comma list of model names to run (fp32 is always kept)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "decode.json"))
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
+    load_start = os.getloadavg()
 
     t = time.perf_counter()
     src = open_source(packaged_gguf())
@@ -176,16 +189,37 @@ def main() -> None:
     print(f"loaded SmolLM2-135M in {time.perf_counter() - t:.1f} s", flush=True)
     ids = tok(PROMPT, return_tensors="pt").input_ids
 
-    models = {"fp32": base, "bf16": copy.deepcopy(base).to(torch.bfloat16)}
+    w2_base: dict = {}
+
+    def w2_variant(fuse: bool, head: bool):
+        if "m" not in w2_base:  # quantise once, copy the packed model for the variants
+            w2_base["m"] = packed(base, bnn.Recipe(bits=2, group_size=64))
+        m = copy.deepcopy(w2_base["m"])
+        if fuse:
+            fuse_linears(m)
+        if head:  # untied: the input embedding stays float
+            pack_output_head(m, bits=4, group_size=128)
+        return m
+
+    builders = {
+        "fp32": lambda: base,
+        "bf16": lambda: copy.deepcopy(base).to(torch.bfloat16),
+        "W2 g64": lambda: w2_variant(False, False),
+        "W4 g128": lambda: packed(base, bnn.Recipe(bits=4, group_size=128)),
+        "W4 g16 S50": lambda: packed(base, bnn.Recipe(bits=4, group_size=16, sparsity=0.5)),
+        "W2 g64 +head W4": lambda: w2_variant(False, True),
+        "W2 g64 fused": lambda: w2_variant(True, False),
+        "W2 g64 fused +head W4": lambda: w2_variant(True, True),
+    }
+    if args.only:
+        keep = set(args.only.split(",")) | {"fp32"}
+        unknown = keep - set(builders)
+        if unknown:
+            raise SystemExit(f"--only: unknown model(s) {sorted(unknown)}; have {list(builders)}")
+        builders = {k: v for k, v in builders.items() if k in keep}
     t = time.perf_counter()
-    models["W2 g64"] = packed(base, bnn.Recipe(bits=2, group_size=64))
-    models["W4 g128"] = packed(base, bnn.Recipe(bits=4, group_size=128))
-    models["W4 g16 S50"] = packed(base, bnn.Recipe(bits=4, group_size=16, sparsity=0.5))
-    w2h = packed(base, bnn.Recipe(bits=2, group_size=64))
-    head = bnn.QuantLinear.from_linear(w2h.lm_head, bits=4, group_size=128)
-    w2h.lm_head = head  # untie: the input embedding stays the float one
-    models["W2 g64 +head W4"] = w2h
-    print(f"packed 4 models in {time.perf_counter() - t:.1f} s", flush=True)
+    models = {k: build() for k, build in builders.items()}
+    print(f"built {len(models)} models in {time.perf_counter() - t:.1f} s", flush=True)
     sizes = {k: model_bytes(m) for k, m in models.items()}
 
     results = {}
@@ -225,24 +259,26 @@ def main() -> None:
 
         print(f"\nSmolLM2-135M decode, batch 1, {args.new_tokens} new tokens, greedy, KV cache, "
               f"torch.set_num_threads({nt}), median of {args.rounds} interleaved rounds")
-        print(f"{'model':<18}{'MB read/tok':>12}{'tok/s':>9}{'ms/tok':>9}{'vs fp32':>9}"
+        print(f"{'model':<22}{'MB read/tok':>12}{'tok/s':>9}{'ms/tok':>9}{'vs fp32':>9}"
               f"{'prefill ms':>12}{'=fp32 toks':>12}")
         for k, v in rows.items():
-            print(f"{k:<18}{v['weight_MB']:>12.1f}{v['tokens_per_s']:>9.1f}{v['ms_per_token']:>9.2f}"
+            print(f"{k:<22}{v['weight_MB']:>12.1f}{v['tokens_per_s']:>9.1f}{v['ms_per_token']:>9.2f}"
                   f"{v['vs_fp32']:>9.2f}{v['prefill_ms']:>12.1f}"
                   f"{v['same_tokens_as_fp32']:>8}/{args.new_tokens}")
         print("\nper decode step (ms): kernels | packed-module Python | lm_head | rest of model")
         for k, v in rows.items():
             b = v.get("breakdown")
             if b:
-                print(f"{k:<18} {b['step_ms']:6.2f} = kern {b['kernel_ms']:5.2f} | py "
-                      f"{b['packed_module_python_ms']:5.2f} ({b['packed_calls_per_step']} calls) "
+                print(f"{k:<22} {b['step_ms']:6.2f} = kern {b['kernel_ms']:5.2f} | py "
+                      f"{b['packed_module_python_ms']:5.2f} ({b['packed_calls_per_step']} modules, "
+                      f"{b['native_calls_per_step']:.0f} native calls) "
                       f"| head {b['lm_head_ms']:5.2f} | rest {b['rest_ms']:5.2f}")
 
     meta = {"date": dt.date.today().isoformat(), "cpu": cpu_model(), "torch": torch.__version__,
             "isa": kcpu.get_isa(), "act_mode": kcpu.get_act_mode(), "prompt": PROMPT,
             "prompt_tokens": int(ids.shape[1]), "new_tokens": args.new_tokens,
-            "rounds": args.rounds, "load_average": os.getloadavg(),
+            "rounds": args.rounds, "load_average_end": os.getloadavg(),
+            "load_average_start": load_start,
             "command": "bench/decode.py " + " ".join(sys.argv[1:])}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
