@@ -10,6 +10,11 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without a GPU the Triton kernels run in Triton's interpreter, which is decided when triton
+# is first imported — and other test modules import it indirectly (diffusers does), so it
+# is set here, before any test module is collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 warnings.filterwarnings("ignore", message=".*pure-torch reference.*")
 
 TEXT = (

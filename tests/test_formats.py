@@ -99,6 +99,7 @@ def test_bsr_round_trip(bits, group, rows, n, sparsity, balanced, seed):
 
 def test_ragged_last_group_smollm_shape():
     """576 columns at group 128: four groups of 128 and one of 64, none padded."""
+    torch.manual_seed(0)
     w = torch.randn(4, 576)
     qw = quantize_rtn(w, 4, 128)
     assert qw.n_groups == 5 and qw.scale.shape == (4, 5)
@@ -108,7 +109,9 @@ def test_ragged_last_group_smollm_shape():
     # so that 0 lies on the grid)
     lo = last.min(1, keepdim=True).values
     assert bool(((z + s * -8 - lo).abs() <= s / 2 + 1e-3).all())
-    assert bool((torch.remainder(z / s + 0.5, 1.0) - 0.5).abs().max() < 1e-3)  # 0 on the grid
+    # 0 on the grid, up to the fp16 rounding of z and s (relative 2^-11 each)
+    q0 = z / s
+    assert bool(((torch.remainder(q0 + 0.5, 1.0) - 0.5).abs() < 1e-3 + q0.abs() * 2**-10).all())
     err = (qw.dequantize() - w).abs().max()
     assert err <= qw.scale.max() / 2 + 1e-3
 
