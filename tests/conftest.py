@@ -81,3 +81,21 @@ def tiny_gpt2_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory):
     return build_tiny(tmp_path_factory, "qwen2")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine the thread pool's
+    synchronisation makes each forward many times slower: modules that use this run
+    single-threaded (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    p = tmp_path / "calib.txt"
+    p.write_text(TEXT)
+    return p

@@ -14,24 +14,11 @@ from bitpress.nn import Recipe
 from bitpress.pipeline.compress import compress
 from bitpress.quant.blocktune import block_output_loss, make_block_tuner, norm_parameters
 
-from conftest import TEXT
 
 FAST = dict(nsamples=8, seqlen=48, batch_size=4, progress=False, dtype=torch.float32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture
-def calib_file(tmp_path):
-    p = tmp_path / "calib.txt"
-    p.write_text(TEXT)
-    return p
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Spy:

@@ -10,14 +10,7 @@ from bitpress.cache.dec import CacheCorrection, fit_cache_correction, fit_channe
 from bitpress.errors import ConfigError, FormatError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine the thread pool's
-    synchronisation makes each forward ~50x slower: run these tests single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_fit_recovers_known_affine_map() -> None:

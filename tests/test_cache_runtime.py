@@ -14,14 +14,7 @@ from bitpress.cache.runtime import (as_schedule, count_macs, enable_cache, enabl
 from bitpress.errors import ConfigError  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine the thread pool's
-    synchronisation makes each forward ~50x slower: run these tests single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_unet(seed: int = 0, skip: bool = False, layers: int = 1) -> UNet2DModel:

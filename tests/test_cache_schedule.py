@@ -13,14 +13,7 @@ from bitpress.cache.schedule import (brute_force_schedule, deepcache_nonuniform,
 from bitpress.errors import ConfigError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine the thread pool's
-    synchronisation makes each forward ~50x slower: run these tests single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_cost(T: int, seed: int) -> np.ndarray:

@@ -20,12 +20,7 @@ from conftest import TEXT
 FAST = dict(nsamples=4, seqlen=32, batch_size=4, progress=False, dtype=torch.float32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,20 +24,7 @@ from conftest import TEXT
 FAST = dict(nsamples=8, seqlen=64, batch_size=4, progress=False, dtype=torch.float32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matrices: OpenMP barriers cost more than they save, badly so on a busy machine
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture
-def calib_file(tmp_path):
-    p = tmp_path / "calib.txt"
-    p.write_text(TEXT)
-    return p
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _float_model(src):
