@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -48,14 +49,18 @@ def second_text() -> tuple[str, str]:
 
 
 def compress_in_subprocess(model_path, out: Path, method: str, bits: int, gs: int,
-                           calib_path, args) -> dict:
+                           calib_path, args, sparsity: Optional[float] = None) -> dict:
     """``bitpress compress`` in a fresh process, so its peak RSS is its own (the evaluation
     of earlier rows in this process would otherwise dominate ``ru_maxrss``)."""
     cmd = [sys.executable, "-m", "bitpress.cli", "compress", str(model_path), "--out", str(out),
            "--method", method, "--bits", str(bits), "--group-size", str(gs)]
+    if sparsity is not None:
+        cmd += ["--sparsity", str(sparsity)]
     if method != "rtn":
         cmd += ["--calib", str(calib_path), "--nsamples", str(args.nsamples),
                 "--seqlen", str(args.calib_seqlen)]
+    if args.block_tune is not None and method in ("decoupleq", "gqsa"):
+        cmd += ["--block-tune", args.block_tune]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     subprocess.run(cmd, check=True, env=env)
     return json.loads((out / "bitpress_summary.json").read_text())
@@ -80,8 +85,13 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--calib-seqlen", type=int, default=512)
-    ap.add_argument("--settings", default="4:128,3:128,2:64", help="bits:group,...")
-    ap.add_argument("--methods", default="fp,rtn,gptq")
+    ap.add_argument("--settings", default="4:128,3:128,2:64",
+                    help="bits:group[:sparsity],... (group -1: per-channel; sparsity: share of "
+                         "pruned groups, for gqsa)")
+    ap.add_argument("--methods", default="fp,rtn,gptq",
+                    help="fp, rtn, gptq, decoupleq, gqsa (comma-separated)")
+    ap.add_argument("--block-tune", default=None, choices=["none", "float_parts", "bqpo"],
+                    help="block tuning of decoupleq/gqsa rows (default: the method's own)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "quality.json"))
     ap.add_argument("--resume", action="store_true",
@@ -103,7 +113,12 @@ def main() -> None:
     t2, t2_desc = second_text()
     texts["second"] = t2
     methods = args.methods.split(",")
-    settings = [tuple(int(x) for x in s.split(":")) for s in args.settings.split(",")]
+    settings = []
+    for item in args.settings.split(","):
+        f = item.split(":")
+        if len(f) not in (2, 3):
+            sys.exit(f"--settings: expected bits:group[:sparsity], got {item!r}")
+        settings.append((int(f[0]), int(f[1]), float(f[2]) if len(f) == 3 else None))
     second_windows = args.second_windows or args.windows
     protocol = {"model": str(model_path), "text": str(text_path), "second_text": t2_desc,
                 "calib": str(calib_path), "seqlen": args.seqlen, "windows": args.windows,
@@ -119,9 +134,9 @@ def main() -> None:
         else:
             print(f"{out_json} was measured with another protocol; starting afresh", flush=True)
 
-    def have(method, bits, gs) -> bool:
+    def have(method, bits, gs, sparsity=None) -> bool:
         return any(r["method"] == method and r["bits"] == bits and r["group_size"] == gs
-                   for r in rows)
+                   and r.get("sparsity") == sparsity for r in rows)
 
     def write() -> None:
         result = {"date": time.strftime("%Y-%m-%d"),
@@ -150,22 +165,28 @@ def main() -> None:
         write()
         del model
     with tempfile.TemporaryDirectory(prefix="bp-quality-") as work:
-        for bits, gs in settings:
+        for bits, gs, sp in settings:
             for m in [m for m in methods if m != "fp"]:
-                if have(m, bits, gs):
+                if have(m, bits, gs, sp):
                     continue
-                out = Path(work) / f"{m}-w{bits}g{gs}"
+                out = Path(work) / (f"{m}-w{bits}g{gs}" + ("" if sp is None else f"s{sp}"))
                 t0 = time.time()
-                s = compress_in_subprocess(model_path, out, m, bits, gs, calib_path, args)
+                s = compress_in_subprocess(model_path, out, m, bits, gs, calib_path, args, sp)
                 tc = time.time() - t0
                 t1 = time.time()
                 model, tok = bitpress.load(out), load_tokenizer(out)
                 ppl = score(model, tok)
                 mem = s.get("memory_bytes") or {}
-                rows.append({"method": m, "bits": bits, "group_size": gs,
+                row = {"method": m, "bits": bits, "group_size": gs}
+                if sp is not None:
+                    row["sparsity"] = sp
+                rows.append({**row,
                              "bits_per_weight": s["bits_per_weight"],
                              "seconds_compress": round(tc, 1),
                              "seconds_quantize": s.get("seconds_quantize"),
+                             "seconds_layer_solve": s.get("seconds_layer_solve"),
+                             "seconds_block_tune": s.get("seconds_block_tune"),
+                             "block_tune": (s.get("block_tune") or {}).get("mode"),
                              "peak_rss_mb": round(s["peak_rss_bytes"] / 2**20),
                              "memory_mb": {k: round(v / 2**20) for k, v in mem.items()},
                              "options": s.get("options"), "ppl": ppl,
@@ -179,7 +200,8 @@ def main() -> None:
           f"compress s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['bits']} | {r['group_size'] or '-'} | "
+        sp = f" S{round(100 * r['sparsity'])}" if r.get("sparsity") else ""
+        print(f"| {r['method']}{sp} | {r['bits']} | {r['group_size'] or '-'} | "
               f"{r['bits_per_weight']:.3f} | {r['ppl']['wikitext2']:.2f} | "
               f"{r['ppl']['second']:.2f} | {r['seconds_compress'] or '-'} |")
 

@@ -161,6 +161,36 @@ def test_rejected_tuning_keeps_untuned_block(tiny_llama_dir, tmp_path, calib_fil
         assert all(torch.equal(r["norms1"][k], v) for k, v in r["norms0"].items())
 
 
+@pytest.mark.parametrize("lr", [1e-3, 5.0])  # accepted / rejected tuning
+def test_block_outputs_are_handed_over_not_recomputed(tiny_llama_dir, tmp_path, calib_file, lr):
+    """The pipeline gives the hook the quantized block's outputs (``ctx.outputs``) and the
+    tuner hands back the outputs of the block as it leaves it (``ctx.outputs_after``), so
+    neither is recomputed; both equal a fresh forward of the block."""
+    tuner = make_block_tuner("float_parts", epochs=1, lr=lr, progress=False)
+    seen = []
+
+    def fresh(ctx):
+        return [ctx.inputs.call(ctx.block, ctx.index, h) for h in ctx.hidden]
+
+    def hook(ctx):
+        assert ctx.outputs is not None
+        for a, b in zip(ctx.outputs, fresh(ctx)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        new = tuner(ctx)
+        for n, qw in (new or {}).items():
+            w = qw.dequantize()
+            torch.testing.assert_close(ctx.block.get_submodule(n).weight.data, w, rtol=0, atol=0)
+        assert ctx.outputs_after is not None
+        for a, b in zip(ctx.outputs_after, fresh(ctx)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        seen.append(bool(new))
+        return new
+
+    compress(tiny_llama_dir, tmp_path / "q", Recipe(method="rtn", bits=2, group_size=32),
+             calib=calib_file, block_hook=hook, **FAST)
+    assert seen and (any(seen) if lr < 1 else not any(seen))
+
+
 def test_micro_batches_slice_the_block_call(tiny_qwen2_dir, tmp_path, calib_file):
     """Micro-batches smaller than the calibration batch (sliced masks / rotary tables) and
     whole calibration batches both work."""

@@ -143,6 +143,7 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
         "seconds_solver": round(res.seconds_quantize - (tuner.seconds if tuner else 0.0), 2),
         "block_tune": tuner.options() if tuner is not None else None,
         "seconds_block_tune": round(tuner.seconds, 2) if tuner is not None else 0.0,
+        "seconds_layer_solve": round(res.seconds_layer_solve, 2),
         "block_tune_losses": [r.to_dict() for r in tuner.records] if tuner is not None
         else None,
         "sequential_groups": res.groups,

@@ -430,7 +430,13 @@ class BlockContext:
     ``inputs`` calls the block on one calibration batch (``inputs.call(block, index, h)``);
     ``hidden`` are the (quantized-model) inputs of this block; ``targets`` the outputs of
     the *float* block on the same inputs. The hook returns updated QuantizedWeights (or
-    ``None`` to keep them)."""
+    ``None`` to keep them).
+
+    ``outputs``: the block's outputs on ``hidden`` as the block stands when the hook is
+    called (``None`` when the pipeline did not keep them). ``outputs_after``: a hook may set
+    it to the block's outputs on ``hidden`` as it leaves the block (it usually computed them
+    anyway, to check its loss); they then feed the next block. Left ``None``, the pipeline
+    re-runs the block."""
     index: int
     name: str
     block: nn.Module
@@ -439,6 +445,8 @@ class BlockContext:
     targets: list[torch.Tensor]
     qweights: dict[str, QuantizedWeight]
     hessians: dict[str, torch.Tensor] = field(default_factory=dict)
+    outputs: Optional[list[torch.Tensor]] = None
+    outputs_after: Optional[list[torch.Tensor]] = None
 
 
 BlockHook = Callable[[BlockContext], Optional[dict[str, QuantizedWeight]]]
@@ -478,6 +486,7 @@ class StreamResult:
     memory: dict[str, int]
     seconds_quantize: float
     reads_per_block: list[int]
+    seconds_layer_solve: float = 0.0   # the pass's (W, H) -> QuantizedWeight calls alone
 
 
 def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callable[
@@ -550,6 +559,7 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
     errors: dict[str, float] = {}
     all_groups: list[list[str]] = []
     reads_per_block: list[int] = []
+    solve_seconds = [0.0]
     t0 = time.time()
     inputs: Optional[BlockInputs] = None
     order_cache: dict[tuple, list[list[str]]] = {}
@@ -580,7 +590,8 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
         else:
             hid = inputs.hidden
             with torch.no_grad():
-                targets = [inputs.call(block, i, h) for h in hid] if block_hook else []
+                targets = ([inputs.call(block, i, h) for h in hid] if block_hook and names
+                           else [])
                 # blocks of one class with the same targets call their linears in the same
                 # order: probe once per (class, targets), not once per block
                 key = (type(block), tuple(names))
@@ -598,8 +609,10 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
                         if H is None:
                             log.warning("%s is never called on calibration data; quantizing "
                                         "it without a Hessian", pre + n)
+                        ts = time.perf_counter()
                         with _threads(solver_threads):
                             qw = solve(pre + n, W, H)
+                        solve_seconds[0] += time.perf_counter() - ts
                         What = qw.dequantize()
                         errors[pre + n] = (_hessian_rel_error(W, What, H) if H is not None
                                            else _weight_rel_error(W, What))
@@ -628,16 +641,17 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
                     for group in groups:
                         solve_group(group, _group_hessian(
                             block, group[0], lambda h: inputs.call(block, i, h), hid))
-                if block_hook is not None:
+                if block_hook is not None and names:
                     ctx = BlockContext(i, pre[:-1], block, inputs, hid, targets, qweights,
-                                       hessians)
+                                       hessians, outs)
+                    outs = None
                     new = block_hook(ctx)
                     if new:
                         qweights.update(new)
                         for n, qw in new.items():
                             set_linear_weight(block.get_submodule(n), qw.dequantize())
+                    outs = ctx.outputs_after  # None: re-run the block
                     del targets, ctx
-                    outs = None  # the hook may have changed weights or norms: re-run
                 for j, h in enumerate(hid):  # the quantized block's outputs feed the next
                     hid[j] = outs[j] if outs is not None else inputs.call(block, i, h)
                 del outs
@@ -663,7 +677,8 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
                                  + memory["stash_estimate_bytes"] + memory["packed_bytes"])
     memory["peak_rss_bytes"] = _peak_rss()
     return StreamResult(model, schemes, errors, "hessian" if calib_ids is not None else "weight",
-                        all_groups, memory, time.time() - t0, reads_per_block)
+                        all_groups, memory, time.time() - t0, reads_per_block,
+                        solve_seconds[0])
 
 
 class _threads:

@@ -150,14 +150,18 @@ def _call_block(ctx: "BlockContext", k: int, j: int = 0, mb: Optional[int] = Non
 
 
 @torch.no_grad()
-def block_output_loss(ctx: "BlockContext") -> float:
+def block_output_loss(ctx: "BlockContext", outputs: Optional[list[torch.Tensor]] = None,
+                      keep: Optional[list[torch.Tensor]] = None) -> float:
     """Mean squared error of the block's output against ``ctx.targets`` over every
-    calibration batch (element-weighted mean)."""
+    calibration batch (element-weighted mean). ``outputs``: the block's outputs when
+    already known (no forward is run); ``keep``: a list that receives the outputs."""
     total, count = 0.0, 0
     for k, t in enumerate(ctx.targets):
-        out = _call_block(ctx, k)
+        out = outputs[k] if outputs is not None else _call_block(ctx, k)
         total += float((out.float() - t.float()).pow(2).sum())
         count += t.numel()
+        if keep is not None:
+            keep.append(out)
     if count == 0:
         raise ConfigError("block tuning needs calibration batches (ctx.targets is empty)")
     return total / count
@@ -326,12 +330,14 @@ class BlockTuner:
             raise ConfigError("block tuning needs the float block's outputs on the "
                               "calibration batches (run with calibration data)")
         if not ctx.qweights:
+            ctx.outputs_after = getattr(ctx, "outputs", None)
             return None
         block = ctx.block
         norms = norm_parameters(block) if self.train_norms else {}
         norm_backup = {n: p.detach().clone() for n, p in norms.items()}
         flags = {id(p): p.requires_grad for p in block.parameters()}
-        loss_before = block_output_loss(ctx)
+        before = getattr(ctx, "outputs", None)
+        loss_before = block_output_loss(ctx, before)
 
         originals = {n: block.get_submodule(n) for n in ctx.qweights}
         tuned: dict[str, _TunedLinear] = {}
@@ -362,13 +368,17 @@ class BlockTuner:
         with torch.no_grad():
             for n, qw in new.items():
                 _set_weight(originals[n], qw.dequantize())
-            loss_after = block_output_loss(ctx)
+            after: list[torch.Tensor] = []
+            loss_after = block_output_loss(ctx, keep=after)
             accepted = math.isfinite(loss_after) and loss_after < loss_before
             if not accepted:
                 for n, qw in ctx.qweights.items():
                     _set_weight(originals[n], qw.dequantize())
                 for n, p in norms.items():
                     p.data.copy_(norm_backup[n])
+            # the block's outputs as it now stands feed the next block (no re-run)
+            ctx.outputs_after = after if accepted else before
+            del after
         rec = BlockTuneRecord(ctx.index, ctx.name, loss_before, loss_after, accepted, steps,
                               time.time() - t0)
         self.records.append(rec)
