@@ -13,9 +13,9 @@ pytest.importorskip("diffusers")
 
 from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel  # noqa: E402
 
-from bitpress.cache.quant import (QuantConv2d, QuantizedUNet, QuantLinear, collect_calibration,  # noqa: E402
-                                  fbgemm_available, get_quant, quant_ranges, quantize_unet, quantize_weight,
-                                  search_act_range)
+from bitpress.cache.quant import (QuantConv2d, QuantCorrection, QuantizedUNet, QuantLinear,  # noqa: E402
+                                  collect_calibration, consumer_layers, fbgemm_available, fit_quant_correction,
+                                  get_quant, quant_ranges, quantize_unet, quantize_weight, search_act_range)
 from bitpress.cache.runtime import enable_cache, sample_loop  # noqa: E402
 from bitpress.errors import ConfigError, FormatError, OutputExistsError, SourceError  # noqa: E402
 
@@ -415,6 +415,52 @@ def test_condition_unet_with_cross_attention() -> None:
             with q.at_step(t):
                 y = q.unet(inp["sample"], inp["timestep"], encoder_hidden_states=inp["encoder_hidden_states"]).sample
             assert rel(y, ref) < 0.08, (t, rel(y, ref))
+
+
+@needs_fbgemm
+def test_quant_error_dec_fits_and_roundtrips(tmp_path: Path, tiny_calib) -> None:
+    unet, calib = tiny_calib
+    q = quantize_unet(unet, calib, wbits=4)  # W4: a larger error to correct
+    mask = [True, False, True, False]
+    names = consumer_layers(q.unet, depth=1)
+    assert names == ["up_blocks.2.resnets.0.conv1", "up_blocks.2.resnets.0.conv_shortcut"]
+    outs: dict[str, list[torch.Tensor]] = {}
+
+    def run(model: nn.Module, tag: str) -> None:  # consumer outputs along the calibration steps, cached
+        mod = model.get_submodule(names[0])
+        h = mod.register_forward_hook(lambda m, a, o: outs.setdefault(tag, []).append(o.clone()))
+        cache = enable_cache(model, mask)
+        try:
+            with torch.no_grad():
+                for inp in calib:
+                    model(inp["sample"], inp["timestep"])
+        finally:
+            cache.disable()
+            h.remove()
+
+    run(unet, "fp")
+    run(q.unet, "q")
+    corr = fit_quant_correction(q, unet, calib, mask)
+    assert q.correction is corr and set(corr.layers) == set(names)
+    a, b = corr.layers[names[0]]
+    assert a.shape == (4, q.layers[names[0]].out_ch) and not torch.equal(a, torch.ones_like(a))
+    run(q.unet, "dec")
+    err = lambda tag: sum(float(((x - y) ** 2).sum()) for x, y in zip(outs[tag], outs["fp"]))  # noqa: E731
+    assert err("dec") < err("q")  # least squares on the fit data beats the identity
+    # saved and restored with the model
+    q.save(tmp_path / "q")
+    back = QuantizedUNet.load(tmp_path / "q")
+    assert back.correction is not None and torch.equal(back.correction.layers[names[0]][0], a)
+    x = calib[1]["sample"]
+    with torch.no_grad(), q.at_step(1), back.at_step(1):
+        assert torch.equal(q.unet(x, 5).sample, back.unet(x, 5).sample)
+        with_dec = q.unet(x, 5).sample
+        q.remove_correction()
+        assert not torch.equal(q.unet(x, 5).sample, with_dec)
+    with pytest.raises(ConfigError):
+        fit_quant_correction(q, unet, calib[:3], mask[:3])
+    with pytest.raises(ConfigError):
+        QuantCorrection({"conv_in": (torch.ones(3, 8), torch.zeros(3, 8))}).install(q)
 
 
 @pytest.mark.slow

@@ -42,7 +42,13 @@ kernel alone (pre-quantized input, no dequantize) of fbgemm is also on par with 
 (64->64@28, B=64: 120 vs 118 ms; 256->128@7, B=1: 0.89 vs 1.69 ms). So on an AVX2 CPU without
 VNNI int8 convolutions are **not** faster than fp32 except on the deep, channel-heavy
 layers at small batch (1.6x at 256->128@7, B=1): int8 gives 4x (W8) / 8x (W4, when packed)
-smaller weights here, and the speed-up of the pipeline comes from caching. The fastest real
+smaller weights here, and the speed-up of the pipeline comes from caching. The whole
+testbed U-Net (one full step, one thread, ms): fp32 35 / 285 / 1081 at B = 1 / 16 / 64,
+W8A8 39 / 336 / 1298, W4A8 40 / 341 / 1291 -- int8 is 1.1-1.2x *slower* end to end (the
+split skip layers run two convs, e.g. 64+16 -> 16 @28x28: 16.7 vs 9.9 ms at B=16, and every
+layer pays quantize/dequantize). On a VNNI / AMX CPU the same fbgemm/onednn path is the
+fast one; nothing here is specific to this machine except the saturation guard below.
+(torch 2.13 warns that its quantized-tensor API is deprecated; the kernels still run.) The fastest real
 int8 path, and the one used, is **fbgemm** (``torch.ops.quantized.conv2d`` / ``linear``,
 weights prepacked once with the fbgemm engine -- the packed object carries its backend, so
 the global ``torch.backends.quantized.engine`` is only switched during prepacking).
@@ -238,6 +244,7 @@ class _QuantLayer(nn.Module):
         self.register_buffer("o_zero", torch.zeros(n_steps, P, dtype=torch.int32))
         self.step_fn = step_fn
         self.mode = "int8"
+        self.out_correction: tuple[torch.Tensor, torch.Tensor] | None = None  # ([T, out], [T, out])
         self._float_weight: torch.Tensor | None = None
         self._float_bias: torch.Tensor | None = None
         self._packed: list[Any] | None = None
@@ -306,13 +313,20 @@ class _QuantLayer(nn.Module):
             return self._forward_calib(x)
         if self.mode == "float":
             return self.forward_float(x)
+        step = self._step()
         if self.mode == "reference" or not fbgemm_available():
             if self.mode == "int8" and not _warned_fallback[0]:
                 _warned_fallback[0] = True
                 warnings.warn("fbgemm int8 kernels unavailable on this machine: quantized U-Net layers run the "
                               "pure-torch reference (same numbers, slow)")
-            return self.forward_reference(x).to(x.dtype)
-        return self.forward_int8(x)
+            y = self.forward_reference(x, step).to(x.dtype)
+        else:
+            y = self.forward_int8(x, step)
+        if self.out_correction is not None:  # DEC of the quantization error: per-step, per-channel affine
+            a, b = self.out_correction
+            shape = (1, -1) + (1,) * (y.ndim - 2) if self.kind == "conv2d" else (-1,)
+            y = torch.addcmul(b[step].to(y.dtype).view(shape), y, a[step].to(y.dtype).view(shape))
+        return y
 
     def forward_float(self, x: torch.Tensor) -> torch.Tensor:
         """The original float layer (only while the float weights are kept, see ``keep_float``)."""
@@ -535,6 +549,7 @@ class QuantizedUNet:
         self._fixed: int | None = None
         for lay in layers.values():
             lay.step_fn = self.current_step
+        self.correction: QuantCorrection | None = None
         self._hook = unet.register_forward_hook(self._after_call)
         unet._bitpress_quant = self
 
@@ -590,8 +605,15 @@ class QuantizedUNet:
             for k, lay in self.layers.items():
                 lay.mode = prev[k]
 
+    def remove_correction(self) -> None:
+        """Stop applying the quantization-error DEC correction (if any)."""
+        for lay in self.layers.values():
+            lay.out_correction = None
+        self.correction = None
+
     def detach(self) -> None:
-        """Remove the step hook (the layers then need :meth:`at_step`-free stepping no more)."""
+        """Remove the own-counter hook and the handle's mark from the U-Net (the layers still ask
+        this handle for the step, so use :meth:`at_step` or a cache runtime afterwards)."""
         self._hook.remove()
         self.unet._bitpress_quant = None
 
@@ -608,7 +630,8 @@ class QuantizedUNet:
                 "unet_config": json.loads(self.unet.to_json_string()), "n_steps": self.n_steps,
                 "wbits": self.wbits, "abits": self.abits, "guard": self.guard,
                 "layers": {k: lay.layer_meta() for k, lay in self.layers.items()},
-                "float_layers": self.float_layers}
+                "float_layers": self.float_layers,
+                "dec_quant": None if self.correction is None else sorted(self.correction.layers)}
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write ``unet.safetensors`` (every tensor of the U-Net: int8 codes, scales, per-step grids,
@@ -616,6 +639,8 @@ class QuantizedUNet:
         from safetensors.torch import save_file
 
         tensors = {k: v.detach().contiguous().clone() for k, v in self.unet.state_dict().items()}
+        if self.correction is not None:
+            tensors.update(self.correction.tensors())
         with atomic_output_dir(path, overwrite=overwrite) as tmp:
             save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT})
             write_json(tmp / META_FILE, self.meta())
@@ -650,12 +675,146 @@ class QuantizedUNet:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise FormatError(f"bad quantized U-Net metadata in {path}: {e}") from None
         tensors = load_file(str(path / TENSORS_FILE))
+        dec = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(QuantCorrection.PREFIX)]}
         try:
             unet.load_state_dict(tensors, strict=True)
         except RuntimeError as e:
             raise FormatError(f"{path / TENSORS_FILE} does not match {META_FILE}: {e}") from None
-        return cls(unet, n_steps, int(meta["wbits"]), int(meta["abits"]), meta["guard"], layers,
-                   dict(meta.get("float_layers", {})))
+        handle = cls(unet, n_steps, int(meta["wbits"]), int(meta["abits"]), meta["guard"], layers,
+                     dict(meta.get("float_layers", {})))
+        if meta.get("dec_quant"):
+            QuantCorrection.from_tensors(dec, meta["dec_quant"]).install(handle)
+        return handle
+
+
+class QuantCorrection:
+    """DEC's quantization-error half: per-step, per-output-channel ``scale``/``bias`` (``[T, C]``
+    each) on the output of the int8 layers that consume the cached deep feature, mapping the
+    quantized model's output of the layer onto the full-precision model's."""
+
+    PREFIX = "dec.quant."
+
+    def __init__(self, layers: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        for name, (a, b) in layers.items():
+            if a.ndim != 2 or a.shape != b.shape:
+                raise FormatError(f"DEC correction of {name!r} must be two [T, C] tensors, got "
+                                  f"{tuple(a.shape)} and {tuple(b.shape)}")
+        self.layers = {k: (a.float().contiguous(), b.float().contiguous()) for k, (a, b) in layers.items()}
+
+    def install(self, qunet: QuantizedUNet) -> QuantizedUNet:
+        for name, (a, b) in self.layers.items():
+            lay = qunet.layers.get(name)
+            if lay is None:
+                raise ConfigError(f"DEC correction for {name!r}, which is not an int8 layer of this U-Net")
+            if a.shape != (qunet.n_steps, lay.out_ch):
+                raise ConfigError(f"DEC correction of {name!r} is {tuple(a.shape)}, the layer needs "
+                                  f"({qunet.n_steps}, {lay.out_ch})")
+        qunet.remove_correction()
+        for name, (a, b) in self.layers.items():
+            qunet.layers[name].out_correction = (a, b)
+        qunet.correction = self
+        return qunet
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, (a, b) in self.layers.items():
+            out[f"{self.PREFIX}{name}.scale"] = a
+            out[f"{self.PREFIX}{name}.bias"] = b
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], names: Sequence[str]) -> "QuantCorrection":
+        try:
+            return cls({n: (tensors[f"{cls.PREFIX}{n}.scale"], tensors[f"{cls.PREFIX}{n}.bias"]) for n in names})
+        except KeyError as e:
+            raise FormatError(f"missing DEC tensor {e.args[0]!r}") from None
+
+
+def consumer_layers(unet: nn.Module, depth: int = 1) -> list[str]:
+    """Names of the layers that consume the cached deep feature at branch ``depth``: ``conv1``
+    (after GroupNorm + SiLU) and ``conv_shortcut`` (if any) of the first resnet of up block
+    ``n_up - depth`` -- both read ``cat([cached feature, skip])``."""
+    n_up = len(unet.up_blocks)
+    if not 1 <= depth < n_up:
+        raise ConfigError(f"depth must be in 1..{n_up - 1}, got {depth}")
+    block = unet.up_blocks[n_up - depth]
+    if not getattr(block, "resnets", None):
+        raise ConfigError(f"up block {n_up - depth} has no resnets to correct")
+    prefix = f"up_blocks.{n_up - depth}.resnets.0."
+    r = block.resnets[0]
+    return [prefix + n for n in ("conv1", "conv_shortcut") if getattr(r, n, None) is not None]
+
+
+@torch.no_grad()
+def fit_quant_correction(qunet: QuantizedUNet, fp_unet: nn.Module, calib: Sequence[dict[str, Any]],
+                         schedule: Sequence[bool] | None = None, depth: int = 1,
+                         layers: Sequence[str] | None = None, ridge: float = 1e-8,
+                         install: bool = True) -> QuantCorrection:
+    """Fit DEC's quantization-error correction (CacheQuant) in closed form.
+
+    Both U-Nets run the calibration inputs ``calib`` step by step with the same cache
+    ``schedule`` (``None``: every step refreshes), so at cached steps each reuses its own
+    cached feature; for every step and output channel of the ``layers`` (default:
+    :func:`consumer_layers` at ``depth``) the least-squares affine map from the quantized
+    layer output to the full-precision one is fitted (:func:`~bitpress.cache.dec.fit_channel_affine`).
+    ``fp_unet`` is the original float model (not modified). With ``install`` the correction is
+    applied at run time from then on (and saved with the model).
+    """
+    from .dec import fit_channel_affine
+    from .runtime import as_schedule, enable_cache
+
+    _check_calib(calib)
+    T = qunet.n_steps
+    if len(calib) != T:
+        raise ConfigError(f"calibration has {len(calib)} steps, the quantized U-Net serves {T}")
+    mask = None if schedule is None else as_schedule(schedule, T)
+    names = list(layers) if layers is not None else [n for n in consumer_layers(qunet.unet, depth)
+                                                     if n in qunet.layers]
+    if not names:
+        raise ConfigError("no int8 layer to correct")
+    for n in names:
+        if n not in qunet.layers:
+            raise ConfigError(f"{n!r} is not an int8 layer of the quantized U-Net")
+    fp_mods = {n: fp_unet.get_submodule(n) for n in names}
+    got: dict[str, dict[str, torch.Tensor]] = {"q": {}, "fp": {}}
+
+    def grab(kind: str, name: str) -> Callable[..., None]:
+        def h(mod: nn.Module, args: Any, out: torch.Tensor) -> None:
+            got[kind][name] = out.detach().clone()
+        return h
+
+    handles = [qunet.layers[n].register_forward_hook(grab("q", n)) for n in names]
+    handles += [fp_mods[n].register_forward_hook(grab("fp", n)) for n in names]
+    saved = qunet.correction
+    qunet.remove_correction()
+    scale = {n: torch.ones(T, qunet.layers[n].out_ch) for n in names}
+    bias = {n: torch.zeros(T, qunet.layers[n].out_ch) for n in names}
+    c_fp = enable_cache(fp_unet, mask, depth)
+    try:
+        c_q = enable_cache(qunet.unet, mask, depth)
+        try:
+            for t in range(T):
+                got["q"].clear()
+                got["fp"].clear()
+                _call_unet(fp_unet, calib[t])
+                _call_unet(qunet.unet, calib[t])
+                for n in names:
+                    if n not in got["q"] or n not in got["fp"]:
+                        raise ConfigError(f"layer {n!r} did not run at step {t}; is depth {depth} the cache's?")
+                    scale[n][t], bias[n][t] = fit_channel_affine(got["q"][n], got["fp"][n], 1 if got["q"][n].ndim > 2
+                                                                 else -1, ridge)
+        finally:
+            c_q.disable()
+    finally:
+        c_fp.disable()
+        for h in handles:
+            h.remove()
+        if saved is not None:
+            saved.install(qunet)
+    corr = QuantCorrection({n: (scale[n], bias[n]) for n in names})
+    if install:
+        corr.install(qunet)
+    return corr
 
 
 def get_quant(unet: nn.Module) -> QuantizedUNet | None:
@@ -844,5 +1003,6 @@ def quantize_unet(unet: nn.Module, calib: Sequence[dict[str, Any]], wbits: int =
     return QuantizedUNet(target, T, wbits, abits, guard, layers, float_layers)
 
 
-__all__ = ["quantize_unet", "collect_calibration", "QuantizedUNet", "QuantConv2d", "QuantLinear",
+__all__ = ["quantize_unet", "collect_calibration", "QuantizedUNet", "QuantCorrection", "fit_quant_correction",
+           "consumer_layers", "QuantConv2d", "QuantLinear",
            "quantize_weight", "search_act_range", "quant_ranges", "get_quant", "fbgemm_available"]
