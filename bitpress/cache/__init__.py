@@ -13,7 +13,8 @@
   batch in one call, stored as tensors + JSON (:class:`CachePlan`).
 * :mod:`~bitpress.cache.quant` -- W8A8 / W4A8 post-training quantization of the U-Net with
   per-step activation grids, split skip quantizers and real int8 (fbgemm) kernels
-  (:func:`quantize_unet`, :func:`collect_calibration`, :class:`QuantizedUNet`).
+  (:func:`quantize_unet`, :func:`collect_calibration`, :class:`QuantizedUNet`) and DEC's
+  quantization-error half (:func:`fit_quant_correction`).
 * :mod:`~bitpress.cache.fid` -- the benchmark's FID protocol (imported on demand).
 
 diffusers is needed for the runtime (``pip install 'bitpress[diffusion]'``); the schedule
@@ -25,8 +26,8 @@ from .features import collect_features, feature_distance_matrix
 from .runtime import (PipelineCache, UNetCache, as_schedule, count_macs, enable_cache,
                       enable_pipeline_cache, get_cache, max_depth, n_evaluations, sample_loop,
                       schedule_macs)
-from .quant import (QuantConv2d, QuantizedUNet, QuantLinear, collect_calibration, get_quant,
-                    quantize_unet)
+from .quant import (QuantConv2d, QuantCorrection, QuantizedUNet, QuantLinear, collect_calibration,
+                    consumer_layers, fit_quant_correction, get_quant, quantize_unet)
 from .schedule import (DPSResult, brute_force_schedule, deepcache_nonuniform, dps, n_refresh,
                        refresh_steps, schedule_cost, segment_costs, uniform)
 
@@ -36,4 +37,5 @@ __all__ = ["CachePlan", "calibrate_cache", "CacheCorrection", "fit_cache_correct
            "sample_loop", "schedule_macs", "DPSResult", "brute_force_schedule",
            "deepcache_nonuniform", "dps", "n_refresh", "refresh_steps", "schedule_cost",
            "segment_costs", "uniform", "QuantConv2d", "QuantLinear", "QuantizedUNet",
-           "collect_calibration", "get_quant", "quantize_unet"]
+           "collect_calibration", "get_quant", "quantize_unet", "QuantCorrection", "consumer_layers",
+           "fit_quant_correction"]

@@ -887,8 +887,7 @@ def _skip_splits(unet: nn.Module, probe: dict[str, Any]) -> dict[str, list[tuple
         if hasattr(block, "resnets"):
             handles.append(block.register_forward_pre_hook(make(block), with_kwargs=True))
     try:
-        _call_unet(unet, {k: (v[:1] if isinstance(v, torch.Tensor) and k != "timestep" and v.ndim > 0 else v)
-                          for k, v in probe.items()})
+        _call_unet(unet, probe)
     finally:
         for h in handles:
             h.remove()
@@ -921,7 +920,9 @@ def quantize_unet(unet: nn.Module, calib: Sequence[dict[str, Any]], wbits: int =
     ``calib[t]`` is the U-Net input of evaluation ``t`` of full-precision calibration
     trajectories (:func:`collect_calibration`); the number of entries fixes the number of
     steps ``T`` the quantized model serves. By default the U-Net is deep-copied and the
-    caller's model is left untouched; ``inplace=True`` replaces its modules instead.
+    caller's model is left untouched; ``inplace=True`` replaces its modules instead (if
+    quantization then fails half-way, e.g. on bad calibration data, that model is left with
+    some layers replaced: use the default copy unless memory forbids it).
     ``keep_float`` keeps the float weights inside the int8 layers (for ``set_mode("float")``
     and the quantization-error DEC); they are never saved.
     """
