@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bitpress.cache import (calibrate_cache, collect_calibration, collect_features, count_macs,  # noqa: E402
-                            fit_quant_correction, quantize_unet, sample_loop, schedule_macs, uniform)
+                            fit_quant_correction, quantize_unet, sample_loop, schedule_macs)
 from bitpress.cache.fid import PROTOCOL, protocol_noise, protocol_scheduler  # noqa: E402
 
 ROWS = ("fp", "uniform", "dps", "dps+dec", "dps+dec+w8a8", "w8a8", "w4a8", "dps+dec+w4a8")

@@ -175,6 +175,15 @@ def test_int8_layer_matches_reference(kind: str, geo: dict, parts, ranges) -> No
         assert float(diff.max()) <= float(lsb.sum()) * (1 + 1e-6) + 1e-6 * float(ref.abs().max())
         assert float((diff > 0.5 * float(lsb.min())).double().mean()) < 0.01
         assert rel(y, ref) < 1e-3
+    # buffers edited in place take effect after refresh()
+    x = torch.randn(*shapes[0], generator=g)
+    before = lay.forward_int8(x)
+    lay.codes.neg_().clamp_(w_q[0], w_q[1])
+    lay.refresh()
+    after = lay.forward_int8(x)
+    assert not torch.equal(before, after)
+    assert float((after.double() - lay.forward_reference(x)).abs().max()) <= \
+        float(lay.o_scale[1].sum()) * (1 + 1e-6) + 1e-6 * float(after.abs().max())
 
 
 @needs_fbgemm
