@@ -11,7 +11,9 @@ from torch import nn
 
 pytest.importorskip("diffusers")
 
-from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel  # noqa: E402
+from diffusers import DDIMPipeline, DDIMScheduler, UNet2DConditionModel, UNet2DModel  # noqa: E402
+
+from bitpress.cache.plan import CacheQuantModel, cachequant, load_cachequant  # noqa: E402
 
 from bitpress.cache.quant import (QuantConv2d, QuantCorrection, QuantizedUNet, QuantLinear,  # noqa: E402
                                   collect_calibration, consumer_layers, fbgemm_available, fit_quant_correction,
@@ -470,6 +472,40 @@ def test_quant_error_dec_fits_and_roundtrips(tmp_path: Path, tiny_calib) -> None
         fit_quant_correction(q, unet, calib[:3], mask[:3])
     with pytest.raises(ConfigError):
         QuantCorrection({"conv_in": (torch.ones(3, 8), torch.zeros(3, 8))}).install(q)
+
+
+@needs_fbgemm
+def test_cachequant_one_call_save_load_and_pipeline(tmp_path: Path) -> None:
+    unet = tiny_unet()
+    sd = {k: v.clone() for k, v in unet.state_dict().items()}
+    calib_noise = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(4))
+    noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    cq = cachequant(unet, ddim(6), calib_noise, 6, interval=2, wbits=8)
+    assert all(torch.equal(v, unet.state_dict()[k]) for k, v in sd.items())  # caller's model untouched
+    assert isinstance(cq, CacheQuantModel) and cq.quant is not None and cq.quant.correction is not None
+    assert sum(cq.plan.mask) == 3 and cq.plan.correction is not None
+    x = cq.sample(noise)
+    ref = sample_loop(unet, ddim(6), noise, 6, schedule=cq.plan.mask)
+    assert rel(x, ref) < 0.1
+    cq.save(tmp_path / "cq")
+    back = load_cachequant(tmp_path / "cq")
+    assert back.plan.mask == cq.plan.mask and back.quant is not None
+    assert torch.equal(back.sample(noise), x)
+    # the float variant stores the float U-Net
+    fp = cachequant(unet, ddim(6), calib_noise, 6, interval=2, wbits=None)
+    fp.save(tmp_path / "fp")
+    fp_back = load_cachequant(tmp_path / "fp")
+    assert fp_back.quant is None and torch.equal(fp_back.sample(noise), fp.sample(noise))
+    # on a diffusers pipeline
+    pipe = DDIMPipeline(unet=tiny_unet(), scheduler=DDIMScheduler(num_train_timesteps=100))
+    pipe.set_progress_bar_config(disable=True)
+    pc = back.enable_on(pipe)
+    out = pc(batch_size=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert out.shape == (2, 16, 16, 1) and pc.cache.n_full == 3 and pc.cache.n_cached == 3
+    with pytest.raises(SourceError):
+        load_cachequant(tmp_path / "nothing")
+    with pytest.raises(ConfigError):
+        cachequant(unet, object(), calib_noise, 6, interval=2)
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ diffusers is needed for the runtime (``pip install 'bitpress[diffusion]'``); the
 and DEC maths import without it.
 """
 from .dec import CacheCorrection, fit_cache_correction, fit_channel_affine
-from .plan import CachePlan, calibrate_cache
+from .plan import CachePlan, CacheQuantModel, cachequant, calibrate_cache, load_cachequant
 from .features import collect_features, feature_distance_matrix
 from .runtime import (PipelineCache, UNetCache, as_schedule, count_macs, enable_cache,
                       enable_pipeline_cache, get_cache, max_depth, n_evaluations, sample_loop,
@@ -38,4 +38,4 @@ __all__ = ["CachePlan", "calibrate_cache", "CacheCorrection", "fit_cache_correct
            "deepcache_nonuniform", "dps", "n_refresh", "refresh_steps", "schedule_cost",
            "segment_costs", "uniform", "QuantConv2d", "QuantLinear", "QuantizedUNet",
            "collect_calibration", "get_quant", "quantize_unet", "QuantCorrection", "consumer_layers",
-           "fit_quant_correction"]
+           "fit_quant_correction", "CacheQuantModel", "cachequant", "load_cachequant"]
