@@ -43,7 +43,7 @@ kernel alone (pre-quantized input, no dequantize) of fbgemm is also on par with 
 VNNI int8 convolutions are **not** faster than fp32 except on the deep, channel-heavy
 layers at small batch (1.6x at 256->128@7, B=1): int8 gives 4x (W8) / 8x (W4, when packed)
 smaller weights here, and the speed-up of the pipeline comes from caching. The whole
-testbed U-Net (one full step, one thread, ms): fp32 35 / 285 / 1081 at B = 1 / 16 / 64,
+testbed U-Net (one full step, one thread, ms, fbgemm): fp32 35 / 285 / 1081 at B = 1 / 16 / 64,
 W8A8 39 / 336 / 1298, W4A8 40 / 341 / 1291 -- int8 is 1.1-1.2x *slower* end to end (the
 split skip layers run two convs, e.g. 64+16 -> 16 @28x28: 16.7 vs 9.9 ms at B=16, and every
 layer pays quantize/dequantize). On a VNNI / AMX CPU the same fbgemm/onednn path is the
@@ -53,17 +53,33 @@ channels-last input 27.1 ms, fp32 channels-last 23.8 ms). (torch 2.13 warns that
 quantized-tensor API is deprecated; the kernels still run.)
 
 Accuracy on the testbed (10 DDIM steps, calibration 8 trajectories, 4 fresh ones scored):
-relative L2 error of the U-Net output against the float model per step is 2.0-2.7 % for
-W8A8 (``guard="weight"``; 2.6-3.9 % with ``guard="act"``) and 3.5-6.4 % for W4A8 over the
-first nine steps; at the last step (t ~ 0, where the predicted noise is small and enters
-x_0 with weight sqrt(1 - alpha_bar) ~ 0.01) it is 13 % / 16 % / 18 %. The fastest real
-int8 path, and the one used, is **fbgemm** (``torch.ops.quantized.conv2d`` / ``linear``,
-weights prepacked once with the fbgemm engine -- the packed object carries its backend, so
-the global ``torch.backends.quantized.engine`` is only switched during prepacking).
+relative L2 error of the U-Net output against the float model per step, first nine steps
+(last step, t ~ 0, where the predicted noise is small and enters x_0 with weight
+sqrt(1 - alpha_bar) ~ 0.01, in brackets):
+
+=================  =====================  =====================
+setting            onednn (fp32 output)   fbgemm (uint8 output)
+=================  =====================  =====================
+W8A8 guard=weight  1.6-2.0 % (8.8 %)      2.1-2.8 % (12.9 %)
+W8A8 guard=act     2.4-3.3 % (15.7 %)     2.8-3.9 % (18.2 %)
+W4A8               3.5-6.4 % (20 %)       3.7-6.7 % (22.7 %)
+=================  =====================  =====================
+
+Of the 2.2 % (fbgemm W8A8), weights alone (7-bit grid) account for 0.9 % and the output
+requantization for about 40 % of the error variance. The fastest real
+int8 paths are torch's **onednn** ops with fp32 output (``torch.ops.onednn.qconv2d_pointwise``
+/ ``qlinear_pointwise``, the ops Inductor lowers x86 int8 models to) and **fbgemm**
+(``torch.ops.quantized.conv2d`` / ``linear``, whose output is requantized to uint8). Both are
+implemented (``kernel=``). The default is ``"onednn"``: on the testbed it is 3-6 % slower
+than fbgemm end to end (W8A8 43 / 353 / 1311 ms vs 41 / 335 / 1275 ms at B = 1 / 16 / 64, same
+run, fp32 34 / 282 / 1091) but has no output rounding, which lowers the U-Net's per-step
+error from 2.1 % to 1.6 % (W8A8; details below). fbgemm weights are prepacked with the
+fbgemm engine (the packed object carries its backend, so the global
+``torch.backends.quantized.engine`` is only switched during prepacking).
 
 Honest details of that kernel:
 
-* **AVX2 int16 saturation.** Without VNNI, fbgemm multiplies uint8 activations by int8
+* **AVX2 int16 saturation.** Without VNNI, fbgemm (and onednn, measured alike) multiplies uint8 activations by int8
   weights with ``vpmaddubsw``, whose pairwise sums saturate at int16. Measured: full-range
   uint8 x full-range int8 is wrong by up to 62 output LSBs (adversarial) or 9 LSBs (random
   codes). Exact results need ``2 * a_max * |w|_max <= 32767``. Hence, for W8A8 the default
@@ -73,12 +89,13 @@ Honest details of that kernel:
   ``reduce_range``). W4 codes in [-8, 7] need no guard: W4A8 is exact at full uint8.
   W4 weights execute through the same int8 kernel (int8 storage of values in [-8, 7]; no
   4-bit packing or arithmetic gain on this path).
-* **Requantized output.** ``quantized.conv2d`` / ``linear`` return uint8 with an output
-  scale and zero point. Those are calibrated per layer and per step from the float output
-  range (times ``out_margin`` = 1.1 against unseen inputs), so the extra rounding is
-  1/255 of the step's output range; the module dequantizes right away and everything
-  between layers is fp32. The numerical reference (:meth:`QuantConv2d.forward_reference`,
-  float64) models exactly this: input quantization, integer weights, output requantization.
+* **Output.** onednn returns fp32 (integer accumulation, then per-channel scale and fp32
+  bias). fbgemm's ``quantized.conv2d`` / ``linear`` return uint8 with an output scale and
+  zero point, calibrated per layer and per step from the float output range (times
+  ``out_margin`` = 1.1 against unseen inputs), so its extra rounding is 1/255 of the step's
+  output range; the module dequantizes right away. Everything between layers is fp32. The
+  numerical reference (:meth:`QuantConv2d.forward_reference`, float64) models exactly
+  this: input quantization, integer weights, and (fbgemm only) output requantization.
 
 The current denoising step comes from the cache runtime when one is active (``sample_loop``
 always runs one, so the step is its stream counter), else from the handle's own counter that
@@ -218,6 +235,22 @@ def fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
+def onednn_available() -> bool:
+    try:
+        return bool(torch.backends.mkldnn.is_available()) and \
+            torch.ops.onednn.qconv2d_pointwise.default is not None and \
+            torch.ops.onednn.qlinear_pointwise.default is not None
+    except (AttributeError, RuntimeError):
+        return False
+
+
+KERNELS = ("onednn", "fbgemm")
+
+
+def kernel_available(kernel: str) -> bool:
+    return onednn_available() if kernel == "onednn" else fbgemm_available()
+
+
 _warned_fallback = [False]
 
 
@@ -228,7 +261,7 @@ class _QuantLayer(nn.Module):
     ``bias`` fp32 [out] (zeros if the float layer had none; ``has_bias`` says which),
     per step and part ``a_scale``/``a_zero`` (input grid) and ``o_scale``/``o_zero``
     (output requantization), each ``[T, P]``. ``parts`` are the channel ranges of the split
-    quantizers (one part = no split). The fbgemm-packed weights and the per-step parameters
+    quantizers (one part = no split). The packed weights and the per-step parameters
     are cached on first use; after editing buffers in place call :meth:`refresh`.
     """
 
@@ -236,8 +269,11 @@ class _QuantLayer(nn.Module):
 
     def __init__(self, out_features: int, in_features: int, weight_shape: Sequence[int], n_steps: int,
                  parts: Sequence[tuple[int, int]], w_qmin: int, w_qmax: int, a_qmax: int, has_bias: bool,
-                 step_fn: Callable[[], int] | None = None):
+                 step_fn: Callable[[], int] | None = None, kernel: str = "onednn"):
         super().__init__()
+        if kernel not in KERNELS:
+            raise ConfigError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        self.kernel = kernel
         self.in_ch, self.out_ch = in_features, out_features
         self.n_steps = n_steps
         self.parts = [(int(a), int(b)) for a, b in parts]
@@ -276,6 +312,13 @@ class _QuantLayer(nn.Module):
     def _int8_op(self, qx: torch.Tensor, packed: Any, scale: float, zero: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def _onednn_prepack(self, codes: torch.Tensor, p: int) -> Any:
+        raise NotImplementedError
+
+    def _onednn_op(self, xq: torch.Tensor, a_s: float, a_z: int, packed: Any,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
     # -- state ------------------------------------------------------------------------------
     def _step(self) -> int:
         if self.step_fn is None:
@@ -307,6 +350,12 @@ class _QuantLayer(nn.Module):
         return self._params[step]
 
     def _packed_parts(self) -> list[Any]:
+        if self._packed is None and self.kernel == "onednn":
+            self._w_zero = torch.zeros(self.out_ch, dtype=torch.int32)
+            self._w_scale_f = self.w_scale.float().contiguous()
+            self._bias_f = self.bias.float().contiguous() if self.has_bias else None
+            self._packed = [self._onednn_prepack(self._weight_part(self.codes, p).contiguous(), p)
+                            for p in range(len(self.parts))]
         if self._packed is None:
             packed = []
             with _engine("fbgemm"):
@@ -326,12 +375,12 @@ class _QuantLayer(nn.Module):
         if self.mode == "float":
             return self.forward_float(x)
         step = self._step()
-        if self.mode == "reference" or x.device.type != "cpu" or not fbgemm_available():
+        if self.mode == "reference" or x.device.type != "cpu" or not kernel_available(self.kernel):
             if self.mode == "int8" and not _warned_fallback[0]:
                 _warned_fallback[0] = True
-                warnings.warn(f"no int8 kernel for this input (device {x.device.type}, fbgemm available: "
-                              f"{fbgemm_available()}): quantized U-Net layers run the pure-torch reference "
-                              f"(same math, slow)")
+                warnings.warn(f"no int8 kernel for this input (device {x.device.type}, {self.kernel} available: "
+                              f"{kernel_available(self.kernel)}): quantized U-Net layers run the pure-torch "
+                              f"reference (same math, slow)")
             y = self.forward_reference(x, step).to(x.dtype)
         else:
             y = self.forward_int8(x, step)
@@ -350,7 +399,8 @@ class _QuantLayer(nn.Module):
                               else self._float_bias.to(x.dtype))
 
     def forward_int8(self, x: torch.Tensor, step: int | None = None) -> torch.Tensor:
-        """Real integer execution: quantize with this step's input grid, fbgemm int8 op, dequantize."""
+        """Real integer execution: quantize with this step's input grid, int8 op (onednn: fp32
+        output; fbgemm: uint8 output with this step's output grid, dequantized)."""
         step = self._step() if step is None else step
         params = self._step_params(step)
         packed = self._packed_parts()
@@ -360,8 +410,12 @@ class _QuantLayer(nn.Module):
             xp = self._slice_in(xf, p)
             if self.a_qmax < 255:  # guard="act": the grid stops at a_qmax, not at 255
                 xp = xp.clamp(-a_z * a_s, (self.a_qmax - a_z) * a_s)
+            # one fused pass; a manual div/round/add/clamp/cast measured as fast at B=64, slower at B=1
             qx = torch.quantize_per_tensor(xp, a_s, a_z, torch.quint8)
-            yp = self._int8_op(qx, packed[p], o_s, o_z).dequantize()
+            if self.kernel == "onednn":  # takes plain uint8 codes, returns fp32
+                yp = self._onednn_op(qx.int_repr(), a_s, a_z, packed[p], self._bias_f if p == 0 else None)
+            else:
+                yp = self._int8_op(qx, packed[p], o_s, o_z).dequantize()
             y = yp if y is None else y.add_(yp)
         assert y is not None
         return y.to(x.dtype)
@@ -376,7 +430,8 @@ class _QuantLayer(nn.Module):
             w = self._weight_part(self.codes, p).double() * self._wview(self.w_scale.double())
             b = self.bias.double() if (p == 0 and self.has_bias) else None
             yp = self._float_op((xq - a_z) * a_s, w, b)
-            yp = (torch.clamp(torch.round(yp / o_s) + o_z, 0, 255) - o_z) * o_s
+            if self.kernel == "fbgemm":  # fbgemm requantizes its output to uint8
+                yp = (torch.clamp(torch.round(yp / o_s) + o_z, 0, 255) - o_z) * o_s
             y = yp if y is None else y + yp
         assert y is not None
         return y
@@ -431,26 +486,27 @@ class _QuantLayer(nn.Module):
     def layer_meta(self) -> dict[str, Any]:
         return {"kind": self.kind, "in": self.in_ch, "out": self.out_ch, "weight_shape": list(self.codes.shape),
                 "parts": [list(p) for p in self.parts], "w_qmin": self.w_qmin, "w_qmax": self.w_qmax,
-                "a_qmax": self.a_qmax, "has_bias": self.has_bias}
+                "a_qmax": self.a_qmax, "has_bias": self.has_bias, "kernel": self.kernel}
 
     def extra_repr(self) -> str:
         return (f"{self.in_ch}, {self.out_ch}, steps={self.n_steps}, parts={self.parts}, "
-                f"w=[{self.w_qmin},{self.w_qmax}], a=[0,{self.a_qmax}], mode={self.mode}")
+                f"w=[{self.w_qmin},{self.w_qmax}], a=[0,{self.a_qmax}], kernel={self.kernel}, mode={self.mode}")
 
 
 class QuantConv2d(_QuantLayer):
-    """int8 ``Conv2d`` (fbgemm) with per-step input grids and optional split input quantizers."""
+    """int8 ``Conv2d`` (onednn or fbgemm) with per-step input grids and optional split input quantizers."""
 
     kind = "conv2d"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Sequence[int], stride: Sequence[int],
                  padding: Sequence[int], dilation: Sequence[int], groups: int, n_steps: int,
                  parts: Sequence[tuple[int, int]], w_qmin: int, w_qmax: int, a_qmax: int, has_bias: bool,
-                 step_fn: Callable[[], int] | None = None):
+                 step_fn: Callable[[], int] | None = None, kernel: str = "onednn"):
         if groups != 1 and len(parts) > 1:
             raise ConfigError("split input quantizers need groups == 1")
         shape = (out_channels, in_channels // groups, *kernel_size)
-        super().__init__(out_channels, in_channels, shape, n_steps, parts, w_qmin, w_qmax, a_qmax, has_bias, step_fn)
+        super().__init__(out_channels, in_channels, shape, n_steps, parts, w_qmin, w_qmax, a_qmax, has_bias, step_fn,
+                         kernel)
         self.stride, self.padding = list(stride), list(padding)
         self.dilation, self.groups = list(dilation), int(groups)
 
@@ -475,20 +531,32 @@ class QuantConv2d(_QuantLayer):
     def _int8_op(self, qx: torch.Tensor, packed: Any, scale: float, zero: int) -> torch.Tensor:
         return torch.ops.quantized.conv2d(qx, packed, scale, zero)
 
+    def _onednn_prepack(self, codes: torch.Tensor, p: int) -> Any:
+        return torch.ops.onednn.qconv_prepack(codes, self._w_scale_f, float(self.a_scale[0, p]),
+                                              int(self.a_zero[0, p]), self.stride, self.padding, self.dilation,
+                                              self.groups, None)
+
+    def _onednn_op(self, xq: torch.Tensor, a_s: float, a_z: int, packed: Any,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.ops.onednn.qconv2d_pointwise(xq, a_s, a_z, packed, self._w_scale_f, self._w_zero, bias,
+                                                  self.stride, self.padding, self.dilation, self.groups, 1.0, 0,
+                                                  torch.float32, "none", [], "")
+
     def layer_meta(self) -> dict[str, Any]:
         return {**super().layer_meta(), "stride": self.stride, "padding": self.padding,
                 "dilation": self.dilation, "groups": self.groups}
 
 
 class QuantLinear(_QuantLayer):
-    """int8 ``Linear`` (fbgemm) on ``[..., in]`` inputs with per-step input grids."""
+    """int8 ``Linear`` (onednn or fbgemm) on ``[..., in]`` inputs with per-step input grids."""
 
     kind = "linear"
 
     def __init__(self, in_features: int, out_features: int, n_steps: int, parts: Sequence[tuple[int, int]],
-                 w_qmin: int, w_qmax: int, a_qmax: int, has_bias: bool, step_fn: Callable[[], int] | None = None):
+                 w_qmin: int, w_qmax: int, a_qmax: int, has_bias: bool, step_fn: Callable[[], int] | None = None,
+                 kernel: str = "onednn"):
         super().__init__(out_features, in_features, (out_features, in_features), n_steps, parts, w_qmin, w_qmax,
-                         a_qmax, has_bias, step_fn)
+                         a_qmax, has_bias, step_fn, kernel)
 
     def _slice_in(self, x: torch.Tensor, p: int) -> torch.Tensor:
         if len(self.parts) == 1:
@@ -513,11 +581,22 @@ class QuantLinear(_QuantLayer):
         y = torch.ops.quantized.linear(qx.reshape(-1, qx.shape[-1]), packed, scale, zero)
         return y.reshape(*lead, self.out_ch)
 
+    def _onednn_prepack(self, codes: torch.Tensor, p: int) -> Any:
+        return torch.ops.onednn.qlinear_prepack(codes, None)
+
+    def _onednn_op(self, xq: torch.Tensor, a_s: float, a_z: int, packed: Any,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+        lead = xq.shape[:-1]
+        y = torch.ops.onednn.qlinear_pointwise(xq.reshape(-1, xq.shape[-1]), a_s, a_z, packed, self._w_scale_f,
+                                               self._w_zero, bias, 1.0, 0, torch.float32, "none", [], "")
+        return y.reshape(*lead, self.out_ch)
+
 
 def _build_layer(meta: dict[str, Any], n_steps: int, step_fn: Callable[[], int] | None) -> _QuantLayer:
     parts = [tuple(p) for p in meta["parts"]]
     common = dict(n_steps=n_steps, parts=parts, w_qmin=int(meta["w_qmin"]), w_qmax=int(meta["w_qmax"]),
-                  a_qmax=int(meta["a_qmax"]), has_bias=bool(meta["has_bias"]), step_fn=step_fn)
+                  a_qmax=int(meta["a_qmax"]), has_bias=bool(meta["has_bias"]), step_fn=step_fn,
+                  kernel=str(meta.get("kernel", "fbgemm")))
     if meta["kind"] == "conv2d":
         ws = meta["weight_shape"]
         return QuantConv2d(int(meta["in"]), int(meta["out"]), ws[2:], meta["stride"], meta["padding"],
@@ -599,7 +678,7 @@ class QuantizedUNet:
             self._fixed = prev
 
     def set_mode(self, mode: str) -> None:
-        """``"int8"`` (fbgemm kernels), ``"reference"`` (float64 emulation of the same math) or
+        """``"int8"`` (the int8 kernels), ``"reference"`` (float64 emulation of the same math) or
         ``"float"`` (the original weights; needs ``keep_float=True``)."""
         if mode not in _MODES:
             raise ConfigError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -926,7 +1005,7 @@ def _check_calib(calib: Sequence[dict[str, Any] | None]) -> None:
 
 @torch.no_grad()
 def quantize_unet(unet: nn.Module, calib: Sequence[dict[str, Any]], wbits: int = 8, abits: int = 8, *,
-                  guard: str = "weight", inplace: bool = False, keep_float: bool = True,
+                  guard: str = "weight", kernel: str = "onednn", inplace: bool = False, keep_float: bool = True,
                   out_margin: float = 1.1, weight_grid: int = 50, progress: bool = False) -> QuantizedUNet:
     """Post-training quantization of a diffusers U-Net to W8A8 / W4A8 with per-step activation grids.
 
@@ -936,6 +1015,8 @@ def quantize_unet(unet: nn.Module, calib: Sequence[dict[str, Any]], wbits: int =
     caller's model is left untouched; ``inplace=True`` replaces its modules instead (if
     quantization then fails half-way, e.g. on bad calibration data, that model is left with
     some layers replaced: use the default copy unless memory forbids it).
+    ``kernel`` picks the int8 op: ``"onednn"`` (default; fp32 output, no output rounding) or
+    ``"fbgemm"`` (uint8 output requantized with per-step output grids widened by ``out_margin``).
     ``keep_float`` keeps the float weights inside the int8 layers (for ``set_mode("float")``
     and the quantization-error DEC); they are never saved.
     """
@@ -946,6 +1027,8 @@ def quantize_unet(unet: nn.Module, calib: Sequence[dict[str, Any]], wbits: int =
     w8_qmin, w8_qmax, w8_aqmax = quant_ranges(8, guard)
     if wbits == 4:  # first/last layers at 8 bits; W4A8 keeps full uint8 activations, so the
         w8_qmin, w8_qmax, w8_aqmax = -64, 63, 255  # 8-bit layers use the weight guard there
+    if kernel not in KERNELS:
+        raise ConfigError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if not out_margin >= 1.0:
         raise ConfigError(f"out_margin must be >= 1, got {out_margin}")
     _check_calib(calib)
@@ -981,13 +1064,13 @@ def quantize_unet(unet: nn.Module, calib: Sequence[dict[str, Any]], wbits: int =
             parts = splits.get(name, [(0, mod.in_channels)])
             lay: _QuantLayer = QuantConv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride,
                                            mod.padding, mod.dilation, mod.groups, T, parts, qmin, qmax, aq,
-                                           mod.bias is not None, step_fn)
+                                           mod.bias is not None, step_fn, kernel)
         else:
             if type(mod) is not nn.Linear:
                 float_layers[name] = f"unsupported linear subclass {type(mod).__name__}"
                 continue
             lay = QuantLinear(mod.in_features, mod.out_features, T, [(0, mod.in_features)], qmin, qmax, aq,
-                              mod.bias is not None, step_fn)
+                              mod.bias is not None, step_fn, kernel)
         codes, scale = quantize_weight(mod.weight, qmin, qmax, grid=weight_grid)
         lay.codes.copy_(codes)
         lay.w_scale.copy_(scale)
@@ -1022,4 +1105,5 @@ def quantize_unet(unet: nn.Module, calib: Sequence[dict[str, Any]], wbits: int =
 
 __all__ = ["quantize_unet", "collect_calibration", "QuantizedUNet", "QuantCorrection", "fit_quant_correction",
            "consumer_layers", "QuantConv2d", "QuantLinear",
-           "quantize_weight", "search_act_range", "quant_ranges", "get_quant", "fbgemm_available"]
+           "quantize_weight", "search_act_range", "quant_ranges", "get_quant", "fbgemm_available",
+           "onednn_available", "kernel_available", "KERNELS"]
