@@ -52,6 +52,18 @@ Channels-last does not change the picture (64->64@28, B=16: fbgemm kernel alone 
 channels-last input 27.1 ms, fp32 channels-last 23.8 ms). (torch 2.13 warns that its
 quantized-tensor API is deprecated; the kernels still run.)
 
+The int8 paths worth having are therefore torch's **onednn** ops with fp32 output
+(``torch.ops.onednn.qconv2d_pointwise`` / ``qlinear_pointwise``, the ops Inductor lowers x86
+int8 models to; the table's "onednn fp32-out" column quantized the input with four
+separate torch ops, later replaced by one ``quantize_per_tensor``) and **fbgemm**
+(``torch.ops.quantized.conv2d`` / ``linear``, whose output is requantized to uint8). Both
+are implemented (``kernel=``). The default is ``"onednn"``: on the testbed it is 3-6 %
+slower than fbgemm end to end (W8A8 43 / 353 / 1311 ms vs 41 / 335 / 1275 ms at
+B = 1 / 16 / 64, same run, fp32 34 / 282 / 1091) but has no output rounding, which lowers
+the U-Net's per-step error from 2.1 % to 1.6 % (W8A8). fbgemm weights are prepacked with the
+fbgemm engine (the packed object carries its backend, so the global
+``torch.backends.quantized.engine`` is only switched during prepacking).
+
 Accuracy on the testbed (10 DDIM steps, calibration 8 trajectories, 4 fresh ones scored):
 relative L2 error of the U-Net output against the float model per step, first nine steps
 (last step, t ~ 0, where the predicted noise is small and enters x_0 with weight
@@ -65,24 +77,15 @@ W8A8 guard=act     2.4-3.3 % (15.7 %)     2.8-3.9 % (18.2 %)
 W4A8               3.5-6.4 % (20 %)       3.7-6.7 % (22.7 %)
 =================  =====================  =====================
 
-Of the 2.2 % (fbgemm W8A8), weights alone (7-bit grid) account for 0.9 % and the output
-requantization for about 40 % of the error variance. The fastest real
-int8 paths are torch's **onednn** ops with fp32 output (``torch.ops.onednn.qconv2d_pointwise``
-/ ``qlinear_pointwise``, the ops Inductor lowers x86 int8 models to) and **fbgemm**
-(``torch.ops.quantized.conv2d`` / ``linear``, whose output is requantized to uint8). Both are
-implemented (``kernel=``). The default is ``"onednn"``: on the testbed it is 3-6 % slower
-than fbgemm end to end (W8A8 43 / 353 / 1311 ms vs 41 / 335 / 1275 ms at B = 1 / 16 / 64, same
-run, fp32 34 / 282 / 1091) but has no output rounding, which lowers the U-Net's per-step
-error from 2.1 % to 1.6 % (W8A8; details below). fbgemm weights are prepacked with the
-fbgemm engine (the packed object carries its backend, so the global
-``torch.backends.quantized.engine`` is only switched during prepacking).
+Of the 2.2 % (fbgemm W8A8), the weights alone (7-bit grid) account for 0.9 % and the
+output requantization for about 40 % of the error variance.
 
-Honest details of that kernel:
+Details of both kernels:
 
-* **AVX2 int16 saturation.** Without VNNI, fbgemm (and onednn, measured alike) multiplies uint8 activations by int8
-  weights with ``vpmaddubsw``, whose pairwise sums saturate at int16. Measured: full-range
-  uint8 x full-range int8 is wrong by up to 62 output LSBs (adversarial) or 9 LSBs (random
-  codes). Exact results need ``2 * a_max * |w|_max <= 32767``. Hence, for W8A8 the default
+* **AVX2 int16 saturation.** Without VNNI, fbgemm (and onednn, measured alike) multiplies
+  uint8 activations by int8 weights with ``vpmaddubsw``, whose pairwise sums saturate at
+  int16. Measured: full-range uint8 x full-range int8 is wrong by up to 62 output LSBs
+  (adversarial; onednn fp32 output: 50 % relative error) or 9 LSBs (random codes). Exact results need ``2 * a_max * |w|_max <= 32767``. Hence, for W8A8 the default
   ``guard="weight"`` keeps activations at full uint8 [0, 255] and restricts the W8 weight
   codes to [-64, 63] (the "8-bit" weight is a 7-bit grid on this kernel); ``guard="act"``
   keeps weights in [-128, 127] and activations in [0, 127] instead (PyTorch's own
