@@ -85,7 +85,8 @@ Details of both kernels:
 * **AVX2 int16 saturation.** Without VNNI, fbgemm (and onednn, measured alike) multiplies
   uint8 activations by int8 weights with ``vpmaddubsw``, whose pairwise sums saturate at
   int16. Measured: full-range uint8 x full-range int8 is wrong by up to 62 output LSBs
-  (adversarial; onednn fp32 output: 50 % relative error) or 9 LSBs (random codes). Exact results need ``2 * a_max * |w|_max <= 32767``. Hence, for W8A8 the default
+  (adversarial; onednn fp32 output: 50 % relative error) or 9 LSBs (random codes). Exact
+  results need ``2 * a_max * |w|_max <= 32767``. Hence, for W8A8 the default
   ``guard="weight"`` keeps activations at full uint8 [0, 255] and restricts the W8 weight
   codes to [-64, 63] (the "8-bit" weight is a 7-bit grid on this kernel); ``guard="act"``
   keeps weights in [-128, 127] and activations in [0, 127] instead (PyTorch's own
