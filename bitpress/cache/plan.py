@@ -5,11 +5,19 @@ full-precision U-Net along trajectories of a calibration batch, collect the deep
 choose the refresh steps (uniform, DeepCache non-uniform or DPS) and fit the per-step,
 per-channel correction of the cached feature. The plan is stored as plain tensors and
 JSON (:meth:`CachePlan.tensors`, :meth:`CachePlan.meta`) -- never pickle.
+
+:func:`cachequant` is the whole method in one call (plan + W8A8/W4A8 U-Net + both DEC
+halves), returning a :class:`CacheQuantModel` that samples, plugs into a diffusers pipeline
+(:meth:`CacheQuantModel.enable_on`) and saves to / loads from one directory
+(:func:`load_cachequant`) -- what ``bitpress compress --method cachequant`` and
+``bitpress sample`` need.
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -96,4 +104,142 @@ def calibrate_cache(unet: nn.Module, scheduler: Any, noise: torch.Tensor, num_in
                      info={"calib_batch": int(noise.shape[0]), "T": T, "min_len": min_len, "max_len": max_len})
 
 
-__all__ = ["CachePlan", "calibrate_cache", "SCHEDULES"]
+# --------------------------------------------------------------------------------------------
+# CacheQuant as one model: plan + (optionally quantized) U-Net, one call, one directory
+# --------------------------------------------------------------------------------------------
+
+CQ_FORMAT = "bitpress-cachequant"
+CQ_VERSION = 1
+CQ_META = "cachequant.json"
+CQ_PLAN = "plan.safetensors"
+_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler")
+
+
+@dataclass
+class CacheQuantModel:
+    """A cache plan together with the U-Net it runs on (an int8 :class:`~bitpress.cache.quant.QuantizedUNet`
+    or the float model) and the sampler it was calibrated for.
+
+    :meth:`sample` runs the denoising loop with the plan installed; :meth:`enable_on` puts
+    it into a diffusers pipeline; :meth:`save` / :func:`load_cachequant` store it as one
+    directory (JSON + safetensors, written atomically).
+    """
+
+    unet: nn.Module
+    plan: CachePlan
+    scheduler_class: str
+    scheduler_config: dict[str, Any]
+    num_inference_steps: int
+    quant: Any = None  # QuantizedUNet | None
+
+    def scheduler(self) -> Any:
+        import diffusers
+
+        if self.scheduler_class not in _SCHEDULERS:
+            raise FormatError(f"unsupported scheduler {self.scheduler_class!r} (one of {_SCHEDULERS})")
+        return getattr(diffusers, self.scheduler_class).from_config(self.scheduler_config)
+
+    def sample(self, noise: torch.Tensor, progress: bool = False, **kwargs: Any) -> torch.Tensor:
+        """Denoise ``noise`` with the plan (cache schedule, DEC) on this model's U-Net."""
+        from .runtime import sample_loop
+
+        cache = self.plan.install(self.unet)
+        try:
+            return sample_loop(self.unet, self.scheduler(), noise, self.num_inference_steps, cache=cache,
+                               progress=progress, **kwargs)
+        finally:
+            cache.disable()
+
+    def enable_on(self, pipe: Any) -> Any:
+        """Replace ``pipe.unet`` by this model's U-Net and enable the plan on the pipeline; returns
+        the :class:`~bitpress.cache.runtime.PipelineCache` (call it like the pipeline)."""
+        from .runtime import PipelineCache
+
+        pipe.unet = self.unet
+        pc = PipelineCache(pipe, self.plan.mask, self.plan.depth)
+        if self.plan.correction is not None:
+            self.plan.correction.install(pc.cache)
+        return pc
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        from safetensors.torch import save_file
+
+        from ..formats.checkpoint import atomic_output_dir, write_json
+
+        with atomic_output_dir(path, overwrite=overwrite) as tmp:
+            if self.quant is not None:
+                self.quant.save(tmp / "unet")
+            else:
+                self.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+            save_file({k: v.contiguous() for k, v in self.plan.tensors().items()}, str(tmp / CQ_PLAN))
+            write_json(tmp / CQ_META, {"format": CQ_FORMAT, "format_version": CQ_VERSION,
+                                       "plan": self.plan.meta(), "quantized": self.quant is not None,
+                                       "scheduler_class": self.scheduler_class,
+                                       "scheduler_config": json.loads(json.dumps(dict(self.scheduler_config))),
+                                       "num_inference_steps": self.num_inference_steps})
+        return Path(path)
+
+
+def load_cachequant(path: str | os.PathLike) -> CacheQuantModel:
+    """Load a directory written by :meth:`CacheQuantModel.save` (no pickle)."""
+    from safetensors.torch import load_file
+
+    from ..errors import SourceError
+
+    path = Path(path)
+    if not (path / CQ_META).is_file():
+        raise SourceError(f"{path} is not a CacheQuant directory (no {CQ_META})")
+    try:
+        meta = json.loads((path / CQ_META).read_text())
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path / CQ_META} is not valid JSON: {e}") from None
+    if meta.get("format") != CQ_FORMAT or meta.get("format_version") != CQ_VERSION:
+        raise FormatError(f"{path / CQ_META}: expected {CQ_FORMAT} v{CQ_VERSION}")
+    plan = CachePlan.from_meta(meta["plan"], load_file(str(path / CQ_PLAN)) if (path / CQ_PLAN).is_file() else {})
+    quant = None
+    if meta.get("quantized"):
+        from .quant import QuantizedUNet
+
+        quant = QuantizedUNet.load(path / "unet")
+        unet = quant.unet
+    else:
+        import diffusers
+
+        cfg = json.loads((path / "unet" / "config.json").read_text())
+        cls = cfg.get("_class_name")
+        if cls not in ("UNet2DModel", "UNet2DConditionModel"):
+            raise FormatError(f"unsupported U-Net class {cls!r}")
+        unet = getattr(diffusers, cls).from_pretrained(path / "unet").eval()
+    return CacheQuantModel(unet, plan, meta["scheduler_class"], meta["scheduler_config"],
+                           int(meta["num_inference_steps"]), quant)
+
+
+def cachequant(unet: nn.Module, scheduler: Any, calib_noise: torch.Tensor, num_inference_steps: int,
+               interval: int, wbits: int | None = 8, abits: int = 8, *, kind: str = "dps", depth: int = 1,
+               dec: bool = True, guidance_scale: float | None = None, unet_kwargs: dict[str, Any] | None = None,
+               progress: bool = False) -> CacheQuantModel:
+    """CacheQuant in one call: cache plan (schedule ``kind`` with K = ceil(T / interval) refreshes,
+    DEC of the cache error) calibrated on full-precision trajectories of ``calib_noise``, then
+    (unless ``wbits`` is None) PTQ of a copy of ``unet`` to W``wbits``A``abits`` with per-step
+    activation grids and, with ``dec``, DEC of the quantization error under that plan.
+    ``unet`` itself is not modified.
+    """
+    from .quant import collect_calibration, fit_quant_correction, quantize_unet
+
+    if scheduler.__class__.__name__ not in _SCHEDULERS:
+        raise ConfigError(f"scheduler must be one of {_SCHEDULERS}, got {type(scheduler).__name__}")
+    plan = calibrate_cache(unet, scheduler, calib_noise, num_inference_steps, interval, kind, depth, dec,
+                           guidance_scale=guidance_scale, unet_kwargs=unet_kwargs, progress=progress)
+    quant = None
+    model = unet
+    if wbits is not None:
+        calib = collect_calibration(unet, scheduler, calib_noise, num_inference_steps,
+                                    guidance_scale=guidance_scale, unet_kwargs=unet_kwargs, progress=progress)
+        quant = quantize_unet(unet, calib, wbits, abits, progress=progress)
+        if dec:
+            fit_quant_correction(quant, unet, calib, plan.mask, depth)
+        model = quant.unet
+    return CacheQuantModel(model, plan, type(scheduler).__name__, dict(scheduler.config), num_inference_steps, quant)
+
+
+__all__ = ["CachePlan", "calibrate_cache", "SCHEDULES", "CacheQuantModel", "cachequant", "load_cachequant"]
