@@ -1,4 +1,5 @@
-"""The ``bitpress`` command: ``compress``, ``finetune``, ``eval``, ``inspect``, ``generate``.
+"""The ``bitpress`` command: ``compress``, ``finetune``, ``eval``, ``inspect``, ``generate``,
+``sample`` (diffusion: runs a ``compress --method cachequant`` directory).
 
 User mistakes print one line (``bitpress: error: ...``) and exit with status 2; no
 traceback, and no output directory is left behind.
@@ -27,13 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("compress", help="compress a checkpoint (HF dir or .gguf)")
-    c.add_argument("src", help="Hugging Face model directory (safetensors) or .gguf file")
+    c = sub.add_parser("compress", help="compress a checkpoint (HF dir or .gguf; a diffusers "
+                       "directory with --method cachequant)")
+    c.add_argument("src", help="Hugging Face model directory (safetensors) or .gguf file; for "
+                   "cachequant a diffusers pipeline or UNet2DModel directory")
     c.add_argument("--out", required=True, help="output directory (must not exist)")
     c.add_argument("--method", default="rtn",
                    help="compression method: rtn (data-free; magnitude group pruning with "
                         "--sparsity), gptq, decoupleq (layer solver), gqsa (group-sparse; "
-                        "calibrated); default rtn")
+                        "calibrated), cachequant (diffusion U-Net: cache plan + int8); "
+                        "default rtn")
     c.add_argument("--bits", type=int, default=4, help="code bits: 2, 3, 4 or 8 (default 4)")
     c.add_argument("--group-size", type=_group_size, default=None,
                    help="weights per group, 16..256 step 16, or -1 per-channel (default 128; "
@@ -85,6 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tune-lr", type=float, default=None,
                    help="Adam learning rate of scales, zeros and norms (default 1e-3)")
 
+    d = c.add_argument_group("diffusion (--method cachequant)")
+    d.add_argument("--steps", type=int, default=100, help="denoising steps (default 100)")
+    d.add_argument("--interval", type=int, default=5,
+                   help="cache interval N: ceil(steps/N) full U-Net refreshes (default 5)")
+    d.add_argument("--schedule", default="dps", choices=["dps", "uniform", "deepcache"],
+                   help="refresh schedule (default dps, the dynamic programme)")
+    d.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm", "pndm"],
+                   help="sampler (default ddim)")
+    d.add_argument("--wbits", type=int, default=8, help="U-Net weight bits: 8, 4, or 32 for "
+                   "none (default 8)")
+    d.add_argument("--abits", type=int, default=8, help="activation bits (8)")
+    d.add_argument("--calib-samples", type=int, default=32,
+                   help="calibration trajectories (default 32)")
+    d.add_argument("--no-dec", action="store_true", help="no decoupled error correction")
+
     f = sub.add_parser("finetune", help="fine-tune the scales/zeros (and norms) of a packed "
                        "checkpoint end to end on a text; codes untouched")
     f.add_argument("dir", help="bitpress checkpoint directory (rewritten atomically unless --out)")
@@ -121,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    sm = sub.add_parser("sample", help="sample images from a cachequant directory")
+    sm.add_argument("dir", help="directory written by compress --method cachequant")
+    sm.add_argument("--n", type=int, default=64, help="images (default 64)")
+    sm.add_argument("--out", required=True, help="PNG grid to write")
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--force", action="store_true", help="replace an existing --out file")
     return p
 
 
@@ -194,7 +219,15 @@ def _finetune(args) -> dict:
 
 
 def run(args) -> int:
-    if args.command == "compress":
+    if args.command == "compress" and args.method == "cachequant":
+        from .cache.cli import compress_cachequant
+
+        print(json.dumps(compress_cachequant(args), indent=2))
+    elif args.command == "sample":
+        from .cache.cli import sample
+
+        print(json.dumps(sample(args)))
+    elif args.command == "compress":
         from .pipeline.compress import compress
 
         import torch
