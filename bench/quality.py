@@ -16,6 +16,7 @@ Prints a table and writes JSON (``--json``, default bench/results/quality.json).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -53,7 +54,7 @@ def compress_in_subprocess(model_path, out: Path, method: str, bits: int, gs: in
     """``bitpress compress`` in a fresh process, so its peak RSS is its own (the evaluation
     of earlier rows in this process would otherwise dominate ``ru_maxrss``)."""
     cmd = [sys.executable, "-m", "bitpress.cli", "compress", str(model_path), "--out", str(out),
-           "--method", method, "--bits", str(bits), "--group-size", str(gs)]
+           "--method", method, "--bits", str(bits), "--group-size", str(gs), "--force"]
     if sparsity is not None:
         cmd += ["--sparsity", str(sparsity)]
     if method != "rtn":
@@ -98,6 +99,12 @@ def main() -> None:
                     help="keep the rows already in --json that were measured with the same "
                          "protocol and run only the missing ones (rows are written as they "
                          "finish, so an interrupted run loses at most one row)")
+    ap.add_argument("--check-packed", action="store_true",
+                    help="also score WikiText-2 with the reference op (dequantised float "
+                         "weights, i.e. the fake-quantized model) and record ppl_fake: the "
+                         "packed-vs-fake check of issues 4 and 6")
+    ap.add_argument("--keep", default=None,
+                    help="write the checkpoints under this directory and keep them")
     ap.add_argument("--second-windows", type=int, default=None,
                     help="windows of the second text (default: --windows)")
     args = ap.parse_args()
@@ -164,7 +171,10 @@ def main() -> None:
         print(rows[-1], flush=True)
         write()
         del model
-    with tempfile.TemporaryDirectory(prefix="bp-quality-") as work:
+    if args.keep:
+        Path(args.keep).mkdir(parents=True, exist_ok=True)
+    with (contextlib.nullcontext(args.keep) if args.keep
+          else tempfile.TemporaryDirectory(prefix="bp-quality-")) as work:
         for bits, gs, sp in settings:
             for m in [m for m in methods if m != "fp"]:
                 if have(m, bits, gs, sp):
@@ -176,6 +186,13 @@ def main() -> None:
                 t1 = time.time()
                 model, tok = bitpress.load(out), load_tokenizer(out)
                 ppl = score(model, tok)
+                if args.check_packed:
+                    from bitpress.kernels.ops import use_impl
+                    with use_impl("reference"):
+                        ppl["wikitext2_fake"] = round(perplexity(
+                            model, tok, texts["wikitext2"], seqlen=args.seqlen,
+                            windows=args.windows, progress=False)["perplexity"], 3)
+                    ppl["packed_vs_fake"] = round(ppl["wikitext2"] / ppl["wikitext2_fake"] - 1, 5)
                 mem = s.get("memory_bytes") or {}
                 row = {"method": m, "bits": bits, "group_size": gs}
                 if sp is not None:
