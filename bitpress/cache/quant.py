@@ -305,7 +305,11 @@ class _QuantLayer(nn.Module):
         raise NotImplementedError
 
     def _weight_part(self, w: torch.Tensor, p: int) -> torch.Tensor:
-        raise NotImplementedError
+        """Input-channel slice ``p`` of the weight (dim 1 for both conv and linear)."""
+        if len(self.parts) == 1:
+            return w
+        a, b = self.parts[p]
+        return w[:, a:b]
 
     def _float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -520,12 +524,6 @@ class QuantConv2d(_QuantLayer):
         a, b = self.parts[p]
         return x[:, a:b]
 
-    def _weight_part(self, w: torch.Tensor, p: int) -> torch.Tensor:
-        if len(self.parts) == 1:
-            return w
-        a, b = self.parts[p]
-        return w[:, a:b]
-
     def _float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
@@ -567,12 +565,6 @@ class QuantLinear(_QuantLayer):
             return x
         a, b = self.parts[p]
         return x[..., a:b]
-
-    def _weight_part(self, w: torch.Tensor, p: int) -> torch.Tensor:
-        if len(self.parts) == 1:
-            return w
-        a, b = self.parts[p]
-        return w[:, a:b]
 
     def _float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, w, b)
