@@ -189,12 +189,9 @@ def load_cachequant(path: str | os.PathLike) -> CacheQuantModel:
     path = Path(path)
     if not (path / CQ_META).is_file():
         raise SourceError(f"{path} is not a CacheQuant directory (no {CQ_META})")
-    try:
-        meta = json.loads((path / CQ_META).read_text())
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path / CQ_META} is not valid JSON: {e}") from None
-    if meta.get("format") != CQ_FORMAT or meta.get("format_version") != CQ_VERSION:
-        raise FormatError(f"{path / CQ_META}: expected {CQ_FORMAT} v{CQ_VERSION}")
+    from .quant import read_format_json
+
+    meta = read_format_json(path / CQ_META, CQ_FORMAT, CQ_VERSION)
     plan = CachePlan.from_meta(meta["plan"], load_file(str(path / CQ_PLAN)) if (path / CQ_PLAN).is_file() else {})
     quant = None
     if meta.get("quantized"):

@@ -108,6 +108,7 @@ advances after every U-Net call and wraps after ``n_steps`` (:meth:`QuantizedUNe
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import copy
 import json
@@ -258,7 +259,20 @@ def kernel_available(kernel: str) -> bool:
 _warned_fallback = [False]
 
 
-class _QuantLayer(nn.Module):
+
+def read_format_json(file: Path, fmt: str, version: int) -> dict[str, Any]:
+    """The JSON metadata of a saved directory, checked for its ``format`` / ``format_version``
+    (no pickle anywhere)."""
+    try:
+        meta = json.loads(Path(file).read_text())
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt or meta.get("format_version") != version:
+        got = (meta.get("format"), meta.get("format_version")) if isinstance(meta, dict) else None
+        raise FormatError(f"{file}: expected format {fmt} v{version}, got {got}")
+    return meta
+
+class _QuantLayer(nn.Module, abc.ABC):
     """Shared machinery of :class:`QuantConv2d` and :class:`QuantLinear`.
 
     Buffers (in ``state_dict``): ``codes`` int8 (the weight's shape), ``w_scale`` fp32 [out],
@@ -301,8 +315,9 @@ class _QuantLayer(nn.Module):
         self._calib: dict[int, list[list[float]]] | None = None  # step -> per part [alo, ahi, olo, ohi]
 
     # -- geometry hooks (subclasses) ----------------------------------------------------------
+    @abc.abstractmethod
     def _slice_in(self, x: torch.Tensor, p: int) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
     def _weight_part(self, w: torch.Tensor, p: int) -> torch.Tensor:
         """Input-channel slice ``p`` of the weight (dim 1 for both conv and linear)."""
@@ -311,21 +326,26 @@ class _QuantLayer(nn.Module):
         a, b = self.parts[p]
         return w[:, a:b]
 
+    @abc.abstractmethod
     def _float_op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _prepack(self, qw: torch.Tensor, b: torch.Tensor | None) -> Any:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _int8_op(self, qx: torch.Tensor, packed: Any, scale: float, zero: int) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _onednn_prepack(self, codes: torch.Tensor, p: int) -> Any:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _onednn_op(self, xq: torch.Tensor, a_s: float, a_z: int, packed: Any,
                    bias: torch.Tensor | None) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
     # -- state ------------------------------------------------------------------------------
     def _step(self) -> int:
@@ -743,13 +763,7 @@ class QuantizedUNet:
         path = Path(path)
         if not (path / META_FILE).is_file() or not (path / TENSORS_FILE).is_file():
             raise SourceError(f"{path} is not a quantized U-Net directory (needs {META_FILE} and {TENSORS_FILE})")
-        try:
-            meta = json.loads((path / META_FILE).read_text())
-        except json.JSONDecodeError as e:
-            raise FormatError(f"{path / META_FILE} is not valid JSON: {e}") from None
-        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-            raise FormatError(f"{path / META_FILE}: expected format {FORMAT} v{FORMAT_VERSION}, got "
-                              f"{meta.get('format')} v{meta.get('format_version')}")
+        meta = read_format_json(path / META_FILE, FORMAT, FORMAT_VERSION)
         if meta.get("unet_class") not in _UNET_CLASSES:
             raise FormatError(f"unsupported U-Net class {meta.get('unet_class')!r}")
         try:
