@@ -22,7 +22,9 @@ def _extensions():
     if shutil.which(cxx) is None and shutil.which("g++") is None:
         print("bitpress: no C++ compiler found, building without bitpress._C", file=sys.stderr)
         return []
-    args = ["-O3", "-fopenmp"]
+    # no FMA contraction: the dequantising GEMM path must round like the reference op
+    # (the AVX2 kernels use explicit FMA intrinsics, which this flag does not touch)
+    args = ["-O3", "-fopenmp", "-ffp-contract=off"]
     return [Pybind11Extension("bitpress._C", ["csrc/bitpress_ext.cpp", "csrc/cpu/qmm.cpp",
                                                 "csrc/cpu/qmm_avx2.cpp"], cxx_std=17,
                               extra_compile_args=args, extra_link_args=["-fopenmp"])]

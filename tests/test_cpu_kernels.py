@@ -350,3 +350,106 @@ def test_lut_error_is_small_in_practice():
     y63 = cpu.dense_qmm_cpu(*args, mode="lut63")  # tables in +-63: about twice the error
     rel63 = ((y63 - ref).norm() / ref.norm()).item()
     assert rel63 < 6e-2 and rel63 < rel_w / 5
+
+
+# ---- the GEMM path: dequantised panels through torch's BLAS ------------------------------------
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("shape", DENSE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_dense_gemm_path_is_the_reference_bit_for_bit(bits, shape):
+    # the dequantised panel is computed with the reference's arithmetic (fp32 product, then
+    # sum, no FMA), and one panel is exactly the reference's F.linear call
+    out, inf, gs = shape
+    gs_eff = inf if gs == -1 else gs
+    g = torch.Generator().manual_seed(out * 7 + inf)
+    for pdt in (torch.float16, torch.bfloat16, torch.float32):
+        qw = _weight(out, inf, bits, gs, param_dtype=pdt, seed=out + bits)
+        p = qw.pack_dense(pdt)
+        for m, xdt, with_bias in ((1, torch.float32, False), (17, torch.float32, True),
+                                  (5, torch.bfloat16, True)):
+            x = torch.randn(m, inf, generator=g).to(xdt)
+            bias = torch.randn(out, generator=g) if with_bias else None
+            args = (x, p["qweight"], p["scales"], p["zeros"], bias, bits, gs_eff, inf)
+            y = cpu.dense_qmm_cpu(*args, mode="blas")
+            ref = reference.dense_qmm_ref(*args)
+            assert y.dtype == ref.dtype and torch.equal(y, ref)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_sparse_gemm_path_is_the_reference_bit_for_bit(bits):
+    g = torch.Generator().manual_seed(bits)
+    for out, inf, gs in SPARSE_SHAPES:
+        keep = _skewed_keep(out, (inf + gs - 1) // gs, seed=out + inf)
+        p = _weight(out, inf, bits, gs, keep=keep, seed=out).pack_bsr()
+        x = torch.randn(9, inf, generator=g)
+        bias = torch.randn(out, generator=g)
+        args = (x, p["row_ptr"], p["col_idx"], p["qvalues"], p["scales"], p["zeros"], bias,
+                bits, gs, inf)
+        assert torch.equal(cpu.sparse_qmm_cpu(*args, mode="blas"), reference.sparse_qmm_ref(*args))
+
+
+def test_gemm_path_in_panels_and_threads(monkeypatch):
+    # a weight larger than one panel is multiplied panel by panel (ragged last panel); the
+    # dequantisation threads over rows; both must give the reference (up to BLAS blocking)
+    monkeypatch.setattr(cpu, "GEMM_PANEL_BYTES", 4 * 96 * 24)   # 24 rows of 96 columns
+    torch.set_num_threads(2)
+    qw = _weight(100, 96, 3, 32)
+    p = qw.pack_dense()
+    x = torch.randn(40, 96)
+    bias = torch.randn(100)
+    args = (x, p["qweight"], p["scales"], p["zeros"], bias, 3, 32, 96)
+    torch.testing.assert_close(cpu.dense_qmm_cpu(*args, mode="blas"),
+                               reference.dense_qmm_ref(*args), atol=1e-5, rtol=1e-5)
+    keep = _skewed_keep(100, 3, seed=1)
+    s = _weight(100, 96, 4, 32, keep=keep).pack_bsr()
+    sargs = (x, s["row_ptr"], s["col_idx"], s["qvalues"], s["scales"], s["zeros"], bias, 4, 32,
+             96)
+    torch.testing.assert_close(cpu.sparse_qmm_cpu(*sargs, mode="blas"),
+                               reference.sparse_qmm_ref(*sargs), atol=1e-5, rtol=1e-5)
+
+
+def test_native_switches_to_the_gemm_path_at_gemm_rows():
+    # cpu_native: below gemm_rows the activation-mode kernel (lut for 2-bit: approximate),
+    # from gemm_rows on the exact GEMM path, through the op and through a module's plan
+    from bitpress.nn import QuantLinear
+
+    prev = cpu.get_gemm_rows()
+    qw = _weight(48, 256, 2, 64)
+    p = qw.pack_dense()
+    lin = QuantLinear.from_quantized(qw, bias=None)
+    try:
+        cpu.set_gemm_rows(8)
+        for m in (1, 7, 8, 30):
+            x = torch.randn(m, 256)
+            args = (x, p["qweight"], p["scales"], p["zeros"], None, 2, 64, 256)
+            ref = reference.dense_qmm_ref(*args)
+            y, ym = dense_qmm(*args), lin(x.reshape(1, m, 256)).reshape(m, 48)
+            if m >= 8:
+                assert torch.equal(y, ref) and torch.equal(ym, ref)
+            elif cpu.get_act_mode() != "exact":
+                assert not torch.equal(y, ref)
+                assert float((y - ref).norm() / ref.norm()) < 0.05
+        cpu.set_gemm_rows(10 ** 9)   # off: the kernel at every size
+        x = torch.randn(30, 256)
+        args = (x, p["qweight"], p["scales"], p["zeros"], None, 2, 64, 256)
+        if cpu.get_act_mode() != "exact":
+            assert not torch.equal(dense_qmm(*args), reference.dense_qmm_ref(*args))
+        for bad in (0, -1, 2.5, True):
+            with pytest.raises(ValueError):
+                cpu.set_gemm_rows(bad)
+    finally:
+        cpu.set_gemm_rows(prev)
+
+
+def test_gemm_path_rejects_malformed_weights():
+    qw = _weight(16, 64, 4, 32)
+    p = qw.pack_dense()
+    x = torch.randn(4, 64)
+    with pytest.raises(ValueError, match="scales/zeros"):
+        cpu.dense_qmm_cpu(x, p["qweight"], p["scales"][:, :1], p["zeros"], None, 4, 32, 64,
+                          mode="blas")
+    s = _weight(16, 64, 4, 32, keep=torch.ones(16, 2, dtype=torch.bool)).pack_bsr()
+    bad = s["col_idx"].clone()
+    bad[0] = 7
+    with pytest.raises(ValueError, match="col_idx"):
+        cpu.sparse_qmm_cpu(x, s["row_ptr"], bad, s["qvalues"], s["scales"], s["zeros"], None, 4,
+                           32, 64, mode="blas")

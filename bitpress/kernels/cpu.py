@@ -7,6 +7,19 @@ Importing this module registers, for device type ``cpu``:
 * ``cpu_lut``, ``cpu_int8`` and ``cpu_exact`` (priority 6 / 5 / 4): one mode each, for
   ``use_impl``.
 
+``cpu_native`` sends calls with at least :func:`get_gemm_rows` activation rows (default 256:
+prefill-sized; ``BITPRESS_CPU_GEMM_ROWS`` / :func:`set_gemm_rows`) to the **GEMM path**
+(``cpu_blas`` forces it at any size): fp32 row panels of at most :data:`GEMM_PANEL_BYTES`
+are dequantised from the canonical tensors (no repack; ``csrc/cpu/qmm.cpp``
+``dequant_dense`` / ``dequant_sparse``, the reference's arithmetic, so bit-identical to
+:func:`bitpress.kernels.reference.dense_weight`) and multiplied by torch's BLAS. A weight that
+fits one panel gives exactly the reference op's result. Why a switch: at prefill sizes the
+approximate activation modes cost accuracy where it is measured (decoupleQ W2 g64 SmolLM2,
+WikiText-2, 10 windows: exact 50.166, int8 50.487 (+0.64%), lut 50.538 (+0.74%)) while
+the GEMM path equals the fake-quantized model; it runs at fp32 ``F.linear`` speed plus the
+dequantisation (~0.6 ms per 1536x576 weight on one thread), ~1.7x slower than ``lut`` and
+~1.25x slower than ``int8`` at 1024 rows, so it is kept for calls that large.
+
 ``int8`` and ``exact`` run the same repacked weight (8 output rows interleaved, see csrc/cpu/qmm.h;
 block-sparse weights are regrouped into tiles of 8 kept groups sharing a column group, so the
 same kernels run on them and threads split the kept groups evenly),
@@ -74,10 +87,17 @@ _PKIND = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 #: the two lookups of a block in int8 before one ``vpmaddubsw``, so its entries stay in +-63
 LUT_MAX = {"lut": 127, "lut63": 63}
 _MODES = {"exact": 0, "int8": 1, "lut": 2, "lut63": 3}
+#: calls of ``cpu_native`` with at least this many activation rows take the GEMM path:
+#: dequantised fp32 row panels multiplied by torch's BLAS (bench/kernels.py --gemm measures the
+#: crossover)
+DEFAULT_GEMM_ROWS = 256
+#: largest dequantised panel of the GEMM path (bytes of fp32 weight)
+GEMM_PANEL_BYTES = 8 << 20
 _mode = os.environ.get("BITPRESS_CPU_ACT", "lut")
 if _mode not in _MODES:
     raise ValueError(f"BITPRESS_CPU_ACT must be 'lut', 'lut63', 'int8' or 'exact', got {_mode!r}")
 _isa = _C.qmm_get_isa()
+_gemm_rows = int(os.environ.get("BITPRESS_CPU_GEMM_ROWS", str(DEFAULT_GEMM_ROWS)))
 _CACHE = RepackCache()
 # bumped by set_isa / set_act_mode / clear_cache: invalidates the fast call plans
 _gen = 0
@@ -121,6 +141,22 @@ def get_act_mode() -> str:
     return _mode
 
 
+def set_gemm_rows(rows: int) -> None:
+    """Calls of ``cpu_native`` with at least ``rows`` activation rows (``M``) run the GEMM
+    path (dequantised panels through torch's BLAS, exact like the reference op) instead of the
+    activation-mode kernel; a huge value keeps every call on the kernel. Default
+    :data:`DEFAULT_GEMM_ROWS` or ``BITPRESS_CPU_GEMM_ROWS``."""
+    global _gemm_rows, _gen
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"gemm rows must be a positive integer, got {rows!r}")
+    _gemm_rows = rows
+    _gen += 1
+
+
+def get_gemm_rows() -> int:
+    return _gemm_rows
+
+
 def clear_cache() -> None:
     global _gen
     _CACHE.clear()
@@ -141,21 +177,26 @@ def _cached(owner: torch.Tensor, sig: tuple, build, layout: int = 0):
     return _CACHE.get(owner, sig, build, layout)
 
 
+def _check_dense(qweight, scales, zeros, bits: int, gs: int, in_features: int) -> None:
+    probe = torch.empty(0, in_features)
+    if not dense_supports(probe, qweight, scales, zeros, None, bits, gs, in_features):
+        raise ValueError("dense_qmm_cpu: unsupported weight (bits 2/3/4, int32 qweight "
+                         "[out, ceil(in/pf)], group size a multiple of 16 up to 256 or "
+                         "per-channel, CPU tensors)")
+    out = qweight.shape[0]
+    ng = (in_features + gs - 1) // gs
+    if tuple(scales.shape) != (out, ng) or tuple(zeros.shape) != (out, ng):
+        raise ValueError(f"scales/zeros must be {(out, ng)}, got {tuple(scales.shape)} / "
+                         f"{tuple(zeros.shape)}")
+
+
 def _dense_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                   gs: int, in_features: int, layout: int = 0) -> tuple[torch.Tensor, int]:
     sig = (_sig(qweight), _sig(scales), _sig(zeros), bits, gs, in_features)
 
     def build():
-        probe = torch.empty(0, in_features)
-        if not dense_supports(probe, qweight, scales, zeros, None, bits, gs, in_features):
-            raise ValueError("dense_qmm_cpu: unsupported weight (bits 2/3/4, int32 qweight "
-                             "[out, ceil(in/pf)], group size a multiple of 16 up to 256 or "
-                             "per-channel, CPU tensors)")
+        _check_dense(qweight, scales, zeros, bits, gs, in_features)
         out = qweight.shape[0]
-        ng = (in_features + gs - 1) // gs
-        if tuple(scales.shape) != (out, ng) or tuple(zeros.shape) != (out, ng):
-            raise ValueError(f"scales/zeros must be {(out, ng)}, got {tuple(scales.shape)} / "
-                             f"{tuple(zeros.shape)}")
         qw = qweight.contiguous()
         sc, zr, pk = _params(scales, zeros)
         buf = torch.empty(_C.qmm_dense_packed_bytes(out, in_features, bits, gs, pk),
@@ -168,6 +209,24 @@ def _dense_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     return _cached(qweight, sig, build, layout)
 
 
+def _check_sparse(row_ptr, col_idx, qvalues, scales, zeros, bits: int, gs: int,
+                  in_features: int) -> None:
+    probe = torch.empty(0, in_features)
+    if not sparse_supports(probe, row_ptr, col_idx, qvalues, scales, zeros, None, bits, gs,
+                           in_features):
+        raise ValueError("sparse_qmm_cpu: unsupported weight (bits 2/3/4, int32 BSR tensors, "
+                         "group size a multiple of 16 up to 256, CPU tensors)")
+    if qvalues.shape[0] != col_idx.numel() or scales.numel() != col_idx.numel() \
+            or zeros.numel() != col_idx.numel():
+        raise ValueError("sparse_qmm_cpu: qvalues/scales/zeros need one entry per kept group")
+    ng = (in_features + gs - 1) // gs
+    nnz = col_idx.numel()
+    if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != nnz or bool((row_ptr[1:] < row_ptr[:-1]).any()):
+        raise ValueError("sparse_qmm: row_ptr must start at 0, not decrease and end at nnz")
+    if nnz and (int(col_idx.min()) < 0 or int(col_idx.max()) >= ng):
+        raise ValueError(f"sparse_qmm: col_idx out of range [0, {ng})")
+
+
 def _sparse_packed(row_ptr: torch.Tensor, col_idx: torch.Tensor, qvalues: torch.Tensor,
                    scales: torch.Tensor, zeros: torch.Tensor, bits: int, gs: int,
                    in_features: int) -> tuple[torch.Tensor, int, int]:
@@ -175,22 +234,10 @@ def _sparse_packed(row_ptr: torch.Tensor, col_idx: torch.Tensor, qvalues: torch.
            in_features)
 
     def build():
-        probe = torch.empty(0, in_features)
-        if not sparse_supports(probe, row_ptr, col_idx, qvalues, scales, zeros, None, bits, gs,
-                               in_features):
-            raise ValueError("sparse_qmm_cpu: unsupported weight (bits 2/3/4, int32 BSR tensors, "
-                             "group size a multiple of 16 up to 256, CPU tensors)")
-        if qvalues.shape[0] != col_idx.numel() or scales.numel() != col_idx.numel() \
-                or zeros.numel() != col_idx.numel():
-            raise ValueError("sparse_qmm_cpu: qvalues/scales/zeros need one entry per kept group")
+        _check_sparse(row_ptr, col_idx, qvalues, scales, zeros, bits, gs, in_features)
         rp, ci, qv = row_ptr.contiguous(), col_idx.contiguous(), qvalues.contiguous()
         sc, zr, pk = _params(scales.reshape(-1), zeros.reshape(-1))
         ng = (in_features + gs - 1) // gs
-        nnz = ci.numel()
-        if int(rp[0]) != 0 or int(rp[-1]) != nnz or bool((rp[1:] < rp[:-1]).any()):
-            raise ValueError("sparse_qmm: row_ptr must start at 0, not decrease and end at nnz")
-        if nnz and (int(ci.min()) < 0 or int(ci.max()) >= ng):
-            raise ValueError(f"sparse_qmm: col_idx out of range [0, {ng})")
         counts = torch.bincount(ci.long(), minlength=ng) if ci.numel() else \
             torch.zeros(ng, dtype=torch.long)
         tile_off = torch.zeros(ng + 1, dtype=torch.int64)
@@ -260,6 +307,63 @@ def _finish(y: torch.Tensor, x: torch.Tensor, out: int) -> torch.Tensor:
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
+# ---- the GEMM path: dequantised panels through torch's BLAS ---------------------------------
+def _panel_gemm(x2: torch.Tensor, out: int, in_features: int, b: Optional[torch.Tensor],
+                fill) -> torch.Tensor:
+    """``x2 [M, in] @ W^T (+ b)`` with ``W`` produced panel by panel: ``fill(r0, r1, dst)``
+    writes rows ``[r0, r1)`` of the fp32 weight into ``dst``. One panel when the weight fits
+    :data:`GEMM_PANEL_BYTES`, so the call is then exactly the reference op's ``F.linear``."""
+    rows = max(8, GEMM_PANEL_BYTES // (4 * in_features))
+    if rows >= out:
+        w = torch.empty(out, in_features)
+        fill(0, out, w)
+        return torch.nn.functional.linear(x2, w, b)
+    y = torch.empty(x2.shape[0], out)
+    w = torch.empty(rows, in_features)
+    for r0 in range(0, out, rows):
+        r1 = min(out, r0 + rows)
+        fill(r0, r1, w)
+        y[:, r0:r1] = torch.nn.functional.linear(x2, w[:r1 - r0],
+                                                 None if b is None else b[r0:r1])
+    return y
+
+
+def _dense_gemm_fill(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                     gs: int, in_features: int):
+    qw = qweight.contiguous()
+    sc, zr, pk = _params(scales, zeros)
+    words = qw.shape[1]
+
+    def fill(r0: int, r1: int, dst: torch.Tensor) -> None:
+        _C.qmm_dequant_dense(qw.data_ptr(), words, in_features, bits, gs, sc.data_ptr(),
+                             zr.data_ptr(), pk, r0, r1, dst.data_ptr(), torch.get_num_threads())
+    fill.keep = (qw, sc, zr)
+    return fill
+
+
+def _sparse_gemm_fill(row_ptr: torch.Tensor, col_idx: torch.Tensor, qvalues: torch.Tensor,
+                      scales: torch.Tensor, zeros: torch.Tensor, bits: int, gs: int,
+                      in_features: int):
+    rp, ci, qv = row_ptr.contiguous(), col_idx.contiguous(), qvalues.contiguous()
+    sc, zr, pk = _params(scales.reshape(-1), zeros.reshape(-1))
+    words = qv.shape[1]
+
+    def fill(r0: int, r1: int, dst: torch.Tensor) -> None:
+        _C.qmm_dequant_sparse(rp.data_ptr(), ci.data_ptr(), qv.data_ptr(), words, sc.data_ptr(),
+                              zr.data_ptr(), pk, in_features, bits, gs, r0, r1, dst.data_ptr(),
+                              torch.get_num_threads())
+    fill.keep = (rp, ci, qv, sc, zr)
+    return fill
+
+
+def _bias_f32(bias: Optional[torch.Tensor], out: int) -> Optional[torch.Tensor]:
+    return _bias(bias, out)[0]
+
+
+def _use_gemm(mode: Optional[str], m: int) -> bool:
+    return mode == "blas" or (mode is None and m >= _gemm_rows)
+
+
 def dense_qmm_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                   zeros: torch.Tensor, bias: Optional[torch.Tensor], bits: int, group_size: int,
                   in_features: int, mode: Optional[str] = None) -> torch.Tensor:
@@ -268,12 +372,17 @@ def dense_qmm_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if not x.is_cpu or x.dtype not in _PKIND or x.shape[-1] != in_features:
         raise ValueError(f"dense_qmm_cpu: x must be a CPU float tensor [..., {in_features}]")
     out = qweight.shape[0]
+    x2, m = _prep_x(x, in_features)
+    if _use_gemm(mode, m):
+        _check_dense(qweight, scales, zeros, bits, group_size, in_features)
+        fill = _dense_gemm_fill(qweight, scales, zeros, bits, group_size, in_features)
+        y = _panel_gemm(x2, out, in_features, _bias_f32(bias, out), fill)
+        return _finish(y.reshape(*x.shape[:-1], out), x, out)
     code = _MODES[mode or _mode]
     if code >= 2 and (bits != 2 or _isa != "avx2"):
         code = 1  # the lut kernels are 2-bit AVX2 only; elsewhere lut means int8
     packed, pk = _dense_packed(qweight, scales, zeros, bits, group_size, in_features,
                                1 if code >= 2 else 0)
-    x2, m = _prep_x(x, in_features)
     y = torch.empty(*x.shape[:-1], out, dtype=torch.float32)
     b, bptr = _bias(bias, out)
     if m:
@@ -295,6 +404,8 @@ def dense_plan(args: tuple, mode: Optional[str] = None):
     x, qweight, scales, zeros, bias, bits, group_size, in_features = args
     if not dense_supports(x, qweight, scales, zeros, bias, bits, group_size, in_features):
         return None
+    if mode == "blas":
+        return None
     code = _MODES[mode or _mode]
     if code >= 2 and (bits != 2 or _isa != "avx2"):
         code = 1
@@ -311,8 +422,11 @@ def dense_plan(args: tuple, mode: Optional[str] = None):
     tv = [] if any(t.is_inference() for t in ts) else [(t, t._version) for t in ts]
     (q0, v0), (s0, v1), (z0, v2) = tv[:3] if tv else ((qweight, 0),) * 3
     check_v = bool(tv)
+    gemm_rows = _gemm_rows if mode is None else None
+    gemm = None
 
     def fast(x: torch.Tensor) -> Optional[torch.Tensor]:
+        nonlocal gemm
         if (x.dtype is not f32 or not x.is_contiguous() or not x.is_cpu or _gen != gen
                 or getattr(local, "forced", None) != forced_local
                 or env.get(_ENV_KEY) != forced_env):
@@ -323,8 +437,14 @@ def dense_plan(args: tuple, mode: Optional[str] = None):
         shape = x.shape
         if shape[-1] != in_features:
             return None
-        y = empty(*shape[:-1], out)
         m = x.numel() // in_features
+        if gemm_rows is not None and m >= gemm_rows:
+            if gemm is None:
+                _check_dense(qweight, scales, zeros, bits, group_size, in_features)
+                gemm = _dense_gemm_fill(qweight, scales, zeros, bits, group_size, in_features)
+            return _panel_gemm(x.reshape(m, in_features), out, in_features, b,
+                               gemm).reshape(*shape[:-1], out)
+        y = empty(*shape[:-1], out)
         if m:
             qd(pptr, out, in_features, bits, group_size, pk, x.data_ptr(), m, y.data_ptr(),
                bptr, code, nthreads())
@@ -341,9 +461,15 @@ def sparse_qmm_cpu(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor
     if not x.is_cpu or x.dtype not in _PKIND or x.shape[-1] != in_features:
         raise ValueError(f"sparse_qmm_cpu: x must be a CPU float tensor [..., {in_features}]")
     out = row_ptr.numel() - 1
+    x2, m = _prep_x(x, in_features)
+    if _use_gemm(mode, m):
+        _check_sparse(row_ptr, col_idx, qvalues, scales, zeros, bits, group_size, in_features)
+        fill = _sparse_gemm_fill(row_ptr, col_idx, qvalues, scales, zeros, bits, group_size,
+                                 in_features)
+        y = _panel_gemm(x2, out, in_features, _bias_f32(bias, out), fill)
+        return _finish(y.reshape(*x.shape[:-1], out), x, out)
     tiles, ntiles, pk = _sparse_packed(row_ptr, col_idx, qvalues, scales, zeros, bits,
                                        group_size, in_features)
-    x2, m = _prep_x(x, in_features)
     y = torch.empty(*x.shape[:-1], out, dtype=torch.float32)
     b, bptr = _bias(bias, out)
     if m:
@@ -418,7 +544,7 @@ def _native(mode: Optional[str]):
 
 for _name, _mode_arg, _prio in (("cpu_native", None, 10), ("cpu_lut", "lut", 6),
                                 ("cpu_int8", "int8", 5), ("cpu_exact", "exact", 4),
-                                ("cpu_lut63", "lut63", 3)):
+                                ("cpu_lut63", "lut63", 3), ("cpu_blas", "blas", 2)):
     _d, _s = _native(_mode_arg)
     register_impl("dense_qmm", "cpu", _name, _d, _prio, dense_supports)
     register_impl("sparse_qmm", "cpu", _name, _s, _prio, sparse_supports)

@@ -226,6 +226,97 @@ void repack_sparse(uintptr_t row_ptr, uintptr_t col_idx, uintptr_t qvalues, int6
   }
 }
 
+// ---- dequantisation (the GEMM path: dequantised row panels handed to BLAS) ------------------
+// w = s * c + z (c = u - 2^(b-1)) as an fp32 product then an fp32 sum, the reference op's
+// arithmetic: this translation unit is compiled without FMA, so nothing is contracted and the
+// panel is bit-identical to bitpress.kernels.reference.dense_weight / sparse_weight.
+template <int B>
+inline void dequant_run(const uint32_t* src, int64_t k0, int64_t k1, float s, float z, float* d) {
+  constexpr int pf = 32 / B;
+  constexpr uint32_t mask = (1u << B) - 1u;
+  constexpr int off = 1 << (B - 1);
+  for (; k0 < k1 && k0 % pf != 0; ++k0)  // up to the first word boundary
+    d[k0] = s * float(int((src[k0 / pf] >> ((k0 % pf) * B)) & mask) - off) + z;
+  {  // whole words: a fixed-trip inner loop the compiler vectorises
+    const int64_t w0 = k0 / pf, w1 = w0 + (k1 - k0) / pf;
+    for (int64_t w = w0; w < w1; ++w) {
+      const uint32_t v = src[w];
+      float* dw = d + w * pf;
+      for (int j = 0; j < pf; ++j) dw[j] = s * float(int((v >> (j * B)) & mask) - off) + z;
+    }
+    k0 = w1 * pf;
+  }
+  for (int64_t k = k0; k < k1; ++k) {
+    const int c = int((src[k / pf] >> ((k % pf) * B)) & mask) - off;
+    d[k] = s * float(c) + z;
+  }
+}
+
+inline void dequant_run_bits(int bits, const uint32_t* src, int64_t k0, int64_t k1, float s,
+                             float z, float* d) {
+  if (bits == 2) dequant_run<2>(src, k0, k1, s, z, d);
+  else if (bits == 3) dequant_run<3>(src, k0, k1, s, z, d);
+  else dequant_run<4>(src, k0, k1, s, z, d);
+}
+
+// Rows [r0, r1) of a canonical dense weight into dst [(r1 - r0), in] fp32. gs is the
+// effective group size (in for per-channel); scales/zeros are [out, ceil(in/gs)].
+void dequant_dense(uintptr_t qweight, int64_t words, int64_t in, int bits, int64_t gs,
+                   uintptr_t scales, uintptr_t zeros, int pkind, int64_t r0, int64_t r1,
+                   uintptr_t dst, int nthreads) {
+  check_bits(bits);
+  if (words * (32 / bits) < in) throw std::invalid_argument("dequant_dense: too few words");
+  if (gs < 1) throw std::invalid_argument("dequant_dense: group size must be positive");
+  const int64_t ng = ceil_div(in, gs);
+  const auto* qw = reinterpret_cast<const uint32_t*>(qweight);
+  const auto* sc = reinterpret_cast<const uint8_t*>(scales);
+  const auto* zr = reinterpret_cast<const uint8_t*>(zeros);
+  auto* d = reinterpret_cast<float*>(dst);
+  py::gil_scoped_release release;
+#if defined(_OPENMP)
+#pragma omp parallel for num_threads(clamp_threads(nthreads)) schedule(static) \
+    if ((r1 - r0) * in > 65536)
+#endif
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint32_t* src = qw + r * words;
+    float* dr = d + (r - r0) * in;
+    for (int64_t g = 0; g < ng; ++g) {
+      const float s = load_param(sc, pkind, r * ng + g), z = load_param(zr, pkind, r * ng + g);
+      dequant_run_bits(bits, src, g * gs, std::min(in, (g + 1) * gs), s, z, dr);
+    }
+  }
+}
+
+// Rows [r0, r1) of a block-sparse-row weight into dst [(r1 - r0), in] fp32 (pruned groups 0).
+void dequant_sparse(uintptr_t row_ptr, uintptr_t col_idx, uintptr_t qvalues, int64_t words,
+                    uintptr_t scales, uintptr_t zeros, int pkind, int64_t in, int bits,
+                    int64_t gs, int64_t r0, int64_t r1, uintptr_t dst, int nthreads) {
+  check_bits(bits);
+  if (words * (32 / bits) < gs) throw std::invalid_argument("dequant_sparse: too few words");
+  const auto* rp = reinterpret_cast<const int32_t*>(row_ptr);
+  const auto* ci = reinterpret_cast<const int32_t*>(col_idx);
+  const auto* qv = reinterpret_cast<const uint32_t*>(qvalues);
+  const auto* sc = reinterpret_cast<const uint8_t*>(scales);
+  const auto* zr = reinterpret_cast<const uint8_t*>(zeros);
+  auto* d = reinterpret_cast<float*>(dst);
+  py::gil_scoped_release release;
+#if defined(_OPENMP)
+#pragma omp parallel for num_threads(clamp_threads(nthreads)) schedule(static) \
+    if ((r1 - r0) * in > 65536)
+#endif
+  for (int64_t r = r0; r < r1; ++r) {
+    float* dr = d + (r - r0) * in;
+    std::memset(dr, 0, size_t(in) * sizeof(float));
+    for (int64_t e = rp[r]; e < rp[r + 1]; ++e) {
+      const int64_t k0 = int64_t(ci[e]) * gs, n = std::min<int64_t>(gs, in - k0);
+      // codes of one group start at bit 0 of the entry's first word: dequantise into the
+      // group's slice with local indices
+      dequant_run_bits(bits, qv + e * words, 0, n, load_param(sc, pkind, e),
+                       load_param(zr, pkind, e), dr + k0);
+    }
+  }
+}
+
 // ---- activations ----------------------------------------------------------------------------
 struct ActBuf {
   Act a;
@@ -499,6 +590,16 @@ void bitpress_register_qmm(py::module_& m) {
         py::arg("bits"), py::arg("group_size"), py::arg("pkind"), py::arg("x_ptr"), py::arg("m"),
         py::arg("y_ptr"), py::arg("bias_ptr"), py::arg("mode"), py::arg("nthreads") = 1,
         "y[M,out] (fp32) = x[M,in] (fp32) @ W^T (+bias) from the repacked dense weight.");
+  m.def("qmm_dequant_dense", &dequant_dense, py::arg("qweight_ptr"), py::arg("words"),
+        py::arg("in_features"), py::arg("bits"), py::arg("group_size"), py::arg("scales_ptr"),
+        py::arg("zeros_ptr"), py::arg("pkind"), py::arg("row0"), py::arg("row1"),
+        py::arg("dst_ptr"), py::arg("nthreads") = 1,
+        "fp32 rows [row0, row1) of a canonical dense weight (bit-identical to the reference).");
+  m.def("qmm_dequant_sparse", &dequant_sparse, py::arg("row_ptr_ptr"), py::arg("col_idx_ptr"),
+        py::arg("qvalues_ptr"), py::arg("words"), py::arg("scales_ptr"), py::arg("zeros_ptr"),
+        py::arg("pkind"), py::arg("in_features"), py::arg("bits"), py::arg("group_size"),
+        py::arg("row0"), py::arg("row1"), py::arg("dst_ptr"), py::arg("nthreads") = 1,
+        "fp32 rows [row0, row1) of a block-sparse-row weight, pruned groups 0.");
   m.def("qmm_sparse", &sparse_qmm, py::arg("tiles_ptr"), py::arg("ntiles"), py::arg("out"),
         py::arg("in_features"), py::arg("bits"), py::arg("group_size"), py::arg("pkind"),
         py::arg("x_ptr"), py::arg("m"), py::arg("y_ptr"), py::arg("bias_ptr"), py::arg("mode"),
