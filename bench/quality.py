@@ -62,6 +62,8 @@ def compress_in_subprocess(model_path, out: Path, method: str, bits: int, gs: in
                 "--seqlen", str(args.calib_seqlen)]
     if args.block_tune is not None and method in ("decoupleq", "gqsa"):
         cmd += ["--block-tune", args.block_tune]
+    if args.tune_steps is not None and method in ("decoupleq", "gqsa"):
+        cmd += ["--tune-steps", str(args.tune_steps)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     subprocess.run(cmd, check=True, env=env)
     return json.loads((out / "bitpress_summary.json").read_text())
@@ -93,6 +95,9 @@ def main() -> None:
                     help="fp, rtn, gptq, decoupleq, gqsa (comma-separated)")
     ap.add_argument("--block-tune", default=None, choices=["none", "float_parts", "bqpo"],
                     help="block tuning of decoupleq/gqsa rows (default: the method's own)")
+    ap.add_argument("--tune-steps", type=int, default=None,
+                    help="cap on block-tuning Adam steps per block of decoupleq/gqsa rows "
+                         "(a separate row; default: the method's own)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "quality.json"))
     ap.add_argument("--resume", action="store_true",
@@ -141,9 +146,13 @@ def main() -> None:
         else:
             print(f"{out_json} was measured with another protocol; starting afresh", flush=True)
 
+    def tune_steps(method):
+        return args.tune_steps if method in ("decoupleq", "gqsa") else None
+
     def have(method, bits, gs, sparsity=None) -> bool:
         return any(r["method"] == method and r["bits"] == bits and r["group_size"] == gs
-                   and r.get("sparsity") == sparsity for r in rows)
+                   and r.get("sparsity") == sparsity and r.get("tune_steps") == tune_steps(method)
+                   for r in rows)
 
     def write() -> None:
         result = {"date": time.strftime("%Y-%m-%d"),
@@ -179,7 +188,8 @@ def main() -> None:
             for m in [m for m in methods if m != "fp"]:
                 if have(m, bits, gs, sp):
                     continue
-                out = Path(work) / (f"{m}-w{bits}g{gs}" + ("" if sp is None else f"s{sp}"))
+                out = Path(work) / (f"{m}-w{bits}g{gs}" + ("" if sp is None else f"s{sp}")
+                                    + ("" if tune_steps(m) is None else f"t{tune_steps(m)}"))
                 t0 = time.time()
                 s = compress_in_subprocess(model_path, out, m, bits, gs, calib_path, args, sp)
                 tc = time.time() - t0
@@ -197,6 +207,8 @@ def main() -> None:
                 row = {"method": m, "bits": bits, "group_size": gs}
                 if sp is not None:
                     row["sparsity"] = sp
+                if tune_steps(m) is not None:
+                    row["tune_steps"] = tune_steps(m)
                 rows.append({**row,
                              "bits_per_weight": s["bits_per_weight"],
                              "seconds_compress": round(tc, 1),

@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tune-epochs", type=int, default=None,
                    help="passes over the calibration samples per block, one Adam step per "
                         "sample (default 1)")
+    t.add_argument("--tune-steps", type=int, default=None,
+                   help="at most this many Adam steps per block (a random subset of the "
+                        "calibration samples; default: all of them, --tune-epochs times)")
     t.add_argument("--tune-lr", type=float, default=None,
                    help="Adam learning rate of scales, zeros and norms (default 1e-3)")
 
@@ -236,7 +239,9 @@ def run(args) -> int:
                            dtype=getattr(torch, args.dtype), calib=args.calib,
                            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                            batch_size=args.calib_batch_size, block_tune=args.block_tune,
-                           tune_epochs=args.tune_epochs, tune_lr=args.tune_lr)
+                           tune_epochs=args.tune_epochs, tune_lr=args.tune_lr,
+                           tune_options=None if args.tune_steps is None else
+                           {"steps": args.tune_steps})
         print(json.dumps({k: v for k, v in summary.items()
                           if k not in ("relative_weight_error", "tensors_read_per_block")},
                          indent=2))

@@ -201,6 +201,21 @@ def test_micro_batches_slice_the_block_call(tiny_qwen2_dir, tmp_path, calib_file
         assert [r.steps for r in t.records] == [8 if mb == 1 else 2] * 2
 
 
+def test_steps_cap_the_adam_steps(tiny_llama_dir, tmp_path, calib_file):
+    """``steps`` stops each block's tuning after that many micro-batches (a random subset),
+    also across epochs; a cap above one pass changes nothing."""
+    for steps, epochs, want in ((3, 1, 3), (10, 2, 10), (50, 1, 8)):
+        t = make_block_tuner("float_parts", epochs=epochs, lr=1e-3, steps=steps, progress=False)
+        compress(tiny_llama_dir, tmp_path / f"q{steps}", Recipe(method="rtn", bits=3,
+                                                                group_size=32),
+                 calib=calib_file, block_hook=t, **FAST)
+        assert [r.steps for r in t.records] == [want] * 2
+        assert t.options()["steps"] == steps
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ConfigError, match="steps"):
+            make_block_tuner("float_parts", steps=bad)
+
+
 @pytest.mark.parametrize("kw,msg", [
     (dict(block_tune="sometimes"), "unknown block tuning"),
     (dict(block_tune="float_parts", tune_epochs=0), "epochs"),
@@ -222,10 +237,11 @@ def test_cli_block_tune(tiny_llama_dir, tmp_path, calib_file, capsys):
     assert main(["compress", str(tiny_llama_dir), "--out", str(out), "--calib", str(calib_file),
                  "--nsamples", "4", "--seqlen", "32", "--method", "rtn", "--bits", "3",
                  "--group-size", "32", "--block-tune", "float_parts", "--tune-epochs", "1",
-                 "--tune-lr", "1e-3"]) == 0
+                 "--tune-lr", "1e-3", "--tune-steps", "3"]) == 0
     s = json.loads((out / "bitpress_summary.json").read_text())
     assert s["block_tune"]["mode"] == "float_parts" and s["block_tune"]["lr"] == 1e-3
-    assert len(s["block_tune_losses"]) == 2
+    assert s["block_tune"]["steps"] == 3
+    assert [r["steps"] for r in s["block_tune_losses"]] == [3, 3]
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:  # argparse refuses the choice
         main(["compress", str(tiny_llama_dir), "--out", str(tmp_path / "r"),

@@ -179,8 +179,9 @@ def _block_tuner(recipe: Recipe, block_tune: Optional[str], epochs: Optional[int
         mode = block_tune if block_tune is not None else \
             BLOCK_TUNE_DEFAULTS.get(recipe.method, "none")
     if mode == "none":
-        if epochs is not None or lr is not None:
-            raise ConfigError("--tune-epochs / --tune-lr need block tuning; drop them or pick "
+        if epochs is not None or lr is not None or options:
+            raise ConfigError("--tune-epochs / --tune-steps / --tune-lr need block tuning; drop "
+                              "them or pick "
                               "--block-tune float_parts|bqpo")
         return None
     opts = dict(options or {})

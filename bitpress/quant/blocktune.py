@@ -300,6 +300,7 @@ class BlockTuner:
     param_dtype: Optional[torch.dtype] = torch.float16
     seed: int = 0
     progress: bool = True
+    steps: Optional[int] = None
     records: list[BlockTuneRecord] = field(default_factory=list)
 
     @property
@@ -311,7 +312,8 @@ class BlockTuner:
                 "norm_lr": self.norm_lr if self.norm_lr is not None else self.lr,
                 "latent": self.latent if self.mode == "bqpo" else None,
                 "latent_lr": self._latent_lr() if self.mode == "bqpo" else None,
-                "micro_batch": self.micro_batch, "train_norms": self.train_norms,
+                "micro_batch": self.micro_batch, "steps": self.steps,
+                "train_norms": self.train_norms,
                 "param_dtype": str(self.param_dtype).replace("torch.", "")}
 
     def _latent_lr(self) -> float:
@@ -413,6 +415,8 @@ class BlockTuner:
             chunks += [(k, j, min(mb, B - j)) for j in range(0, B, mb)]
         g = torch.Generator().manual_seed(self.seed)
         total = self.epochs * len(chunks)
+        if self.steps is not None:
+            total = min(total, self.steps)
         bar = tqdm(total=total, desc=f"tune {ctx.name}", unit="step", leave=False,
                    disable=not self.progress)
         steps = 0
@@ -420,6 +424,8 @@ class BlockTuner:
             for _ in range(self.epochs):
                 run, n_run = 0.0, 0
                 for i in torch.randperm(len(chunks), generator=g).tolist():
+                    if steps >= total:
+                        break
                     k, j, mb = chunks[i]
                     out = _call_block(ctx, k, j, mb)
                     target = ctx.targets[k][j:j + mb]
@@ -445,7 +451,8 @@ def make_block_tuner(mode: str = "float_parts", *, epochs: int = DEFAULT_EPOCHS,
                      micro_batch: Optional[int] = DEFAULT_MICRO_BATCH,
                      train_norms: bool = True,
                      param_dtype: Optional[torch.dtype | str] = torch.float16,
-                     seed: int = 0, progress: bool = True) -> BlockTuner:
+                     seed: int = 0, progress: bool = True,
+                     steps: Optional[int] = None) -> BlockTuner:
     """A block hook for :func:`~bitpress.pipeline.stream.stream_quantize` (``block_hook=``).
 
     ``mode``: ``"float_parts"`` (codes frozen; scales, zeros, norms trained) or ``"bqpo"``
@@ -457,7 +464,9 @@ def make_block_tuner(mode: str = "float_parts", *, epochs: int = DEFAULT_EPOCHS,
     codes, learning rate ``latent_lr`` in code units, default :data:`DEFAULT_CODE_LR`; with
     ``U`` fixed this is exactly ``float_parts``) or ``"weight"`` (``V`` itself, re-rounded onto
     the moving grid; ``latent_lr`` defaults to ``lr``). ``param_dtype``: storage dtype of scales/zeros; the result is rounded to it before
-    the acceptance check. The returned hook keeps per-block :class:`BlockTuneRecord`\\ s in
+    the acceptance check. ``steps`` caps the Adam steps per block (the first ``steps`` of
+    the shuffled micro-batches: a random subset of the calibration samples; ``None``: every
+    sample ``epochs`` times). The returned hook keeps per-block :class:`BlockTuneRecord`\\ s in
     ``.records``.
     """
     if mode not in MODES:
@@ -472,9 +481,12 @@ def make_block_tuner(mode: str = "float_parts", *, epochs: int = DEFAULT_EPOCHS,
     if micro_batch is not None and (not isinstance(micro_batch, int) or micro_batch < 1):
         raise ConfigError(f"block tuning micro batch must be a positive integer, got "
                           f"{micro_batch!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
+                              or steps < 1):
+        raise ConfigError(f"block tuning steps must be a positive integer, got {steps!r}")
     if isinstance(param_dtype, str):
         if param_dtype not in ("float16", "bfloat16", "float32"):
             raise ConfigError(f"param dtype {param_dtype!r} not supported")
         param_dtype = getattr(torch, param_dtype)
     return BlockTuner(mode, epochs, float(lr), norm_lr, latent_lr, latent, micro_batch,
-                      train_norms, param_dtype, seed, progress)
+                      train_norms, param_dtype, seed, progress, steps)
