@@ -88,8 +88,8 @@ _PKIND = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 LUT_MAX = {"lut": 127, "lut63": 63}
 _MODES = {"exact": 0, "int8": 1, "lut": 2, "lut63": 3}
 #: calls of ``cpu_native`` with at least this many activation rows take the GEMM path:
-#: dequantised fp32 row panels multiplied by torch's BLAS (bench/kernels.py --gemm measures the
-#: crossover)
+#: dequantised fp32 row panels multiplied by torch's BLAS (exact; measured against the
+#: activation modes in bench/RESULTS.md, "GEMM path for prefill-sized calls")
 DEFAULT_GEMM_ROWS = 256
 #: largest dequantised panel of the GEMM path (bytes of fp32 weight)
 GEMM_PANEL_BYTES = 8 << 20
@@ -97,7 +97,10 @@ _mode = os.environ.get("BITPRESS_CPU_ACT", "lut")
 if _mode not in _MODES:
     raise ValueError(f"BITPRESS_CPU_ACT must be 'lut', 'lut63', 'int8' or 'exact', got {_mode!r}")
 _isa = _C.qmm_get_isa()
-_gemm_rows = int(os.environ.get("BITPRESS_CPU_GEMM_ROWS", str(DEFAULT_GEMM_ROWS)))
+_gemm_env = os.environ.get("BITPRESS_CPU_GEMM_ROWS", str(DEFAULT_GEMM_ROWS))
+if not _gemm_env.isdigit() or int(_gemm_env) < 1:
+    raise ValueError(f"BITPRESS_CPU_GEMM_ROWS must be a positive integer, got {_gemm_env!r}")
+_gemm_rows = int(_gemm_env)
 _CACHE = RepackCache()
 # bumped by set_isa / set_act_mode / clear_cache: invalidates the fast call plans
 _gen = 0
