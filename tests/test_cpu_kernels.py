@@ -405,6 +405,17 @@ def test_gemm_path_in_panels_and_threads(monkeypatch):
              96)
     torch.testing.assert_close(cpu.sparse_qmm_cpu(*sargs, mode="blas"),
                                reference.sparse_qmm_ref(*sargs), atol=1e-5, rtol=1e-5)
+    # one panel, enough rows x columns for the dequantisation to split over both threads
+    monkeypatch.setattr(cpu, "GEMM_PANEL_BYTES", 8 << 20)
+    w = torch.randn(320, 304)
+    x = torch.randn(12, 304)
+    p = quantize_rtn(w, 2, 16).pack_dense()
+    args = (x, p["qweight"], p["scales"], p["zeros"], None, 2, 16, 304)
+    assert torch.equal(cpu.dense_qmm_cpu(*args, mode="blas"), reference.dense_qmm_ref(*args))
+    s = quantize_rtn(w, 4, 16, keep=magnitude_keep_mask(w, 16, 0.5)).pack_bsr()
+    sargs = (x, s["row_ptr"], s["col_idx"], s["qvalues"], s["scales"], s["zeros"], None, 4, 16,
+             304)
+    assert torch.equal(cpu.sparse_qmm_cpu(*sargs, mode="blas"), reference.sparse_qmm_ref(*sargs))
 
 
 def test_native_switches_to_the_gemm_path_at_gemm_rows():

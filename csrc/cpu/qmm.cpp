@@ -259,6 +259,16 @@ inline void dequant_run_bits(int bits, const uint32_t* src, int64_t k0, int64_t 
   else dequant_run<4>(src, k0, k1, s, z, d);
 }
 
+// f(r) for every row of [r0, r1), split over threads when the rows hold enough columns.
+template <class F>
+void for_rows(int64_t r0, int64_t r1, int64_t in, int nthreads, F&& f) {
+#if defined(_OPENMP)
+#pragma omp parallel for num_threads(clamp_threads(nthreads)) schedule(static) \
+    if ((r1 - r0) * in > 65536)
+#endif
+  for (int64_t r = r0; r < r1; ++r) f(r);
+}
+
 // Rows [r0, r1) of a canonical dense weight into dst [(r1 - r0), in] fp32. gs is the
 // effective group size (in for per-channel); scales/zeros are [out, ceil(in/gs)].
 void dequant_dense(uintptr_t qweight, int64_t words, int64_t in, int bits, int64_t gs,
@@ -273,18 +283,14 @@ void dequant_dense(uintptr_t qweight, int64_t words, int64_t in, int bits, int64
   const auto* zr = reinterpret_cast<const uint8_t*>(zeros);
   auto* d = reinterpret_cast<float*>(dst);
   py::gil_scoped_release release;
-#if defined(_OPENMP)
-#pragma omp parallel for num_threads(clamp_threads(nthreads)) schedule(static) \
-    if ((r1 - r0) * in > 65536)
-#endif
-  for (int64_t r = r0; r < r1; ++r) {
+  for_rows(r0, r1, in, nthreads, [&](int64_t r) {
     const uint32_t* src = qw + r * words;
     float* dr = d + (r - r0) * in;
     for (int64_t g = 0; g < ng; ++g) {
       const float s = load_param(sc, pkind, r * ng + g), z = load_param(zr, pkind, r * ng + g);
       dequant_run_bits(bits, src, g * gs, std::min(in, (g + 1) * gs), s, z, dr);
     }
-  }
+  });
 }
 
 // Rows [r0, r1) of a block-sparse-row weight into dst [(r1 - r0), in] fp32 (pruned groups 0).
@@ -300,11 +306,7 @@ void dequant_sparse(uintptr_t row_ptr, uintptr_t col_idx, uintptr_t qvalues, int
   const auto* zr = reinterpret_cast<const uint8_t*>(zeros);
   auto* d = reinterpret_cast<float*>(dst);
   py::gil_scoped_release release;
-#if defined(_OPENMP)
-#pragma omp parallel for num_threads(clamp_threads(nthreads)) schedule(static) \
-    if ((r1 - r0) * in > 65536)
-#endif
-  for (int64_t r = r0; r < r1; ++r) {
+  for_rows(r0, r1, in, nthreads, [&](int64_t r) {
     float* dr = d + (r - r0) * in;
     std::memset(dr, 0, size_t(in) * sizeof(float));
     for (int64_t e = rp[r]; e < rp[r + 1]; ++e) {
@@ -314,7 +316,7 @@ void dequant_sparse(uintptr_t row_ptr, uintptr_t col_idx, uintptr_t qvalues, int
       dequant_run_bits(bits, qv + e * words, 0, n, load_param(sc, pkind, e),
                        load_param(zr, pkind, e), dr + k0);
     }
-  }
+  });
 }
 
 // ---- activations ----------------------------------------------------------------------------
