@@ -371,3 +371,49 @@ def test_stash_forward_propagates_errors_and_releases_threads(tiny_llama_dir):
         for h, o in zip(hid, outs):
             torch.testing.assert_close(o, call(h))
     assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("method,sparsity", [("sparsegpt24", None), ("unstructured", 0.5)])
+def test_simulated_baselines_stream(tiny_llama_dir, calib_file, method, sparsity):
+    """The 2:4 / unstructured baselines run through the same streaming pipeline and
+    calibration and come back as a float model with exactly the promised masks."""
+    from bitpress.pipeline.compress import simulate
+    from bitpress.pipeline.stream import block_linears
+    from bitpress.sparse import bits_per_weight_24, bits_per_weight_unstructured
+
+    before = {p.name: p.read_bytes() for p in tiny_llama_dir.iterdir() if p.is_file()}
+    recipe = Recipe(method=method, bits=4, group_size=16, sparsity=sparsity)
+    model, tok, summary = simulate(tiny_llama_dir, recipe, progress=False, calib=calib_file,
+                                   nsamples=4, seqlen=32)
+    _, blocks = find_blocks(model)
+    n = 0
+    for block in blocks:
+        for name, m in block_linears(block).items():
+            assert type(m) is torch.nn.Linear, name  # nothing packed
+            W = m.weight.detach()
+            zero = W == 0
+            if method == "sparsegpt24":   # every aligned run of 4 inputs keeps at most 2
+                assert (zero.view(W.shape[0], -1, 4).sum(-1) >= 2).all(), name
+            else:  # half pruned, plus kept weights that land on the grid's exact 0
+                assert 0.5 <= zero.float().mean() < 0.6, name
+            n += 1
+    assert n == summary["layers"] == 14
+    want = bits_per_weight_24(4, 16) if method == "sparsegpt24" else \
+        bits_per_weight_unstructured(4, 16, 0.5)
+    assert summary["bits_per_weight"] == pytest.approx(want, abs=1e-4) and summary["simulated"]
+    ppl = perplexity(model, tok, TEXT, seqlen=32, windows=2, progress=False)["perplexity"]
+    assert math.isfinite(ppl)
+    assert before == {p.name: p.read_bytes() for p in tiny_llama_dir.iterdir() if p.is_file()}
+
+
+def test_simulate_rejects_what_it_cannot_run(tiny_llama_dir, calib_file):
+    from bitpress.pipeline.compress import simulate
+
+    with pytest.raises(ConfigError, match="baselines"):
+        simulate(tiny_llama_dir, Recipe(method="gptq", bits=4, group_size=16), progress=False)
+    with pytest.raises(ConfigError, match="exactly half"):
+        simulate(tiny_llama_dir, Recipe(method="sparsegpt24", bits=4, group_size=16,
+                                        sparsity=0.3), progress=False)
+    with pytest.raises(ConfigError, match="group size"):
+        simulate(tiny_llama_dir, Recipe(method="unstructured", bits=4, group_size=-1),
+                 progress=False)

@@ -25,6 +25,9 @@ METHODS = ("rtn", "gptq", "decoupleq", "gqsa")
 CALIBRATED = ("gptq", "decoupleq", "gqsa")
 #: group-sparse methods: ``--sparsity`` defaults to this share of pruned groups
 SPARSE_METHODS = {"gqsa": 0.5}
+#: comparison baselines that :func:`simulate` runs (element masks have no packed format):
+#: SparseGPT-style 2:4 and unstructured pruning, each + group quantization
+SIMULATED_METHODS = ("sparsegpt24", "unstructured")
 
 #: block tuning (see :mod:`bitpress.quant.blocktune`) each method runs unless told otherwise
 BLOCK_TUNE_MODES = ("none", "float_parts", "bqpo")
@@ -46,7 +49,12 @@ def _solver(recipe: Recipe):
 
     if recipe.method == "rtn":
         return lambda name, W, H: rtn_quantize_linear(W, recipe)
-    if recipe.method in SPARSE_METHODS:
+    if recipe.method in SIMULATED_METHODS:
+        if recipe.method == "sparsegpt24" and recipe.sparsity not in (None, 0.5):
+            raise ConfigError("2:4 pruning removes exactly half the weights; drop --sparsity")
+        opts = dict(recipe.options or {})
+        fn = SPARSE_PASSES[recipe.method]
+    elif recipe.method in SPARSE_METHODS:
         if not recipe.sparse:
             raise ConfigError(f"method {recipe.method!r} prunes groups: give --sparsity in (0, 1)")
         opts = dict(recipe.options or {})
@@ -91,9 +99,7 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
     ``block_hook`` (see :class:`bitpress.pipeline.stream.BlockContext`) may re-solve a
     block's weights against the float block's outputs (block tuning).
     """
-    from .calib import calibration_text, calibration_windows
-    from .evaluate import model_context
-    from .stream import GGUFStore, SafetensorsStore, build_skeleton, stream_quantize
+    from .stream import stream_quantize
 
     t0 = time.time()
     if recipe.method not in METHODS:
@@ -109,27 +115,10 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
                          progress)
     if tuner is not None:
         block_hook = tuner
-    source = open_source(src)
-    if source.kind == "bitpress":
-        raise ConfigError(f"{src} is already a bitpress checkpoint; compress the original model")
     if calibrate is None:
         calibrate = recipe.method in CALIBRATED or calib is not None or block_hook is not None
-    if recipe.method in CALIBRATED and not calibrate:
-        raise ConfigError(f"method {recipe.method!r} needs calibration data")
-    text = calib_desc = None
-    if calibrate:
-        text, calib_desc = calibration_text(calib)  # a bad file fails before any loading
-    config = source.load_config()
-    model = build_skeleton(config)
-    if source.kind == "hf":
-        store = SafetensorsStore(source.path, list(model.state_dict().keys()))
-    else:
-        store = GGUFStore(source.path, model)
-    tokenizer = source.load_tokenizer()
-    ids = None
-    if calibrate:
-        ids = calibration_windows(tokenizer, text, nsamples, seqlen, seed,
-                                  context=model_context(model))
+    source, model, store, tokenizer, ids, calib_desc = _open(
+        src, recipe, calibrate, calib, nsamples, seqlen, seed)
     t_setup = time.time() - t0
     res = stream_quantize(model, store, recipe, solve, ids, batch_size=batch_size,
                           block_hook=block_hook, progress=progress)
@@ -137,8 +126,7 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
         "source": str(source.path), "method": recipe.method, "recipe": recipe.to_dict(),
         "options": getattr(solve, "options", {}),
         "layers": len(res.schemes),
-        "calibration": ({"text": calib_desc, "nsamples": nsamples, "seqlen": seqlen,
-                         "seed": seed, "batch_size": batch_size} if calibrate else None),
+        "calibration": _calib_record(calib_desc, nsamples, seqlen, seed, batch_size),
         "seconds_load": round(t_setup, 2), "seconds_quantize": round(res.seconds_quantize, 2),
         "seconds_solver": round(res.seconds_quantize - (tuner.seconds if tuner else 0.0), 2),
         "block_tune": tuner.options() if tuner is not None else None,
@@ -159,6 +147,89 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
     _save_with_summary(res.model, out, tokenizer, qcfg, overwrite, dtype, summary, t0)
     summary["out"] = str(out)
     return summary
+
+
+def _open(src, recipe: Recipe, calibrate: bool, calib, nsamples: int, seqlen: int, seed: int):
+    """The checked source, its meta-device skeleton and tensor store, the tokenizer and the
+    calibration windows (``None`` without calibration) -- shared by compress and simulate."""
+    from .calib import calibration_text, calibration_windows
+    from .evaluate import model_context
+    from .stream import GGUFStore, SafetensorsStore, build_skeleton
+
+    source = open_source(src)
+    if source.kind == "bitpress":
+        raise ConfigError(f"{src} is already a bitpress checkpoint; compress the original model")
+    if recipe.method in CALIBRATED + SIMULATED_METHODS and not calibrate:
+        raise ConfigError(f"method {recipe.method!r} needs calibration data")
+    text = calib_desc = None
+    if calibrate:
+        text, calib_desc = calibration_text(calib)  # a bad file fails before any loading
+    config = source.load_config()
+    model = build_skeleton(config)
+    if source.kind == "hf":
+        store = SafetensorsStore(source.path, list(model.state_dict().keys()))
+    else:
+        store = GGUFStore(source.path, model)
+    tokenizer = source.load_tokenizer()
+    ids = None
+    if calibrate:
+        ids = calibration_windows(tokenizer, text, nsamples, seqlen, seed,
+                                  context=model_context(model))
+    return source, model, store, tokenizer, ids, calib_desc
+
+
+def _calib_record(calib_desc, nsamples: int, seqlen: int, seed: int, batch_size: int):
+    if calib_desc is None:
+        return None
+    return {"text": calib_desc, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+            "batch_size": batch_size}
+
+
+def simulate(src: str | os.PathLike, recipe: Recipe, progress: bool = True,
+             calib: Optional[str | os.PathLike] = None, nsamples: int = 128, seqlen: int = 512,
+             seed: int = 0, batch_size: int = 8) -> tuple[Any, Any, dict[str, Any]]:
+    """Run a comparison baseline (:data:`SIMULATED_METHODS`) through the same streaming
+    pipeline and calibration as :func:`compress`, and return ``(model, tokenizer, summary)``:
+    a float model whose solved linears hold their pruned + fake-quantised weights.
+
+    Element masks (2:4, unstructured) have no packed format or kernel here, so nothing is
+    written; ``summary["bits_per_weight"]`` is the honest cost of a real storage format
+    for them (codes, scales, zeros and mask/index bits; :mod:`bitpress.sparse.baselines`).
+    """
+    from ..sparse import bits_per_weight_24, bits_per_weight_unstructured
+    from .stream import stream_quantize
+
+    t0 = time.time()
+    if recipe.method not in SIMULATED_METHODS:
+        raise ConfigError(f"simulate runs the baselines {', '.join(SIMULATED_METHODS)}; use "
+                          f"compress() for {recipe.method!r}")
+    if recipe.group_size == -1:
+        raise ConfigError("the baselines quantize kept weights group-wise; give a group size")
+    if batch_size < 1:
+        raise ConfigError(f"calibration batch size must be positive, got {batch_size}")
+    solve = _solver(recipe)
+    source, model, store, tokenizer, ids, calib_desc = _open(
+        src, recipe, True, calib, nsamples, seqlen, seed)
+    t_setup = time.time() - t0
+    res = stream_quantize(model, store, recipe, solve, ids, batch_size=batch_size,
+                          progress=progress, pack=False)
+    pbits = 32 if recipe.param_dtype == "float32" else 16
+    if recipe.method == "sparsegpt24":
+        bpw = bits_per_weight_24(recipe.bits, recipe.group_size, pbits)
+    else:
+        bpw = bits_per_weight_unstructured(recipe.bits, recipe.group_size,
+                                           recipe.sparsity or 0.5, pbits)
+    summary = {
+        "source": str(source.path), "method": recipe.method, "recipe": recipe.to_dict(),
+        "simulated": True, "layers": len(res.schemes),
+        "calibration": _calib_record(calib_desc, nsamples, seqlen, seed, batch_size),
+        "seconds_load": round(t_setup, 2), "seconds_quantize": round(res.seconds_quantize, 2),
+        "seconds_layer_solve": round(res.seconds_layer_solve, 2),
+        "bits_per_weight": round(bpw, 4), "error_metric": res.error_metric,
+        "relative_weight_error": res.errors, "peak_rss_bytes": peak_rss_bytes(),
+        "seconds_total": round(time.time() - t0, 2),
+    }
+    return res.model, tokenizer, summary
 
 
 def _block_tuner(recipe: Recipe, block_tune: Optional[str], epochs: Optional[int],

@@ -493,7 +493,8 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
         [str, torch.Tensor, Optional[torch.Tensor]], QuantizedWeight],
         calib_ids: Optional[torch.Tensor] = None, batch_size: int = 8,
         block_hook: Optional[BlockHook] = None, progress: bool = True,
-        solver_threads: Optional[int] = 1, sequential: str = "auto") -> StreamResult:
+        solver_threads: Optional[int] = 1, sequential: str = "auto",
+        pack: bool = True) -> StreamResult:
     """Compress the meta-device ``model`` block by block from ``store``.
 
     ``solve(name, W, H)`` returns the QuantizedWeight of one linear (``H`` is ``None``
@@ -509,7 +510,14 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
     at each group (:func:`stash_forward`; one forward per block, more memory),
     ``"recompute"`` re-runs the block up to each group (about 2.3 forwards per block,
     memory = the block inputs), ``"auto"`` stashes when :func:`stash_bytes_estimate` is
-    under a quarter of the available memory."""
+    under a quarter of the available memory.
+
+    ``pack=False`` leaves every solved linear a float ``nn.Linear`` holding its
+    dequantised weight (``solve`` may then return any object with ``dequantize()``, such
+    as the masked baselines of :mod:`bitpress.sparse.baselines`): a simulated model for
+    comparisons, never a checkpoint. Block tuning needs packed weights."""
+    if not pack and block_hook is not None:
+        raise ConfigError("block tuning needs packed weights; pack=False runs without it")
     if sequential not in ("auto", "stash", "recompute"):
         raise ConfigError(f"sequential must be 'auto', 'stash' or 'recompute', not "
                           f"{sequential!r}")
@@ -587,6 +595,8 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
                 qw = solve(pre + n, W, None)
                 errors[pre + n] = _weight_rel_error(W, qw.dequantize())
                 qweights[n] = qw
+                if not pack:
+                    set_linear_weight(m, qw.dequantize())
         else:
             hid = inputs.hidden
             with torch.no_grad():
@@ -655,12 +665,14 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
                 for j, h in enumerate(hid):  # the quantized block's outputs feed the next
                     hid[j] = outs[j] if outs is not None else inputs.call(block, i, h)
                 del outs
-        for n in names:
+        for n in names if pack else ():
             m = block.get_submodule(n)
             bias = m.bias.detach().float() if getattr(m, "bias", None) is not None else None
             new_m = packed_module(qweights[n], bias, recipe.torch_param_dtype)
             set_submodule(block, n, new_m)
             schemes[pre + n] = new_m.scheme()
+        if not pack:
+            schemes.update({pre + n: {"simulated": type(qweights[n]).__name__} for n in names})
         # anything float left in the block but the small tensors (norms) is dropped
         qweights, hessians = {}, {}
         short = " ".join(f"{n.rsplit('.', 1)[-1]} {errors[pre + n]:.1e}" for n in names)
