@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -60,6 +61,28 @@ def save_grid(images: torch.Tensor, path: Path, ncol: int = 8) -> None:
     os.replace(tmp, path)
 
 
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def save_samples(images: torch.Tensor, path: Path) -> None:
+    """Samples in [-1, 1] stored as the 8-bit levels the FID protocol scores (atomic)."""
+    from safetensors.torch import save_file
+
+    u8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).contiguous()
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({"samples": u8}, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_samples(path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["samples"].float() / 127.5 - 1.0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(Path(__file__).resolve().parent / "models" / "ddpm-fmnist"))
@@ -72,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-n", type=int, default=32)
     ap.add_argument("--calib-seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--no-fid", action="store_true")
+    ap.add_argument("--no-fid", action="store_true", help="sample and time only")
+    ap.add_argument("--score-only", action="store_true",
+                    help="skip sampling: compute FID of the rows' saved samples in --out")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "diffusion"))
     args = ap.parse_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -96,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- calibration (shared by the rows) ---------------------------------------------------
     t0 = time.perf_counter()
-    need_cache = any(r != "fp" and not r.startswith("w") for r in rows)
-    need_q = {b for r in rows for b in (8, 4) if f"w{b}a8" in r}
+    need_cache = not args.score_only and any(r != "fp" and not r.startswith("w") for r in rows)
+    need_q = set() if args.score_only else {b for r in rows for b in (8, 4) if f"w{b}a8" in r}
     feats = collect_features(unet, sched, calib_noise, T, args.depth) if need_cache else None
     plans = {}
     if need_cache:
@@ -113,15 +138,14 @@ def main(argv: list[str] | None = None) -> int:
 
     x0 = torch.zeros(1, *shape)
     macs = count_macs(unet, x0, int(sched.timesteps[0]), depth=args.depth)
-    fid_ref = None
-    if not args.no_fid:
-        from bitpress.cache.fid import InceptionFeatures, fid, reference_stats
+    rows_dir, samples_dir = out / "rows", out / "samples"
+    rows_dir.mkdir(exist_ok=True)
+    samples_dir.mkdir(exist_ok=True)
+    proto = {"n": args.n, "steps": T, "interval": args.interval, "depth": args.depth, "calib_n": args.calib_n,
+             "calib_seed": args.calib_seed, "batch": args.batch,
+             "full_protocol": args.n == PROTOCOL.n_samples and T == PROTOCOL.num_inference_steps}
 
-        extractor = InceptionFeatures()
-        fid_ref = reference_stats(extractor=extractor)
-
-    results = []
-    for row in rows:
+    for row in ([] if args.score_only else rows):
         model, plan, qh = unet, None, None
         if row.startswith("dps+dec"):
             plan = plans["dps+dec"]
@@ -136,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                     fit_quant_correction(qh, unet, calib, plan.mask, args.depth)
         mask = plan.mask if plan is not None else [True] * T
         imgs = []
+        load0 = os.getloadavg()[0]
         t1 = time.perf_counter()
-        for i in range(0, args.n, args.batch):
+        for i in tqdm(range(0, args.n, args.batch), desc=row, unit="batch", disable=None):
             cache = plan.install(model) if plan is not None else None
             try:
                 imgs.append(sample_loop(model, sched, noise[i:i + args.batch], T, cache=cache,
@@ -147,30 +172,53 @@ def main(argv: list[str] | None = None) -> int:
                     cache.disable()
         wall = time.perf_counter() - t1
         images = torch.cat(imgs)
-        save_grid(images[:64], out / f"{row.replace('+', '_')}.png")
+        name = row.replace("+", "_")
+        save_grid(images[:64], out / f"{name}.png")
+        save_samples(images, samples_dir / f"{name}.safetensors")
         rec = {"row": row, "n": args.n, "steps": T, "images_per_s": args.n / wall, "wall_s": wall,
+               "threads": args.threads, "load_before": load0, "load_after": os.getloadavg()[0],
                "n_full_steps": sum(mask), "macs_per_image": schedule_macs(macs, mask)["macs"],
                "mac_speedup": schedule_macs(macs, mask)["speedup"],
-               "wbits": qh.wbits if qh is not None else None, "dec_quant": bool(qh is not None and qh.correction)}
-        if fid_ref is not None:
-            rec["fid"] = fid(images, fid_ref, extractor)
-        results.append(rec)
+               "wbits": qh.wbits if qh is not None else None, "dec_quant": bool(qh is not None and qh.correction),
+               "protocol": proto, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        write_json(rows_dir / f"{name}.json", rec)
         print(json.dumps(rec), flush=True)
+
+    if not args.no_fid:
+        # FID after all sampling (the reference statistics are computed once and cached), from
+        # the saved 8-bit samples -- the protocol rounds to 8 bits anyway, so this is lossless.
+        from bitpress.cache.fid import InceptionFeatures, fid, reference_stats
+
+        extractor = InceptionFeatures()
+        fid_ref = reference_stats(extractor=extractor)
+        for row in rows:
+            name = row.replace("+", "_")
+            rp = rows_dir / f"{name}.json"
+            if not rp.exists():
+                print(f"{row}: no samples in {out} -- run it without --score-only first", file=sys.stderr)
+                continue
+            rec = json.loads(rp.read_text())
+            if rec["protocol"] != proto:
+                print(f"{row}: its samples were made with {rec['protocol']}, not {proto}; skipped", file=sys.stderr)
+                continue
+            rec["fid"] = fid(load_samples(samples_dir / f"{name}.safetensors"), fid_ref, extractor)
+            write_json(rp, rec)
+            print(f"{row}: FID {rec['fid']:.2f}", flush=True)
+
+    results = [json.loads((rows_dir / f"{r.replace('+', '_')}.json").read_text())
+               for r in ROWS if (rows_dir / f"{r.replace('+', '_')}.json").exists()]
+    results = [r for r in results if r["protocol"] == proto]  # rows of another protocol stay on disk only
     fp = next((r for r in results if r["row"] == "fp"), None)
-    print(f"\n{'row':<14} {'FID':>8} {'img/s':>8} {'speed-up':>9} {'GMAC/img':>9}")
+    print(f"\n{'row':<14} {'FID':>8} {'img/s':>8} {'speed-up':>9} {'GMAC/img':>9} {'MAC x':>6}")
     for r in results:
         sp = r["images_per_s"] / fp["images_per_s"] if fp else float("nan")
         fid_s = f"{r['fid']:8.2f}" if "fid" in r else f"{'-':>8}"
-        print(f"{r['row']:<14} {fid_s} {r['images_per_s']:8.2f} {sp:9.2f} {r['macs_per_image'] / 1e9:9.3f}")
+        print(f"{r['row']:<14} {fid_s} {r['images_per_s']:8.2f} {sp:9.2f} {r['macs_per_image'] / 1e9:9.3f} "
+              f"{r['mac_speedup']:6.2f}")
     meta = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                        "threads": args.threads, "torch": torch.__version__},
-            "protocol": {"n": args.n, "steps": T, "interval": args.interval, "depth": args.depth,
-                         "calib_n": args.calib_n, "fid": not args.no_fid, "full_protocol":
-                         args.n == PROTOCOL.n_samples and T == PROTOCOL.num_inference_steps},
-            "calibration_s": calib_s, "rows": results}
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out / "results.json")
+                        "torch": torch.__version__},
+            "protocol": proto, "calibration_s": calib_s, "rows": results}
+    write_json(out / "results.json", meta)
     return 0
 
 
