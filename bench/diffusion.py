@@ -14,12 +14,19 @@ Rows (all from the same initial noise, ``bitpress.cache.fid.protocol_noise``):
 Calibration (schedule features, DEC, activation ranges) uses its own noise (``--calib-seed``),
 never the evaluation noise. Quantized rows run real int8 kernels (``bitpress.cache.quant``).
 FID follows ``bitpress.cache.fid`` (the full protocol is 500 samples, 100 DDIM steps; the
-first run computes the Fashion-MNIST test statistics, ~80 core-minutes, then caches them).
-``--no-fid`` skips it (smoke runs). Wall-clock is images/s of the sampling loop only, with
-``--threads`` torch threads; MACs are per image over the whole trajectory (``count_macs``).
+first run computes the reference statistics of 5000 Fashion-MNIST test images, ~41
+core-minutes, then caches them). Each row saves its samples (8-bit, the levels FID scores)
+under ``--out``/samples and its record under ``--out``/rows, then FID is computed for all
+rows; ``--no-fid`` stops after sampling and ``--score-only`` scores saved samples later, so
+rows can be sampled by several single-threaded processes at once (``--rows`` subsets, same
+``--out``). Wall-clock is images/s of the sampling loop only, with ``--threads`` torch
+threads, recorded with the load average around it; MACs are per image over the whole
+trajectory (``count_macs``).
 
     .venv/bin/python bench/diffusion.py --model bench/models/ddpm-fmnist             # full
-    .venv/bin/python bench/diffusion.py --n 8 --steps 10 --calib-n 4 --no-fid         # smoke
+    .venv/bin/python bench/diffusion.py --rows fp,uniform --no-fid                   # sample some rows
+    .venv/bin/python bench/diffusion.py --score-only                                 # then score
+    .venv/bin/python bench/diffusion.py --n 8 --steps 10 --calib-n 4 --no-fid --out /tmp/d  # smoke
 """
 from __future__ import annotations
 
