@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['mac_speedup']:6.2f}")
     meta = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                         "torch": torch.__version__},
-            "protocol": proto, "calibration_s": calib_s, "rows": results}
+            "protocol": proto, "calibration_s": None if args.score_only else calib_s, "rows": results}
     write_json(out / "results.json", meta)
     return 0
 
