@@ -1,4 +1,4 @@
-"""Train the CacheQuant testbed: a small DDPM on Fashion-MNIST, on CPU, time-budgeted.
+"""Train the CacheQuant testbed: a small DDPM on Fashion-MNIST, on CPU or a GPU, time-budgeted.
 
 No pretrained image diffusion model is available offline, so bitpress trains its own
 (issue 8, item 1). The model is a diffusers ``UNet2DModel`` with skip connections at the
@@ -36,10 +36,15 @@ Usage::
     OMP_NUM_THREADS=1 python bench/ddpm_train.py --minutes 100            # fresh run
     OMP_NUM_THREADS=1 python bench/ddpm_train.py --minutes 30 --resume    # continue
     python bench/ddpm_train.py --bench-iters 5                            # throughput only
+    python bench/ddpm_train.py --device cuda --batch-size 128 --minutes 5 # on a GPU
+
+The checkpoint in bench/RESULTS.md ("DDPM testbed") was trained on a GPU with the last
+line; the model and its samples are the same kind of object whichever device trained it.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -116,10 +121,12 @@ def save_checkpoint(out: Path, ema, model, opt, sched, state: dict) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
     try:
-        DDPMPipeline(unet=ema, scheduler=sched).save_pretrained(tmp, safe_serialization=True)
+        ema_cpu = copy.deepcopy(ema).cpu() if next(ema.parameters()).device.type != "cpu" else ema
+        DDPMPipeline(unet=ema_cpu, scheduler=sched).save_pretrained(tmp, safe_serialization=True)
         names = [n for n, _ in model.named_parameters()]
         tensors = {f"model.{n}": p.detach().contiguous() for n, p in model.named_parameters()}
         tensors.update(_opt_state_tensors(opt, names))
+        tensors = {k: v.cpu() for k, v in tensors.items()}
         save_file(tensors, str(tmp / "train_state.safetensors"))
         (tmp / "train_state.json").write_text(json.dumps(state, indent=2) + "\n")
         old = None
@@ -148,16 +155,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-every", type=float, default=60.0, help="seconds between log lines")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS or 1)")
     ap.add_argument("--bench-iters", type=int, default=0, help="only time this many steps and exit")
+    ap.add_argument("--device", default="cpu",
+                    help="torch device to train on (cpu, cuda); the data order and noise are drawn "
+                         "on CPU, so a run is the same sequence on any device up to rounding")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="folder with train-images-idx3-ubyte.gz (default: the Debian package's)")
     args = ap.parse_args(argv)
 
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "1"))
     torch.set_num_threads(threads)
     t_start = time.time()
 
-    data = load_fashion_mnist("train")
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print(f"--device {args.device}: no CUDA device is visible to torch", file=sys.stderr)
+        return 2
+    data = load_fashion_mnist("train", *([args.data] if args.data else [])).to(dev)
     n = data.shape[0]
     torch.manual_seed(args.seed)
-    model = build_unet()
+    model = build_unet().to(dev)
     sched = build_scheduler()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     n_params = sum(p.numel() for p in model.parameters())
@@ -166,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
              "loss_ema": None, "params": n_params, "batch_size": args.batch_size,
              "lr": args.lr, "ema_decay": args.ema_decay, "seed": args.seed, "threads": threads,
              "runs": []}
-    ema = build_unet()
+    ema = build_unet().to(dev)
     if args.resume:
         from safetensors.torch import load_file
 
@@ -180,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         state.update(prev)
         state.update(lr=args.lr, ema_decay=args.ema_decay, threads=threads)  # this run's settings
-        tensors = load_file(str(st_path))
+        tensors = {k: v.to(dev) for k, v in load_file(str(st_path)).items()}
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         _load_opt_state(opt, [nm for nm, _ in model.named_parameters()], tensors)
         from safetensors.torch import load_file as lf
@@ -194,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"params {n_params / 1e6:.3f} M, batch {args.batch_size}, threads {threads}, "
           f"budget {args.minutes:.1f} min", flush=True)
 
-    alphas_cumprod = sched.alphas_cumprod.float()
+    alphas_cumprod = sched.alphas_cumprod.float().to(dev)
     ema_params = list(ema.parameters())
     model_params = list(model.parameters())
     budget = args.minutes * 60.0
@@ -203,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     run_step0, run_img0 = state["step"], state["images"]
     elapsed0 = state["elapsed_s"]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1000 + state["epoch"]))
-    loss_sum, loss_cnt = 0.0, 0
+    loss_sum, loss_n, loss_acc, loss_cnt = 0.0, 0, None, 0
     timed = 0
     while True:
         now = time.time()
@@ -216,10 +232,10 @@ def main(argv: list[str] | None = None) -> int:
             state["pos"] = 0
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1000 + state["epoch"]))
         idx = perm[state["pos"]:state["pos"] + args.batch_size]
-        x0 = data[idx]
+        x0 = data[idx.to(dev)]
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + state["step"])
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=g)
+        noise = torch.randn(x0.shape, generator=g).to(dev, non_blocking=True)
+        t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=g).to(dev)
         ac = alphas_cumprod[t].view(-1, 1, 1, 1)
         xt = ac.sqrt() * x0 + (1 - ac).sqrt() * noise
         lr = args.lr * min(1.0, (state["step"] + 1) / max(1, args.warmup))
@@ -241,17 +257,22 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             torch._foreach_mul_(ema_params, d)
             torch._foreach_add_(ema_params, model_params, alpha=1 - d)
-        lv = float(loss.detach())
-        loss_sum += lv
+        loss_acc = loss.detach() if loss_acc is None else loss_acc + loss.detach()
         loss_cnt += 1
-        state["loss_ema"] = lv if state["loss_ema"] is None else 0.99 * state["loss_ema"] + 0.01 * lv
+        if loss_cnt >= 50 or dev.type == "cpu":  # fold in the batch means (one sync per 50 steps)
+            lv = float(loss_acc) / loss_cnt
+            loss_sum += lv * loss_cnt
+            loss_n += loss_cnt
+            state["loss_ema"] = lv if state["loss_ema"] is None else \
+                (1 - 0.01 * loss_cnt) * state["loss_ema"] + 0.01 * loss_cnt * lv
+            loss_acc, loss_cnt = None, 0
         now = time.time()
-        if now - last_log >= args.log_every:
+        if now - last_log >= args.log_every and loss_n:
             ips = (state["images"] - run_img0) / (now - run_t0)
             print(f"step {state['step']} epoch {state['epoch']} img {state['images']} "
-                  f"loss {loss_sum / loss_cnt:.4f} (ema {state['loss_ema']:.4f}) lr {lr:.2e} "
+                  f"loss {loss_sum / loss_n:.4f} (ema {state['loss_ema']:.4f}) lr {lr:.2e} "
                   f"{ips:.1f} img/s elapsed {(now - t_start) / 60:.1f} min", flush=True)
-            loss_sum, loss_cnt = 0.0, 0
+            loss_sum, loss_n = 0.0, 0
             last_log = now
         if not args.bench_iters and now - last_ckpt >= args.ckpt_every * 60:
             state["elapsed_s"] = elapsed0 + now - run_t0
@@ -259,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"checkpoint at step {state['step']} -> {args.out}", flush=True)
             last_ckpt = time.time()
 
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
     if args.bench_iters:
         dt = time.time() - bench_t0
         print(f"bench: {args.bench_iters} steps of batch {args.batch_size}: "
@@ -268,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     state["elapsed_s"] = elapsed0 + now - run_t0
     state["runs"] = list(state.get("runs", [])) + [{
         "steps": state["step"] - run_step0, "seconds": round(now - run_t0, 1),
-        "images_per_s": round((state["images"] - run_img0) / max(1e-9, now - run_t0), 2)}]
+        "images_per_s": round((state["images"] - run_img0) / max(1e-9, now - run_t0), 2),
+        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev)}]
     state["epochs_seen"] = round(state["images"] / n, 3)
     save_checkpoint(args.out, ema, model, opt, sched, state)
     loss_txt = "n/a" if state["loss_ema"] is None else f"{state['loss_ema']:.4f}"
