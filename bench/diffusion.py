@@ -90,6 +90,14 @@ def load_samples(path: Path) -> torch.Tensor:
     return load_file(str(path))["samples"].float() / 127.5 - 1.0
 
 
+def model_id(model_dir: Path) -> str:
+    """Which weights a row was sampled from (rows of different models never share a table)."""
+    import hashlib
+
+    h = hashlib.sha256((model_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes())
+    return h.hexdigest()[:12]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(Path(__file__).resolve().parent / "models" / "ddpm-fmnist"))
@@ -148,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     rows_dir, samples_dir = out / "rows", out / "samples"
     rows_dir.mkdir(exist_ok=True)
     samples_dir.mkdir(exist_ok=True)
-    proto = {"n": args.n, "steps": T, "interval": args.interval, "depth": args.depth, "calib_n": args.calib_n,
+    proto = {"model": model_id(model_dir), "n": args.n, "steps": T, "interval": args.interval, "depth": args.depth, "calib_n": args.calib_n,
              "calib_seed": args.calib_seed, "batch": args.batch,
              "full_protocol": args.n == PROTOCOL.n_samples and T == PROTOCOL.num_inference_steps}
 
