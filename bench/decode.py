@@ -25,6 +25,7 @@ comes from one extra instrumented generation.
     .venv/bin/python bench/decode.py                   # 1 thread, writes bench/results/decode.json
     .venv/bin/python bench/decode.py --threads 1,2 --rounds 3
     .venv/bin/python bench/decode.py --only "W2 g64,W2 g64 fused,W2 g64 fused +head W4"  # + fp32
+    .venv/bin/python bench/decode.py --only "W2 g64" --sparsities 0.2,0.5 --ckpt gqsa=/ckpt/dir
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import bitpress  # noqa: E402
 import bitpress.nn as bnn  # noqa: E402
 from bitpress.kernels import cpu as kcpu  # noqa: E402
 from bitpress.nn.fuse import fuse_linears, pack_output_head  # noqa: E402
@@ -176,6 +178,13 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--only", default=None,
                     help="comma list of model names to run (fp32 is always kept)")
+    ap.add_argument("--ckpt", action="append", default=[], metavar="NAME=DIR",
+                    help="also time a bitpress checkpoint (e.g. a GQSA model from `bitpress "
+                         "compress`), loaded with bitpress.load; repeatable")
+    ap.add_argument("--sparsities", default=None,
+                    help="comma list, e.g. 0.2,0.3,0.4,0.6: add 'W4 g16 S<pct>' group-sparse models "
+                         "(magnitude-pruned groups, RTN) at these sparsities -- same storage and "
+                         "kernel work as a GQSA checkpoint of that sparsity")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "decode.json"))
     args = ap.parse_args()
@@ -211,8 +220,19 @@ def main() -> None:
         "W2 g64 fused": lambda: w2_variant(True, False),
         "W2 g64 fused +head W4": lambda: w2_variant(True, True),
     }
+    n_fixed = len(builders)
+    for sp in ([float(v) for v in args.sparsities.split(",")] if args.sparsities else []):
+        if not 0.0 < sp < 1.0:
+            raise SystemExit(f"--sparsities: {sp} is not in (0, 1)")
+        builders[f"W4 g16 S{round(100 * sp)}"] = (
+            lambda sp=sp: packed(base, bnn.Recipe(bits=4, group_size=16, sparsity=sp)))
+    for spec in args.ckpt:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not os.path.isdir(path):
+            raise SystemExit(f"--ckpt wants NAME=DIR with an existing checkpoint folder, not {spec!r}")
+        builders[name] = lambda path=path: bitpress.load(path).eval()
     if args.only:
-        keep = set(args.only.split(",")) | {"fp32"}
+        keep = set(args.only.split(",")) | {"fp32"} | set(list(builders)[n_fixed:])
         unknown = keep - set(builders)
         if unknown:
             raise SystemExit(f"--only: unknown model(s) {sorted(unknown)}; have {list(builders)}")

@@ -1,0 +1,156 @@
+"""GQSA trade-off curve (issue 6, item 6): sparsity vs perplexity vs bits/weight vs decode speed.
+
+Reads rows that other benchmarks wrote -- nothing is re-measured here:
+
+* perplexity and bits/weight on disk from ``bench/results/quality.json``
+  (``bench/quality.py --methods gqsa --settings 4:16:0.2,4:16:0.3,...``; the baselines
+  ``sparsegpt24``, ``unstructured``, ``decoupleq`` W2 g64 and ``gptq`` W4 g128 when present),
+* batch-1 decode tokens/s from a ``bench/decode.py`` JSON (``--sparsities`` and/or
+  ``--ckpt``), as a ratio to the fp32 model timed in the same run.
+
+Writes a PNG (perplexity against bits/weight, and against decode speed-up) and prints a
+Markdown table for bench/RESULTS.md. Needs matplotlib (``pip install -e '.[bench]'``).
+
+    .venv/bin/python bench/tradeoff.py --decode bench/results/decode_gqsa.json \\
+        --png bench/results/gqsa_tradeoff.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _best(rows, **want):
+    """The last row matching ``want`` (quality.py appends; a rerun supersedes)."""
+    hit = [r for r in rows if all(r.get(k) == v for k, v in want.items()) and "ppl" in r]
+    return hit[-1] if hit else None
+
+
+def collect(quality: dict, decode: dict | None, threads: str) -> list[dict]:
+    rows = quality["rows"]
+    speed = (decode or {}).get("results", {}).get(threads, {})
+
+    def tps(*names):
+        for n in names:
+            if n in speed:
+                return speed[n]["vs_fp32"], n
+        return None, None
+
+    points = []
+    fp = _best(rows, method="fp")
+    if fp:
+        points.append({"label": "FP (fp32)", "kind": "fp", "sparsity": 0.0, "bpw": 32.0,
+                       "ppl": fp["ppl"]["wikitext2"], "speed": 1.0 if speed else None,
+                       "speed_from": "fp32" if speed else None})
+    for r in sorted((r for r in rows if r["method"] == "gqsa" and "ppl" in r),
+                    key=lambda r: r.get("sparsity") or 0):
+        pct = round(100 * (r.get("sparsity") or 0))
+        if any(p["kind"] == "gqsa" and p["sparsity"] == (r.get("sparsity") or 0) for p in points):
+            points = [p for p in points if not (p["kind"] == "gqsa" and p["sparsity"] == r["sparsity"])]
+        sp, src = tps(f"GQSA S{pct}", f"W4 g{r['group_size']} S{pct}")
+        points.append({"label": f"GQSA W{r['bits']} g{r['group_size']} S{pct}", "kind": "gqsa",
+                       "sparsity": r.get("sparsity") or 0.0, "bpw": r["bits_per_weight"],
+                       "ppl": r["ppl"]["wikitext2"], "speed": sp, "speed_from": src,
+                       "packed_vs_fake": r["ppl"].get("packed_vs_fake")})
+    for method, label in (("sparsegpt24", "2:4 + W4 (SparseGPT)"),
+                          ("unstructured", "unstructured 50% + W4")):
+        r = _best(rows, method=method)
+        if r:  # element masks have no packed kernel: no decode speed to report
+            points.append({"label": label, "kind": "baseline", "sparsity": 0.5,
+                           "bpw": r["bits_per_weight"], "ppl": r["ppl"]["wikitext2"],
+                           "speed": None, "speed_from": None})
+    dq = _best(rows, method="decoupleq", bits=2, group_size=64)
+    if dq:
+        sp, src = tps("W2 g64")
+        points.append({"label": "decoupleQ W2 g64", "kind": "baseline", "sparsity": 0.0,
+                       "bpw": dq["bits_per_weight"], "ppl": dq["ppl"]["wikitext2"],
+                       "speed": sp, "speed_from": src})
+    gq = _best(rows, method="gptq", bits=4, group_size=128)
+    if gq:
+        sp, src = tps("W4 g128")
+        points.append({"label": "GPTQ W4 g128", "kind": "baseline", "sparsity": 0.0,
+                       "bpw": gq["bits_per_weight"], "ppl": gq["ppl"]["wikitext2"],
+                       "speed": sp, "speed_from": src})
+    return points
+
+
+def table(points: list[dict]) -> str:
+    fp = next((p["ppl"] for p in points if p["kind"] == "fp"), None)
+    lines = ["| model | sparsity | bits/weight | WikiText-2 ppl | vs FP | decode vs fp32 |",
+             "|---|---|---|---|---|---|"]
+    for p in points:
+        rel = f"{100 * (p['ppl'] / fp - 1):+.1f}%" if fp and p["kind"] != "fp" else ""
+        spd = f"{p['speed']:.2f}×" if p["speed"] is not None else "–"
+        lines.append(f"| {p['label']} | {100 * p['sparsity']:.0f}% | {p['bpw']:.3f} | "
+                     f"{p['ppl']:.2f} | {rel} | {spd} |")
+    return "\n".join(lines)
+
+
+def plot(points: list[dict], path: Path, title: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit("bench/tradeoff.py: the plot needs matplotlib: pip install -e '.[bench]'")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    g = [p for p in points if p["kind"] == "gqsa"]
+    others = [p for p in points if p["kind"] != "gqsa"]
+    color = {p["label"]: f"C{i + 1}" for i, p in enumerate(o for o in others if o["kind"] != "fp")}
+    for ax, key, xlabel in ((axes[0], "bpw", "bits per weight on disk (indices, scales, zeros included)"),
+                            (axes[1], "speed", "batch-1 decode speed vs fp32 (same run)")):
+        gg = [p for p in g if p[key] is not None]
+        if gg:
+            ax.plot([p[key] for p in gg], [p["ppl"] for p in gg], "o-", color="C0", label="GQSA W4 g16")
+            for p in gg:
+                ax.annotate(f"S{100 * p['sparsity']:.0f}", (p[key], p["ppl"]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=8)
+        for p in others:
+            if p[key] is not None and p["kind"] != "fp":
+                ax.plot([p[key]], [p["ppl"]], "s", color=color[p["label"]], label=p["label"])
+        fp = next((p for p in others if p["kind"] == "fp"), None)
+        if fp:
+            ax.axhline(fp["ppl"], color="gray", ls="--", lw=1, label=f"FP {fp['ppl']:.2f}")
+            ax.axhline(1.1 * fp["ppl"], color="gray", ls=":", lw=1, label="FP + 10%")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("WikiText-2 perplexity (seqlen 1024)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quality", type=Path, default=HERE / "results" / "quality.json")
+    ap.add_argument("--decode", type=Path, default=None, help="a bench/decode.py JSON")
+    ap.add_argument("--threads", default="1", help="which thread count of the decode JSON")
+    ap.add_argument("--png", type=Path, default=HERE / "results" / "gqsa_tradeoff.png")
+    args = ap.parse_args(argv)
+    if not args.quality.exists():
+        sys.exit(f"{args.quality} not found: run bench/quality.py first")
+    quality = json.loads(args.quality.read_text())
+    decode = json.loads(args.decode.read_text()) if args.decode else None
+    if args.decode and args.threads not in decode.get("results", {}):
+        sys.exit(f"{args.decode} has no results for {args.threads} thread(s)")
+    points = collect(quality, decode, args.threads)
+    if not any(p["kind"] == "gqsa" for p in points):
+        sys.exit(f"{args.quality} has no GQSA rows: run bench/quality.py --methods gqsa first")
+    print(table(points))
+    plot(points, args.png, "SmolLM2-135M, WikiText-2 test (40 x 1024 tokens); calibration 128 x 512 "
+                           "tokens of WikiText-2 valid")
+    print(f"\nwrote {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
