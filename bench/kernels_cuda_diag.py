@@ -66,7 +66,7 @@ try:
     import triton
     from triton.testing import do_bench
 
-    from bitpress.formats.packing import pack_codes
+    import kernels_cuda  # noqa: E402  (bench/, the random weights of the benchmark)
     from bitpress.kernels.triton import api, repack, tune
     from bitpress.kernels.triton import kernels as KM
 except Exception as e:  # noqa: BLE001
@@ -161,26 +161,11 @@ g = torch.Generator(device="cuda").manual_seed(0)
 
 
 def rand_dense(bits: int, gs: int):
-    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1))
-    codes = torch.randint(lo, hi, (N, K), generator=g, device="cuda", dtype=torch.int8)
-    ng = (K + gs - 1) // gs
-    s = (torch.rand(N, ng, generator=g, device="cuda") * 0.02 + 1e-3).half()
-    z = (torch.randn(N, ng, generator=g, device="cuda") * 0.01).half()
-    return pack_codes(codes, bits), s, z
+    return kernels_cuda.rand_dense(N, K, bits, gs, g)
 
 
 def rand_bsr(bits: int = 4, gs: int = 128):
-    ng = (K + gs - 1) // gs
-    keep = torch.rand(N, ng, generator=g, device="cuda") < 0.5
-    rows, cols = keep.nonzero(as_tuple=True)
-    nnz = rows.numel()
-    row_ptr = torch.zeros(N + 1, dtype=torch.int32, device="cuda")
-    row_ptr[1:] = keep.sum(1).cumsum(0).to(torch.int32)
-    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1))
-    codes = torch.randint(lo, hi, (nnz, gs), generator=g, device="cuda", dtype=torch.int8)
-    s = (torch.rand(nnz, generator=g, device="cuda") * 0.02 + 1e-3).half()
-    z = (torch.randn(nnz, generator=g, device="cuda") * 0.01).half()
-    return row_ptr, cols.to(torch.int32).contiguous(), pack_codes(codes, bits), s, z
+    return kernels_cuda.rand_bsr(N, K, bits, gs, False, g)
 
 
 DENSE = {"W4 g128": (4, 128), "W2 g64": (2, 64)}

@@ -57,25 +57,19 @@ def collect(quality: dict, decode: dict | None, threads: str) -> list[dict]:
                        "sparsity": r.get("sparsity") or 0.0, "bpw": r["bits_per_weight"],
                        "ppl": r["ppl"]["wikitext2"], "speed": sp, "speed_from": src,
                        "packed_vs_fake": r["ppl"].get("packed_vs_fake")})
-    for method, label in (("sparsegpt24", "2:4 + W4 (SparseGPT)"),
-                          ("unstructured", "unstructured 50% + W4")):
-        r = _best(rows, method=method)
-        if r:  # element masks have no packed kernel: no decode speed to report
-            points.append({"label": label, "kind": "baseline", "sparsity": 0.5,
+    # (label, quality.json row filter, sparsity, decode.py model timed for it or None: the
+    # element-sparse baselines have no packed kernel, so no decode speed to report)
+    baselines = (("2:4 + W4 (SparseGPT)", {"method": "sparsegpt24"}, 0.5, None),
+                 ("unstructured 50% + W4", {"method": "unstructured"}, 0.5, None),
+                 ("decoupleQ W2 g64", {"method": "decoupleq", "bits": 2, "group_size": 64}, 0.0, "W2 g64"),
+                 ("GPTQ W4 g128", {"method": "gptq", "bits": 4, "group_size": 128}, 0.0, "W4 g128"))
+    for label, want, sparsity, timed in baselines:
+        r = _best(rows, **want)
+        if r:
+            sp, src = tps(timed) if timed else (None, None)
+            points.append({"label": label, "kind": "baseline", "sparsity": sparsity,
                            "bpw": r["bits_per_weight"], "ppl": r["ppl"]["wikitext2"],
-                           "speed": None, "speed_from": None})
-    dq = _best(rows, method="decoupleq", bits=2, group_size=64)
-    if dq:
-        sp, src = tps("W2 g64")
-        points.append({"label": "decoupleQ W2 g64", "kind": "baseline", "sparsity": 0.0,
-                       "bpw": dq["bits_per_weight"], "ppl": dq["ppl"]["wikitext2"],
-                       "speed": sp, "speed_from": src})
-    gq = _best(rows, method="gptq", bits=4, group_size=128)
-    if gq:
-        sp, src = tps("W4 g128")
-        points.append({"label": "GPTQ W4 g128", "kind": "baseline", "sparsity": 0.0,
-                       "bpw": gq["bits_per_weight"], "ppl": gq["ppl"]["wikitext2"],
-                       "speed": sp, "speed_from": src})
+                           "speed": sp, "speed_from": src})
     return points
 
 
