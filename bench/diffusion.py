@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bitpress.cache import (calibrate_cache, collect_calibration, collect_features, count_macs,  # noqa: E402
                             fit_quant_correction, quantize_unet, sample_loop, schedule_macs)
 from bitpress.cache.fid import PROTOCOL, protocol_noise, protocol_scheduler  # noqa: E402
+from bitpress.cache.quant import DEFAULT_FLOAT_LAYERS  # noqa: E402
 
 ROWS = ("fp", "uniform", "dps", "dps+dec", "dps+dec+w8a8", "w8a8", "w4a8", "dps+dec+w4a8")
 
@@ -109,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=PROTOCOL.batch_size)
     ap.add_argument("--calib-n", type=int, default=32)
     ap.add_argument("--calib-seed", type=int, default=1234)
+    ap.add_argument("--float-layers", default=",".join(DEFAULT_FLOAT_LAYERS),
+                    help="comma-separated convs/linears the quantized rows leave in float (quantize_unet's "
+                         "exclude=; '' quantizes all; default: %(default)s)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-fid", action="store_true", help="sample and time only")
     ap.add_argument("--score-only", action="store_true",
@@ -148,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         plans["dps+dec"] = calibrate_cache(unet, sched, calib_noise, T, args.interval, "dps", args.depth,
                                            dec=True, features=feats)
     calib = collect_calibration(unet, sched, calib_noise, T) if need_q else None
-    quant = {b: quantize_unet(unet, calib, wbits=b) for b in sorted(need_q)}
+    float_layers = [n.strip() for n in args.float_layers.split(",") if n.strip()]
+    quant = {b: quantize_unet(unet, calib, wbits=b, exclude=float_layers) for b in sorted(need_q)}
     calib_s = time.perf_counter() - t0
 
     x0 = torch.zeros(1, *shape)
@@ -195,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                "n_full_steps": sum(mask), "macs_per_image": schedule_macs(macs, mask)["macs"],
                "mac_speedup": schedule_macs(macs, mask)["speedup"],
                "wbits": qh.wbits if qh is not None else None, "dec_quant": bool(qh is not None and qh.correction),
+               "float_layers": float_layers if qh is not None else None,
                "protocol": proto, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         write_json(rows_dir / f"{name}.json", rec)
         print(json.dumps(rec), flush=True)

@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--wbits", type=int, default=8, help="U-Net weight bits: 8, 4, or 32 for "
                    "none (default 8)")
     d.add_argument("--abits", type=int, default=8, help="activation bits (8)")
+    d.add_argument("--float-layers", default=None, metavar="NAMES",
+                   help="comma-separated U-Net convs/linears (fnmatch patterns) kept in float; "
+                        "'' quantizes all (default: bitpress.cache.quant.DEFAULT_FLOAT_LAYERS)")
     d.add_argument("--calib-samples", type=int, default=32,
                    help="calibration trajectories (default 32)")
     d.add_argument("--no-dec", action="store_true", help="no decoupled error correction")

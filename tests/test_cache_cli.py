@@ -13,6 +13,7 @@ from diffusers import DDPMScheduler, UNet2DModel  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bitpress.cache.cli import image_grid  # noqa: E402
+from bitpress.cache.quant import DEFAULT_FLOAT_LAYERS  # noqa: E402
 from bitpress.cli import main  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,6 +39,8 @@ def test_compress_then_sample(pipe_dir, tmp_path, capsys, wbits):
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["refresh_steps"][0] == 0 and len(summary["refresh_steps"]) == 2
+    if wbits == 8:
+        assert summary["float_layers"] == sorted(DEFAULT_FLOAT_LAYERS)
     png = tmp_path / "grid.png"
     assert main(["sample", str(out), "--n", "5", "--out", str(png)]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -47,6 +50,19 @@ def test_compress_then_sample(pipe_dir, tmp_path, capsys, wbits):
     assert img.size == (3 * 18 + 2, 2 * 18 + 2)
     lo, hi = img.getextrema()
     assert hi > lo  # not blank
+
+
+def test_compress_float_layers_option(pipe_dir, tmp_path, capsys):
+    out = tmp_path / "cq"
+    assert main(["compress", str(pipe_dir), "--method", "cachequant", "--steps", "4", "--interval", "2",
+                 "--calib-samples", "1", "--float-layers", "conv_in, up_blocks.*.conv1", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert "conv_in" in summary["float_layers"] and "up_blocks.0.resnets.0.conv1" in summary["float_layers"]
+    meta = json.loads((out / "unet" / "quant.json").read_text())
+    assert "conv_in" not in meta["layers"] and "conv_out" in meta["layers"]
+    assert main(["compress", str(pipe_dir), "--method", "cachequant", "--steps", "4", "--interval", "2",
+                 "--calib-samples", "1", "--float-layers", "", "--out", str(tmp_path / "all")]) == 0
+    assert json.loads(capsys.readouterr().out)["float_layers"] == []
 
 
 def test_image_grid_places_images():
@@ -61,6 +77,7 @@ def test_image_grid_places_images():
     (["--wbits", "3"], "wbits"),
     (["--interval", "0"], "interval"),
     (["--schedule", "dps", "--scheduler", "ddim", "--steps", "0"], "steps"),
+    (["--steps", "4", "--calib-samples", "1", "--float-layers", "conv_nope"], "matches no conv/linear"),
 ])
 def test_bad_options_write_nothing(pipe_dir, tmp_path, capsys, args, msg):
     out = tmp_path / "cq"

@@ -15,7 +15,7 @@ from diffusers import DDIMPipeline, DDIMScheduler, UNet2DConditionModel, UNet2DM
 
 from bitpress.cache.plan import CacheQuantModel, cachequant, load_cachequant  # noqa: E402
 
-from bitpress.cache.quant import (QuantConv2d, QuantCorrection, QuantizedUNet, QuantLinear,  # noqa: E402
+from bitpress.cache.quant import (DEFAULT_FLOAT_LAYERS, QuantConv2d, QuantCorrection, QuantizedUNet, QuantLinear,  # noqa: E402
                                   collect_calibration, consumer_layers, fit_quant_correction, get_quant,
                                   kernel_available, quant_ranges, quantize_unet, quantize_weight,
                                   search_act_range)
@@ -62,7 +62,7 @@ def tiny_calib():
 @pytest.fixture(scope="module")
 def w8(tiny_calib):
     unet, calib = tiny_calib
-    return quantize_unet(unet, calib, wbits=8)
+    return quantize_unet(unet, calib, wbits=8, exclude=())  # every conv/linear, conv_in/conv_out included
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -246,7 +246,7 @@ def test_quantize_unet_structure_and_caller_untouched(tiny_calib, w8: QuantizedU
 
 def test_w4_keeps_first_and_last_layers_at_8_bits(tiny_calib) -> None:
     unet, calib = tiny_calib
-    q = quantize_unet(unet, calib, wbits=4, keep_float=False)
+    q = quantize_unet(unet, calib, wbits=4, keep_float=False, exclude=())
     assert q.layers["conv_in"].w_qmax == 63 and q.layers["conv_out"].w_qmax == 63
     others = [lay for n, lay in q.layers.items() if n not in ("conv_in", "conv_out")]
     assert all(lay.w_qmin == -8 and lay.w_qmax == 7 for lay in others)
@@ -419,7 +419,8 @@ def test_inplace_replaces_callers_modules(tiny_calib) -> None:
     _, calib = tiny_calib
     unet = tiny_unet()
     q = quantize_unet(unet, calib, inplace=True)
-    assert q.unet is unet and isinstance(unet.conv_in, QuantConv2d)
+    assert q.unet is unet and isinstance(unet.down_blocks[0].resnets[0].conv1, QuantConv2d)
+    assert type(unet.conv_in) is nn.Conv2d  # DEFAULT_FLOAT_LAYERS
 
 
 @needs_onednn
@@ -444,7 +445,7 @@ def test_condition_unet_with_cross_attention() -> None:
 @needs_onednn
 def test_quant_error_dec_fits_and_roundtrips(tmp_path: Path, tiny_calib) -> None:
     unet, calib = tiny_calib
-    q = quantize_unet(unet, calib, wbits=4)  # W4: a larger error to correct
+    q = quantize_unet(unet, calib, wbits=4, exclude=())  # W4: a larger error to correct
     mask = [True, False, True, False]
     names = consumer_layers(q.unet, depth=1)
     assert names == ["up_blocks.2.resnets.0.conv1", "up_blocks.2.resnets.0.conv_shortcut"]
@@ -536,3 +537,45 @@ def test_testbed_w8a8_per_step_error() -> None:
             ref = unet(inp["sample"], inp["timestep"]).sample
             with q.at_step(t):
                 assert rel(q.unet(inp["sample"], inp["timestep"]).sample, ref) < 0.04
+
+
+@needs_onednn
+def test_exclude_leaves_named_layers_float_and_roundtrips(tmp_path: Path, tiny_calib, w8: QuantizedUNet) -> None:
+    unet, calib = tiny_calib
+    q = quantize_unet(unet, calib, wbits=8)  # the default: DEFAULT_FLOAT_LAYERS
+    assert DEFAULT_FLOAT_LAYERS == ("conv_in", "conv_out")
+    assert type(q.unet.conv_in) is nn.Conv2d and type(q.unet.conv_out) is nn.Conv2d
+    assert "conv_in" not in q.layers and q.float_layers["conv_out"] == "excluded by the caller"
+    assert set(q.layers) == set(w8.layers) - {"conv_in", "conv_out"}
+    # the float layers are the caller's weights, and the output differs from the all-int8 model
+    assert torch.equal(q.unet.conv_in.weight, unet.conv_in.weight)
+    x = calib[2]["sample"]
+    with torch.no_grad(), q.at_step(2), w8.at_step(2):
+        y = q.unet(x, 5).sample
+        assert not torch.equal(y, w8.unet(x, 5).sample)
+    q.save(tmp_path / "q")
+    back = QuantizedUNet.load(tmp_path / "q")
+    assert type(back.unet.conv_in) is nn.Conv2d and "conv_in" in back.float_layers
+    with torch.no_grad(), back.at_step(2):
+        assert torch.equal(back.unet(x, 5).sample, y)
+    # patterns: fnmatch over conv/linear names; one that matches nothing is an error
+    q2 = quantize_unet(unet, calib, wbits=8, exclude=["*attentions*"])  # replaces the default
+    assert not any("attentions" in n for n in q2.layers) and "conv_in" in q2.layers
+    with pytest.raises(ConfigError, match="matches no conv/linear"):
+        quantize_unet(unet, calib, wbits=8, exclude=["conv_nope"])
+
+
+@needs_onednn
+def test_quant_error_dec_on_linear_layers(tiny_calib, w8: QuantizedUNet) -> None:
+    """Attention linears output [B, L, C]: the correction is per output channel (last dim)."""
+    unet, calib = tiny_calib
+    names = [n for n, lay in w8.layers.items() if lay.kind == "linear"][:2]
+    assert names
+    try:
+        corr = fit_quant_correction(w8, unet, calib, layers=names)
+        for n in names:
+            a, b = corr.layers[n]
+            assert a.shape == b.shape == (4, w8.layers[n].out_ch)
+            assert not torch.equal(a, torch.ones_like(a))
+    finally:
+        w8.remove_correction()

@@ -91,12 +91,16 @@ def compress_cachequant(args: Any) -> dict[str, Any]:
     noise = _noise(unet, args.calib_samples, args.seed)
     cq = cachequant(unet, sched, noise, args.steps, args.interval,
                     wbits=None if args.wbits == 32 else args.wbits, abits=args.abits,
-                    kind=args.schedule, dec=not args.no_dec, progress=True)
+                    kind=args.schedule, dec=not args.no_dec, progress=True,
+                    float_layers=None if args.float_layers is None else
+                    [n.strip() for n in args.float_layers.split(",") if n.strip()])
     cq.save(out, overwrite=args.force)
     return {"source": str(args.src), "out": str(out), "method": "cachequant",
             "steps": args.steps, "interval": args.interval, "schedule": args.schedule,
             "refresh_steps": [i for i, r in enumerate(cq.plan.mask) if r],
             "wbits": args.wbits, "abits": args.abits, "dec": not args.no_dec,
+            "float_layers": None if cq.quant is None else sorted(n for n, why in cq.quant.float_layers.items()
+                                                                 if why == "excluded by the caller"),
             "calib_samples": args.calib_samples, "seed": args.seed,
             "seconds": round(time.time() - t0, 1)}
 

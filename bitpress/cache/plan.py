@@ -18,7 +18,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -214,14 +214,15 @@ def load_cachequant(path: str | os.PathLike) -> CacheQuantModel:
 def cachequant(unet: nn.Module, scheduler: Any, calib_noise: torch.Tensor, num_inference_steps: int,
                interval: int, wbits: int | None = 8, abits: int = 8, *, kind: str = "dps", depth: int = 1,
                dec: bool = True, guidance_scale: float | None = None, unet_kwargs: dict[str, Any] | None = None,
-               progress: bool = False) -> CacheQuantModel:
+               float_layers: Sequence[str] | None = None, progress: bool = False) -> CacheQuantModel:
     """CacheQuant in one call: cache plan (schedule ``kind`` with K = ceil(T / interval) refreshes,
     DEC of the cache error) calibrated on full-precision trajectories of ``calib_noise``, then
     (unless ``wbits`` is None) PTQ of a copy of ``unet`` to W``wbits``A``abits`` with per-step
     activation grids and, with ``dec``, DEC of the quantization error under that plan.
-    ``unet`` itself is not modified.
+    ``float_layers``: convs/linears left in float (``quantize_unet``'s ``exclude``; ``None``:
+    :data:`~bitpress.cache.quant.DEFAULT_FLOAT_LAYERS`). ``unet`` itself is not modified.
     """
-    from .quant import collect_calibration, fit_quant_correction, quantize_unet
+    from .quant import DEFAULT_FLOAT_LAYERS, collect_calibration, fit_quant_correction, quantize_unet
 
     if scheduler.__class__.__name__ not in _SCHEDULERS:
         raise ConfigError(f"scheduler must be one of {_SCHEDULERS}, got {type(scheduler).__name__}")
@@ -232,7 +233,8 @@ def cachequant(unet: nn.Module, scheduler: Any, calib_noise: torch.Tensor, num_i
     if wbits is not None:
         calib = collect_calibration(unet, scheduler, calib_noise, num_inference_steps,
                                     guidance_scale=guidance_scale, unet_kwargs=unet_kwargs, progress=progress)
-        quant = quantize_unet(unet, calib, wbits, abits, progress=progress)
+        quant = quantize_unet(unet, calib, wbits, abits, progress=progress,
+                              exclude=DEFAULT_FLOAT_LAYERS if float_layers is None else float_layers)
         if dec:
             fit_quant_correction(quant, unet, calib, plan.mask, depth)
         model = quant.unet
