@@ -251,3 +251,26 @@ def test_cli_block_tune(tiny_llama_dir, tmp_path, calib_file, capsys):
                  "--tune-epochs", "2"]) == 2  # rtn: no block tuning to configure
     assert "need block tuning" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_relative_parameters_start_at_the_grid_and_scale_with_it():
+    """``relative=True`` trains δ, ε with s = s0·(1+δ), z = z0 + s0·ε: at δ = ε = 0 the block is
+    exactly the untuned one, and the same step moves a group's scale in proportion to it."""
+    from bitpress.formats import quantize_rtn
+    from bitpress.quant.blocktune import _TunedLinear
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 64, generator=g) * torch.tensor([1e-3, 1e-2, 1e-1, 1.0, 1.0, 1.0])[:, None]
+    keep = torch.rand(6, 4, generator=g) > 0.3
+    qw = quantize_rtn(w, 4, 16, keep=keep)
+    a = _TunedLinear(qw, None, "bqpo", True, "code", relative=False)
+    r = _TunedLinear(qw, None, "bqpo", True, "code", relative=True)
+    assert torch.equal(a.weight(), r.weight()) and torch.allclose(r.weight(), qw.dequantize())
+    ra, rr = a.result(qw, torch.float16), r.result(qw, torch.float16)
+    assert torch.equal(ra.codes, rr.codes) and torch.equal(ra.scale, rr.scale)
+    assert [p.shape for p in r.trainable_params()] == [qw.scale.shape, qw.zero.shape]
+    with torch.no_grad():
+        r.d_scale.fill_(0.01)
+    s1 = r.result(qw, None).scale
+    kept = keep & (qw.scale != 0)
+    assert torch.allclose(s1[kept], qw.scale[kept] * 1.01, rtol=1e-5)

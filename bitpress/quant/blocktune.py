@@ -188,16 +188,24 @@ class _TunedLinear(nn.Module):
     master copies of the group parameters; stands in for one linear during tuning."""
 
     def __init__(self, qw: QuantizedWeight, bias: Optional[torch.Tensor], mode: str,
-                 train_zero: bool, latent: str = "code") -> None:
+                 train_zero: bool, latent: str = "code", relative: bool = False) -> None:
         super().__init__()
         self.mode, self.bits, self.latent_kind = mode, qw.bits, latent
         self.gs, self.ng, self.n = qw.gs, qw.n_groups, qw.in_features
         self.qmin, self.qmax = qrange(qw.bits)
-        self.scale = nn.Parameter(qw.scale.detach().float().clone())
+        self.relative = relative
+        s0 = qw.scale.detach().float().clone()
         z = qw.zero.detach().float().clone()
-        self.zero = nn.Parameter(z) if train_zero else None
-        if not train_zero:
-            self.register_buffer("zero_fixed", z)
+        if relative:  # s = s0·(1 + δ), z = z0 + s0·ε: the trained δ, ε are in units of s0
+            self.register_buffer("s0", s0)
+            self.register_buffer("z0", z)
+            self.d_scale = nn.Parameter(torch.zeros_like(s0))
+            self.d_zero = nn.Parameter(torch.zeros_like(z)) if train_zero else None
+        else:
+            self.scale = nn.Parameter(s0)
+            self.zero = nn.Parameter(z) if train_zero else None
+            if not train_zero:
+                self.register_buffer("zero_fixed", z)
         keep = qw.keep if qw.keep is not None else None
         self.register_buffer("keep", None if keep is None else keep.float())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
@@ -211,11 +219,21 @@ class _TunedLinear(nn.Module):
             self.codes = None
             self.latent = nn.Parameter(_grouped(qw.dequantize(), self.gs, self.ng).clone())
 
+    def s(self) -> torch.Tensor:
+        return self.s0 * (1 + self.d_scale) if self.relative else self.scale
+
     def z(self) -> torch.Tensor:
+        if self.relative:
+            return self.z0 + self.s0 * self.d_zero if self.d_zero is not None else self.z0
         return self.zero if self.zero is not None else self.zero_fixed
 
+    def trainable_params(self) -> list[nn.Parameter]:
+        """The scale/zero parameters the optimiser moves (absolute or relative to ``s0``)."""
+        ps = (self.d_scale, self.d_zero) if self.relative else (self.scale, self.zero)
+        return [p for p in ps if p is not None]
+
     def weight(self) -> torch.Tensor:
-        s, z = self.scale, self.z()
+        s, z = self.s(), self.z()
         if self.keep is not None:
             s, z = s * self.keep, z * self.keep
         if self.mode == "float_parts":
@@ -223,7 +241,7 @@ class _TunedLinear(nn.Module):
         elif self.latent_kind == "code":
             q = torch.clamp(_round_ste(self.latent), self.qmin, self.qmax)
         else:
-            sd = self.scale.detach()
+            sd = self.s().detach()
             sd = torch.where(sd.abs() > 1e-12, sd, torch.full_like(sd, 1e-12))
             u = (self.latent - self.z().detach()[..., None]) / sd[..., None]
             q = torch.clamp(_round_ste(u), self.qmin, self.qmax)
@@ -249,7 +267,7 @@ class _TunedLinear(nn.Module):
             return t.to(param_dtype).float() if param_dtype is not None else t.float()
 
         kept = old.keep if old.keep is not None else torch.ones_like(old.scale, dtype=torch.bool)
-        scale = torch.where(kept, rnd(self.scale), old.scale.float())
+        scale = torch.where(kept, rnd(self.s()), old.scale.float())
         zero = torch.where(kept, rnd(self.z()), old.zero.float())
         codes = old.codes
         if self.mode == "bqpo":
@@ -301,6 +319,7 @@ class BlockTuner:
     seed: int = 0
     progress: bool = True
     steps: Optional[int] = None
+    relative: bool = False
     records: list[BlockTuneRecord] = field(default_factory=list)
 
     @property
@@ -309,12 +328,17 @@ class BlockTuner:
 
     def options(self) -> dict[str, Any]:
         return {"mode": self.mode, "epochs": self.epochs, "lr": self.lr,
-                "norm_lr": self.norm_lr if self.norm_lr is not None else self.lr,
+                "norm_lr": self._norm_lr(), "relative": self.relative,
                 "latent": self.latent if self.mode == "bqpo" else None,
                 "latent_lr": self._latent_lr() if self.mode == "bqpo" else None,
                 "micro_batch": self.micro_batch, "steps": self.steps,
                 "train_norms": self.train_norms,
                 "param_dtype": str(self.param_dtype).replace("torch.", "")}
+
+    def _norm_lr(self) -> float:
+        if self.norm_lr is not None:
+            return self.norm_lr
+        return DEFAULT_LR if self.relative else self.lr  # a relative lr is no lr for norm weights
 
     def _latent_lr(self) -> float:
         if self.latent_lr is not None:
@@ -347,7 +371,7 @@ class BlockTuner:
             m = originals[n]
             bias = m.bias if getattr(m, "bias", None) is not None else None
             train_zero = bool((qw.zero != 0).any())  # a symmetric grid keeps zero = 0
-            tuned[n] = _TunedLinear(qw, bias, self.mode, train_zero, self.latent)
+            tuned[n] = _TunedLinear(qw, bias, self.mode, train_zero, self.latent, self.relative)
         steps = 0
         try:
             for p in block.parameters():
@@ -399,14 +423,13 @@ class BlockTuner:
         from tqdm.auto import tqdm
 
         groups: list[dict[str, Any]] = []
-        sz = [p for t in tuned.values() for p in (t.scale, t.zero) if p is not None]
+        sz = [p for t in tuned.values() for p in t.trainable_params()]
         groups.append({"params": sz, "lr": self.lr})
         latents = [t.latent for t in tuned.values() if t.latent is not None]
         if latents:
             groups.append({"params": latents, "lr": self._latent_lr()})
         if norms:
-            groups.append({"params": list(norms.values()),
-                           "lr": self.norm_lr if self.norm_lr is not None else self.lr})
+            groups.append({"params": list(norms.values()), "lr": self._norm_lr()})
         opt = torch.optim.Adam(groups)
         chunks = []
         for k, h in enumerate(ctx.hidden):
@@ -452,7 +475,7 @@ def make_block_tuner(mode: str = "float_parts", *, epochs: int = DEFAULT_EPOCHS,
                      train_norms: bool = True,
                      param_dtype: Optional[torch.dtype | str] = torch.float16,
                      seed: int = 0, progress: bool = True,
-                     steps: Optional[int] = None) -> BlockTuner:
+                     steps: Optional[int] = None, relative: bool = False) -> BlockTuner:
     """A block hook for :func:`~bitpress.pipeline.stream.stream_quantize` (``block_hook=``).
 
     ``mode``: ``"float_parts"`` (codes frozen; scales, zeros, norms trained) or ``"bqpo"``
@@ -489,4 +512,4 @@ def make_block_tuner(mode: str = "float_parts", *, epochs: int = DEFAULT_EPOCHS,
             raise ConfigError(f"param dtype {param_dtype!r} not supported")
         param_dtype = getattr(torch, param_dtype)
     return BlockTuner(mode, epochs, float(lr), norm_lr, latent_lr, latent, micro_batch,
-                      train_norms, param_dtype, seed, progress, steps)
+                      train_norms, param_dtype, seed, progress, steps, bool(relative))
