@@ -15,7 +15,8 @@ from diffusers import DDIMPipeline, DDIMScheduler, UNet2DConditionModel, UNet2DM
 
 from bitpress.cache.plan import CacheQuantModel, cachequant, load_cachequant  # noqa: E402
 
-from bitpress.cache.quant import (DEFAULT_FLOAT_LAYERS, QuantConv2d, QuantCorrection, QuantizedUNet, QuantLinear,  # noqa: E402
+from bitpress.cache.quant import (DEFAULT_FLOAT_LAYERS, EXCLUDED, QuantConv2d, QuantCorrection,  # noqa: E402
+                                  QuantizedUNet, QuantLinear,
                                   collect_calibration, consumer_layers, fit_quant_correction, get_quant,
                                   kernel_available, quant_ranges, quantize_unet, quantize_weight,
                                   search_act_range)
@@ -545,7 +546,7 @@ def test_exclude_leaves_named_layers_float_and_roundtrips(tmp_path: Path, tiny_c
     q = quantize_unet(unet, calib, wbits=8)  # the default: DEFAULT_FLOAT_LAYERS
     assert DEFAULT_FLOAT_LAYERS == ("conv_in", "conv_out")
     assert type(q.unet.conv_in) is nn.Conv2d and type(q.unet.conv_out) is nn.Conv2d
-    assert "conv_in" not in q.layers and q.float_layers["conv_out"] == "excluded by the caller"
+    assert "conv_in" not in q.layers and q.float_layers["conv_out"] == EXCLUDED
     assert set(q.layers) == set(w8.layers) - {"conv_in", "conv_out"}
     # the float layers are the caller's weights, and the output differs from the all-int8 model
     assert torch.equal(q.unet.conv_in.weight, unet.conv_in.weight)

@@ -75,6 +75,7 @@ def compress_cachequant(args: Any) -> dict[str, Any]:
     import time
 
     from .plan import cachequant
+    from .quant import EXCLUDED
 
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -100,7 +101,7 @@ def compress_cachequant(args: Any) -> dict[str, Any]:
             "refresh_steps": [i for i, r in enumerate(cq.plan.mask) if r],
             "wbits": args.wbits, "abits": args.abits, "dec": not args.no_dec,
             "float_layers": None if cq.quant is None else sorted(n for n, why in cq.quant.float_layers.items()
-                                                                 if why == "excluded by the caller"),
+                                                                 if why == EXCLUDED),
             "calib_samples": args.calib_samples, "seed": args.seed,
             "seconds": round(time.time() - t0, 1)}
 

@@ -152,6 +152,7 @@ EIGHT_BIT_LAYERS = ("conv_in", "conv_out")
 #: the U-Net's input and output convolutions, ~0.1 % of its MACs and the largest share of
 #: the W8A8 error on the testbed.
 DEFAULT_FLOAT_LAYERS: tuple[str, ...] = ("conv_in", "conv_out")
+EXCLUDED = "excluded by the caller"  # the float_layers reason of a layer named in exclude=
 GUARDS = ("weight", "act")
 _UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 _SUBSAMPLE = 1 << 15
@@ -1090,7 +1091,7 @@ def quantize_unet(unet: nn.Module, calib: Sequence[dict[str, Any]], wbits: int =
             continue
         leaf = name.rsplit(".", 1)[-1]
         if any(fnmatch.fnmatchcase(name, pat) for pat in exclude):
-            float_layers[name] = "excluded by the caller"
+            float_layers[name] = EXCLUDED
             continue
         if name.startswith(FLOAT_PREFIXES) or leaf in FLOAT_LEAVES:
             float_layers[name] = "time embedding (one vector per image)"
