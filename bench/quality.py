@@ -87,6 +87,8 @@ def compress_in_subprocess(model_path, out: Path, method: str, bits: int, gs: in
         cmd += ["--block-tune", args.block_tune]
     if args.tune_steps is not None and method in ("decoupleq", "gqsa"):
         cmd += ["--tune-steps", str(args.tune_steps)]
+    if args.tune_loss is not None and method in ("decoupleq", "gqsa"):
+        cmd += ["--tune-loss", args.tune_loss]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     subprocess.run(cmd, check=True, env=env)
     return json.loads((out / "bitpress_summary.json").read_text())
@@ -124,6 +126,9 @@ def main() -> None:
     ap.add_argument("--tune-steps", type=int, default=None,
                     help="cap on block-tuning Adam steps per block of decoupleq/gqsa rows "
                          "(a separate row; default: the method's own)")
+    ap.add_argument("--tune-loss", default=None, choices=["mse", "token"],
+                    help="block-tuning loss of decoupleq/gqsa rows (a separate row when given; "
+                         "default: the method's own)")
     ap.add_argument("--reuse", action="store_true",
                     help="with --keep: score a finished checkpoint already in the --keep "
                          "directory with this row's settings instead of compressing again "
@@ -181,6 +186,9 @@ def main() -> None:
     def tune_steps(method):
         return args.tune_steps if method in ("decoupleq", "gqsa") else None
 
+    def tune_loss(method):
+        return args.tune_loss if method in ("decoupleq", "gqsa") else None
+
     def reusable(out: Path, method, bits, gs, sparsity) -> Optional[dict]:
         """The summary of a finished checkpoint in ``out`` made with this row's settings."""
         f = out / "bitpress_summary.json"
@@ -192,6 +200,7 @@ def main() -> None:
         same = (r.get("method") == method and r.get("bits") == bits
                 and r.get("group_size") == gs and r.get("sparsity") == sparsity
                 and bt.get("steps") == tune_steps(method)
+                and (tune_loss(method) is None or bt.get("loss") == tune_loss(method))
                 and (method == "rtn" or (cal.get("nsamples") == args.nsamples
                                          and cal.get("seqlen") == args.calib_seqlen))
                 and "seconds_total" in s)
@@ -200,6 +209,7 @@ def main() -> None:
     def have(method, bits, gs, sparsity=None) -> bool:
         return any(r["method"] == method and r["bits"] == bits and r["group_size"] == gs
                    and r.get("sparsity") == sparsity and r.get("tune_steps") == tune_steps(method)
+                   and r.get("tune_loss") == tune_loss(method)
                    for r in rows)
 
     def write() -> None:
@@ -245,7 +255,8 @@ def main() -> None:
                     write()
                     continue
                 out = Path(work) / (f"{m}-w{bits}g{gs}" + ("" if sp is None else f"s{sp}")
-                                    + ("" if tune_steps(m) is None else f"t{tune_steps(m)}"))
+                                    + ("" if tune_steps(m) is None else f"t{tune_steps(m)}")
+                                    + ("" if tune_loss(m) is None else f"-{tune_loss(m)}"))
                 s = reusable(out, m, bits, gs, sp) if args.reuse else None
                 if s is not None:  # a finished checkpoint of this row: score it again
                     print(f"reusing {out} (compressed in {s['seconds_total']} s)", flush=True)
@@ -271,6 +282,8 @@ def main() -> None:
                     row["sparsity"] = sp
                 if tune_steps(m) is not None:
                     row["tune_steps"] = tune_steps(m)
+                if tune_loss(m) is not None:
+                    row["tune_loss"] = tune_loss(m)
                 rows.append({**row,
                              "bits_per_weight": s["bits_per_weight"],
                              "seconds_compress": round(tc, 1),

@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "calibration samples; default: all of them, --tune-epochs times)")
     t.add_argument("--tune-lr", type=float, default=None,
                    help="Adam learning rate of scales, zeros and norms (default 1e-3)")
+    t.add_argument("--tune-loss", default=None, choices=["mse", "token"],
+                   help="block-output loss of the tuning and of its acceptance check: mse "
+                        "(every element alike) or token (each token's squared error relative "
+                        "to its squared norm); default: mse")
 
     d = c.add_argument_group("diffusion (--method cachequant)")
     d.add_argument("--steps", type=int, default=100, help="denoising steps (default 100)")
@@ -153,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--force", action="store_true", help="replace an existing --out file")
     return p
+
+
+def _tune_options(args):
+    """The block tuner's options given on the command line (``None``: none given)."""
+    opts = {k: v for k, v in (("steps", args.tune_steps), ("loss", args.tune_loss))
+            if v is not None}
+    return opts or None
 
 
 def _recipe(args):
@@ -243,8 +254,7 @@ def run(args) -> int:
                            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                            batch_size=args.calib_batch_size, block_tune=args.block_tune,
                            tune_epochs=args.tune_epochs, tune_lr=args.tune_lr,
-                           tune_options=None if args.tune_steps is None else
-                           {"steps": args.tune_steps})
+                           tune_options=_tune_options(args))
         print(json.dumps({k: v for k, v in summary.items()
                           if k not in ("relative_weight_error", "tensors_read_per_block")},
                          indent=2))

@@ -274,3 +274,65 @@ def test_relative_parameters_start_at_the_grid_and_scale_with_it():
     s1 = r.result(qw, None).scale
     kept = keep & (qw.scale != 0)
     assert torch.allclose(s1[kept], qw.scale[kept] * 1.01, rtol=1e-5)
+
+
+def test_token_loss_weighs_every_token_by_its_own_norm():
+    """``loss="token"``: each token's ‖e‖²/‖y‖², averaged over tokens — a token with a
+    massive target (SmolLM2's first token) counts like any other at the same relative error;
+    sums and counts of batches add up to the whole-set value."""
+    from bitpress.quant.blocktune import _loss_terms
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(2, 5, 8, generator=g)
+    y[:, 0] *= 1e4  # a massive first token
+    e = 0.01 * torch.randn(2, 5, 8, generator=g)
+    e[:, 0] *= 1e4  # same relative error
+    sm, n = _loss_terms(y + e, y, "token")
+    want = (e.pow(2).sum(-1) / y.pow(2).sum(-1)).mean()
+    assert n == 10 and float(sm / n) == pytest.approx(float(want), rel=1e-5)
+    mse, m = _loss_terms(y + e, y, "mse")
+    assert m == 80 and float(mse / m) == pytest.approx(float(e.pow(2).mean()), rel=1e-5)
+    # under mse the first token is almost all of the loss, under token a fifth
+    share_mse = float(e[:, 0].pow(2).sum() / e.pow(2).sum())
+    r = e.pow(2).sum(-1) / y.pow(2).sum(-1)
+    assert share_mse > 0.99 and 0.05 < float(r[:, 0].sum() / r.sum()) < 0.6
+    a, na = _loss_terms(y[:1] + e[:1], y[:1], "token")
+    b, nb = _loss_terms(y[1:] + e[1:], y[1:], "token")
+    assert float((a + b) / (na + nb)) == pytest.approx(float(sm / n), rel=1e-6)
+
+
+def test_bqpo_token_loss_never_raises_it(tiny_llama_dir, tmp_path, calib_file):
+    """Training and acceptance use the token loss: it never rises, the records say so."""
+    seen = []
+    tuner = make_block_tuner("bqpo", epochs=4, lr=1e-3, loss="token", progress=False)
+
+    def hook(ctx):
+        l0 = block_output_loss(ctx, loss="token")
+        new = tuner(ctx)
+        for n, qw in (new or {}).items():
+            ctx.block.get_submodule(n).weight.data = qw.dequantize()
+        seen.append((l0, block_output_loss(ctx, loss="token")))
+        return new
+
+    compress(tiny_llama_dir, tmp_path / "q", Recipe(method="rtn", bits=4, group_size=16,
+                                                    sparsity=0.5),
+             calib=calib_file, block_hook=hook, **FAST)
+    assert seen and all(l1 <= l0 * (1 + 1e-6) for l0, l1 in seen)
+    recs = tuner.records
+    assert all(r.loss == "token" for r in recs) and any(r.accepted for r in recs)
+    assert [r.loss_before for r in recs] == pytest.approx([l0 for l0, _ in seen], rel=1e-6)
+    assert tuner.options()["loss"] == "token"
+    with pytest.raises(ConfigError, match="loss"):
+        make_block_tuner("bqpo", loss="l1")
+
+
+def test_cli_tune_loss(tiny_llama_dir, tmp_path, calib_file):
+    from bitpress.cli import main
+
+    out = tmp_path / "q"
+    assert main(["compress", str(tiny_llama_dir), "--out", str(out), "--calib", str(calib_file),
+                 "--nsamples", "4", "--seqlen", "32", "--method", "gqsa", "--bits", "4",
+                 "--sparsity", "0.5", "--tune-loss", "token", "--tune-steps", "2"]) == 0
+    s = json.loads((out / "bitpress_summary.json").read_text())
+    assert s["block_tune"]["mode"] == "bqpo" and s["block_tune"]["loss"] == "token"
+    assert all(r["loss"] == "token" for r in s["block_tune_losses"])
