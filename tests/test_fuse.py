@@ -8,7 +8,7 @@ from torch import nn
 
 from bitpress.errors import ConfigError
 from bitpress.kernels import use_impl
-from bitpress.nn import QuantLinear, Recipe, replace_linears
+from bitpress.nn import GroupSparseLinear, QuantLinear, Recipe, replace_linears
 from bitpress.nn.fuse import fuse_linears, pack_output_head, unfuse_linears
 
 cpu = pytest.importorskip("bitpress.kernels.cpu", reason="bitpress._C CPU kernels not built")
@@ -144,6 +144,42 @@ def test_fast_path_revalidates():
         assert q(x[:, :0].new_empty(0, 128)).shape == (0, 40)
         with pytest.raises(RuntimeError, match="expected 128"):
             q(torch.randn(2, 127))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_sparse_fast_path_revalidates(bits):
+    """GroupSparseLinear binds its kernel plan too: same numbers as the regular path; mode,
+    forced implementation, in-place updates, replaced buffers and GEMM-sized calls re-route."""
+    torch.manual_seed(3)
+    q = GroupSparseLinear.from_linear(nn.Linear(160, 44), bits=bits, group_size=16,
+                                      sparsity=0.5)
+    args = lambda: (q.row_ptr, q.col_idx, q.qvalues, q.scales, q.zeros, q.bias, bits, 16, 160)
+    x = torch.randn(3, 160)
+    with torch.no_grad():
+        y0 = q(x)
+        assert "_fast" in q.__dict__
+        assert torch.equal(y0, cpu.sparse_qmm_cpu(x, *args()))
+        prev = cpu.get_act_mode()
+        try:
+            cpu.set_act_mode("exact")
+            torch.testing.assert_close(q(x), nn.functional.linear(x, q.dequantize(), q.bias),
+                                       rtol=1e-5, atol=1e-5)
+        finally:
+            cpu.set_act_mode(prev)
+        assert torch.equal(q(x), y0)
+        with use_impl("reference"):
+            torch.testing.assert_close(q(x), nn.functional.linear(x, q.dequantize(), q.bias))
+        q.zeros.add_(0.01)
+        torch.testing.assert_close(q(x), cpu.sparse_qmm_cpu(x, *args()))
+        q.bias = torch.zeros(44)
+        torch.testing.assert_close(q(x), cpu.sparse_qmm_cpu(x, *args()))
+        big = torch.randn(cpu.get_gemm_rows(), 160)  # the exact GEMM path, bit for bit
+        with use_impl("reference"):
+            ref = q(big)
+        assert torch.equal(q(big), ref)
+        assert q(x[:, :0].new_empty(0, 160)).shape == (0, 44)
+        with pytest.raises(RuntimeError, match="expected 160"):
+            q(torch.randn(2, 159))
 
 
 class _Head(nn.Module):

@@ -457,6 +457,55 @@ def dense_plan(args: tuple, mode: Optional[str] = None):
     return fast
 
 
+def sparse_plan(args: tuple, mode: Optional[str] = None):
+    """The lean call path of one group-sparse weight, as :func:`dense_plan` for dense ones:
+    ``fast(x)`` runs the tile kernel of :func:`sparse_qmm_cpu` with the weight bound once,
+    or returns ``None`` (use the regular path) for an x it does not take (not a contiguous
+    fp32 CPU tensor of ``in_features`` columns; GEMM-sized calls of the default mode) or when
+    a bound tensor, the mode, the cache or a forced implementation changed."""
+    x, row_ptr, col_idx, qvalues, scales, zeros, bias, bits, group_size, in_features = args
+    if not sparse_supports(x, row_ptr, col_idx, qvalues, scales, zeros, bias, bits, group_size,
+                           in_features) or mode == "blas":
+        return None
+    code = min(_MODES[mode or _mode], 1)
+    tiles, ntiles, pk = _sparse_packed(row_ptr, col_idx, qvalues, scales, zeros, bits,
+                                       group_size, in_features)
+    out = row_ptr.numel() - 1
+    b, bptr = _bias(bias, out)
+    gen, local, env = _gen, ops._LOCAL, _ENV_DATA
+    forced_local, forced_env = getattr(local, "forced", None), env.get(_ENV_KEY)
+    qs, tptr, nthreads, empty = _C.qmm_sparse, tiles.data_ptr(), torch.get_num_threads, \
+        torch.empty
+    f32 = torch.float32
+    ts = [t for t in (row_ptr, col_idx, qvalues, scales, zeros, bias) if t is not None]
+    # inference tensors have no version counter (asking raises): identity checks only
+    tv = [] if any(t.is_inference() for t in ts) else [(t, t._version) for t in ts]
+    gemm_rows = _gemm_rows if mode is None else None
+
+    def fast(x: torch.Tensor) -> Optional[torch.Tensor]:
+        if (x.dtype is not f32 or not x.is_contiguous() or not x.is_cpu or _gen != gen
+                or getattr(local, "forced", None) != forced_local
+                or env.get(_ENV_KEY) != forced_env):
+            return None
+        for t, v in tv:
+            if t._version != v:
+                return None
+        shape = x.shape
+        if shape[-1] != in_features:
+            return None
+        m = x.numel() // in_features
+        if gemm_rows is not None and m >= gemm_rows:
+            return None
+        y = empty(*shape[:-1], out)
+        if m:
+            qs(tptr, ntiles, out, in_features, bits, group_size, pk, x.data_ptr(), m,
+               y.data_ptr(), bptr, code, nthreads())
+        return y
+
+    fast.keep = (tiles, b)  # the bound buffers live as long as the plan
+    return fast
+
+
 def sparse_qmm_cpu(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                    qvalues: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                    bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int,
@@ -542,6 +591,7 @@ def _native(mode: Optional[str]):
 
     # modules (bitpress.nn) bind a weight once through ``plan`` when it is there
     dense.plan = lambda args: dense_plan(args, mode)
+    sparse.plan = lambda args: sparse_plan(args, mode)
     return dense, sparse
 
 

@@ -39,6 +39,8 @@ def _linear_weight(linear: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tens
 
 
 class _PackedLinear(nn.Module):
+    #: the buffers that hold the weight (with ``bias``: what a kernel plan binds)
+    _WEIGHT_TENSORS: tuple[str, ...] = ()
     bits: int
     group_size: int
     in_features: int
@@ -113,11 +115,12 @@ class _PackedLinear(nn.Module):
             self.__dict__.pop("_fast", None)
         impl = cached[1]
         plan = getattr(impl, "plan", None)
-        if plan is not None and not any(isinstance(t, nn.Parameter) for t in args[1:5]):
+        bound = tuple(getattr(self, n) for n in self._WEIGHT_TENSORS) + (self.bias,)
+        if plan is not None and not any(isinstance(t, nn.Parameter) for t in bound):
             # bind the weight once (see _fast_forward); the plan re-validates every call
             fast = plan(args)
             if fast is not None:
-                self.__dict__["_fast"] = (fast, args[1:5])
+                self.__dict__["_fast"] = (fast, bound)
                 y = fast(x)
                 if y is not None:
                     return y
@@ -133,8 +136,10 @@ class _PackedLinear(nn.Module):
             return None
         fast, bound = fp
         b = self._buffers
-        if (b.get("qweight") is not bound[0] or b.get("scales") is not bound[1]
-                or b.get("zeros") is not bound[2] or self.bias is not bound[3]):
+        for name, t in zip(self._WEIGHT_TENSORS, bound):
+            if b.get(name) is not t:
+                return None
+        if self.bias is not bound[-1]:
             return None
         return fast(x)
 
@@ -146,6 +151,7 @@ class _PackedLinear(nn.Module):
 
 class QuantLinear(_PackedLinear):
     """Dense low-bit linear: ``y = x Wᵀ + b`` with ``W`` in the canonical packed layout."""
+    _WEIGHT_TENSORS = ("qweight", "scales", "zeros")
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4,
                  group_size: int = 128, bias: bool = False,
@@ -210,6 +216,7 @@ class QuantLinear(_PackedLinear):
 
 class GroupSparseLinear(_PackedLinear):
     """Group-sparse low-bit linear: kept weight groups stored as block-sparse rows."""
+    _WEIGHT_TENSORS = ("row_ptr", "col_idx", "qvalues", "scales", "zeros")
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4,
                  group_size: int = 16, nnz: int = 0, bias: bool = False,
@@ -271,6 +278,9 @@ class GroupSparseLinear(_PackedLinear):
                 "nnz": self.nnz}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._fast_forward(x)
+        if y is not None:
+            return y
         return self._run("sparse_qmm", sparse_qmm, (x, self.row_ptr, self.col_idx, self.qvalues,
                                                     self.scales, self.zeros, self.bias, self.bits,
                                                     self.group_size, self.in_features))
