@@ -31,6 +31,22 @@ def _best(rows, **want):
     return hit[-1] if hit else None
 
 
+def merge(files: list[dict]) -> dict:
+    """One quality dict from several ``bench/quality.py`` JSONs (later files' rows supersede
+    earlier ones of the same setting); every row is tagged with its file's calibration."""
+    rows = []
+    for q in files:
+        for r in q["rows"]:
+            r = dict(r)
+            if r["method"] != "fp":
+                steps = r.get("tune_steps")
+                r["calibration"] = (f"{q.get('nsamples')}×{q.get('calib_seqlen')}"
+                                    + (f", {steps} tuning steps" if steps else "")
+                                    + (f", {r['tune_loss']} loss" if r.get("tune_loss") else ""))
+            rows.append(r)
+    return {"rows": rows}
+
+
 def collect(quality: dict, decode: dict | None, threads: str) -> list[dict]:
     rows = quality["rows"]
     speed = (decode or {}).get("results", {}).get(threads, {})
@@ -56,7 +72,8 @@ def collect(quality: dict, decode: dict | None, threads: str) -> list[dict]:
         points.append({"label": f"GQSA W{r['bits']} g{r['group_size']} S{pct}", "kind": "gqsa",
                        "sparsity": r.get("sparsity") or 0.0, "bpw": r["bits_per_weight"],
                        "ppl": r["ppl"]["wikitext2"], "speed": sp, "speed_from": src,
-                       "packed_vs_fake": r["ppl"].get("packed_vs_fake")})
+                       "packed_vs_fake": r["ppl"].get("packed_vs_fake"),
+                       "calibration": r.get("calibration")})
     # (label, quality.json row filter, sparsity, decode.py model timed for it or None: the
     # element-sparse baselines have no packed kernel, so no decode speed to report)
     baselines = (("2:4 + W4 (SparseGPT)", {"method": "sparsegpt24"}, 0.5, None),
@@ -69,19 +86,20 @@ def collect(quality: dict, decode: dict | None, threads: str) -> list[dict]:
             sp, src = tps(timed) if timed else (None, None)
             points.append({"label": label, "kind": "baseline", "sparsity": sparsity,
                            "bpw": r["bits_per_weight"], "ppl": r["ppl"]["wikitext2"],
-                           "speed": sp, "speed_from": src})
+                           "speed": sp, "speed_from": src, "calibration": r.get("calibration")})
     return points
 
 
 def table(points: list[dict]) -> str:
     fp = next((p["ppl"] for p in points if p["kind"] == "fp"), None)
-    lines = ["| model | sparsity | bits/weight | WikiText-2 ppl | vs FP | decode vs fp32 |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | sparsity | bits/weight | WikiText-2 ppl | vs FP | decode vs fp32 | "
+             "calibration |",
+             "|---|---|---|---|---|---|---|"]
     for p in points:
         rel = f"{100 * (p['ppl'] / fp - 1):+.1f}%" if fp and p["kind"] != "fp" else ""
         spd = f"{p['speed']:.2f}×" if p["speed"] is not None else "–"
         lines.append(f"| {p['label']} | {100 * p['sparsity']:.0f}% | {p['bpw']:.3f} | "
-                     f"{p['ppl']:.2f} | {rel} | {spd} |")
+                     f"{p['ppl']:.2f} | {rel} | {spd} | {p.get('calibration') or ''} |")
     return "\n".join(lines)
 
 
@@ -125,23 +143,27 @@ def plot(points: list[dict], path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quality", type=Path, default=HERE / "results" / "quality.json")
+    ap.add_argument("--quality", type=Path, action="append", default=None,
+                    help="a bench/quality.py JSON (repeatable; later files' rows supersede "
+                         "earlier ones of the same setting; default results/quality.json)")
     ap.add_argument("--decode", type=Path, default=None, help="a bench/decode.py JSON")
     ap.add_argument("--threads", default="1", help="which thread count of the decode JSON")
     ap.add_argument("--png", type=Path, default=HERE / "results" / "gqsa_tradeoff.png")
     args = ap.parse_args(argv)
-    if not args.quality.exists():
-        sys.exit(f"{args.quality} not found: run bench/quality.py first")
-    quality = json.loads(args.quality.read_text())
+    files = args.quality or [HERE / "results" / "quality.json"]
+    for f in files:
+        if not f.exists():
+            sys.exit(f"{f} not found: run bench/quality.py first")
+    quality = merge([json.loads(f.read_text()) for f in files])
     decode = json.loads(args.decode.read_text()) if args.decode else None
     if args.decode and args.threads not in decode.get("results", {}):
         sys.exit(f"{args.decode} has no results for {args.threads} thread(s)")
     points = collect(quality, decode, args.threads)
     if not any(p["kind"] == "gqsa" for p in points):
-        sys.exit(f"{args.quality} has no GQSA rows: run bench/quality.py --methods gqsa first")
+        sys.exit("no GQSA rows in the quality JSON(s): run bench/quality.py --methods gqsa first")
     print(table(points))
-    plot(points, args.png, "SmolLM2-135M, WikiText-2 test (40 x 1024 tokens); calibration 128 x 512 "
-                           "tokens of WikiText-2 valid")
+    plot(points, args.png, "SmolLM2-135M, WikiText-2 test (40 x 1024 tokens); calibration windows "
+                           "of WikiText-2 valid (per point: see the table)")
     print(f"\nwrote {args.png}")
     return 0
 
