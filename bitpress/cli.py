@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tune-loss", default=None, choices=["mse", "token"],
                    help="block-output loss of the tuning and of its acceptance check: mse "
                         "(every element alike) or token (each token's squared error relative "
-                        "to its squared norm); default: mse")
+                        "to its squared norm); default: token for bqpo, mse for float_parts")
 
     d = c.add_argument_group("diffusion (--method cachequant)")
     d.add_argument("--steps", type=int, default=100, help="denoising steps (default 100)")

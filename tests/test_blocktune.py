@@ -329,10 +329,14 @@ def test_bqpo_token_loss_never_raises_it(tiny_llama_dir, tmp_path, calib_file):
 def test_cli_tune_loss(tiny_llama_dir, tmp_path, calib_file):
     from bitpress.cli import main
 
-    out = tmp_path / "q"
-    assert main(["compress", str(tiny_llama_dir), "--out", str(out), "--calib", str(calib_file),
-                 "--nsamples", "4", "--seqlen", "32", "--method", "gqsa", "--bits", "4",
-                 "--sparsity", "0.5", "--tune-loss", "token", "--tune-steps", "2"]) == 0
-    s = json.loads((out / "bitpress_summary.json").read_text())
-    assert s["block_tune"]["mode"] == "bqpo" and s["block_tune"]["loss"] == "token"
-    assert all(r["loss"] == "token" for r in s["block_tune_losses"])
+    # bqpo (gqsa's default tuning) defaults to the token loss; --tune-loss overrides it
+    for extra, want in (([], "token"), (["--tune-loss", "mse"], "mse")):
+        out = tmp_path / f"q{want}"
+        assert main(["compress", str(tiny_llama_dir), "--out", str(out), "--calib",
+                     str(calib_file), "--nsamples", "4", "--seqlen", "32", "--method", "gqsa",
+                     "--bits", "4", "--sparsity", "0.5", "--tune-steps", "2", *extra]) == 0
+        s = json.loads((out / "bitpress_summary.json").read_text())
+        assert s["block_tune"]["mode"] == "bqpo" and s["block_tune"]["loss"] == want
+        assert all(r["loss"] == want for r in s["block_tune_losses"])
+    assert make_block_tuner("float_parts").options()["loss"] == "mse"
+    assert make_block_tuner("bqpo").options()["loss"] == "token"
