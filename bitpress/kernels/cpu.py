@@ -394,6 +394,31 @@ def dense_qmm_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return _finish(y, x, out)
 
 
+def _plan_guard(tensors: tuple, in_features: int):
+    """``stale(x)`` for a kernel plan bound to ``tensors`` (``None`` entries skipped): true
+    when x is not a contiguous fp32 CPU tensor of ``in_features`` columns, or when a bound
+    tensor was updated in place or the mode/ISA/cache generation or a forced implementation
+    changed since the plan was made (then the caller takes the regular path)."""
+    gen, local, env = _gen, ops._LOCAL, _ENV_DATA
+    forced_local, forced_env = getattr(local, "forced", None), env.get(_ENV_KEY)
+    f32 = torch.float32
+    ts = [t for t in tensors if t is not None]
+    # inference tensors have no version counter (asking raises): identity checks only
+    tv = () if any(t.is_inference() for t in ts) else tuple((t, t._version) for t in ts)
+
+    def stale(x: torch.Tensor) -> bool:
+        if (x.dtype is not f32 or not x.is_contiguous() or not x.is_cpu or _gen != gen
+                or getattr(local, "forced", None) != forced_local
+                or env.get(_ENV_KEY) != forced_env or x.shape[-1] != in_features):
+            return True
+        for t, v in tv:
+            if t._version != v:
+                return True
+        return False
+
+    return stale
+
+
 def dense_plan(args: tuple, mode: Optional[str] = None):
     """A lean call path for one dense weight: returns ``fast(x)`` that runs the same kernel
     as :func:`dense_qmm_cpu` with the weight arguments of ``args`` (the op's arguments; the x
@@ -416,30 +441,16 @@ def dense_plan(args: tuple, mode: Optional[str] = None):
                                1 if code >= 2 else 0)
     out = qweight.shape[0]
     b, bptr = _bias(bias, out)
-    gen, local, env = _gen, ops._LOCAL, _ENV_DATA
-    forced_local, forced_env = getattr(local, "forced", None), env.get(_ENV_KEY)
+    stale = _plan_guard((qweight, scales, zeros, bias), in_features)
     qd, pptr, nthreads, empty = _C.qmm_dense, packed.data_ptr(), torch.get_num_threads, torch.empty
-    f32 = torch.float32
-    ts = [t for t in (qweight, scales, zeros, bias) if t is not None]
-    # inference tensors have no version counter (asking raises): identity checks only
-    tv = [] if any(t.is_inference() for t in ts) else [(t, t._version) for t in ts]
-    (q0, v0), (s0, v1), (z0, v2) = tv[:3] if tv else ((qweight, 0),) * 3
-    check_v = bool(tv)
     gemm_rows = _gemm_rows if mode is None else None
     gemm = None
 
     def fast(x: torch.Tensor) -> Optional[torch.Tensor]:
         nonlocal gemm
-        if (x.dtype is not f32 or not x.is_contiguous() or not x.is_cpu or _gen != gen
-                or getattr(local, "forced", None) != forced_local
-                or env.get(_ENV_KEY) != forced_env):
-            return None
-        if check_v and (q0._version != v0 or s0._version != v1 or z0._version != v2
-                        or (len(tv) == 4 and tv[3][0]._version != tv[3][1])):
+        if stale(x):
             return None
         shape = x.shape
-        if shape[-1] != in_features:
-            return None
         m = x.numel() // in_features
         if gemm_rows is not None and m >= gemm_rows:
             if gemm is None:
@@ -472,27 +483,15 @@ def sparse_plan(args: tuple, mode: Optional[str] = None):
                                        group_size, in_features)
     out = row_ptr.numel() - 1
     b, bptr = _bias(bias, out)
-    gen, local, env = _gen, ops._LOCAL, _ENV_DATA
-    forced_local, forced_env = getattr(local, "forced", None), env.get(_ENV_KEY)
+    stale = _plan_guard((row_ptr, col_idx, qvalues, scales, zeros, bias), in_features)
     qs, tptr, nthreads, empty = _C.qmm_sparse, tiles.data_ptr(), torch.get_num_threads, \
         torch.empty
-    f32 = torch.float32
-    ts = [t for t in (row_ptr, col_idx, qvalues, scales, zeros, bias) if t is not None]
-    # inference tensors have no version counter (asking raises): identity checks only
-    tv = [] if any(t.is_inference() for t in ts) else [(t, t._version) for t in ts]
     gemm_rows = _gemm_rows if mode is None else None
 
     def fast(x: torch.Tensor) -> Optional[torch.Tensor]:
-        if (x.dtype is not f32 or not x.is_contiguous() or not x.is_cpu or _gen != gen
-                or getattr(local, "forced", None) != forced_local
-                or env.get(_ENV_KEY) != forced_env):
+        if stale(x):
             return None
-        for t, v in tv:
-            if t._version != v:
-                return None
         shape = x.shape
-        if shape[-1] != in_features:
-            return None
         m = x.numel() // in_features
         if gemm_rows is not None and m >= gemm_rows:
             return None
