@@ -10,6 +10,8 @@ methods can overfit their calibration domain.
 
     .venv/bin/python bench/quality.py                       # the full protocol
     .venv/bin/python bench/quality.py --settings 3:128 --nsamples 16 --windows 2   # smoke
+    .venv/bin/python bench/quality.py --methods gqsa --settings 4:16:0.5 --e2e-lr 1e-4 \
+        --keep /ckpt --reuse     # GQSA + E2E-OQP (`bitpress finetune`) as its own row
 
 Prints a table and writes JSON (``--json``, default bench/results/quality.json).
 """
@@ -94,6 +96,49 @@ def compress_in_subprocess(model_path, out: Path, method: str, bits: int, gs: in
     return json.loads((out / "bitpress_summary.json").read_text())
 
 
+def e2e_settings(args) -> Optional[dict]:
+    """The ``bitpress finetune`` stage (E2E-OQP) asked for by ``--e2e-lr``, or None."""
+    if args.e2e_lr is None:
+        return None
+    return {"lr": args.e2e_lr, "steps": args.e2e_steps,
+            "nsamples": args.e2e_nsamples or args.nsamples, "seqlen": args.calib_seqlen}
+
+
+def e2e_record(out: Path) -> Optional[dict]:
+    """The last finetune run recorded in checkpoint ``out`` (``bitpress_finetune.json``)."""
+    f = out / "bitpress_finetune.json"
+    if not f.is_file() or not (out / "model.safetensors").is_file():
+        return None
+    runs = json.loads(f.read_text()).get("runs") or []
+    return runs[-1] if runs else None
+
+
+def e2e_matches(run: Optional[dict], e2e: dict) -> bool:
+    return (run is not None and run.get("lr") == e2e["lr"] and run.get("windows") == e2e["nsamples"]
+            and run.get("seqlen") == e2e["seqlen"]
+            and (e2e["steps"] is None or run.get("steps") == e2e["steps"]))
+
+
+def finetune_in_subprocess(src: Path, out: Path, calib_path, e2e: dict, args) -> dict:
+    """E2E-OQP: ``bitpress finetune`` of the scales/zeros (and norms) of checkpoint ``src``
+    on the calibration text, written to ``out``; returns the run's record."""
+    cmd = [sys.executable, "-m", "bitpress.cli", "finetune", str(src), "--out", str(out),
+           "--force", "--text", str(calib_path), "--nsamples", str(e2e["nsamples"]),
+           "--seqlen", str(e2e["seqlen"]), "--lr", str(e2e["lr"])]
+    if e2e["steps"] is not None:
+        cmd += ["--steps", str(e2e["steps"])]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    subprocess.run(cmd, check=True, env=env)
+    return e2e_record(out)
+
+
+def _e2e_key(e2e: Optional[dict]) -> Optional[tuple]:
+    """What makes two E2E stages the same row (lr, windows, requested steps)."""
+    if not e2e:
+        return None
+    return (e2e["lr"], e2e["nsamples"], e2e.get("steps_requested", e2e.get("steps")))
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -129,6 +174,14 @@ def main() -> None:
     ap.add_argument("--tune-loss", default=None, choices=["mse", "token"],
                     help="block-tuning loss of decoupleq/gqsa rows (a separate row when given; "
                          "default: the method's own)")
+    ap.add_argument("--e2e-lr", type=float, default=None,
+                    help="add the end-to-end stage (E2E-OQP, `bitpress finetune`: scales/zeros "
+                         "and norms on causal-LM loss over the calibration text) to decoupleq/"
+                         "gqsa rows at this learning rate (a separate row)")
+    ap.add_argument("--e2e-steps", type=int, default=None,
+                    help="optimizer steps of the E2E stage (default: one pass over its windows)")
+    ap.add_argument("--e2e-nsamples", type=int, default=None,
+                    help="calibration windows of the E2E stage (default: --nsamples)")
     ap.add_argument("--reuse", action="store_true",
                     help="with --keep: score a finished checkpoint already in the --keep "
                          "directory with this row's settings instead of compressing again "
@@ -189,6 +242,9 @@ def main() -> None:
     def tune_loss(method):
         return args.tune_loss if method in ("decoupleq", "gqsa") else None
 
+    def e2e(method):
+        return e2e_settings(args) if method in ("decoupleq", "gqsa") else None
+
     def reusable(out: Path, method, bits, gs, sparsity) -> Optional[dict]:
         """The summary of a finished checkpoint in ``out`` made with this row's settings."""
         f = out / "bitpress_summary.json"
@@ -210,6 +266,7 @@ def main() -> None:
         return any(r["method"] == method and r["bits"] == bits and r["group_size"] == gs
                    and r.get("sparsity") == sparsity and r.get("tune_steps") == tune_steps(method)
                    and r.get("tune_loss") == tune_loss(method)
+                   and _e2e_key(r.get("e2e")) == _e2e_key(e2e(method))
                    for r in rows)
 
     def write() -> None:
@@ -266,6 +323,19 @@ def main() -> None:
                     s = compress_in_subprocess(model_path, out, m, bits, gs, calib_path, args,
                                                sp)
                     tc = time.time() - t0
+                e2 = e2e(m)
+                if e2 is not None:  # E2E-OQP on top of the compressed checkpoint
+                    out_e2e = out.with_name(f"{out.name}-e2e{e2['lr']:g}"
+                                            + ("" if e2["steps"] is None else f"s{e2['steps']}"))
+                    run = e2e_record(out_e2e) if args.reuse else None
+                    if e2e_matches(run, e2) and run.get("source") == str(out):
+                        print(f"reusing {out_e2e} (finetuned in {run.get('seconds')} s)",
+                              flush=True)
+                    else:
+                        run = finetune_in_subprocess(out, out_e2e, calib_path, e2, args)
+                    e2 = {**e2, "steps_requested": e2["steps"], "steps": run.get("steps"), "seconds": run.get("seconds"),
+                          "final_loss": (run.get("losses") or [None])[-1]}
+                    out = out_e2e
                 t1 = time.time()
                 model, tok = bitpress.load(out), load_tokenizer(out)
                 ppl = score(model, tok)
@@ -284,6 +354,8 @@ def main() -> None:
                     row["tune_steps"] = tune_steps(m)
                 if tune_loss(m) is not None:
                     row["tune_loss"] = tune_loss(m)
+                if e2 is not None:
+                    row["e2e"] = e2
                 rows.append({**row,
                              "bits_per_weight": s["bits_per_weight"],
                              "seconds_compress": round(tc, 1),
@@ -305,6 +377,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         sp = f" S{round(100 * r['sparsity'])}" if r.get("sparsity") else ""
+        if r.get("e2e"):
+            sp += f" +E2E lr {r['e2e']['lr']:g}"
         print(f"| {r['method']}{sp} | {r['bits']} | {r['group_size'] or '-'} | "
               f"{r['bits_per_weight']:.3f} | {r['ppl']['wikitext2']:.2f} | "
               f"{r['ppl']['second']:.2f} | {r['seconds_compress'] or '-'} |")

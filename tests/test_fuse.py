@@ -9,7 +9,7 @@ from torch import nn
 from bitpress.errors import ConfigError
 from bitpress.kernels import use_impl
 from bitpress.nn import GroupSparseLinear, QuantLinear, Recipe, replace_linears
-from bitpress.nn.fuse import fuse_linears, pack_output_head, unfuse_linears
+from bitpress.nn.fuse import fuse_linears, fuse_norms, pack_output_head, unfuse_linears
 
 cpu = pytest.importorskip("bitpress.kernels.cpu", reason="bitpress._C CPU kernels not built")
 
@@ -213,3 +213,52 @@ def test_pack_output_head_keeps_embedding_float():
     assert (out - ref).norm() < 0.2 * ref.norm()
     with pytest.raises(ConfigError):
         pack_output_head(nn.Linear(3, 3))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fuse_norms_replaces_rmsnorm_same_outputs_and_state_dict(arch):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+
+    torch.manual_seed(3)
+    m = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+    with torch.no_grad():  # non-trivial norm weights
+        for mod in m.modules():
+            if type(mod).__name__.endswith("RMSNorm"):
+                mod.weight.uniform_(0.5, 1.5)
+    ids = torch.randint(0, 512, (2, 9))
+    keys = sorted(m.state_dict())
+    with torch.no_grad():
+        ref = m(ids).logits
+        n = fuse_norms(m)
+        out = m(ids).logits
+    assert n == 2 * 2 + 1  # two per block, the final norm
+    assert sum(isinstance(x, nn.RMSNorm) for x in m.modules()) == n
+    assert sorted(m.state_dict()) == keys
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert fuse_norms(m) == 0  # already fused
+    # the weight is shared, not copied: training or loading still reaches it
+    w = m.model.norm.weight
+    with torch.no_grad():
+        w.mul_(2.0)
+    assert torch.equal(m.state_dict()["model.norm.weight"], w)
+
+
+class GemmaLikeRMSNorm(nn.Module):
+    """(1 + weight) scaling: must fail the probe and stay."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(dim) * 0.1)
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x):
+        v = x.float().pow(2).mean(-1, keepdim=True)
+        return (x * torch.rsqrt(v + self.variance_epsilon)) * (1.0 + self.weight)
+
+
+def test_fuse_norms_keeps_modules_whose_formula_differs():
+    m = nn.Sequential(GemmaLikeRMSNorm(32), nn.Linear(32, 4))
+    assert fuse_norms(m) == 0
+    assert isinstance(m[0], GemmaLikeRMSNorm)
