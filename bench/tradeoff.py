@@ -42,7 +42,10 @@ def merge(files: list[dict]) -> dict:
                 steps = r.get("tune_steps")
                 r["calibration"] = (f"{q.get('nsamples')}×{q.get('calib_seqlen')}"
                                     + (f", {steps} tuning steps" if steps else "")
-                                    + (f", {r['tune_loss']} loss" if r.get("tune_loss") else ""))
+                                    + (f", {r['tune_loss']} loss" if r.get("tune_loss") else "")
+                                    + (f", + E2E-OQP {r['e2e']['steps']} steps lr {r['e2e']['lr']:g}"
+                                       if r.get("e2e") else ""))
+            r["has_e2e"] = bool(r.get("e2e"))
             rows.append(r)
     return {"rows": rows}
 
@@ -66,10 +69,12 @@ def collect(quality: dict, decode: dict | None, threads: str) -> list[dict]:
     for r in sorted((r for r in rows if r["method"] == "gqsa" and "ppl" in r),
                     key=lambda r: r.get("sparsity") or 0):
         pct = round(100 * (r.get("sparsity") or 0))
-        if any(p["kind"] == "gqsa" and p["sparsity"] == (r.get("sparsity") or 0) for p in points):
-            points = [p for p in points if not (p["kind"] == "gqsa" and p["sparsity"] == r["sparsity"])]
+        kind = "gqsa_e2e" if r.get("e2e") else "gqsa"  # with E2E-OQP: a series of its own
+        points = [p for p in points if not (p["kind"] == kind
+                                            and p["sparsity"] == (r.get("sparsity") or 0))]
         sp, src = tps(f"GQSA S{pct}", f"W4 g{r['group_size']} S{pct}")
-        points.append({"label": f"GQSA W{r['bits']} g{r['group_size']} S{pct}", "kind": "gqsa",
+        points.append({"label": f"GQSA W{r['bits']} g{r['group_size']} S{pct}"
+                       + (" + E2E" if r.get("e2e") else ""), "kind": kind,
                        "sparsity": r.get("sparsity") or 0.0, "bpw": r["bits_per_weight"],
                        "ppl": r["ppl"]["wikitext2"], "speed": sp, "speed_from": src,
                        "packed_vs_fake": r["ppl"].get("packed_vs_fake"),
@@ -78,7 +83,10 @@ def collect(quality: dict, decode: dict | None, threads: str) -> list[dict]:
     # element-sparse baselines have no packed kernel, so no decode speed to report)
     baselines = (("2:4 + W4 (SparseGPT)", {"method": "sparsegpt24"}, 0.5, None),
                  ("unstructured 50% + W4", {"method": "unstructured"}, 0.5, None),
-                 ("decoupleQ W2 g64", {"method": "decoupleq", "bits": 2, "group_size": 64}, 0.0, "W2 g64"),
+                 ("decoupleQ W2 g64", {"method": "decoupleq", "bits": 2, "group_size": 64,
+                                       "e2e": None}, 0.0, "W2 g64"),
+                 ("decoupleQ W2 g64 + E2E", {"method": "decoupleq", "bits": 2, "group_size": 64,
+                                             "has_e2e": True}, 0.0, "W2 g64"),
                  ("GPTQ W4 g128", {"method": "gptq", "bits": 4, "group_size": 128}, 0.0, "W4 g128"))
     for label, want, sparsity, timed in baselines:
         r = _best(rows, **want)
@@ -112,17 +120,18 @@ def plot(points: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    g = [p for p in points if p["kind"] == "gqsa"]
-    others = [p for p in points if p["kind"] != "gqsa"]
+    series = (("gqsa", "GQSA W4 g16", "o-", "C0"), ("gqsa_e2e", "GQSA W4 g16 + E2E-OQP", "o--", "C9"))
+    others = [p for p in points if not p["kind"].startswith("gqsa")]
     color = {p["label"]: f"C{i + 1}" for i, p in enumerate(o for o in others if o["kind"] != "fp")}
     for ax, key, xlabel in ((axes[0], "bpw", "bits per weight on disk (indices, scales, zeros included)"),
                             (axes[1], "speed", "batch-1 decode speed vs fp32 (same run)")):
-        gg = [p for p in g if p[key] is not None]
-        if gg:
-            ax.plot([p[key] for p in gg], [p["ppl"] for p in gg], "o-", color="C0", label="GQSA W4 g16")
-            for p in gg:
-                ax.annotate(f"S{100 * p['sparsity']:.0f}", (p[key], p["ppl"]), textcoords="offset points",
-                            xytext=(4, 4), fontsize=8)
+        for kind, name, style, col in series:
+            gg = [p for p in points if p["kind"] == kind and p[key] is not None]
+            if gg:
+                ax.plot([p[key] for p in gg], [p["ppl"] for p in gg], style, color=col, label=name)
+                for p in gg:
+                    ax.annotate(f"S{100 * p['sparsity']:.0f}", (p[key], p["ppl"]),
+                                textcoords="offset points", xytext=(4, 4), fontsize=8)
         for p in others:
             if p[key] is not None and p["kind"] != "fp":
                 ax.plot([p[key]], [p["ppl"]], "s", color=color[p["label"]], label=p["label"])
@@ -159,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.decode and args.threads not in decode.get("results", {}):
         sys.exit(f"{args.decode} has no results for {args.threads} thread(s)")
     points = collect(quality, decode, args.threads)
-    if not any(p["kind"] == "gqsa" for p in points):
+    if not any(p["kind"].startswith("gqsa") for p in points):
         sys.exit("no GQSA rows in the quality JSON(s): run bench/quality.py --methods gqsa first")
     print(table(points))
     plot(points, args.png, "SmolLM2-135M, WikiText-2 test (40 x 1024 tokens); calibration windows "

@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer steps (default: --epochs passes over the windows)")
     f.add_argument("--epochs", type=int, default=1, help="passes over the windows (default 1)")
     f.add_argument("--lr", type=float, default=None,
-                   help="Adam learning rate of scales/zeros (default 1e-5)")
+                   help="Adam learning rate of scales/zeros (default 1e-4)")
     f.add_argument("--norm-lr", type=float, default=None,
                    help="learning rate of the norm weights (default: --lr)")
     f.add_argument("--batch-size", type=int, default=1, help="windows per step (default 1)")
