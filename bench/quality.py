@@ -333,7 +333,8 @@ def main() -> None:
                               flush=True)
                     else:
                         run = finetune_in_subprocess(out, out_e2e, calib_path, e2, args)
-                    e2 = {**e2, "steps_requested": e2["steps"], "steps": run.get("steps"), "seconds": run.get("seconds"),
+                    e2 = {**e2, "steps_requested": e2["steps"], "steps": run.get("steps"),
+                          "seconds": run.get("seconds"),
                           "final_loss": (run.get("losses") or [None])[-1]}
                     out = out_e2e
                 t1 = time.time()
