@@ -238,6 +238,38 @@ def test_act_mode_switch_and_isa_errors():
         cpu.set_isa("avx9000")
 
 
+def test_prefetch_distance_changes_nothing_but_speed():
+    # prefetching past the end of a weight (1 MiB ahead of a few-KiB buffer) must not fault
+    # and no distance may change a result bit
+    dense = [(_weight(40, 200, b, 32 if b != 2 else 64).pack_dense(), b, 32 if b != 2 else 64)
+             for b in (2, 3, 4)]
+    keep = magnitude_keep_mask(torch.randn(24, 200), 16, 0.5)
+    sp = _weight(24, 200, 4, 16, keep=keep).pack_bsr()
+    x = torch.randn(3, 200)
+
+    def run():
+        ys = [cpu.dense_qmm_cpu(x[:m], p["qweight"], p["scales"], p["zeros"], None, b, g, 200)
+              for p, b, g in dense for m in (1, 3)]
+        ys.append(cpu.sparse_qmm_cpu(x, sp["row_ptr"], sp["col_idx"], sp["qvalues"],
+                                     sp["scales"], sp["zeros"], None, 4, 16, 200))
+        return ys
+
+    prev = cpu.get_prefetch()
+    assert prev == cpu.DEFAULT_PREFETCH_BYTES
+    try:
+        base = run()
+        for d in (0, 64, 1 << 20):
+            cpu.set_prefetch(d)
+            assert cpu.get_prefetch() == d
+            for y, y0 in zip(run(), base):
+                assert torch.equal(y, y0)
+    finally:
+        cpu.set_prefetch(prev)
+    for bad in (-1, 1.5, True, "2048"):
+        with pytest.raises(ValueError):
+            cpu.set_prefetch(bad)
+
+
 def test_repack_cache_sees_inplace_updates():
     qw = _weight(16, 64, 4, 32)
     p = qw.pack_dense()

@@ -93,6 +93,8 @@ _MODES = {"exact": 0, "int8": 1, "lut": 2, "lut63": 3}
 DEFAULT_GEMM_ROWS = 256
 #: largest dequantised panel of the GEMM path (bytes of fp32 weight)
 GEMM_PANEL_BYTES = 8 << 20
+# software prefetch distance of the AVX2 kernels (bytes ahead of the weight stream)
+DEFAULT_PREFETCH_BYTES = 2048
 _mode = os.environ.get("BITPRESS_CPU_ACT", "lut")
 if _mode not in _MODES:
     raise ValueError(f"BITPRESS_CPU_ACT must be 'lut', 'lut63', 'int8' or 'exact', got {_mode!r}")
@@ -101,6 +103,11 @@ _gemm_env = os.environ.get("BITPRESS_CPU_GEMM_ROWS", str(DEFAULT_GEMM_ROWS))
 if not _gemm_env.isdigit() or int(_gemm_env) < 1:
     raise ValueError(f"BITPRESS_CPU_GEMM_ROWS must be a positive integer, got {_gemm_env!r}")
 _gemm_rows = int(_gemm_env)
+_pf_env = os.environ.get("BITPRESS_CPU_PREFETCH")
+if _pf_env is not None:
+    if not _pf_env.isdigit():
+        raise ValueError(f"BITPRESS_CPU_PREFETCH must be a byte count >= 0, got {_pf_env!r}")
+    _C.qmm_set_prefetch(int(_pf_env))
 _CACHE = RepackCache()
 # bumped by set_isa / set_act_mode / clear_cache: invalidates the fast call plans
 _gen = 0
@@ -158,6 +165,21 @@ def set_gemm_rows(rows: int) -> None:
 
 def get_gemm_rows() -> int:
     return _gemm_rows
+
+
+def set_prefetch(nbytes: int) -> None:
+    """Distance, in bytes, at which the AVX2 kernels software-prefetch the packed weight
+    stream ahead of use (``0`` turns it off). Default :data:`DEFAULT_PREFETCH_BYTES` or
+    ``BITPRESS_CPU_PREFETCH``: the hardware prefetchers stop at every 4 KiB page, and a
+    batch-1 GEMV streams each weight once, so prefetching ahead of them is worth 15–25 % at
+    the Llama shapes (bench/RESULTS.md). Results do not depend on it."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"prefetch distance must be a byte count >= 0, got {nbytes!r}")
+    _C.qmm_set_prefetch(nbytes)
+
+
+def get_prefetch() -> int:
+    return int(_C.qmm_get_prefetch())
 
 
 def clear_cache() -> None:

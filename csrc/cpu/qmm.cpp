@@ -25,6 +25,10 @@
 
 namespace py = pybind11;
 
+namespace bitpress_cpu {
+int64_t g_prefetch_bytes = 2048;
+}  // namespace bitpress_cpu
+
 namespace {
 
 enum Isa : int { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2 };
@@ -573,6 +577,9 @@ void bitpress_register_qmm(py::module_& m) {
   m.def("qmm_get_isa", &get_isa, "ISA the CPU kernels use now.");
   m.def("qmm_set_min_work", [](int64_t n) { g_min_work = n < 1 ? 1 : n; }, py::arg("macs"),
         "Multiply-adds per thread below which a call runs on fewer threads (default 65536).");
+  m.def("qmm_set_prefetch", [](int64_t n) { bitpress_cpu::g_prefetch_bytes = n < 0 ? 0 : n; },
+        py::arg("nbytes"), "Bytes ahead of the weight stream the AVX2 kernels prefetch (0 = off).");
+  m.def("qmm_get_prefetch", [] { return bitpress_cpu::g_prefetch_bytes; });
   m.def("qmm_available_isas", &available_isas, "ISAs this CPU can run.");
   m.def("qmm_dense_packed_bytes", &dense_packed_bytes, py::arg("out"), py::arg("in_features"),
         py::arg("bits"), py::arg("group_size"), py::arg("pkind"));

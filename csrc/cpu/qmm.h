@@ -41,6 +41,8 @@
 #include <cstring>
 
 namespace bitpress_cpu {
+// bytes ahead of the weight stream the AVX2 kernels prefetch (0 = off; qmm_set_prefetch)
+extern int64_t g_prefetch_bytes;
 enum ParamKind : int { P_F16 = 0, P_BF16 = 1, P_F32 = 2 };
 // MODE_LUT63: the lut kernel with tables within +-63, so the two lookups of a block are added
 // in int8 before one vpmaddubsw (faster, twice the table error; opt-in)

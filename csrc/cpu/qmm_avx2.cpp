@@ -10,6 +10,16 @@
 
 namespace {
 
+// Software prefetch `g_prefetch_bytes` ahead of the weight stream (0 = off). The hardware
+// prefetchers stop at 4 KiB page boundaries; a GEMV streams each tile once, so at batch 1
+// the page-crossing stalls are a large share of the time (bench/RESULTS.md, CPU kernels).
+inline void prefetch_ahead(const uint8_t* p, int64_t nbytes) {
+  const int64_t d = bitpress_cpu::g_prefetch_bytes;
+  if (d <= 0) return;
+  for (int64_t o = 0; o < nbytes; o += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(p + d + o), _MM_HINT_T0);
+}
+
 inline __m256i bcast4(const int8_t* p) {
   int32_t t;
   std::memcpy(&t, p, 4);
@@ -134,6 +144,7 @@ void tile_mb(const DenseGeom& g, const Act& a, const uint8_t* tp, int64_t tile, 
   const int8_t* qp[MB];
   const float* xp[MB];
   for (int64_t s = 0; s < g.nseg; ++s) {
+    prefetch_ahead(p, g.code_bytes + 16 * PS);
     if (s == 0 || g.grouped) {
       s8 = load8p<PK>(p);
       z8 = load8p<PK>(p + 8 * PS);
@@ -286,6 +297,7 @@ void sparse_tiles(const SparseGeom& g, const Act& a, const uint8_t* tiles, int64
                   float* ylocal) {
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* tp = tiles + t * g.tile_bytes;
+    prefetch_ahead(tp, g.tile_bytes);
     int64_t m0 = 0;
     for (; m0 + 4 <= a.M; m0 += 4) sparse_tile_mb<BITS, PK, 4, I8>(g, a, tp, m0, ylocal);
     switch (a.M - m0) {
@@ -343,6 +355,7 @@ void lut_tile_mb(const DenseGeom& g, const Act& a, const uint8_t* tp, int64_t ti
   const int8_t* T[MB];
   for (int i = 0; i < MB; ++i) T[i] = a.lut + (m0 + i) * a.lstride;  // 64 bytes per block
   for (int64_t s = 0; s < g.nseg; ++s) {
+    for (int u = 0; u < TT; ++u) prefetch_ahead(p + u * tb_bytes, g.code_bytes + 16 * PS);
     if (s == 0 || g.grouped) {
       for (int u = 0; u < TT; ++u) {
         s8[u] = load8p<PK>(p + u * tb_bytes);
