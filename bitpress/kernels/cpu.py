@@ -94,7 +94,7 @@ DEFAULT_GEMM_ROWS = 256
 #: largest dequantised panel of the GEMM path (bytes of fp32 weight)
 GEMM_PANEL_BYTES = 8 << 20
 # software prefetch distance of the AVX2 kernels (bytes ahead of the weight stream)
-DEFAULT_PREFETCH_BYTES = 2048
+DEFAULT_PREFETCH_BYTES = 3072
 _mode = os.environ.get("BITPRESS_CPU_ACT", "lut")
 if _mode not in _MODES:
     raise ValueError(f"BITPRESS_CPU_ACT must be 'lut', 'lut63', 'int8' or 'exact', got {_mode!r}")

@@ -26,7 +26,7 @@
 namespace py = pybind11;
 
 namespace bitpress_cpu {
-int64_t g_prefetch_bytes = 2048;
+int64_t g_prefetch_bytes = 3072;
 }  // namespace bitpress_cpu
 
 namespace {

@@ -13,11 +13,13 @@ namespace {
 // Software prefetch `g_prefetch_bytes` ahead of the weight stream (0 = off). The hardware
 // prefetchers stop at 4 KiB page boundaries; a GEMV streams each tile once, so at batch 1
 // the page-crossing stalls are a large share of the time (bench/RESULTS.md, CPU kernels).
+inline void prefetch_lines(const uint8_t* p, int64_t nbytes) {
+  for (int64_t o = 0; o < nbytes; o += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(p + o), _MM_HINT_T0);
+}
 inline void prefetch_ahead(const uint8_t* p, int64_t nbytes) {
   const int64_t d = bitpress_cpu::g_prefetch_bytes;
-  if (d <= 0) return;
-  for (int64_t o = 0; o < nbytes; o += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(p + d + o), _MM_HINT_T0);
+  if (d > 0) prefetch_lines(p + d, nbytes);
 }
 
 inline __m256i bcast4(const int8_t* p) {
@@ -355,7 +357,17 @@ void lut_tile_mb(const DenseGeom& g, const Act& a, const uint8_t* tp, int64_t ti
   const int8_t* T[MB];
   for (int i = 0; i < MB; ++i) T[i] = a.lut + (m0 + i) * a.lstride;  // 64 bytes per block
   for (int64_t s = 0; s < g.nseg; ++s) {
-    for (int u = 0; u < TT; ++u) prefetch_ahead(p + u * tb_bytes, g.code_bytes + 16 * PS);
+    if (TT == 1) {
+      prefetch_ahead(p, g.code_bytes + 16 * PS);
+    } else if (bitpress_cpu::g_prefetch_bytes > 0) {
+      // two interleaved streams (tiles t, t + 1): past the end of its tile each one runs on
+      // into the next pair's tile (t + 2 or t + 3), not into the other stream's bytes
+      const int64_t off = (p - tp) + bitpress_cpu::g_prefetch_bytes;
+      for (int u = 0; u < TT; ++u)
+        prefetch_lines(off < tb_bytes ? tp + u * tb_bytes + off
+                                      : tp + (TT + u) * tb_bytes + (off - tb_bytes),
+                       g.code_bytes + 16 * PS);
+    }
     if (s == 0 || g.grouped) {
       for (int u = 0; u < TT; ++u) {
         s8[u] = load8p<PK>(p + u * tb_bytes);
