@@ -18,6 +18,8 @@ its weight (packed codes + fp16 scales/zeros for bitpress; indices too for spars
     .venv/bin/python bench/kernels.py --quick         # 4096x4096 and SmolLM2 only, batch 1/16
     .venv/bin/python bench/kernels.py --threads 1 --methods "bp W2 g64,bp W2 g64 int8" \
         --shapes 4096x4096 --batches 1,4 --json /tmp/k.json   # a subset
+    .venv/bin/python bench/kernels.py --threads 1 --rounds 7 --shapes 4096x4096 --batches 1 \
+        --methods "bp W2 g64,torch fp16"   # interleaved rounds: robust to bandwidth drift
     .venv/bin/python bench/kernels.py --threads 1 --compare-w2 \
         --json bench/results/kernels_w2_lut_ab.json           # W2 lut vs int8, interleaved
 """
@@ -134,14 +136,27 @@ def sparse_q(out: int, inf: int, bits: int, gs: int, sparsity: float,
             "bytes": qv.numel() * 4 + nnz * (2 + 2 + 4) + (out + 1) * 4}
 
 
+def _lean(fast, slow):
+    """The plan's call, or the regular one where the plan declines (no plan, or x it does
+    not take)."""
+    if fast is None:
+        return slow
+    return lambda x: y if (y := fast(x)) is not None else slow(x)
+
+
 def methods(out: int, inf: int, g: torch.Generator, skip: set[str]) -> dict:
     """name -> (bytes per weight, builder(k) -> callable(x))"""
     m: dict = {}
 
+    # bitpress is timed through the lean call path its modules run (cpu.dense_plan /
+    # sparse_plan: the weight bound once, ~3 us of Python per call instead of ~25 us for the
+    # checked dense_qmm_cpu / sparse_qmm_cpu functions)
     def add_dense(name, bits, gs, mode):
         def build():
             w = dense_q(out, inf, bits, gs, g)
-            return w["bytes"], (lambda x: cpu.dense_qmm_cpu(
+            fast = cpu.dense_plan((torch.zeros(1, inf), w["qweight"], w["scales"], w["zeros"],
+                                   None, bits, gs, inf), mode=mode)
+            return w["bytes"], _lean(fast, lambda x: cpu.dense_qmm_cpu(
                 x, w["qweight"], w["scales"], w["zeros"], None, bits, gs, inf, mode=mode))
         m[name] = build
 
@@ -154,7 +169,9 @@ def methods(out: int, inf: int, g: torch.Generator, skip: set[str]) -> dict:
 
     def sparse_build():
         w = sparse_q(out, inf, 4, 128, 0.5, g)
-        return w["bytes"], (lambda x: cpu.sparse_qmm_cpu(
+        fast = cpu.sparse_plan((torch.zeros(1, inf), w["row_ptr"], w["col_idx"], w["qvalues"],
+                                w["scales"], w["zeros"], None, 4, 128, inf), mode="int8")
+        return w["bytes"], _lean(fast, lambda x: cpu.sparse_qmm_cpu(
             x, w["row_ptr"], w["col_idx"], w["qvalues"], w["scales"], w["zeros"], None, 4, 128,
             inf, mode="int8"))
     m["bp W4 g128 S50"] = sparse_build
@@ -194,6 +211,11 @@ def main() -> None:
     ap.add_argument("--batches", default=None, help="comma list like 1,4,16")
     ap.add_argument("--compare-w2", action="store_true",
                     help="only W2 g64 lut vs int8 path, interleaved pass by pass (A/B)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="R > 1: per shape and batch, time every method and the read bandwidth "
+                         "R times, interleaved round by round, and report medians (ratios to "
+                         "the bandwidth are taken within each round): for a machine whose "
+                         "memory bandwidth drifts while it runs")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results",
                                                    "kernels.json"))
     args = ap.parse_args()
@@ -220,7 +242,14 @@ def main() -> None:
     rows = []
     hdr = f"{'shape':>12} {'M':>3} {'method':<18} {'us':>10} {'GB/s':>7} {'%BW':>5}"
     print(hdr)
-    for out, inf in shapes:
+    if args.rounds > 1:
+        rows, bws = interleaved(shapes, batches, keep, args.rounds, g)
+        bw = statistics.median(bws)
+        info.update(read_bandwidth_GBs=round(bw, 2), rounds=args.rounds,
+                    read_bandwidth_rounds=[round(b, 2) for b in bws])
+        print(f"# read bandwidth over the rounds: median {bw:.1f} GB/s, "
+              f"min {min(bws):.1f}, max {max(bws):.1f}")
+    for out, inf in ([] if args.rounds > 1 else shapes):
         for name, build in methods(out, inf, g, set()).items():
             if keep is not None and name not in keep:
                 continue
@@ -253,6 +282,50 @@ def main() -> None:
     with open(args.json, "w") as fh:
         json.dump({"machine": info, "rows": rows, "summary": summary}, fh, indent=1)
     print(f"wrote {args.json}")
+
+
+def interleaved(shapes, batches, keep, rounds: int, g) -> tuple[list[dict], list[float]]:
+    """Every method of a shape and batch timed once per round, after a read-bandwidth
+    measurement of that round; per method the median time and the median of the per-round
+    fractions of bandwidth."""
+    rows, bws = [], []
+    for out, inf in shapes:
+        built = {}
+        for name, build in methods(out, inf, g, set()).items():
+            if keep is not None and name not in keep:
+                continue
+            try:
+                nbytes, f0 = build()
+                ws = [f0] + [build()[1] for _ in range(copies(nbytes) - 1)]
+                f0(torch.randn(1, inf))
+            except (RuntimeError, NotImplementedError) as e:
+                print(f"{out}x{inf} {name}: not available ({str(e)[:80]})")
+                continue
+            built[name] = (nbytes, ws)
+        for mb in batches:
+            x = torch.randn(mb, inf, generator=g)
+            ts = {name: [] for name in built}
+            fr = {name: [] for name in built}
+            for _ in range(rounds):
+                bw = read_bandwidth(reps=3)
+                bws.append(bw)
+                for name, (nbytes, ws) in built.items():
+                    t = timeit([lambda f=f: f(x) for f in ws], passes=3)
+                    ts[name].append(t)
+                    fr[name].append(nbytes / t / 1e9 / bw)
+            for name, (nbytes, ws) in built.items():
+                t = statistics.median(ts[name])
+                pct = 100 * statistics.median(fr[name])
+                rows.append({"out": out, "in": inf, "batch": mb, "method": name,
+                             "us": round(t * 1e6, 2), "weight_bytes": nbytes,
+                             "GBs": round(nbytes / t / 1e9, 2), "pct_bw": round(pct, 1),
+                             "pct_bw_rounds": [round(100 * f, 1) for f in fr[name]],
+                             "copies": len(ws), "rounds": rounds})
+                print(f"{out:>5}x{inf:<6} {mb:>3} {name:<18} {t * 1e6:>10.1f} "
+                      f"{nbytes / t / 1e9:>7.2f} {pct:>5.1f}", flush=True)
+        built.clear()
+        cpu.clear_cache()
+    return rows, bws
 
 
 def compare_w2(shapes, batches, g, bw: float, info: dict, path: str, rounds: int = 7) -> None:
