@@ -13,6 +13,8 @@ in the machine's load hits every model alike). Models:
 * ``W2 g64 +head W4`` - W2 g64 with the tied ``lm_head`` (49152 x 576, a third of the fp32
   model's bytes) also packed at W4 g128 (``bitpress.nn.fuse.pack_output_head``; the input
   embedding stays float): what the decoder costs once the head is not fp32,
+* ``W2 g64 +head fp16`` - the head unquantised in fp16 instead (``pack_output_head(bits=16)``,
+  ``bitpress.nn.HalfLinear``: half the bytes of fp32, fp32 arithmetic),
 * with ``--fuse-norms``, every model (the float ones too) runs its RMSNorm modules as
   ``torch.nn.RMSNorm`` (``bitpress.nn.fuse.fuse_norms``: one fused op instead of ~7 eager ones),
 * ``W2 g64 fused`` (and ``... fused +head W4``) - the same packed model after
@@ -205,25 +207,27 @@ def main() -> None:
 
     w2_base: dict = {}
 
-    def w2_variant(fuse: bool, head: bool):
+    def w2_variant(fuse: bool, head: int = 0):
         if "m" not in w2_base:  # quantise once, copy the packed model for the variants
             w2_base["m"] = packed(base, bnn.Recipe(bits=2, group_size=64))
         m = copy.deepcopy(w2_base["m"])
         if fuse:
             fuse_linears(m)
         if head:  # untied: the input embedding stays float
-            pack_output_head(m, bits=4, group_size=128)
+            pack_output_head(m, bits=head, group_size=128)
         return m
 
     builders = {
         "fp32": lambda: base,
         "bf16": lambda: copy.deepcopy(base).to(torch.bfloat16),
-        "W2 g64": lambda: w2_variant(False, False),
+        "W2 g64": lambda: w2_variant(False),
         "W4 g128": lambda: packed(base, bnn.Recipe(bits=4, group_size=128)),
         "W4 g16 S50": lambda: packed(base, bnn.Recipe(bits=4, group_size=16, sparsity=0.5)),
-        "W2 g64 +head W4": lambda: w2_variant(False, True),
-        "W2 g64 fused": lambda: w2_variant(True, False),
-        "W2 g64 fused +head W4": lambda: w2_variant(True, True),
+        "W2 g64 +head W4": lambda: w2_variant(False, 4),
+        "W2 g64 +head fp16": lambda: w2_variant(False, 16),
+        "W2 g64 fused": lambda: w2_variant(True),
+        "W2 g64 fused +head W4": lambda: w2_variant(True, 4),
+        "W2 g64 fused +head fp16": lambda: w2_variant(True, 16),
     }
     n_fixed = len(builders)
     for sp in ([float(v) for v in args.sparsities.split(",")] if args.sparsities else []):

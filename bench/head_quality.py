@@ -2,7 +2,7 @@
 
 The body stays fp32; only ``lm_head`` (49152 x 576, 113 MB in fp32) is replaced by a
 round-to-nearest packed copy (``bitpress.nn.fuse.pack_output_head``) at each bit width and
-group size asked for. Reports perplexity on WikiText-2 test (``../shared/data`` when present,
+group size asked for, or by an unquantised fp16 copy (``16:0``). Reports perplexity on WikiText-2 test (``../shared/data`` when present,
 else ``--text``) and the head's packed bytes.
 
     .venv/bin/python bench/head_quality.py --json bench/results/decode_head_ppl_groups.json
@@ -27,8 +27,9 @@ from bitpress.pipeline.source import open_source, packaged_gguf  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--heads", default="4:128,4:64,4:32,4:16",
-                    help="comma list of bits:group_size for the packed head")
+    ap.add_argument("--heads", default="16:0,4:128,4:64,4:32,4:16",
+                    help="comma list of bits:group_size for the packed head (16:0 = the head "
+                         "unquantised in fp16, bitpress.nn.HalfLinear)")
     ap.add_argument("--text", default=None, help="evaluation text (default: WikiText-2 test)")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=4)
@@ -58,11 +59,12 @@ def main() -> None:
         print(f"fp32 head: {res['fp32']:.3f}", flush=True)
         for bits, gs in heads:
             m = copy.deepcopy(base)
-            h = pack_output_head(m, bits=bits, group_size=gs)
+            h = pack_output_head(m, bits=bits, group_size=max(gs, 1))
             nb = sum(t.numel() * t.element_size() for t in h.buffers())
             p = ppl(m)
-            res[f"head W{bits} g{gs}"] = {"ppl": p, "head_MB": nb / 1e6}
-            print(f"head W{bits} g{gs}: {p:.3f} ({100 * (p / res['fp32'] - 1):+.1f} %), "
+            name = "head fp16" if bits == 16 else f"head W{bits} g{gs}"
+            res[name] = {"ppl": p, "head_MB": nb / 1e6}
+            print(f"{name}: {p:.3f} ({100 * (p / res['fp32'] - 1):+.1f} %), "
                   f"{nb / 1e6:.1f} MB", flush=True)
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as fh:

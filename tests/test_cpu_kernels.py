@@ -270,6 +270,46 @@ def test_prefetch_distance_changes_nothing_but_speed():
             cpu.set_prefetch(bad)
 
 
+@pytest.mark.parametrize("wdtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1), (8, 8), (13, 37), (50, 64), (67, 203), (9, 1030)])
+def test_half_linear_matches_fp32_linear(isa, wdtype, shape):
+    out, inf = shape
+    g = torch.Generator().manual_seed(out * 1000 + inf)
+    w = (torch.randn(out, inf, generator=g) * 0.1).to(wdtype)
+    ref_w = w.double()
+    prev = torch.get_num_threads()
+    cpu._C.qmm_set_min_work(1)  # split even tiny weights across threads
+    try:
+        for nt, m, xdt, bias in ((1, 1, torch.float32, False), (3, 4, torch.float32, True),
+                                 (2, 7, torch.bfloat16, True)):
+            torch.set_num_threads(nt)
+            x = torch.randn(2, m, inf, generator=g).to(xdt)
+            b = torch.randn(out, generator=g) if bias else None
+            y = cpu.half_linear_cpu(x, w, b)
+            ref = torch.nn.functional.linear(x.double(), ref_w, None if b is None else b.double())
+            assert y.dtype == xdt and y.shape == (2, m, out)
+            tol = 1e-5 * (x.double().abs() @ ref_w.abs().t()) + 1e-6
+            if xdt != torch.float32:
+                tol = tol + ref.abs() * 2.0 ** -7
+            assert bool(((y.double() - ref).abs() <= tol).all())
+    finally:
+        torch.set_num_threads(prev)
+        cpu._C.qmm_set_min_work(65536)
+
+
+def test_half_linear_rejects_bad_input():
+    w = torch.randn(4, 8).half()
+    with pytest.raises(ValueError):
+        cpu.half_linear_cpu(torch.randn(1, 8), w.float())
+    with pytest.raises(ValueError):
+        cpu.half_linear_cpu(torch.randn(1, 7), w)
+    with pytest.raises(ValueError):
+        cpu.half_linear_cpu(torch.randn(1, 8), w, torch.randn(5))
+    with pytest.raises(ValueError):
+        cpu.half_linear_cpu(torch.randn(1, 8), w.reshape(2, 2, 8))
+    assert cpu.half_linear_cpu(torch.randn(0, 8), w).shape == (0, 4)
+
+
 def test_repack_cache_sees_inplace_updates():
     qw = _weight(16, 64, 4, 32)
     p = qw.pack_dense()

@@ -8,7 +8,7 @@ from torch import nn
 
 from bitpress.errors import ConfigError
 from bitpress.kernels import use_impl
-from bitpress.nn import GroupSparseLinear, QuantLinear, Recipe, replace_linears
+from bitpress.nn import GroupSparseLinear, HalfLinear, QuantLinear, Recipe, replace_linears
 from bitpress.nn.fuse import fuse_linears, fuse_norms, pack_output_head, unfuse_linears
 
 cpu = pytest.importorskip("bitpress.kernels.cpu", reason="bitpress._C CPU kernels not built")
@@ -213,6 +213,37 @@ def test_pack_output_head_keeps_embedding_float():
     assert (out - ref).norm() < 0.2 * ref.norm()
     with pytest.raises(ConfigError):
         pack_output_head(nn.Linear(3, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pack_output_head_16_bit(dtype):
+    torch.manual_seed(4)
+    m = _Head()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        ref = m(ids)
+        wh = m.head.weight.detach().to(dtype).float()
+        h = pack_output_head(m, bits=16, param_dtype=dtype)
+        assert isinstance(m.head, HalfLinear) and h is m.head and h.weight.dtype == dtype
+        out = m(ids)  # 4 rows: the native kernel
+        exact = torch.nn.functional.linear(m.emb(ids).double(), wh.double(),
+                                           None if m.head.bias is None else m.head.bias.double())
+        assert (out.double() - exact).abs().max() < 1e-5 * exact.abs().max() + 1e-6
+        assert (out - ref).abs().max() < (2e-3 if dtype == torch.float16 else 2e-2) * ref.abs().max()
+        big = torch.randint(0, 50, (1, HalfLinear.KERNEL_ROWS + 3))  # torch path
+        torch.testing.assert_close(m(big), torch.nn.functional.linear(
+            m.emb(big), wh, m.head.bias), rtol=1e-5, atol=1e-5)
+    x = m.emb(ids).detach().requires_grad_()  # autograd reaches x through the torch path
+    m.head(x).sum().backward()
+    torch.testing.assert_close(x.grad, wh.sum(0).expand_as(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError):
+        HalfLinear.from_linear(nn.Linear(4, 4), dtype=torch.float32)
+    big_w = nn.Linear(4, 2)
+    with torch.no_grad():
+        big_w.weight[0, 0] = 1e6
+    with pytest.raises(ConfigError):
+        HalfLinear.from_linear(big_w)
+    HalfLinear.from_linear(big_w, dtype=torch.bfloat16)  # bf16 has the range
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

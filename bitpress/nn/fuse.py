@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .modules import QuantLinear
+from .modules import HalfLinear, QuantLinear
 
 DEFAULT_GROUPS: tuple[tuple[str, ...], ...] = (
     ("q_proj", "k_proj", "v_proj"),  # Llama, Qwen2, Mistral, ... attention
@@ -179,16 +179,23 @@ def unfuse_linears(model: nn.Module) -> int:
 
 
 def pack_output_head(model: nn.Module, bits: int = 4, group_size: int = 128,
-                     param_dtype: torch.dtype = torch.float16) -> QuantLinear:
+                     param_dtype: torch.dtype = torch.float16) -> nn.Module:
     """Replace the model's output head (``get_output_embeddings()``, an ``nn.Linear``) by a
-    round-to-nearest packed copy; a tied input embedding stays float. Returns the new head.
-    Opt-in: it adds the head's quantisation error to the model's."""
+    round-to-nearest packed copy (:class:`QuantLinear`, ``bits`` 2-8), or with ``bits=16`` by
+    an unquantised 16-bit copy (:class:`HalfLinear` in ``param_dtype``, fp16 or bf16: half
+    the bytes of fp32, only the rounding to 16 bits). A tied input embedding stays float.
+    Returns the new head. Opt-in: it changes the model's numbers (bench/RESULTS.md "Decode":
+    W4 adds 9-15 % perplexity on SmolLM2-135M, fp16 nothing measurable)."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if get is not None else None
     if not isinstance(head, nn.Linear):
         raise ConfigError("pack_output_head: the model has no nn.Linear output head "
                           "(get_output_embeddings())")
-    q = QuantLinear.from_linear(head, bits=bits, group_size=group_size, param_dtype=param_dtype)
+    if bits == 16:
+        q = HalfLinear.from_linear(head, dtype=param_dtype)
+    else:
+        q = QuantLinear.from_linear(head, bits=bits, group_size=group_size,
+                                    param_dtype=param_dtype)
     q = q.to(head.weight.device)
     if hasattr(model, "set_output_embeddings"):
         model.set_output_embeddings(q)

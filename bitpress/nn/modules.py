@@ -296,3 +296,55 @@ def packed_module_from_scheme(scheme: dict[str, Any], in_features: int, out_feat
                            param_dtype, device)
     return GroupSparseLinear(in_features, out_features, scheme["bits"], scheme["group_size"],
                              nnz, bias, param_dtype, device)
+
+
+class HalfLinear(nn.Module):
+    """An unquantised linear stored in 16-bit floats (fp16 or bf16): ``y = x Wᵀ + b`` with
+    fp32 arithmetic. On CPU, calls of at most :attr:`KERNEL_ROWS` activation rows run
+    ``bitpress.kernels.cpu.half_linear_cpu`` (the weight widened exactly in registers, half
+    the bytes of fp32); larger calls and other devices use ``F.linear`` on the weight cast to
+    x's dtype (also when x needs a gradient: the weight is a buffer, not trained). For layers
+    whose bytes matter at decode but whose quantisation error does not
+    pay, e.g. a small model's output head (:func:`bitpress.nn.fuse.pack_output_head` with
+    ``bits=16``)."""
+    KERNEL_ROWS = 64
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 dtype: torch.dtype = torch.float16, device=None) -> None:
+        super().__init__()
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise ConfigError(f"HalfLinear stores fp16 or bf16, not {dtype}")
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=dtype,
+                                                   device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, dtype: torch.dtype = torch.float16) -> "HalfLinear":
+        """Round an ``nn.Linear`` (or GPT-2 ``Conv1D``) weight to ``dtype``; bias stays fp32.
+        Refuses a weight that overflows fp16."""
+        w, b = _linear_weight(linear)
+        if dtype == torch.float16 and bool((w.abs() > torch.finfo(torch.float16).max).any()):
+            raise ConfigError("HalfLinear: the weight overflows fp16; use dtype=torch.bfloat16")
+        m = cls(w.shape[1], w.shape[0], b is not None, dtype, device=w.device)
+        m.weight.copy_(w.to(dtype))
+        if b is not None:
+            m.bias.copy_(b.float())
+        return m
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"dtype={self.weight.dtype}, bias={self.bias is not None}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cpu and x.dtype == torch.float32 \
+                and not (torch.is_grad_enabled() and x.requires_grad) \
+                and x.numel() // max(self.in_features, 1) <= self.KERNEL_ROWS:
+            try:
+                from ..kernels import cpu
+            except ImportError:  # no native extension: the torch path below
+                cpu = None
+            if cpu is not None:
+                return cpu.half_linear_cpu(x, self.weight, self.bias)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, self.weight.to(x.dtype), b)

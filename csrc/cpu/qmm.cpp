@@ -512,6 +512,43 @@ void dense_qmm(uintptr_t packed, int64_t out, int64_t in, int bits, int64_t gs, 
   }
 }
 
+// y[M, out] = x[M, in] @ w[out, in]^T (+ bias) for a 16-bit float weight (fp16, or bf16 when
+// bf16 != 0), fp32 accumulation: the GEMV of an unquantised 16-bit layer (e.g. an output head
+// kept in half precision), half the bytes of fp32 at fp32 arithmetic.
+void half_linear(uintptr_t w, int bf16, int64_t out, int64_t in, uintptr_t x, int64_t M,
+                 uintptr_t y, uintptr_t bias, int nthreads) {
+  if (out < 0 || in < 0 || M < 0) throw std::invalid_argument("half_linear: negative size");
+  const auto* wp = reinterpret_cast<const uint16_t*>(w);
+  const auto* xp = reinterpret_cast<const float*>(x);
+  auto* yp = reinterpret_cast<float*>(y);
+  const auto* bp = reinterpret_cast<const float*>(bias);
+  const int isa = resolved_isa();
+  py::gil_scoped_release release;
+  const int64_t units = ceil_div(out, 8);
+  const int nt = int(std::min<int64_t>(clamp_threads(nthreads),
+                                       std::max<int64_t>(1, std::min(units, M * out * in / g_min_work))));
+#if defined(_OPENMP)
+#pragma omp parallel for num_threads(nt) schedule(static)
+#endif
+  for (int64_t u = 0; u < units; ++u) {
+    const int64_t r0 = u * 8, r1 = std::min<int64_t>(out, r0 + 8);
+#if defined(__x86_64__) || defined(_M_X64)
+    if (isa == ISA_AVX2) {
+      bitpress_cpu::half_rows_avx2(wp, bf16, out, in, xp, M, yp, bp, r0, r1);
+      continue;
+    }
+#endif
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t r = r0; r < r1; ++r) {
+        const uint16_t* wr = wp + r * in;
+        const float* xm = xp + m * in;
+        float t = 0.f;
+        for (int64_t k = 0; k < in; ++k) t += xm[k] * (bf16 ? bf16_to_float(wr[k]) : half_to_float(wr[k]));
+        yp[m * out + r] = t + (bp ? bp[r] : 0.f);
+      }
+  }
+}
+
 void sparse_qmm(uintptr_t tiles, int64_t ntiles, int64_t out, int64_t in, int bits, int64_t gs,
                 int pkind, uintptr_t x, int64_t M, uintptr_t y, uintptr_t bias, int mode,
                 int nthreads) {
@@ -595,6 +632,10 @@ void bitpress_register_qmm(py::module_& m) {
         py::arg("qvalues_ptr"), py::arg("words"), py::arg("scales_ptr"), py::arg("zeros_ptr"),
         py::arg("pkind"), py::arg("out"), py::arg("in_features"), py::arg("bits"),
         py::arg("group_size"), py::arg("tile_off_ptr"), py::arg("dst_ptr"));
+  m.def("half_linear", &half_linear, py::arg("w_ptr"), py::arg("bf16"), py::arg("out"),
+        py::arg("in_features"), py::arg("x_ptr"), py::arg("M"), py::arg("y_ptr"),
+        py::arg("bias_ptr"), py::arg("nthreads"),
+        "y = x @ w^T (+ bias) for a 16-bit float weight (fp16 / bf16), fp32 x and y.");
   m.def("qmm_dense", &dense_qmm, py::arg("packed_ptr"), py::arg("out"), py::arg("in_features"),
         py::arg("bits"), py::arg("group_size"), py::arg("pkind"), py::arg("x_ptr"), py::arg("m"),
         py::arg("y_ptr"), py::arg("bias_ptr"), py::arg("mode"), py::arg("nthreads") = 1,

@@ -192,6 +192,8 @@ inline SparseGeom make_sparse_geom(int64_t out, int64_t in, int bits, int64_t gs
 
 // Per-ISA entry points (defined in qmm_avx2.cpp; absent when not compiled for x86).
 namespace bitpress_cpu {
+void half_rows_avx2(const uint16_t* w, int bf16, int64_t out, int64_t in, const float* x,
+                    int64_t M, float* y, const float* bias, int64_t r0, int64_t r1);
 void dense_tile_avx2(const DenseGeom& g, const Act& a, const uint8_t* tile_ptr, int64_t tile,
                      float* y, const float* bias);
 // 2-bit dense tiles tile, .., tile + ntile - 1 (ntile 1 or 2, consecutive) from the lut2

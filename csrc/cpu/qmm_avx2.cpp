@@ -543,6 +543,51 @@ void sparse_tiles_avx2(const SparseGeom& g, const Act& a, const uint8_t* tiles, 
   }
 }
 
+// 16-bit float weights [out, in] (fp16 via F16C, or bf16 by a shift), rows r0..r1 (r1 - r0 a
+// multiple of 8 except at the end): y[m, r] = sum_k x[m, k] w[r, k] (+ bias), fp32 FMA.
+// Eight rows at a time give eight independent accumulators per activation row.
+void half_rows_avx2(const uint16_t* w, int bf16, int64_t out, int64_t in, const float* x,
+                    int64_t M, float* y, const float* bias, int64_t r0, int64_t r1) {
+  const int64_t in8 = in / 8 * 8;
+  auto cvt = [bf16](const uint16_t* q) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    return bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+                : _mm256_cvtph_ps(h);
+  };
+  auto tail = [bf16](uint16_t h) {
+    return bf16 ? bf16_to_float(h) : half_to_float(h);
+  };
+  for (int64_t r = r0; r < r1; r += 8) {
+    const int nr = int(std::min<int64_t>(8, r1 - r));
+    const uint16_t* wr[8];
+    for (int i = 0; i < 8; ++i) wr[i] = w + (r + std::min(i, nr - 1)) * in;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * in;
+      __m256 acc[8];
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+      // the 8 rows are one contiguous block read as 8 streams; while it is consumed,
+      // prefetch the next block at the same relative position (it is 16 bytes per column)
+      const char* nxt = reinterpret_cast<const char*>(w + (r + 8) * in);
+      // (a prefetch past the end of the weight is harmless: it never faults)
+      const bool pf = m == 0 && bitpress_cpu::g_prefetch_bytes > 0;
+      for (int64_t k = 0; k < in8; k += 8) {
+        if (pf && (k & 31) == 0)
+          for (int j = 0; j < 8; ++j) _mm_prefetch(nxt + 16 * k + 64 * j, _MM_HINT_T0);
+        const __m256 xv = _mm256_loadu_ps(xm + k);
+        for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(cvt(wr[i] + k), xv, acc[i]);
+      }
+      for (int i = 0; i < nr; ++i) {
+        __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[i]), _mm256_extractf128_ps(acc[i], 1));
+        v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+        v = _mm_add_ss(v, _mm_movehdup_ps(v));
+        float t = _mm_cvtss_f32(v);
+        for (int64_t k = in8; k < in; ++k) t += xm[k] * tail(wr[i][k]);
+        y[m * out + r + i] = t + (bias ? bias[r + i] : 0.f);
+      }
+    }
+  }
+}
+
 }  // namespace bitpress_cpu
 
 #pragma GCC pop_options
