@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 
 from .errors import BitpressError
 
+_log = logging.getLogger("bitpress.cli")
+
 
 def _group_size(v: str) -> int:
     try:
@@ -150,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--fast", action="store_true",
+                   help="batch-1 decode helpers that keep the model's numbers: q/k/v and "
+                        "gate/up as one packed call each, fused RMSNorm, and the output head "
+                        "in fp16 (rounding only; the input embedding stays as stored)")
     sm = sub.add_parser("sample", help="sample images from a cachequant directory")
     sm.add_argument("dir", help="directory written by compress --method cachequant")
     sm.add_argument("--n", type=int, default=64, help="images (default 64)")
@@ -278,8 +284,26 @@ def run(args) -> int:
         from .pipeline.evaluate import generate
 
         model, tok = _load_any(args.model)
+        if args.fast:
+            _decode_helpers(model)
         print(json.dumps(generate(model, tok, args.prompt, args.max_new_tokens, args.sample)))
     return 0
+
+
+def _decode_helpers(model) -> None:
+    """``generate --fast``: the opt-in helpers of :mod:`bitpress.nn.fuse` that leave the
+    numbers as they are (exact, or a 16-bit rounding of the head)."""
+    import torch
+
+    from .nn.fuse import fuse_linears, fuse_norms, pack_output_head
+
+    n_lin, n_norm = fuse_linears(model), fuse_norms(model)
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    fp32_head = isinstance(head, torch.nn.Linear) and head.weight.dtype == torch.float32
+    if fp32_head:
+        pack_output_head(model, bits=16)
+    _log.info("generate --fast: %d fused linear groups, %d fused norms, output head %s",
+              n_lin, n_norm, "in fp16" if fp32_head else "left as it is")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

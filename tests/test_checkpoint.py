@@ -129,7 +129,12 @@ def test_cli_compress_inspect_eval_generate(tiny_llama_dir, tmp_path, capsys):
         assert res["windows"] == 3 and res["tokens_scored"] == 3 * 63
         assert 1.0 < res["perplexity"] < 1e4
     assert main(["generate", str(out), "--prompt", "The quick", "--max-new-tokens", "5"]) == 0
-    assert json.loads(capsys.readouterr().out)["new_tokens"] <= 5
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["new_tokens"] <= 5
+    # --fast: fused linears/norms and an fp16 head leave greedy decoding where it was
+    assert main(["generate", str(out), "--prompt", "The quick", "--max-new-tokens", "5",
+                 "--fast"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == plain["text"]
 
 
 def _corrupt_copies(src: Path, tmp_path: Path) -> dict[str, Path]:
