@@ -250,16 +250,7 @@ def main() -> None:
         print(f"# read bandwidth over the rounds: median {bw:.1f} GB/s, "
               f"min {min(bws):.1f}, max {max(bws):.1f}")
     for out, inf in ([] if args.rounds > 1 else shapes):
-        for name, build in methods(out, inf, g, set()).items():
-            if keep is not None and name not in keep:
-                continue
-            try:
-                nbytes, f0 = build()
-                ws = [f0] + [build()[1] for _ in range(copies(nbytes) - 1)]
-                f0(torch.randn(1, inf))
-            except (RuntimeError, NotImplementedError) as e:
-                print(f"{out}x{inf} {name}: not available ({str(e)[:80]})")
-                continue
+        for name, (nbytes, ws) in built_methods(out, inf, keep, g):
             extra = EXTRA.get((out, inf)) if not args.quick else None
             bl = batches + (extra[0] if extra and name in extra[1] else [])
             for mb in bl:
@@ -284,24 +275,31 @@ def main() -> None:
     print(f"wrote {args.json}")
 
 
+def built_methods(out: int, inf: int, keep, g):
+    """Yields ``(name, (weight bytes, callables over the rotating weight copies))`` for the
+    methods in ``keep`` (all when None) that run at this shape; one generator step builds
+    one method's copies, so a caller that drops them frees the memory before the next."""
+    for name, build in methods(out, inf, g, set()).items():
+        if keep is not None and name not in keep:
+            continue
+        try:
+            nbytes, f0 = build()
+            ws = [f0] + [build()[1] for _ in range(copies(nbytes) - 1)]
+            f0(torch.randn(1, inf))
+        except (RuntimeError, NotImplementedError) as e:
+            print(f"{out}x{inf} {name}: not available ({str(e)[:80]})")
+            continue
+        yield name, (nbytes, ws)
+        del ws, f0  # the caller has dropped them: free before the next method's copies
+
+
 def interleaved(shapes, batches, keep, rounds: int, g) -> tuple[list[dict], list[float]]:
     """Every method of a shape and batch timed once per round, after a read-bandwidth
     measurement of that round; per method the median time and the median of the per-round
     fractions of bandwidth."""
     rows, bws = [], []
     for out, inf in shapes:
-        built = {}
-        for name, build in methods(out, inf, g, set()).items():
-            if keep is not None and name not in keep:
-                continue
-            try:
-                nbytes, f0 = build()
-                ws = [f0] + [build()[1] for _ in range(copies(nbytes) - 1)]
-                f0(torch.randn(1, inf))
-            except (RuntimeError, NotImplementedError) as e:
-                print(f"{out}x{inf} {name}: not available ({str(e)[:80]})")
-                continue
-            built[name] = (nbytes, ws)
+        built = dict(built_methods(out, inf, keep, g))
         for mb in batches:
             x = torch.randn(mb, inf, generator=g)
             ts = {name: [] for name in built}
