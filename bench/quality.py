@@ -49,6 +49,9 @@ def second_text() -> tuple[str, str]:
         p = Path(spec.submodule_search_locations[0]) / "test" / "test_data" / "lee_background.cor"
         if p.is_file():
             return read_text(p), "gensim lee_background.cor (news)"
+    print("quality.py: WARNING: gensim's news corpus not found (`pip install --no-deps gensim` "
+          "puts it in site-packages); the second text is Python's pydoc topics instead, which "
+          "scores differently: do not compare its column with news rows", file=sys.stderr)
     return builtin_text(), "builtin pydoc_data.topics (Python docs)"
 
 
