@@ -298,6 +298,21 @@ def packed_module_from_scheme(scheme: dict[str, Any], in_features: int, out_feat
                              nnz, bias, param_dtype, device)
 
 
+_HALF_KERNEL: list = []
+
+
+def _half_kernel():
+    """``bitpress.kernels.cpu.half_linear_cpu``, or None without the native extension
+    (looked up once)."""
+    if not _HALF_KERNEL:
+        try:
+            from ..kernels.cpu import half_linear_cpu
+        except ImportError:  # no native extension: HalfLinear uses F.linear
+            half_linear_cpu = None
+        _HALF_KERNEL.append(half_linear_cpu)
+    return _HALF_KERNEL[0]
+
+
 class HalfLinear(nn.Module):
     """An unquantised linear stored in 16-bit floats (fp16 or bf16): ``y = x Wᵀ + b`` with
     fp32 arithmetic. On CPU, calls of at most :attr:`KERNEL_ROWS` activation rows run
@@ -340,11 +355,8 @@ class HalfLinear(nn.Module):
         if x.is_cpu and x.dtype == torch.float32 \
                 and not (torch.is_grad_enabled() and x.requires_grad) \
                 and x.numel() // max(self.in_features, 1) <= self.KERNEL_ROWS:
-            try:
-                from ..kernels import cpu
-            except ImportError:  # no native extension: the torch path below
-                cpu = None
-            if cpu is not None:
-                return cpu.half_linear_cpu(x, self.weight, self.bias)
+            kernel = _half_kernel()
+            if kernel is not None:
+                return kernel(x, self.weight, self.bias)
         b = None if self.bias is None else self.bias.to(x.dtype)
         return nn.functional.linear(x, self.weight.to(x.dtype), b)
