@@ -25,9 +25,19 @@ def _extensions():
     # no FMA contraction: the dequantising GEMM path must round like the reference op
     # (the AVX2 kernels use explicit FMA intrinsics, which this flag does not touch)
     args = ["-O3", "-fopenmp", "-ffp-contract=off"]
-    return [Pybind11Extension("bitpress._C", ["csrc/bitpress_ext.cpp", "csrc/cpu/qmm.cpp",
-                                                "csrc/cpu/qmm_avx2.cpp"], cxx_std=17,
-                              extra_compile_args=args, extra_link_args=["-fopenmp"])]
+    include_dirs, macros = [], []
+    try:  # SIMDe (header-only, a build requirement): the emulated AVX-512 build for the tests
+        import simde_py
+        include_dirs.append(simde_py.get_include())
+        macros.append(("BITPRESS_HAVE_SIMDE", "1"))
+    except ImportError:
+        print("bitpress: simde-py missing, building without the 'avx512-emu' test ISA",
+              file=sys.stderr)
+    sources = ["csrc/bitpress_ext.cpp", "csrc/cpu/qmm.cpp", "csrc/cpu/qmm_avx2.cpp",
+               "csrc/cpu/qmm_avx512.cpp", "csrc/cpu/qmm_avx512_emu.cpp"]
+    return [Pybind11Extension("bitpress._C", sources, cxx_std=17, include_dirs=include_dirs,
+                              define_macros=macros, extra_compile_args=args,
+                              extra_link_args=["-fopenmp"])]
 
 
 class OptionalBuildExt(build_ext):

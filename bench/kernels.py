@@ -216,11 +216,15 @@ def main() -> None:
                          "R times, interleaved round by round, and report medians (ratios to "
                          "the bandwidth are taken within each round): for a machine whose "
                          "memory bandwidth drifts while it runs")
+    ap.add_argument("--isa", default="auto",
+                    help="force the bitpress kernels' ISA (avx512, avx2, scalar; default: the "
+                         "best the CPU has): run twice to compare two builds on one machine")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results",
                                                    "kernels.json"))
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    cpu.set_isa(args.isa)
     shapes = ([(4096, 4096)] + SMOL) if args.quick else (LLAMA + SMOL)
     batches = [1, 16] if args.quick else BATCHES
     if args.shapes:

@@ -10,7 +10,8 @@ Tolerances (per output, ``mag = |W| @ |x|`` the magnitude of the dot product):
 * bf16 activations: plus half a bf16 ulp of the output (``2^-8 |ref|``), since both sides
   round the fp32 result to bf16.
 
-Every test runs once per ISA this CPU has (scalar always, avx2 when present).
+Every test runs once per ISA this CPU has (scalar always; avx2 / avx512 when present;
+avx512-emu, the AVX-512 code path with vpdpbusd emulated by SIMDe, when built).
 """
 from __future__ import annotations
 
@@ -236,6 +237,48 @@ def test_act_mode_switch_and_isa_errors():
         cpu.set_act_mode("fp8")
     with pytest.raises(ValueError):
         cpu.set_isa("avx9000")
+    for name in ("avx2", "avx512", "avx512-emu"):  # an ISA this CPU or build lacks: clear error
+        if name not in ISAS:
+            with pytest.raises(ValueError, match=name):
+                cpu.set_isa(name)
+    assert cpu.get_isa() in ISAS
+
+
+@pytest.mark.skipif(not {"avx2"} < set(ISAS), reason="needs avx2 and an AVX-512 build to run")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_vnni_builds_equal_avx2_bit_for_bit(bits):
+    # vpdpbusd and vpmaddubsw + vpmaddwd give the same exact integers, and the float steps
+    # are the same intrinsics: every AVX-512 build must reproduce avx2 to the bit, dense and
+    # sparse, every mode, odd shapes, batch 1..9
+    others = [i for i in ISAS if i.startswith("avx512")]
+    g = torch.Generator().manual_seed(bits)
+    cases = []
+    for out, inf, gs in ((37, 200, 40), (64, 256, 64), (9, 96, -1), (130, 512, 128)):
+        gs_arg = 16 * max(1, gs // 16) if gs > 0 else -1
+        qw = _weight(out, inf, bits, gs_arg, seed=out + inf)
+        gs_eff = inf if gs_arg == -1 else gs_arg
+        p = qw.pack_dense()
+        for m in (1, 4, 9):
+            x = torch.randn(m, inf, generator=g)
+            cases.append((x, p["qweight"], p["scales"], p["zeros"], None, bits, gs_eff, inf))
+    keep = _skewed_keep(48, 16, seed=bits)
+    p = _weight(48, 256, bits, 16, keep=keep).pack_bsr()
+    sargs = (p["row_ptr"], p["col_idx"], p["qvalues"], p["scales"], p["zeros"], None, bits, 16, 256)
+    xs = [torch.randn(m, 256, generator=g) for m in (1, 5)]
+    modes = ("int8", "exact", "lut", "lut63") if bits == 2 else ("int8", "exact")
+    try:
+        for mode in modes:
+            cpu.set_isa("avx2")
+            want = [cpu.dense_qmm_cpu(*a, mode=mode) for a in cases]
+            want_s = [cpu.sparse_qmm_cpu(x, *sargs, mode=mode) for x in xs]
+            for name in others:
+                cpu.set_isa(name)
+                for a, w in zip(cases, want):
+                    assert torch.equal(cpu.dense_qmm_cpu(*a, mode=mode), w), (name, mode, a[0].shape)
+                for x, w in zip(xs, want_s):
+                    assert torch.equal(cpu.sparse_qmm_cpu(x, *sargs, mode=mode), w)
+    finally:
+        cpu.set_isa("auto")
 
 
 def test_prefetch_distance_changes_nothing_but_speed():
@@ -352,7 +395,7 @@ def _lut_case(qw, gs_eff, x, bias, param_dtype=torch.float16):
     sc = p["scales"].float()
     for mode in ("lut", "lut63"):
         y = cpu.dense_qmm_cpu(*args, mode=mode)
-        if cpu.get_isa() == "avx2":
+        if cpu.get_isa() != "scalar":
             bound = cpu.lut_error_bound(x, qw.codes, sc, gs_eff, mode=mode)
         else:  # the scalar ISA has no lut kernel: int8 runs instead
             bound = cpu.int8_error_bound(x, qw.codes, sc, gs_eff)
@@ -407,8 +450,8 @@ def test_lut_modes_share_weight_and_other_bits_run_int8():
 
 
 def test_lut_error_is_small_in_practice():
-    if "avx2" not in ISAS:
-        pytest.skip("no AVX2: the lut kernel does not run")
+    if ISAS == ["scalar"]:
+        pytest.skip("no SIMD ISA: the lut kernel does not run")
     w = torch.randn(256, 1024)
     qw = quantize_rtn(w, 2, 64)
     p = qw.pack_dense()

@@ -59,9 +59,14 @@ Modes and their error against :func:`bitpress.kernels.reference.dense_qmm_ref`:
   the tests check it on random inputs. In practice the error is ~sqrt(n) smaller than the
   bound and well below the weight-quantisation error itself.
 
-ISA: ``avx2`` (AVX2+FMA+F16C) when the CPU has it, else the portable ``scalar`` path;
-:func:`set_isa` forces one (``"auto"`` restores the choice). There is no AVX-512 path:
-the development machine has no AVX-512 to test it on.
+ISA, chosen once by CPU features: ``avx512`` (AVX-512 F/BW/VL + VNNI), else ``avx2``
+(AVX2+FMA+F16C), else the portable ``scalar`` path; :func:`set_isa` forces one (``"auto"``
+restores the choice). ``avx512`` is the AVX2 kernels and layouts built for AVX-512 with the
+int8 dot products as ``vpdpbusd`` (one instruction for AVX2's three); the integers are exact
+either way, so its results equal ``avx2``'s bit for bit. ``avx512-emu`` (never automatic;
+present when the extension was built with the SIMDe headers) runs that same code with
+``vpdpbusd`` emulated by SIMDe, so the tests cover it on CPUs without AVX-512. Its speed on
+AVX-512 hardware is not yet measured (no such machine here).
 Bits 2, 3 and 4 with group sizes that are multiples of 16 up to 256 (or per-channel)
 are supported; other calls (8-bit, ...) fall back to the reference.
 """
@@ -120,7 +125,8 @@ if not isinstance(_ENV_DATA, dict):
 
 # ---- configuration ---------------------------------------------------------------------------
 def set_isa(name: str) -> None:
-    """Force the kernel ISA: ``"auto"``, ``"avx2"`` or ``"scalar"`` (process-wide)."""
+    """Force the kernel ISA (process-wide): ``"auto"``, ``"avx512"``, ``"avx2"``,
+    ``"avx512-emu"`` or ``"scalar"``; :func:`available_isas` lists this CPU's."""
     global _isa, _gen
     _C.qmm_set_isa(name)
     _isa = _C.qmm_get_isa()
@@ -404,8 +410,8 @@ def dense_qmm_cpu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         y = _panel_gemm(x2, out, in_features, _bias_f32(bias, out), fill)
         return _finish(y.reshape(*x.shape[:-1], out), x, out)
     code = _MODES[mode or _mode]
-    if code >= 2 and (bits != 2 or _isa != "avx2"):
-        code = 1  # the lut kernels are 2-bit AVX2 only; elsewhere lut means int8
+    if code >= 2 and (bits != 2 or _isa == "scalar"):
+        code = 1  # the lut kernels are 2-bit SIMD only; elsewhere lut means int8
     packed, pk = _dense_packed(qweight, scales, zeros, bits, group_size, in_features,
                                1 if code >= 2 else 0)
     y = torch.empty(*x.shape[:-1], out, dtype=torch.float32)
@@ -483,7 +489,7 @@ def dense_plan(args: tuple, mode: Optional[str] = None):
     if mode == "blas":
         return None
     code = _MODES[mode or _mode]
-    if code >= 2 and (bits != 2 or _isa != "avx2"):
+    if code >= 2 and (bits != 2 or _isa == "scalar"):
         code = 1
     packed, pk = _dense_packed(qweight, scales, zeros, bits, group_size, in_features,
                                1 if code >= 2 else 0)

@@ -1,6 +1,7 @@
 // CPU implementations of bitpress::dense_qmm and bitpress::sparse_qmm: repacking, activation
 // preparation, the portable scalar kernels, run-time ISA dispatch and the pybind11 bindings.
-// Layouts are described in qmm.h; the AVX2 kernels are in qmm_avx2.cpp.
+// Layouts are described in qmm.h; the SIMD kernels are in qmm_simd.inc, built per ISA by
+// qmm_avx2.cpp, qmm_avx512.cpp and qmm_avx512_emu.cpp.
 //
 // Maths (both modes, per output row, per segment s of group g, u = c + off, off = 2^(b-1)):
 //   y += scale_g * (sum_k u_k x_k - off * sum_k x_k) + zero_g * sum_k x_k
@@ -31,7 +32,7 @@ int64_t g_prefetch_bytes = 3072;
 
 namespace {
 
-enum Isa : int { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2 };
+enum Isa : int { ISA_AUTO = 0, ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVX512 = 3, ISA_AVX512_EMU = 4 };
 int g_forced_isa = ISA_AUTO;
 // minimum multiply-adds per thread before a call goes parallel (tests lower it to 1)
 int64_t g_min_work = 65536;
@@ -49,22 +50,62 @@ bool cpu_has_avx2() {
 #endif
 }
 
-int resolved_isa() {
-  if (g_forced_isa == ISA_SCALAR) return ISA_SCALAR;
-  if (g_forced_isa == ISA_AVX2) return ISA_AVX2;
-  return cpu_has_avx2() ? ISA_AVX2 : ISA_SCALAR;
+// AVX-512 F/BW/VL + VNNI (libgcc's check includes the OS saving the zmm state)
+bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512vnni");
+  }();
+  return has;
+#else
+  return false;
+#endif
 }
 
-const char* isa_name(int isa) { return isa == ISA_AVX2 ? "avx2" : "scalar"; }
+// the emulated AVX-512 build runs on AVX2 and exists only where SIMDe was found at build time
+bool have_avx512_emu() {
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(BITPRESS_HAVE_SIMDE)
+  return cpu_has_avx2();
+#else
+  return false;
+#endif
+}
+
+int resolved_isa() {
+  if (g_forced_isa != ISA_AUTO) return g_forced_isa;
+  return cpu_has_avx512() ? ISA_AVX512 : cpu_has_avx2() ? ISA_AVX2 : ISA_SCALAR;
+}
+
+const char* isa_name(int isa) {
+  switch (isa) {
+    case ISA_AVX2: return "avx2";
+    case ISA_AVX512: return "avx512";
+    case ISA_AVX512_EMU: return "avx512-emu";
+    default: return "scalar";
+  }
+}
 
 void set_isa(const std::string& name) {
   if (name == "auto") g_forced_isa = ISA_AUTO;
   else if (name == "scalar") g_forced_isa = ISA_SCALAR;
   else if (name == "avx2") {
-    if (!cpu_has_avx2()) throw std::invalid_argument("set_isa: this CPU has no AVX2+FMA");
+    if (!cpu_has_avx2()) throw std::invalid_argument("set_isa: 'avx2': this CPU has no AVX2+FMA");
     g_forced_isa = ISA_AVX2;
+  } else if (name == "avx512") {
+    if (!cpu_has_avx512())
+      throw std::invalid_argument("set_isa: 'avx512': this CPU has no AVX-512 F/BW/VL + VNNI");
+    g_forced_isa = ISA_AVX512;
+  } else if (name == "avx512-emu") {
+    if (!have_avx512_emu())
+      throw std::invalid_argument("set_isa: 'avx512-emu' needs AVX2 and an extension built with "
+                                  "the SIMDe headers (pip package simde-py)");
+    g_forced_isa = ISA_AVX512_EMU;
   } else {
-    throw std::invalid_argument("set_isa: expected 'auto', 'avx2' or 'scalar', got '" + name + "'");
+    throw std::invalid_argument("set_isa: expected 'auto', 'avx512', 'avx2', 'avx512-emu' or "
+                                "'scalar', got '" + name + "'");
   }
 }
 
@@ -74,7 +115,38 @@ py::list available_isas() {
   py::list l;
   l.append("scalar");
   if (cpu_has_avx2()) l.append("avx2");
+  if (cpu_has_avx512()) l.append("avx512");
+  if (have_avx512_emu()) l.append("avx512-emu");
   return l;
+}
+
+// The SIMD kernels of one ISA (one build of qmm_simd.inc); nullptr for the scalar path.
+struct SimdKernels {
+  decltype(&bitpress_cpu::dense_tile_avx2) dense_tile;
+  decltype(&bitpress_cpu::dense_tile_lut_avx2) dense_tile_lut;
+  decltype(&bitpress_cpu::build_lut_avx2) build_lut;
+  decltype(&bitpress_cpu::sparse_tiles_avx2) sparse_tiles;
+  decltype(&bitpress_cpu::half_rows_avx2) half_rows;
+};
+
+const SimdKernels* simd_kernels(int isa) {
+#if defined(__x86_64__) || defined(_M_X64)
+#define BITPRESS_KERNELS(SFX)                                                                 \
+  SimdKernels{&bitpress_cpu::dense_tile_##SFX, &bitpress_cpu::dense_tile_lut_##SFX,           \
+              &bitpress_cpu::build_lut_##SFX, &bitpress_cpu::sparse_tiles_##SFX,              \
+              &bitpress_cpu::half_rows_##SFX}
+  static const SimdKernels avx2 = BITPRESS_KERNELS(avx2);
+  static const SimdKernels avx512 = BITPRESS_KERNELS(avx512);
+  if (isa == ISA_AVX2) return &avx2;
+  if (isa == ISA_AVX512) return &avx512;
+#if defined(BITPRESS_HAVE_SIMDE)
+  static const SimdKernels emu = BITPRESS_KERNELS(avx512emu);
+  if (isa == ISA_AVX512_EMU) return &emu;
+#endif
+#undef BITPRESS_KERNELS
+#endif
+  (void)isa;
+  return nullptr;
 }
 
 int clamp_threads(int n) { return n < 1 ? 1 : n; }
@@ -384,11 +456,9 @@ void prepare_act(ActBuf& ab, const float* x, int64_t M, int64_t in, int64_t seg,
   }
   a.q = ab.q.data(); a.xf = ab.xf.data(); a.d = ab.d.data(); a.b = ab.b.data();
   a.xs = ab.xs.data();
-#if defined(__x86_64__) || defined(_M_X64)
-  if (mode == MODE_LUT)
-    bitpress_cpu::build_lut_avx2(x, M, in, seg, nseg, ab.lut.data(), a.lstride, ab.dl.data(),
-                                 lut_max);
-#endif
+  if (mode == MODE_LUT)  // the caller checked that an ISA with a lut kernel is in use
+    simd_kernels(resolved_isa())->build_lut(x, M, in, seg, nseg, ab.lut.data(), a.lstride,
+                                            ab.dl.data(), lut_max);
   a.lut = ab.lut.data(); a.dl = ab.dl.data();
 }
 
@@ -467,12 +537,12 @@ void dense_qmm(uintptr_t packed, int64_t out, int64_t in, int bits, int64_t gs, 
   const auto* pk = reinterpret_cast<const uint8_t*>(packed);
   auto* yp = reinterpret_cast<float*>(y);
   const auto* bp = reinterpret_cast<const float*>(bias);
-  const int isa = resolved_isa();
+  const SimdKernels* kern = simd_kernels(resolved_isa());
   const int lut_max = mode == MODE_LUT63 ? LUT_MAX_FOLD : LUT_MAX;
   if (mode == MODE_LUT63) mode = MODE_LUT;
-  if (mode == MODE_LUT && (bits != 2 || isa != ISA_AVX2))
+  if (mode == MODE_LUT && (bits != 2 || kern == nullptr))
     throw std::invalid_argument("qmm_dense: modes 2/3 (lut/lut63) need 2-bit weights in the "
-                                "lut2 layout and the avx2 ISA");
+                                "lut2 layout and a SIMD ISA (avx2, avx512)");
   py::gil_scoped_release release;
   ActBuf ab;
   prepare_act(ab, reinterpret_cast<const float*>(x), M, in, g.seg, g.nseg, bits, mode, nthreads,
@@ -481,7 +551,6 @@ void dense_qmm(uintptr_t packed, int64_t out, int64_t in, int bits, int64_t gs, 
   // below ~64k MACs per thread a parallel region costs more than it saves
   int nt = int(std::min<int64_t>(clamp_threads(nthreads),
                                  std::max<int64_t>(1, std::min(g.tiles, M * out * in / g_min_work))));
-#if defined(__x86_64__) || defined(_M_X64)
   if (mode == MODE_LUT) {
     // batch 1: pairs of tiles (16 rows) share the table loads
     const int tt = M == 1 ? 2 : 1;
@@ -491,23 +560,20 @@ void dense_qmm(uintptr_t packed, int64_t out, int64_t in, int bits, int64_t gs, 
 #endif
     for (int64_t u = 0; u < units; ++u) {
       const int64_t t = u * tt;
-      bitpress_cpu::dense_tile_lut_avx2(g, a, pk + t * g.tile_bytes, t,
-                                        int(std::min<int64_t>(tt, g.tiles - t)), yp, bp);
+      kern->dense_tile_lut(g, a, pk + t * g.tile_bytes, t,
+                           int(std::min<int64_t>(tt, g.tiles - t)), yp, bp);
     }
     return;
   }
-#endif
 #if defined(_OPENMP)
 #pragma omp parallel for num_threads(nt) schedule(static)
 #endif
   for (int64_t t = 0; t < g.tiles; ++t) {
     const uint8_t* tp = pk + t * g.tile_bytes;
-#if defined(__x86_64__) || defined(_M_X64)
-    if (isa == ISA_AVX2) {
-      bitpress_cpu::dense_tile_avx2(g, a, tp, t, yp, bp);
+    if (kern) {
+      kern->dense_tile(g, a, tp, t, yp, bp);
       continue;
     }
-#endif
     dense_tile_scalar(g, a, tp, t, yp, bp);
   }
 }
@@ -522,7 +588,7 @@ void half_linear(uintptr_t w, int bf16, int64_t out, int64_t in, uintptr_t x, in
   const auto* xp = reinterpret_cast<const float*>(x);
   auto* yp = reinterpret_cast<float*>(y);
   const auto* bp = reinterpret_cast<const float*>(bias);
-  const int isa = resolved_isa();
+  const SimdKernels* kern = simd_kernels(resolved_isa());
   py::gil_scoped_release release;
   const int64_t units = ceil_div(out, 8);
   const int nt = int(std::min<int64_t>(clamp_threads(nthreads),
@@ -532,12 +598,10 @@ void half_linear(uintptr_t w, int bf16, int64_t out, int64_t in, uintptr_t x, in
 #endif
   for (int64_t u = 0; u < units; ++u) {
     const int64_t r0 = u * 8, r1 = std::min<int64_t>(out, r0 + 8);
-#if defined(__x86_64__) || defined(_M_X64)
-    if (isa == ISA_AVX2) {
-      bitpress_cpu::half_rows_avx2(wp, bf16, out, in, xp, M, yp, bp, r0, r1);
+    if (kern) {
+      kern->half_rows(wp, bf16, out, in, xp, M, yp, bp, r0, r1);
       continue;
     }
-#endif
     for (int64_t m = 0; m < M; ++m)
       for (int64_t r = r0; r < r1; ++r) {
         const uint16_t* wr = wp + r * in;
@@ -558,7 +622,7 @@ void sparse_qmm(uintptr_t tiles, int64_t ntiles, int64_t out, int64_t in, int bi
   const auto* tp = reinterpret_cast<const uint8_t*>(tiles);
   auto* yp = reinterpret_cast<float*>(y);
   const auto* bp = reinterpret_cast<const float*>(bias);
-  const int isa = resolved_isa();
+  const SimdKernels* kern = simd_kernels(resolved_isa());
   py::gil_scoped_release release;
   ActBuf ab;
   prepare_act(ab, reinterpret_cast<const float*>(x), M, in, gs, g.ng, bits, mode, nthreads);
@@ -580,11 +644,9 @@ void sparse_qmm(uintptr_t tiles, int64_t ntiles, int64_t out, int64_t in, int bi
 #endif
     const int64_t t0 = ntiles * t / nt, t1 = ntiles * (t + 1) / nt;
     float* yl = part.data() + t * M * out;
-#if defined(__x86_64__) || defined(_M_X64)
-    if (isa == ISA_AVX2)
-      bitpress_cpu::sparse_tiles_avx2(g, a, tp, t0, t1, yl);
+    if (kern)
+      kern->sparse_tiles(g, a, tp, t0, t1, yl);
     else
-#endif
       for (int64_t i = t0; i < t1; ++i) sparse_tile_scalar(g, a, tp + i * g.tile_bytes, yl);
   }
   for (int64_t r = 0; r < out; ++r) {

@@ -190,20 +190,25 @@ inline SparseGeom make_sparse_geom(int64_t out, int64_t in, int bits, int64_t gs
 // tables of groups 0|1 (and of the high nibbles against 2|3) gathers partial sums of the
 // activations; vpmaddubsw with (1, 2) byte weights adds the two planes of a row.
 
-// Per-ISA entry points (defined in qmm_avx2.cpp; absent when not compiled for x86).
+// Per-ISA entry points, one set per build of qmm_simd.inc (suffixes avx2, avx512, avx512emu;
+// defined only where that file is compiled: x86, and for avx512emu only with SIMDe).
+#define BITPRESS_DECLARE_SIMD(SFX)                                                                 \
+  void half_rows_##SFX(const uint16_t* w, int bf16, int64_t out, int64_t in, const float* x,       \
+                       int64_t M, float* y, const float* bias, int64_t r0, int64_t r1);            \
+  void dense_tile_##SFX(const DenseGeom& g, const Act& a, const uint8_t* tile_ptr, int64_t tile,  \
+                        float* y, const float* bias);                                              \
+  /* 2-bit dense tiles tile .. tile + ntile - 1 (ntile 1 or 2) from the lut2 layout */             \
+  void dense_tile_lut_##SFX(const DenseGeom& g, const Act& a, const uint8_t* tile_ptr,            \
+                            int64_t tile, int ntile, float* y, const float* bias);                 \
+  /* tables for the lut mode: x [M, in] fp32 -> lut [M][lstride] int8, dl [M * nseg] */          \
+  void build_lut_##SFX(const float* x, int64_t M, int64_t in, int64_t seg, int64_t nseg,          \
+                       int8_t* lut, int64_t lstride, float* dl, int lut_max);                      \
+  /* column tiles t0..t1 accumulated into ylocal[out][M] (which the caller zeroes) */            \
+  void sparse_tiles_##SFX(const SparseGeom& g, const Act& a, const uint8_t* tiles, int64_t t0,    \
+                          int64_t t1, float* ylocal);
+
 namespace bitpress_cpu {
-void half_rows_avx2(const uint16_t* w, int bf16, int64_t out, int64_t in, const float* x,
-                    int64_t M, float* y, const float* bias, int64_t r0, int64_t r1);
-void dense_tile_avx2(const DenseGeom& g, const Act& a, const uint8_t* tile_ptr, int64_t tile,
-                     float* y, const float* bias);
-// 2-bit dense tiles tile, .., tile + ntile - 1 (ntile 1 or 2, consecutive) from the lut2
-// layout (a.mode == MODE_LUT; a.lut_max picks the plain or the folded kernel).
-void dense_tile_lut_avx2(const DenseGeom& g, const Act& a, const uint8_t* tile_ptr, int64_t tile,
-                         int ntile, float* y, const float* bias);
-// Tables for the lut mode: x [M, in] fp32 -> lut [M][lstride] int8, dl [M * nseg].
-void build_lut_avx2(const float* x, int64_t M, int64_t in, int64_t seg, int64_t nseg,
-                    int8_t* lut, int64_t lstride, float* dl, int lut_max);
-// Column tiles t0..t1 accumulated into ylocal[out][M] (which the caller zeroes).
-void sparse_tiles_avx2(const SparseGeom& g, const Act& a, const uint8_t* tiles, int64_t t0,
-                       int64_t t1, float* ylocal);
+BITPRESS_DECLARE_SIMD(avx2)
+BITPRESS_DECLARE_SIMD(avx512)
+BITPRESS_DECLARE_SIMD(avx512emu)
 }  // namespace bitpress_cpu
