@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sparsity", type=float, default=None,
                    help="share of weight groups to prune (group-sparse formats; default 0.5 "
                         "for gqsa)")
+    c.add_argument("--sparsity-rule", action="append", default=None, metavar="PATTERN=S",
+                   help="give the linears matching PATTERN their own sparsity S, e.g. "
+                        "'*.down_proj=0.2' (repeatable; the first match wins, the rest take "
+                        "--sparsity)")
     c.add_argument("--sym", action="store_true", help="symmetric grid (zero point 0)")
     c.add_argument("--param-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of scales/zeros on disk (default float16)")
@@ -190,7 +194,24 @@ def _recipe(args):
         kw["ignore"] = args.ignore
     if args.targets is not None:
         kw["targets"] = args.targets
+    if args.sparsity_rule:
+        kw["sparsity_rules"] = _sparsity_rules(args.sparsity_rule)
     return Recipe(**kw)
+
+
+def _sparsity_rules(items: list[str]) -> dict[str, float]:
+    from .errors import ConfigError
+
+    rules: dict[str, float] = {}
+    for it in items:
+        pat, sep, val = it.rpartition("=")
+        try:
+            if not sep or not pat:
+                raise ValueError
+            rules[pat] = float(val)
+        except ValueError:
+            raise ConfigError(f"--sparsity-rule expects PATTERN=SPARSITY, got {it!r}") from None
+    return rules
 
 
 def _load_any(path: str):

@@ -419,3 +419,48 @@ def test_simulate_rejects_what_it_cannot_run(tiny_llama_dir, calib_file):
     with pytest.raises(ConfigError, match="group size"):
         simulate(tiny_llama_dir, Recipe(method="unstructured", bits=4, group_size=-1),
                  progress=False)
+
+
+@pytest.mark.parametrize("method", ["gqsa", "rtn"])
+def test_cli_sparsity_rules_per_module(tiny_qwen2_dir, tmp_path, method):
+    """--sparsity-rule gives matching linears their own share of pruned groups (first match
+    wins); the others keep --sparsity; the rules travel in the summary's recipe."""
+    import bitpress
+    from bitpress.cli import main
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT * 4)
+    out = tmp_path / "q"
+    assert main(["compress", str(tiny_qwen2_dir), "--out", str(out), "--calib", str(calib),
+                 "--nsamples", "4", "--seqlen", "32", "--method", method, "--bits", "4",
+                 "--group-size", "16", "--sparsity", "0.5",
+                 "--sparsity-rule", "*.down_proj=0.25", "--sparsity-rule", "re:layers\\.0\\..*proj=0",
+                 "--sparsity-rule", "*.q_proj=0.75"]) == 0
+    model = bitpress.load(out)
+    got = {n: m.sparsity for n, m in model.named_modules() if type(m).__name__ == "GroupSparseLinear"}
+    assert len(got) == 14
+    for n, sp in got.items():
+        want = 0.25 if n.endswith("down_proj") else 0.0 if ".layers.0." in n else \
+            0.75 if n.endswith("q_proj") else 0.5
+        assert abs(sp - want) < 0.03, (n, sp, want)
+    summary = json.loads((out / "bitpress_summary.json").read_text())
+    assert summary["recipe"]["sparsity_rules"]["*.down_proj"] == 0.25
+
+
+def test_sparsity_rules_errors(tiny_qwen2_dir, tmp_path):
+    from bitpress.cli import main
+    from bitpress.errors import ConfigError
+    from bitpress.nn import Recipe
+
+    with pytest.raises(ConfigError, match="group-sparse"):
+        Recipe(method="rtn", sparsity_rules={"*": 0.3})
+    with pytest.raises(ConfigError, match=r"\[0, 1\)"):
+        Recipe(method="gqsa", group_size=16, sparsity=0.5, sparsity_rules={"*": 1.0})
+    r = Recipe(method="gqsa", group_size=16, sparsity=0.5, sparsity_rules={"*.o_proj": 0.1})
+    assert r.sparsity_for("model.layers.3.self_attn.o_proj") == 0.1
+    assert r.sparsity_for("model.layers.3.mlp.up_proj") == 0.5
+    assert Recipe.from_dict(r.to_dict()) == r
+    out = tmp_path / "q"
+    assert main(["compress", str(tiny_qwen2_dir), "--out", str(out), "--method", "rtn",
+                 "--sparsity", "0.5", "--group-size", "16", "--sparsity-rule", "down_proj"]) == 2
+    assert not out.exists()

@@ -5,6 +5,11 @@ A recipe is a small dataclass that round-trips through JSON::
     {"method": "rtn", "bits": 4, "group_size": 128, "sparsity": null,
      "targets": ["*"], "ignore": ["lm_head"]}
 
+A group-sparse recipe may give some linears their own share of pruned groups:
+``"sparsity_rules": {"*.down_proj": 0.2, "re:layers\\.0\\.": 0.1}`` (the first matching
+pattern wins; unmatched linears take ``sparsity``), e.g. to prune the layers whose loss
+grows fastest less and the others more at the same total.
+
 Patterns match module names (``model.layers.0.mlp.up_proj``): shell globs by default,
 regular expressions when prefixed ``re:`` (searched, not anchored). ``lm_head`` and every
 embedding are excluded by default; only ``nn.Linear`` and GPT-2 ``Conv1D`` are replaced.
@@ -40,6 +45,7 @@ class Recipe:
     targets: list[str] = field(default_factory=lambda: ["*"])
     ignore: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORE))
     options: dict[str, Any] = field(default_factory=dict)
+    sparsity_rules: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -52,6 +58,23 @@ class Recipe:
                 raise ConfigError(f"sparsity must lie in [0, 1), got {self.sparsity}")
             if self.group_size == -1:
                 raise ConfigError("group sparsity needs a group size (got per-channel)")
+        if not isinstance(self.sparsity_rules, dict):
+            raise ConfigError(f"sparsity_rules must map module patterns to sparsities, got "
+                              f"{self.sparsity_rules!r}")
+        if self.sparsity_rules and not self.sparse:
+            raise ConfigError("sparsity_rules need a group-sparse recipe (a base sparsity > 0)")
+        for pat, v in self.sparsity_rules.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+                raise ConfigError(f"sparsity rule {pat!r}: sparsity must lie in [0, 1), got {v!r}")
+
+    def sparsity_for(self, name: Optional[str]) -> Optional[float]:
+        """The share of pruned groups for the linear ``name``: the first matching
+        ``sparsity_rules`` pattern's, else ``sparsity``."""
+        if name is not None:
+            for pat, v in self.sparsity_rules.items():
+                if _match_any(name, [pat]):
+                    return float(v)
+        return self.sparsity
 
     @property
     def torch_param_dtype(self) -> torch.dtype:
@@ -118,9 +141,12 @@ def packed_module(qw: QuantizedWeight, bias: Optional[torch.Tensor],
     return QuantLinear.from_quantized(qw, bias, param_dtype)
 
 
-def rtn_quantize_linear(w: torch.Tensor, recipe: Recipe) -> QuantizedWeight:
-    """The data-free default: magnitude group pruning when the recipe is sparse, then RTN."""
-    keep = magnitude_keep_mask(w, recipe.group_size, recipe.sparsity) if recipe.sparse else None
+def rtn_quantize_linear(w: torch.Tensor, recipe: Recipe,
+                        name: Optional[str] = None) -> QuantizedWeight:
+    """The data-free default: magnitude group pruning when the recipe is sparse (at
+    ``recipe.sparsity_for(name)``), then RTN."""
+    keep = magnitude_keep_mask(w, recipe.group_size, recipe.sparsity_for(name)) \
+        if recipe.sparse else None
     return quantize_rtn(w, recipe.bits, recipe.group_size, sym=recipe.sym,
                         param_dtype=recipe.torch_param_dtype, keep=keep)
 
@@ -136,7 +162,7 @@ def replace_linears(model: nn.Module, recipe: Recipe,
     schemes: dict[str, dict[str, Any]] = {}
     for name, m in list(target_linears(model, recipe)):
         w, b = _linear_weight(m)
-        qw = quantize(name, w) if quantize is not None else rtn_quantize_linear(w, recipe)
+        qw = quantize(name, w) if quantize is not None else rtn_quantize_linear(w, recipe, name)
         new = packed_module(qw, b, recipe.torch_param_dtype)
         set_submodule(model, name, new)
         schemes[name] = new.scheme()

@@ -1,6 +1,7 @@
 """``bitpress compress``: source checkpoint → packed bitpress checkpoint."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import resource
@@ -48,9 +49,10 @@ def _solver(recipe: Recipe):
     from ..sparse import SPARSE_PASSES
 
     if recipe.method == "rtn":
-        return lambda name, W, H: rtn_quantize_linear(W, recipe)
+        return lambda name, W, H: rtn_quantize_linear(W, recipe, name)
     if recipe.method in SIMULATED_METHODS:
-        if recipe.method == "sparsegpt24" and recipe.sparsity not in (None, 0.5):
+        if recipe.method == "sparsegpt24" and (recipe.sparsity not in (None, 0.5)
+                                               or recipe.sparsity_rules):
             raise ConfigError("2:4 pruning removes exactly half the weights; drop --sparsity")
         opts = dict(recipe.options or {})
         fn = SPARSE_PASSES[recipe.method]
@@ -71,7 +73,9 @@ def _solver(recipe: Recipe):
 
     def solve(name: str, W: torch.Tensor, H: Optional[torch.Tensor]):
         if H is None:  # linears outside the block stack (e.g. a targeted head): data-free
-            return rtn_quantize_linear(W, recipe)
+            return rtn_quantize_linear(W, recipe, name)
+        if recipe.sparsity_rules:
+            return fn(W, H, dataclasses.replace(spec, sparsity=recipe.sparsity_for(name)))
         return fn(W, H, spec)
     solve.options = opts  # type: ignore[attr-defined]
     return solve
@@ -310,7 +314,7 @@ def compress_model(model, tokenizer, recipe: Recipe, out: str | os.PathLike,
     errors: dict[str, float] = {}
 
     def quantize(name: str, w: torch.Tensor):
-        qw = rtn_quantize_linear(w, recipe)
+        qw = rtn_quantize_linear(w, recipe, name)
         errors[name] = float((qw.dequantize() - w).pow(2).sum() / w.pow(2).sum().clamp_min(1e-30))
         bar.set_postfix_str(f"{name.split('.', 2)[-1]} rel.err {errors[name]:.2e}")
         bar.update(1)
