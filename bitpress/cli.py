@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     f.add_argument("--seed", type=int, default=0, help="seed of windows and order (default 0)")
     f.add_argument("--no-norms", action="store_true", help="train only scales/zeros")
+    f.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                   help="learning-rate schedule: constant (default) or cosine decay to 0")
 
     e = sub.add_parser("eval", help="perplexity of a model (HF dir, .gguf or bitpress checkpoint)")
     e.add_argument("model")
@@ -253,7 +255,8 @@ def _finetune(args) -> dict:
                               context=model_context(model))
     res = finetune_float_parts(model, ids, steps=args.steps, epochs=args.epochs, lr=lr,
                                norm_lr=args.norm_lr, batch_size=args.batch_size,
-                               train_norms=not args.no_norms, seed=args.seed, progress=True)
+                               train_norms=not args.no_norms, seed=args.seed,
+                               schedule=args.schedule, progress=True)
     res.update({"source": str(d), "text": str(args.text), "nsamples": args.nsamples,
                 "seed": args.seed})
     out = write_float_parts(model, d, args.out, overwrite=args.force, norms=not args.no_norms,

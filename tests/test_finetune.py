@@ -160,3 +160,28 @@ def test_bad_input_raises_config_error(packed_dirs, tiny_llama_dir, tmp_path):
     with pytest.raises(ConfigError, match="no packed"):
         write_float_parts(fp, packed_dirs["dense"], tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_cosine_schedule_decays_every_group_to_zero(packed_dirs, monkeypatch):
+    import math
+
+    model = bitpress.load(packed_dirs["dense"])
+    seen = []
+    orig = torch.optim.Adam.step
+
+    def step(self, *a, **k):
+        seen.append([g["lr"] for g in self.param_groups])
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    res = finetune_float_parts(model, _ids(), steps=5, lr=1e-3, norm_lr=2e-3,
+                               schedule="cosine", progress=False)
+    assert res["schedule"] == "cosine"
+    fac = [0.5 * (1 + math.cos(math.pi * i / 5)) for i in range(5)]
+    assert [a for a, _ in seen] == pytest.approx([1e-3 * f for f in fac])
+    assert [b for _, b in seen] == pytest.approx([2e-3 * f for f in fac])
+    seen.clear()
+    finetune_float_parts(model, _ids(), steps=3, lr=1e-3, progress=False)  # constant: default
+    assert [lr for g in seen for lr in g] == pytest.approx([1e-3] * 6)
+    with pytest.raises(ConfigError, match="schedule"):
+        finetune_float_parts(model, _ids(), steps=1, schedule="linear", progress=False)

@@ -32,6 +32,8 @@ from .blocktune import norm_parameters
 
 log = logging.getLogger(__name__)
 
+#: learning-rate schedules of :func:`finetune_float_parts`
+SCHEDULES = ("constant", "cosine")
 # Adam lr of scales/zeros (and norms). Measured on SmolLM2-135M, one epoch of 128 x 512 tokens
 # of WikiText-2 valid (bench/RESULTS.md "E2E-OQP"): GQSA W4 g16 S50 WikiText-2 test 90.79 ->
 # 60.46 (1e-5), 43.26 (1e-4), 55.15 (3e-4); decoupleQ W2 g64 43.71 -> 25.68 (1e-4).
@@ -99,13 +101,16 @@ def finetune_float_parts(model: nn.Module, data: Any, *, steps: Optional[int] = 
                          epochs: int = 1, lr: float = DEFAULT_LR, batch_size: int = 1,
                          seqlen: Optional[int] = None, train_norms: bool = True,
                          norm_lr: Optional[float] = None, seed: int = 0,
+                         schedule: str = "constant",
                          evaluate: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train only the scales/zeros of every packed module of ``model`` (and its norm weights
     when ``train_norms``) with Adam on the causal-LM loss of ``data``; in place.
 
     ``data``: token ids, ``[n, L]`` windows or a 1-D stream (cut into ``seqlen`` windows).
     ``steps``: optimizer steps (cycling over shuffled windows, ``batch_size`` per step);
-    default ``epochs`` passes. ``norm_lr`` defaults to ``lr``. ``evaluate``: also measure the
+    default ``epochs`` passes. ``norm_lr`` defaults to ``lr``. ``schedule``: ``"constant"``
+    learning rates, or ``"cosine"`` (each decays from its value to 0 along a half cosine over
+    the run's steps). ``evaluate``: also measure the
     loss over all of ``data`` before and after (two extra forward passes).
 
     Codes and masks never change; scales/zeros end in their original storage dtype (the
@@ -128,6 +133,8 @@ def finetune_float_parts(model: nn.Module, data: Any, *, steps: Optional[int] = 
     for name, v in (("lr", lr), ("norm_lr", norm_lr)):
         if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise ConfigError(f"{name} must be a positive number, got {v!r}")
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     per_epoch = math.ceil(win.shape[0] / batch_size)
     total = steps if steps is not None else epochs * per_epoch
 
@@ -137,6 +144,7 @@ def finetune_float_parts(model: nn.Module, data: Any, *, steps: Optional[int] = 
     flags = {id(p): p.requires_grad for p in model.parameters()}
     norms = norm_parameters(model) if train_norms else {}
     result: dict[str, Any] = {"lr": lr, "norm_lr": norm_lr if norm_lr is not None else lr,
+                              "schedule": schedule,
                               "batch_size": batch_size, "seqlen": int(win.shape[1]),
                               "windows": int(win.shape[0]), "steps": total,
                               "epochs": round(total / per_epoch, 3), "train_norms": train_norms,
@@ -163,6 +171,10 @@ def finetune_float_parts(model: nn.Module, data: Any, *, steps: Optional[int] = 
             groups.append({"params": list(norms.values()),
                            "lr": norm_lr if norm_lr is not None else lr})
         opt = torch.optim.Adam(groups)
+        sched = None
+        if schedule == "cosine":
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda i: 0.5 * (1.0 + math.cos(math.pi * min(i, total) / total)))
         g = torch.Generator().manual_seed(seed)
         order: list[int] = []
         bar = tqdm(total=total, desc="finetune float parts", unit="step", disable=not progress)
@@ -177,6 +189,8 @@ def finetune_float_parts(model: nn.Module, data: Any, *, steps: Optional[int] = 
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if sched is not None:
+                    sched.step()
                 losses.append(float(loss.detach()))
                 bar.update(1)
                 bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
