@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-norms", action="store_true", help="train only scales/zeros")
     f.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                    help="learning-rate schedule: constant (default) or cosine decay to 0")
+    f.add_argument("--teacher", default=None,
+                   help="full-precision model (HF dir or .gguf, usually the compress source) to "
+                   "distil from: the loss becomes the KL divergence from its next-token "
+                   "distribution instead of the cross-entropy on the text")
 
     e = sub.add_parser("eval", help="perplexity of a model (HF dir, .gguf or bitpress checkpoint)")
     e.add_argument("model")
@@ -249,16 +253,31 @@ def _finetune(args) -> dict:
     if not lr > 0 or (args.norm_lr is not None and not args.norm_lr > 0):
         raise ConfigError("--lr / --norm-lr must be positive")
     text = read_text(args.text)
+    teacher = None
+    if args.teacher is not None:
+        from .pipeline.source import open_source
+
+        tsrc = open_source(args.teacher)  # checked before the (slower) loads below
+        if tsrc.kind == "bitpress":
+            raise ConfigError(f"--teacher {args.teacher} is a bitpress checkpoint; distil from "
+                              f"the full-precision source model")
     model = load(d)
     tok = load_tokenizer(d)
+    if args.teacher is not None:
+        teacher = tsrc.load_model()
+        tv = getattr(teacher.config, "vocab_size", None)
+        mv = getattr(model.config, "vocab_size", None)
+        if tv != mv:
+            raise ConfigError(f"--teacher has a vocabulary of {tv} tokens, the checkpoint "
+                              f"{mv}: distil from the model it was compressed from")
     ids = calibration_windows(tok, text, args.nsamples, args.seqlen, args.seed,
                               context=model_context(model))
     res = finetune_float_parts(model, ids, steps=args.steps, epochs=args.epochs, lr=lr,
                                norm_lr=args.norm_lr, batch_size=args.batch_size,
                                train_norms=not args.no_norms, seed=args.seed,
-                               schedule=args.schedule, progress=True)
+                               schedule=args.schedule, teacher=teacher, progress=True)
     res.update({"source": str(d), "text": str(args.text), "nsamples": args.nsamples,
-                "seed": args.seed})
+                "seed": args.seed, "teacher": args.teacher})
     out = write_float_parts(model, d, args.out, overwrite=args.force, norms=not args.no_norms,
                             record=res)
     res["out"] = str(out)

@@ -185,3 +185,102 @@ def test_cosine_schedule_decays_every_group_to_zero(packed_dirs, monkeypatch):
     assert [lr for g in seen for lr in g] == pytest.approx([1e-3] * 6)
     with pytest.raises(ConfigError, match="schedule"):
         finetune_float_parts(model, _ids(), steps=1, schedule="linear", progress=False)
+
+
+def _kl(model, teacher, data):
+    """Reference: mean over positions of sum_v p_t (log p_t - log p_s), in float64."""
+    with torch.no_grad():
+        t = torch.log_softmax(teacher(input_ids=data).logits.double(), -1)
+        s = torch.log_softmax(model(input_ids=data).logits.double(), -1)
+    return float((t.exp() * (t - s)).sum(-1).mean())
+
+
+def test_kd_loss_matches_the_kl_formula(packed_dirs, tiny_llama_dir):
+    from bitpress.pipeline.source import open_source
+    from bitpress.quant.finetune import _kd_loss
+
+    teacher = open_source(tiny_llama_dir).load_model()
+    model = bitpress.load(packed_dirs["dense"])
+    data = _ids(3, 20, seed=2)
+    got = float(_kd_loss(model, teacher, data).detach())
+    assert got > 1e-4  # a W3 model differs from its source
+    assert got == pytest.approx(_kl(model, teacher, data), rel=1e-4)
+    twin = open_source(tiny_llama_dir).load_model()
+    assert float(_kd_loss(twin, teacher, data).detach()) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kd_finetune_moves_the_model_towards_the_teacher(packed_dirs, tiny_llama_dir, tmp_path):
+    from bitpress.pipeline.source import open_source
+
+    teacher = open_source(tiny_llama_dir).load_model()
+    t0 = {k: v.clone() for k, v in teacher.state_dict().items()}
+    d = _copy(packed_dirs["dense"], tmp_path / "ck")
+    before = load_file(d / "model.safetensors")
+    model = bitpress.load(d)
+    data = _ids(8, 32, seed=3)
+    kl0 = _kl(model, teacher, data)
+    res = finetune_float_parts(model, data, steps=16, lr=1e-4, batch_size=2, teacher=teacher,
+                               progress=False)
+    assert res["loss"] == "kd" and len(res["losses"]) == 16
+    first = torch.randperm(8, generator=torch.Generator().manual_seed(0))[:2]
+    assert res["losses"][0] == pytest.approx(_kl(bitpress.load(d), teacher, data[first]),
+                                             rel=1e-3)  # the first step's loss: its batch's KL
+    kl1 = _kl(model, teacher, data)
+    assert kl1 < 0.5 * kl0
+    # the teacher is untouched: same weights, nothing left trainable or with a gradient
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in t0.items())
+    assert all(p.grad is None for p in teacher.parameters())
+    write_float_parts(model, d, record=res)
+    after = load_file(d / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before if k.endswith("qweight"))
+    assert json.loads((d / "bitpress_finetune.json").read_text())["runs"][-1]["loss"] == "kd"
+
+
+def test_kd_bad_input(packed_dirs, tiny_llama_dir):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bitpress.pipeline.source import open_source
+
+    model = bitpress.load(packed_dirs["dense"])
+    sd0 = {k: v.clone() for k, v in model.state_dict().items()}
+    teacher = open_source(tiny_llama_dir).load_model()
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        finetune_float_parts(model, _ids(), steps=1, loss="kd", progress=False)
+    with pytest.raises(ConfigError, match="only used by the distillation"):
+        finetune_float_parts(model, _ids(), steps=1, loss="ce", teacher=teacher, progress=False)
+    with pytest.raises(ConfigError, match="separate"):
+        finetune_float_parts(model, _ids(), steps=1, teacher=model, progress=False)
+    with pytest.raises(ConfigError, match="loss must be one of"):
+        finetune_float_parts(model, _ids(), steps=1, loss="mse", progress=False)
+    cfg = AutoConfig.for_model("llama", vocab_size=300, hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=1, num_attention_heads=2,
+                               num_key_value_heads=2)
+    other = AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(ConfigError, match="same vocabulary"):
+        finetune_float_parts(model, torch.randint(3, 300, (2, 8)), steps=1, teacher=other,
+                             progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in sd0.items())
+    assert not any(p.requires_grad for m in model.modules() if hasattr(m, "scales")
+                   for p in m.parameters(recurse=False))
+
+
+def test_cli_finetune_with_teacher(packed_dirs, tiny_llama_dir, tmp_path, capsys):
+    from bitpress.cli import main
+
+    d = _copy(packed_dirs["dense"], tmp_path / "ck")
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    snap = {f.name: f.read_bytes() for f in d.iterdir()}
+    # a packed checkpoint is no teacher; nothing is written
+    assert main(["finetune", str(d), "--text", str(text), "--steps", "2", "--nsamples", "4",
+                 "--seqlen", "32", "--teacher", str(d)]) == 2
+    assert "full-precision source" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in d.iterdir()} == snap
+    assert main(["finetune", str(d), "--text", str(text), "--steps", "3", "--lr", "1e-3",
+                 "--nsamples", "4", "--seqlen", "32", "--teacher", str(tiny_llama_dir),
+                 "--out", str(tmp_path / "kd")]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["loss"] == "kd" and res["teacher"] == str(tiny_llama_dir)
+    assert {f.name: f.read_bytes() for f in d.iterdir()} == snap  # source untouched
+    rec = json.loads((tmp_path / "kd" / "bitpress_finetune.json").read_text())["runs"][-1]
+    assert rec["loss"] == "kd" and len(rec["losses"]) == 3

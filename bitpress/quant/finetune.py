@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 #: learning-rate schedules of :func:`finetune_float_parts`
 SCHEDULES = ("constant", "cosine")
+#: training losses of :func:`finetune_float_parts`: next-token cross-entropy, or
+#: distillation (KL divergence from a full-precision teacher's next-token distribution)
+LOSSES = ("ce", "kd")
 # Adam lr of scales/zeros (and norms). Measured on SmolLM2-135M, one epoch of 128 x 512 tokens
 # of WikiText-2 valid (bench/RESULTS.md "E2E-OQP"): GQSA W4 g16 S50 WikiText-2 test 90.79 ->
 # 60.46 (1e-5), 43.26 (1e-4), 55.15 (3e-4); decoupleQ W2 g64 43.71 -> 25.68 (1e-4).
@@ -85,6 +88,19 @@ def _lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
                                        batch[:, 1:].reshape(-1))
 
 
+def _kd_loss(model: nn.Module, teacher: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) of the next-token distributions."""
+    with torch.no_grad():
+        t = teacher(input_ids=batch, use_cache=False).logits.float()
+        t = torch.log_softmax(t.reshape(-1, t.shape[-1]), dim=-1)
+    s = model(input_ids=batch, use_cache=False).logits.float()
+    if s.shape[-1] != t.shape[-1]:
+        raise ConfigError(f"the teacher has {t.shape[-1]} output logits, the model "
+                          f"{s.shape[-1]}: distillation needs the same vocabulary")
+    s = torch.log_softmax(s.reshape(-1, s.shape[-1]), dim=-1)
+    return nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
 @torch.no_grad()
 def lm_loss(model: nn.Module, data: torch.Tensor, batch_size: int = 1) -> float:
     """Mean next-token cross-entropy of ``model`` over windows ``data`` ``[n, L]``."""
@@ -101,7 +117,8 @@ def finetune_float_parts(model: nn.Module, data: Any, *, steps: Optional[int] = 
                          epochs: int = 1, lr: float = DEFAULT_LR, batch_size: int = 1,
                          seqlen: Optional[int] = None, train_norms: bool = True,
                          norm_lr: Optional[float] = None, seed: int = 0,
-                         schedule: str = "constant",
+                         schedule: str = "constant", loss: Optional[str] = None,
+                         teacher: Optional[nn.Module] = None,
                          evaluate: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train only the scales/zeros of every packed module of ``model`` (and its norm weights
     when ``train_norms``) with Adam on the causal-LM loss of ``data``; in place.
@@ -110,8 +127,11 @@ def finetune_float_parts(model: nn.Module, data: Any, *, steps: Optional[int] = 
     ``steps``: optimizer steps (cycling over shuffled windows, ``batch_size`` per step);
     default ``epochs`` passes. ``norm_lr`` defaults to ``lr``. ``schedule``: ``"constant"``
     learning rates, or ``"cosine"`` (each decays from its value to 0 along a half cosine over
-    the run's steps). ``evaluate``: also measure the
-    loss over all of ``data`` before and after (two extra forward passes).
+    the run's steps). ``loss``: ``"ce"`` (next-token cross-entropy on ``data``) or ``"kd"``
+    (distillation: KL divergence from ``teacher``'s next-token distribution at every position
+    of ``data``; ``teacher`` is the full-precision model, run without gradients); default
+    ``"kd"`` when a teacher is given, else ``"ce"``. ``evaluate``: also measure the
+    cross-entropy over all of ``data`` before and after (two extra forward passes).
 
     Codes and masks never change; scales/zeros end in their original storage dtype (the
     model is ready for :func:`write_float_parts`). Returns a JSON-able summary (losses per
@@ -135,6 +155,18 @@ def finetune_float_parts(model: nn.Module, data: Any, *, steps: Optional[int] = 
             raise ConfigError(f"{name} must be a positive number, got {v!r}")
     if schedule not in SCHEDULES:
         raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if loss is None:
+        loss = "kd" if teacher is not None else "ce"
+    if loss not in LOSSES:
+        raise ConfigError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if loss == "kd" and teacher is None:
+        raise ConfigError("the distillation loss needs a teacher model (the full-precision "
+                          "source)")
+    if loss == "ce" and teacher is not None:
+        raise ConfigError("a teacher is only used by the distillation loss (loss='kd')")
+    if teacher is not None and teacher is model:
+        raise ConfigError("the teacher must be a separate full-precision model, not the "
+                          "model being fine-tuned")
     per_epoch = math.ceil(win.shape[0] / batch_size)
     total = steps if steps is not None else epochs * per_epoch
 
@@ -144,7 +176,7 @@ def finetune_float_parts(model: nn.Module, data: Any, *, steps: Optional[int] = 
     flags = {id(p): p.requires_grad for p in model.parameters()}
     norms = norm_parameters(model) if train_norms else {}
     result: dict[str, Any] = {"lr": lr, "norm_lr": norm_lr if norm_lr is not None else lr,
-                              "schedule": schedule,
+                              "schedule": schedule, "loss": loss,
                               "batch_size": batch_size, "seqlen": int(win.shape[1]),
                               "windows": int(win.shape[0]), "steps": total,
                               "epochs": round(total / per_epoch, 3), "train_norms": train_norms,
@@ -153,7 +185,10 @@ def finetune_float_parts(model: nn.Module, data: Any, *, steps: Optional[int] = 
         result["loss_before"] = lm_loss(model, win, batch_size)
     sz: list[nn.Parameter] = []
     losses: list[float] = []
+    t_training = teacher.training if teacher is not None else False
     try:
+        if teacher is not None:
+            teacher.eval()
         for p in model.parameters():
             p.requires_grad_(False)
         for m in mods.values():
@@ -183,15 +218,18 @@ def finetune_float_parts(model: nn.Module, data: Any, *, steps: Optional[int] = 
                 if len(order) < batch_size:
                     order += torch.randperm(win.shape[0], generator=g).tolist()
                 idx, order = order[:batch_size], order[batch_size:]
-                loss = _lm_loss(model, win[idx])
-                if not torch.isfinite(loss):
+                if loss == "kd":
+                    value = _kd_loss(model, teacher, win[idx])
+                else:
+                    value = _lm_loss(model, win[idx])
+                if not torch.isfinite(value):
                     raise FloatingPointError("the fine-tuning loss is not finite; lower --lr")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                value.backward()
                 opt.step()
                 if sched is not None:
                     sched.step()
-                losses.append(float(loss.detach()))
+                losses.append(float(value.detach()))
                 bar.update(1)
                 bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
         bar.close()
@@ -203,6 +241,8 @@ def finetune_float_parts(model: nn.Module, data: Any, *, steps: Optional[int] = 
             p.requires_grad_(flags.get(id(p), True))
             p.grad = None
         model.train(was_training)
+        if teacher is not None:
+            teacher.train(t_training)
     k = min(10, len(losses))
     result.update({"losses": [round(x, 5) for x in losses],
                    "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k,
