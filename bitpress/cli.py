@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--teacher", default=None,
                    help="full-precision model (HF dir or .gguf, usually the compress source) to "
                    "distil from: the loss becomes the KL divergence from its next-token "
-                   "distribution instead of the cross-entropy on the text")
+                   "distribution instead of the cross-entropy on the text (loaded in float32)")
 
     e = sub.add_parser("eval", help="perplexity of a model (HF dir, .gguf or bitpress checkpoint)")
     e.add_argument("model")
@@ -254,22 +254,23 @@ def _finetune(args) -> dict:
         raise ConfigError("--lr / --norm-lr must be positive")
     text = read_text(args.text)
     teacher = None
-    if args.teacher is not None:
+    if args.teacher is not None:  # checked from the configs, before the (slower) loads
+        from .pipeline.checkpoint import load_hf_config
         from .pipeline.source import open_source
 
-        tsrc = open_source(args.teacher)  # checked before the (slower) loads below
+        tsrc = open_source(args.teacher)
         if tsrc.kind == "bitpress":
             raise ConfigError(f"--teacher {args.teacher} is a bitpress checkpoint; distil from "
                               f"the full-precision source model")
-    model = load(d)
-    tok = load_tokenizer(d)
-    if args.teacher is not None:
-        teacher = tsrc.load_model()
-        tv = getattr(teacher.config, "vocab_size", None)
-        mv = getattr(model.config, "vocab_size", None)
+        tv = getattr(tsrc.load_config(), "vocab_size", None)
+        mv = getattr(load_hf_config(d)[0], "vocab_size", None)
         if tv != mv:
             raise ConfigError(f"--teacher has a vocabulary of {tv} tokens, the checkpoint "
                               f"{mv}: distil from the model it was compressed from")
+    model = load(d)
+    tok = load_tokenizer(d)
+    if args.teacher is not None:
+        teacher = tsrc.load_model()  # float32: 4 bytes per parameter beside the packed model
     ids = calibration_windows(tok, text, args.nsamples, args.seqlen, args.seed,
                               context=model_context(model))
     res = finetune_float_parts(model, ids, steps=args.steps, epochs=args.epochs, lr=lr,

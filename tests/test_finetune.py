@@ -212,8 +212,9 @@ def test_kd_loss_matches_the_kl_formula(packed_dirs, tiny_llama_dir):
 def test_kd_finetune_moves_the_model_towards_the_teacher(packed_dirs, tiny_llama_dir, tmp_path):
     from bitpress.pipeline.source import open_source
 
-    teacher = open_source(tiny_llama_dir).load_model()
+    teacher = open_source(tiny_llama_dir).load_model().train()  # left as it was found
     t0 = {k: v.clone() for k, v in teacher.state_dict().items()}
+    flags0 = [p.requires_grad for p in teacher.parameters()]
     d = _copy(packed_dirs["dense"], tmp_path / "ck")
     before = load_file(d / "model.safetensors")
     model = bitpress.load(d)
@@ -230,6 +231,7 @@ def test_kd_finetune_moves_the_model_towards_the_teacher(packed_dirs, tiny_llama
     # the teacher is untouched: same weights, nothing left trainable or with a gradient
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in t0.items())
     assert all(p.grad is None for p in teacher.parameters())
+    assert teacher.training and [p.requires_grad for p in teacher.parameters()] == flags0
     write_float_parts(model, d, record=res)
     after = load_file(d / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before if k.endswith("qweight"))
@@ -248,8 +250,14 @@ def test_kd_bad_input(packed_dirs, tiny_llama_dir):
         finetune_float_parts(model, _ids(), steps=1, loss="kd", progress=False)
     with pytest.raises(ConfigError, match="only used by the distillation"):
         finetune_float_parts(model, _ids(), steps=1, loss="ce", teacher=teacher, progress=False)
-    with pytest.raises(ConfigError, match="separate"):
+    with pytest.raises(ConfigError, match="packed"):
         finetune_float_parts(model, _ids(), steps=1, teacher=model, progress=False)
+    with pytest.raises(ConfigError, match="must be a torch model"):
+        finetune_float_parts(model, _ids(), steps=1, teacher=str(tiny_llama_dir), progress=False)
+    shared = open_source(tiny_llama_dir).load_model()
+    shared.model.norm = model.model.norm  # a norm the fine-tuning would train
+    with pytest.raises(ConfigError, match="shares tensors"):
+        finetune_float_parts(model, _ids(), steps=1, teacher=shared, progress=False)
     with pytest.raises(ConfigError, match="loss must be one of"):
         finetune_float_parts(model, _ids(), steps=1, loss="mse", progress=False)
     cfg = AutoConfig.for_model("llama", vocab_size=300, hidden_size=32, intermediate_size=64,
@@ -276,6 +284,18 @@ def test_cli_finetune_with_teacher(packed_dirs, tiny_llama_dir, tmp_path, capsys
                  "--seqlen", "32", "--teacher", str(d)]) == 2
     assert "full-precision source" in capsys.readouterr().err
     assert {f.name: f.read_bytes() for f in d.iterdir()} == snap
+    # a teacher with another vocabulary: refused from the configs, nothing written
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("llama", vocab_size=300, hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=1, num_attention_heads=2,
+                               num_key_value_heads=2)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "other")
+    assert main(["finetune", str(d), "--text", str(text), "--steps", "2", "--nsamples", "4",
+                 "--seqlen", "32", "--teacher", str(tmp_path / "other"),
+                 "--out", str(tmp_path / "no")]) == 2
+    assert "vocabulary of 300 tokens" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
     assert main(["finetune", str(d), "--text", str(text), "--steps", "3", "--lr", "1e-3",
                  "--nsamples", "4", "--seqlen", "32", "--teacher", str(tiny_llama_dir),
                  "--out", str(tmp_path / "kd")]) == 0
@@ -284,3 +304,28 @@ def test_cli_finetune_with_teacher(packed_dirs, tiny_llama_dir, tmp_path, capsys
     assert {f.name: f.read_bytes() for f in d.iterdir()} == snap  # source untouched
     rec = json.loads((tmp_path / "kd" / "bitpress_finetune.json").read_text())["runs"][-1]
     assert rec["loss"] == "kd" and len(rec["losses"]) == 3
+
+
+def test_kd_loss_ignores_tokens_the_teacher_rules_out():
+    """Logits masked to -inf by the teacher (padded vocabularies) add 0, not NaN."""
+    from types import SimpleNamespace
+
+    from bitpress.quant.finetune import _kd_loss
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, input_ids, use_cache=False):
+            return SimpleNamespace(logits=self.logits)
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 5, 11, generator=g)
+    st = torch.randn(2, 5, 11, generator=g)
+    masked = t.clone()
+    masked[..., -3:] = float("-inf")
+    got = float(_kd_loss(Fixed(st), Fixed(masked), torch.zeros(2, 5, dtype=torch.long)))
+    lt = torch.log_softmax(masked[..., :-3].double(), -1)
+    ls = torch.log_softmax(st.double(), -1)[..., :-3]
+    assert got == pytest.approx(float((lt.exp() * (lt - ls)).sum(-1).mean()), rel=1e-5)

@@ -3,7 +3,8 @@ fine-tuning, issue 4 item 4; GQSA's E2E-OQP, issue 6 item 3).
 
 Only the scales and zeros of every :class:`~bitpress.nn.QuantLinear` /
 :class:`~bitpress.nn.GroupSparseLinear` (and, optionally, the normalisation weights) are
-trained, on the causal-LM loss; codes, group masks, embeddings, the head and every other
+trained, on the causal-LM loss (next-token cross-entropy, or distillation from the
+full-precision model: the KL divergence from its next-token distribution); codes, group masks, embeddings, the head and every other
 tensor stay frozen. The packed modules run through the ``bitpress`` ops, whose autograd
 formulas give the gradients of ``x``, ``scales`` and ``zeros`` directly, so no float copy of
 any weight matrix is made. Scales/zeros are trained as float32 master copies and cast back
@@ -88,17 +89,24 @@ def _lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
                                        batch[:, 1:].reshape(-1))
 
 
+def _vocab(model: nn.Module) -> Optional[int]:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    w = getattr(out, "weight", None)
+    if isinstance(w, torch.Tensor) and w.dim() == 2:
+        return int(w.shape[0])
+    return getattr(getattr(model, "config", None), "vocab_size", None)
+
+
 def _kd_loss(model: nn.Module, teacher: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(teacher || student) of the next-token distributions."""
+    """Mean over positions of KL(teacher || student) of the next-token distributions (terms
+    where the teacher's probability is 0, e.g. logits masked to -inf, count 0)."""
     with torch.no_grad():
         t = teacher(input_ids=batch, use_cache=False).logits.float()
         t = torch.log_softmax(t.reshape(-1, t.shape[-1]), dim=-1)
+        p = t.exp()
     s = model(input_ids=batch, use_cache=False).logits.float()
-    if s.shape[-1] != t.shape[-1]:
-        raise ConfigError(f"the teacher has {t.shape[-1]} output logits, the model "
-                          f"{s.shape[-1]}: distillation needs the same vocabulary")
     s = torch.log_softmax(s.reshape(-1, s.shape[-1]), dim=-1)
-    return nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
+    return torch.where(p > 0, p * (t - s), 0.0).sum(-1).mean()
 
 
 @torch.no_grad()
@@ -121,7 +129,8 @@ def finetune_float_parts(model: nn.Module, data: Any, *, steps: Optional[int] = 
                          teacher: Optional[nn.Module] = None,
                          evaluate: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train only the scales/zeros of every packed module of ``model`` (and its norm weights
-    when ``train_norms``) with Adam on the causal-LM loss of ``data``; in place.
+    when ``train_norms``) with Adam on the causal-LM loss of ``data`` (cross-entropy, or
+    distillation from ``teacher``); in place.
 
     ``data``: token ids, ``[n, L]`` windows or a 1-D stream (cut into ``seqlen`` windows).
     ``steps``: optimizer steps (cycling over shuffled windows, ``batch_size`` per step);
@@ -164,9 +173,19 @@ def finetune_float_parts(model: nn.Module, data: Any, *, steps: Optional[int] = 
                           "source)")
     if loss == "ce" and teacher is not None:
         raise ConfigError("a teacher is only used by the distillation loss (loss='kd')")
-    if teacher is not None and teacher is model:
-        raise ConfigError("the teacher must be a separate full-precision model, not the "
-                          "model being fine-tuned")
+    if teacher is not None:
+        if not isinstance(teacher, nn.Module):
+            raise ConfigError(f"the teacher must be a torch model, got {type(teacher).__name__}")
+        if _packed_modules(teacher):
+            raise ConfigError("the teacher is a packed (compressed) model; distil from the "
+                              "full-precision source")
+        if {id(p) for p in teacher.parameters()} & {id(p) for p in model.parameters()}:
+            raise ConfigError("the teacher shares tensors with the model being fine-tuned; "
+                              "give a separate full-precision model")
+        tv, mv = _vocab(teacher), _vocab(model)
+        if tv != mv:
+            raise ConfigError(f"the teacher has {tv} output logits, the model {mv}: "
+                              f"distillation needs the same vocabulary")
     per_epoch = math.ceil(win.shape[0] / batch_size)
     total = steps if steps is not None else epochs * per_epoch
 
