@@ -4,8 +4,8 @@ fine-tuning, issue 4 item 4; GQSA's E2E-OQP, issue 6 item 3).
 Only the scales and zeros of every :class:`~bitpress.nn.QuantLinear` /
 :class:`~bitpress.nn.GroupSparseLinear` (and, optionally, the normalisation weights) are
 trained, on the causal-LM loss (next-token cross-entropy, or distillation from the
-full-precision model: the KL divergence from its next-token distribution); codes, group masks, embeddings, the head and every other
-tensor stay frozen. The packed modules run through the ``bitpress`` ops, whose autograd
+full-precision model: the KL divergence from its next-token distribution); codes, group
+masks, embeddings, the head and every other tensor stay frozen. The packed modules run through the ``bitpress`` ops, whose autograd
 formulas give the gradients of ``x``, ``scales`` and ``zeros`` directly, so no float copy of
 any weight matrix is made. Scales/zeros are trained as float32 master copies and cast back
 to their storage dtype at the end.
