@@ -7,8 +7,9 @@ trained, on the causal-LM loss (next-token cross-entropy, or distillation from t
 full-precision model: the KL divergence from its next-token distribution); codes, group
 masks, embeddings, the head and every other tensor stay frozen. The packed modules run
 through the ``bitpress`` ops, whose autograd formulas give the gradients of ``x``,
-``scales`` and ``zeros`` directly, so no float copy of any weight matrix is made. Scales/zeros are trained as float32 master copies and cast back
-to their storage dtype at the end.
+``scales`` and ``zeros`` directly, so no float copy of any weight matrix is made.
+Scales/zeros are trained as float32 master copies and cast back to their storage dtype at
+the end.
 
 :func:`write_float_parts` writes the tuned values back into a packed checkpoint directory
 atomically: every safetensors shard is rewritten with only the float-part tensors replaced
