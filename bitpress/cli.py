@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="block-output loss of the tuning and of its acceptance check: mse "
                         "(every element alike) or token (each token's squared error relative "
                         "to its squared norm); default: token for bqpo, mse for float_parts")
+    t.add_argument("--tune-target", default=None, choices=["block", "model"],
+                   help="what each block's output is trained towards: block (the float block "
+                        "on the quantized model's inputs; default) or model (the float "
+                        "model's own hidden states, so a block also undoes the error of the "
+                        "blocks before it; one more block forward)")
 
     d = c.add_argument_group("diffusion (--method cachequant)")
     d.add_argument("--steps", type=int, default=100, help="denoising steps (default 100)")
@@ -177,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _tune_options(args):
     """The block tuner's options given on the command line (``None``: none given)."""
-    opts = {k: v for k, v in (("steps", args.tune_steps), ("loss", args.tune_loss))
-            if v is not None}
+    opts = {k: v for k, v in (("steps", args.tune_steps), ("loss", args.tune_loss),
+                              ("target", args.tune_target)) if v is not None}
     return opts or None
 
 

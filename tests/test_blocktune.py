@@ -340,3 +340,80 @@ def test_cli_tune_loss(tiny_llama_dir, tmp_path, calib_file):
         assert all(r["loss"] == want for r in s["block_tune_losses"])
     assert make_block_tuner("float_parts").options()["loss"] == "mse"
     assert make_block_tuner("bqpo").options()["loss"] == "token"
+
+
+class _TargetSpy:
+    """A hook that only records what it is trained towards (``target`` as a tuner has it)."""
+
+    def __init__(self, target):
+        self.target, self.targets, self.hidden = target, [], []
+
+    def __call__(self, ctx):
+        self.targets.append(torch.cat(ctx.targets).clone())
+        self.hidden.append(torch.cat(ctx.hidden).clone())
+        return None
+
+
+def test_model_target_is_the_float_models_hidden_state(tiny_llama_dir, tmp_path, calib_file):
+    """``target="model"``: block i is handed the float model's own output of block i (the
+    float model run separately), not the float block on the quantized inputs."""
+    from transformers import AutoModelForCausalLM
+
+    from bitpress.pipeline.calib import calibration_windows
+    from bitpress.pipeline.checkpoint import load_tokenizer
+    from bitpress.pipeline.evaluate import read_text
+
+    spies = {t: _TargetSpy(t) for t in ("block", "model")}
+    for t, spy in spies.items():
+        compress(tiny_llama_dir, tmp_path / t, Recipe(method="rtn", bits=2, group_size=16),
+                 calib=calib_file, block_hook=spy, **FAST)
+    ids = calibration_windows(load_tokenizer(tiny_llama_dir), read_text(calib_file),
+                              FAST["nsamples"], FAST["seqlen"])
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        hs = ref(ids, output_hidden_states=True).hidden_states
+    L = len(spies["model"].targets)
+    assert L >= 2
+    for i in range(L - 1):  # HF's last hidden state is after the final norm
+        assert torch.allclose(spies["model"].targets[i], hs[i + 1], atol=1e-4, rtol=1e-4), i
+    # block 0 sees the same inputs either way; later blocks' quantized inputs differ from the
+    # float model's, so the two kinds of target part ways
+    assert torch.equal(spies["block"].targets[0], spies["model"].targets[0])
+    assert not torch.allclose(spies["block"].targets[1], spies["model"].targets[1], atol=1e-3)
+    # the quantized inputs are the same in both runs (no tuning happened)
+    for a, b in zip(spies["block"].hidden, spies["model"].hidden):
+        assert torch.equal(a, b)
+
+
+def test_bqpo_towards_the_model_target(tiny_llama_dir, tmp_path, calib_file):
+    """A real tuner with ``target="model"``: never accepts a rise of its loss, records the
+    option; the CLI passes ``--tune-target``; a bad target fails early."""
+    from bitpress.cli import main
+
+    seen = []
+    tuner = make_block_tuner("bqpo", epochs=3, lr=1e-3, target="model", progress=False)
+
+    def hook(ctx):
+        l0 = block_output_loss(ctx, loss="token")
+        new = tuner(ctx)
+        for n, qw in (new or {}).items():
+            ctx.block.get_submodule(n).weight.data = qw.dequantize()
+        seen.append((l0, block_output_loss(ctx, loss="token")))
+        return new
+
+    hook.target = "model"
+    compress(tiny_llama_dir, tmp_path / "q", Recipe(method="rtn", bits=4, group_size=16,
+                                                    sparsity=0.5),
+             calib=calib_file, block_hook=hook, **FAST)
+    assert seen and all(l1 <= l0 * (1 + 1e-6) for l0, l1 in seen)
+    assert any(r.accepted for r in tuner.records)
+    assert tuner.options()["target"] == "model"
+    assert make_block_tuner("bqpo").options()["target"] == "block"
+    with pytest.raises(ConfigError, match="target"):
+        make_block_tuner("bqpo", target="teacher")
+    out = tmp_path / "cli"
+    assert main(["compress", str(tiny_llama_dir), "--out", str(out), "--calib", str(calib_file),
+                 "--nsamples", "4", "--seqlen", "32", "--method", "gqsa", "--bits", "4",
+                 "--sparsity", "0.5", "--tune-steps", "2", "--tune-target", "model"]) == 0
+    s = json.loads((out / "bitpress_summary.json").read_text())
+    assert s["block_tune"]["target"] == "model"

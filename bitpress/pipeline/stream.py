@@ -429,7 +429,9 @@ class BlockContext:
     ``block`` holds fake-quantized float linears (weights = dequantised ``qweights``);
     ``inputs`` calls the block on one calibration batch (``inputs.call(block, index, h)``);
     ``hidden`` are the (quantized-model) inputs of this block; ``targets`` the outputs of
-    the *float* block on the same inputs. The hook returns updated QuantizedWeights (or
+    the *float* block on the same inputs -- or, when the hook has ``target = "model"``, the
+    float model's own hidden states after this block (the float block on the float model's
+    inputs). The hook returns updated QuantizedWeights (or
     ``None`` to keep them).
 
     ``outputs``: the block's outputs on ``hidden`` as the block stands when the hook is
@@ -570,6 +572,10 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
     solve_seconds = [0.0]
     t0 = time.time()
     inputs: Optional[BlockInputs] = None
+    # the float model's hidden states, carried beside the quantized ones when the hook
+    # trains towards them (target "model")
+    float_path = block_hook is not None and getattr(block_hook, "target", "block") == "model"
+    fhid: Optional[list[torch.Tensor]] = None
     order_cache: dict[tuple, list[list[str]]] = {}
     stash: Optional[bool] = None
     bar = tqdm(total=len(blocks), desc=f"{recipe.method} W{recipe.bits}", unit="block",
@@ -600,8 +606,14 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
         else:
             hid = inputs.hidden
             with torch.no_grad():
-                targets = ([inputs.call(block, i, h) for h in hid] if block_hook and names
-                           else [])
+                if float_path:
+                    if fhid is None:
+                        fhid = [h.clone() for h in hid]
+                    fhid = [inputs.call(block, i, h) for h in fhid]  # block still float
+                    targets = fhid if names else []
+                else:
+                    targets = ([inputs.call(block, i, h) for h in hid] if block_hook and names
+                               else [])
                 # blocks of one class with the same targets call their linears in the same
                 # order: probe once per (class, targets), not once per block
                 key = (type(block), tuple(names))
@@ -685,7 +697,8 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
     # calibration ids) + the tensors outside the blocks + one block's float weights + the
     # block inputs and outputs + the paused forwards + the packed output
     memory["accounted_bytes"] = (memory["rss_at_start_bytes"] + memory["nonblock_bytes"]
-                                 + memory["block_float_bytes"] + 2 * memory["activation_bytes"]
+                                 + memory["block_float_bytes"]
+                                 + (3 if float_path else 2) * memory["activation_bytes"]
                                  + memory["stash_estimate_bytes"] + memory["packed_bytes"])
     memory["peak_rss_bytes"] = _peak_rss()
     return StreamResult(model, schemes, errors, "hessian" if calib_ids is not None else "weight",

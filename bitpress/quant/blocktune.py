@@ -69,6 +69,8 @@ LOSSES = ("mse", "token")
 #: improve 26 of 30 blocks (``"mse"``: 18) and took WikiText-2 perplexity from 102.85 to 90.79.
 #: ``float_parts`` keeps ``"mse"``, with which decoupleQ's rows were measured.
 DEFAULT_LOSS = {"float_parts": "mse", "bqpo": "token"}
+#: What a block's output is trained towards (see :func:`make_block_tuner`, ``target``).
+TARGETS = ("block", "model")
 #: Defaults, tuned on SmolLM2-135M (decoupleQ W2 g64 and GQSA W4 S50 g16, WikiText-2 valid
 #: calibration windows of 512 tokens; block output MSE on a held-out calibration batch, blocks
 #: 0-2). The paper's lr 1e-5 × 4 epochs recovers little here: held-out loss -13 % / -5 % /
@@ -348,6 +350,7 @@ class BlockTuner:
     steps: Optional[int] = None
     relative: bool = False
     loss: str = "mse"
+    target: str = "block"
     records: list[BlockTuneRecord] = field(default_factory=list)
 
     @property
@@ -360,7 +363,7 @@ class BlockTuner:
                 "latent": self.latent if self.mode == "bqpo" else None,
                 "latent_lr": self._latent_lr() if self.mode == "bqpo" else None,
                 "micro_batch": self.micro_batch, "steps": self.steps,
-                "train_norms": self.train_norms,
+                "train_norms": self.train_norms, "target": self.target,
                 "param_dtype": str(self.param_dtype).replace("torch.", "")}
 
     def _norm_lr(self) -> float:
@@ -505,7 +508,7 @@ def make_block_tuner(mode: str = "float_parts", *, epochs: int = DEFAULT_EPOCHS,
                      param_dtype: Optional[torch.dtype | str] = torch.float16,
                      seed: int = 0, progress: bool = True,
                      steps: Optional[int] = None, relative: bool = False,
-                     loss: Optional[str] = None) -> BlockTuner:
+                     loss: Optional[str] = None, target: str = "block") -> BlockTuner:
     """A block hook for :func:`~bitpress.pipeline.stream.stream_quantize` (``block_hook=``).
 
     ``mode``: ``"float_parts"`` (codes frozen; scales, zeros, norms trained) or ``"bqpo"``
@@ -532,6 +535,12 @@ def make_block_tuner(mode: str = "float_parts", *, epochs: int = DEFAULT_EPOCHS,
     ~10⁴× the other tokens'), so under ``"mse"`` that token is 70 % of a late block's loss
     and its oscillations decide acceptance; ``"token"`` weighs it like any other token.
     ``None`` takes :data:`DEFAULT_LOSS` of the mode (``bqpo``: token, ``float_parts``: mse).
+    ``target`` is what the block output is trained towards (the pipeline reads it from the
+    hook): ``"block"`` — the float block on the quantized model's inputs (each block matches
+    its own float function); ``"model"`` — the float model's own hidden states after this
+    block, so the block also learns to undo the error the quantized blocks before it left
+    (one more float forward per block; the pipeline carries the float model's hidden states
+    alongside the quantized ones).
     The returned hook keeps per-block
     :class:`BlockTuneRecord`\\ s in ``.records``.
     """
@@ -543,6 +552,9 @@ def make_block_tuner(mode: str = "float_parts", *, epochs: int = DEFAULT_EPOCHS,
         loss = DEFAULT_LOSS[mode]
     if loss not in LOSSES:
         raise ConfigError(f"block tuning loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if target not in TARGETS:
+        raise ConfigError(f"block tuning target must be one of {', '.join(TARGETS)}, got "
+                          f"{target!r}")
     if latent not in ("code", "weight"):
         raise ConfigError(f"bqpo latent must be 'code' or 'weight', got {latent!r}")
     for name, v in (("lr", lr), ("norm_lr", norm_lr), ("latent_lr", latent_lr)):
@@ -559,4 +571,5 @@ def make_block_tuner(mode: str = "float_parts", *, epochs: int = DEFAULT_EPOCHS,
             raise ConfigError(f"param dtype {param_dtype!r} not supported")
         param_dtype = getattr(torch, param_dtype)
     return BlockTuner(mode, epochs, float(lr), norm_lr, latent_lr, latent, micro_batch,
-                      train_norms, param_dtype, seed, progress, steps, bool(relative), loss)
+                      train_norms, param_dtype, seed, progress, steps, bool(relative), loss,
+                      target)
