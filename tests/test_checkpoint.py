@@ -263,3 +263,64 @@ def test_console_script_exit_code(tmp_path):
     r = subprocess.run(cmd + ["inspect", str(tmp_path / "none")], capture_output=True, text=True,
                        env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert r.returncode == 2 and r.stderr.startswith("bitpress: error:")
+
+
+def test_group_sparse_index_on_disk_is_a_bitmask(tiny_llama_dir, tmp_path):
+    """format_version 2 writes one keep bit per group instead of row pointers and int32
+    column indices; the summary's bits/weight counts exactly what is written; checkpoints of
+    format_version 1 still load to the same model; a bitmask that disagrees with the config
+    is refused."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from bitpress.formats import FORMAT_VERSION, keep_bits_to_bsr
+
+    out = tmp_path / "q"
+    summary = compress(tiny_llama_dir, out, Recipe(bits=4, group_size=16, sparsity=0.5),
+                       progress=False, dtype=torch.float32)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["format_version"] == FORMAT_VERSION == 2
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert not any(k.endswith((".row_ptr", ".col_idx")) for k in tensors)
+    masks = {k: t for k, t in tensors.items() if k.endswith(".keep_bits")}
+    mods = cfg["quantization_config"]["modules"]
+    assert len(masks) == len(mods) and all(t.dtype == torch.uint8 for t in masks.values())
+    # bits/weight = what the packed tensors take on disk
+    packed = sum(t.numel() * t.element_size() for k, t in tensors.items()
+                 if k.rsplit(".", 1)[0] in mods and not k.endswith(".bias"))
+    weights = sum(m["in_features"] * m["out_features"] for m in mods.values())
+    assert summary["bits_per_weight"] == pytest.approx(8 * packed / weights, abs=1e-4)
+    assert inspect_checkpoint(out)["bits_per_weight_quantized"] == pytest.approx(
+        8 * packed / weights, rel=1e-6)
+    model = bitpress.load(out)
+    ids = torch.randint(0, 400, (1, 11))
+    with torch.no_grad():
+        want = model(ids).logits
+    # the same checkpoint written as format_version 1 (row_ptr + int32 col_idx)
+    v1 = tmp_path / "v1"
+    shutil.copytree(out, v1)
+    old = {}
+    for k, t in tensors.items():
+        if k.endswith(".keep_bits"):
+            name = k[:-len(".keep_bits")]
+            ng = -(-mods[name]["in_features"] // 16)
+            old[f"{name}.row_ptr"], old[f"{name}.col_idx"] = keep_bits_to_bsr(t, ng)
+        else:
+            old[k] = t
+    save_file(old, str(v1 / "model.safetensors"), metadata={"format": "pt"})
+    cfg1 = json.loads(json.dumps(cfg))
+    cfg1["quantization_config"]["format_version"] = 1
+    (v1 / "config.json").write_text(json.dumps(cfg1))
+    with torch.no_grad():
+        torch.testing.assert_close(bitpress.load(v1)(ids).logits, want, rtol=0, atol=0)
+    # a bitmask with one kept group too many is refused
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    k = next(iter(masks))
+    t = masks[k].clone()
+    zero_bits = (t.to(torch.int32) == 0).nonzero()
+    t[zero_bits[0, 0], 0] = 1
+    save_file({**tensors, k: t}, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(FormatError, match="nnz"):
+        bitpress.load(bad)

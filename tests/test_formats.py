@@ -156,3 +156,40 @@ def test_native_extension_built_when_compiler_present():
 
     if shutil.which("c++") or shutil.which("g++"):
         assert native.available(), "bitpress._C was not built although a C++ compiler exists"
+
+
+@SETTINGS
+@given(rows=st.integers(1, 9), ng=st.integers(1, 40), p=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**31))
+def test_keep_bits_round_trip(rows, ng, p, seed):
+    """The on-disk bitmask (format_version 2) gives back the exact row pointers and column
+    indices, one bit per group, rows padded to whole bytes with zero bits."""
+    from bitpress.formats import bsr_to_keep_bits, keep_bits_bytes, keep_bits_to_bsr
+
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(rows, ng, generator=g) < p
+    row_ptr = torch.zeros(rows + 1, dtype=torch.int32)
+    row_ptr[1:] = keep.sum(1).cumsum(0).to(torch.int32)
+    cols = keep.nonzero(as_tuple=True)[1].to(torch.int32)
+    bits = bsr_to_keep_bits(row_ptr, cols, ng)
+    assert bits.dtype == torch.uint8 and bits.shape == (rows, keep_bits_bytes(ng))
+    # bit g % 8 of byte g // 8
+    for r in range(rows):
+        for c in range(ng):
+            assert bool((int(bits[r, c // 8]) >> (c % 8)) & 1) == bool(keep[r, c])
+    rp, ci = keep_bits_to_bsr(bits, ng)
+    assert rp.dtype == ci.dtype == torch.int32
+    assert torch.equal(rp, row_ptr) and torch.equal(ci, cols)
+
+
+def test_keep_bits_rejects_bad_masks():
+    from bitpress.formats import keep_bits_to_bsr
+
+    with pytest.raises(FormatError, match="uint8"):
+        keep_bits_to_bsr(torch.zeros(2, 5, dtype=torch.int32), 36)
+    with pytest.raises(FormatError, match="uint8"):
+        keep_bits_to_bsr(torch.zeros(2, 4, dtype=torch.uint8), 36)
+    bad = torch.zeros(2, 5, dtype=torch.uint8)
+    bad[1, 4] = 1 << 5                       # group 37 of a 36-group row
+    with pytest.raises(FormatError, match="past"):
+        keep_bits_to_bsr(bad, 36)

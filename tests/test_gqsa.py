@@ -229,8 +229,11 @@ def test_unstructured_and_honest_bits() -> None:
     assert bool((res.dequantize()[~res.mask] == 0).all())
     assert bits_per_weight_24(4, 128) == pytest.approx(2 + 1 + 32 / 128)
     assert bits_per_weight_unstructured(4, 128) == pytest.approx(2 + 1 + 32 / 128)
-    # GQSA W4 S50 g16: per kept group 64 code bits + 32 param bits + 32 index bits
-    assert bits_per_weight_gqsa(4, 16, 0.5) == pytest.approx(0.5 * 128 / 16)
+    # GQSA W4 S50 g16: per kept group 64 code bits + 32 param bits, per group 1 mask bit
+    assert bits_per_weight_gqsa(4, 16, 0.5) == pytest.approx(0.5 * 96 / 16 + 1 / 16)
+    # 576 inputs = 36 groups: 5 bytes of mask per row
+    assert bits_per_weight_gqsa(4, 16, 0.5, out_features=3, in_features=576) == \
+        pytest.approx(0.5 * 96 / 16 + 40 / 576)
     assert set(SPARSE_PASSES) == {"gqsa", "sparsegpt24", "unstructured"}
 
 

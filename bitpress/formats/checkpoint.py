@@ -20,7 +20,12 @@ from ..errors import ConfigError, FormatError, OutputExistsError, SourceError
 from .packing import SUPPORTED_BITS
 from .qweight import check_group_size
 
-FORMAT_VERSION = 1
+#: Version written. 2: the index of block-sparse ("bsr") modules is stored as a keep bitmask
+#: ``keep_bits`` uint8 ``[out, ceil(n_groups/8)]`` (one bit per group) instead of
+#: ``row_ptr`` + ``col_idx`` (int32 per row and per kept group); everything else as in 1.
+FORMAT_VERSION = 2
+#: Versions this code reads.
+READ_VERSIONS = (1, 2)
 QUANT_METHOD = "bitpress"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -234,9 +239,9 @@ def validate_quantization_config(cfg: Mapping[str, Any]) -> None:
         raise FormatError("config.json has no bitpress quantization_config; is this a bitpress "
                           "checkpoint (made by `bitpress compress`)?")
     v = cfg.get("format_version")
-    if v != FORMAT_VERSION:
+    if isinstance(v, bool) or v not in READ_VERSIONS:
         raise FormatError(f"checkpoint format_version {v} is not supported by this bitpress "
-                          f"(supports {FORMAT_VERSION}); upgrade bitpress")
+                          f"(reads {', '.join(map(str, READ_VERSIONS))}); upgrade bitpress")
     mods = cfg.get("modules")
     if not isinstance(mods, Mapping):
         raise FormatError("quantization_config.modules is missing")

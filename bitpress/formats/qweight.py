@@ -232,3 +232,47 @@ def _cast_params(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor
         raise FormatError(f"{name} overflows {dtype}; store parameters in float32 "
                           f"(--param-dtype float32)")
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# the block-sparse index on disk (format_version 2): one bit per group
+# ---------------------------------------------------------------------------------------
+def keep_bits_bytes(n_groups: int) -> int:
+    """Bytes per row of the on-disk keep bitmask."""
+    return (n_groups + 7) // 8
+
+
+def bsr_to_keep_bits(row_ptr: torch.Tensor, col_idx: torch.Tensor, n_groups: int
+                     ) -> torch.Tensor:
+    """The index of block-sparse rows as a bitmask, uint8 ``[out, ceil(n_groups/8)]``: bit
+    ``g % 8`` of byte ``g // 8`` of row r is set when group g of row r is kept (trailing bits
+    are 0). One bit per group instead of an int32 column index per kept group plus row
+    pointers; :func:`keep_bits_to_bsr` inverts it exactly (``col_idx`` ascends per row)."""
+    out = row_ptr.numel() - 1
+    rp = row_ptr.long()
+    rows = torch.repeat_interleave(torch.arange(out, device=rp.device), rp[1:] - rp[:-1])
+    nb = keep_bits_bytes(n_groups)
+    keep = torch.zeros(out, nb * 8, dtype=torch.bool, device=rp.device)
+    keep[rows, col_idx.long()] = True
+    w = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.int32, device=rp.device)
+    return (keep.view(out, nb, 8).to(torch.int32) * w).sum(-1).to(torch.uint8).contiguous()
+
+
+def keep_bits_to_bsr(bits: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(row_ptr, col_idx)`` (int32) of a keep bitmask written by :func:`bsr_to_keep_bits`;
+    a bitmask of the wrong dtype/shape or with bits set past ``n_groups`` is a
+    :class:`FormatError`."""
+    nb = keep_bits_bytes(n_groups)
+    if bits.dtype != torch.uint8 or bits.dim() != 2 or bits.shape[1] != nb:
+        raise FormatError(f"keep_bits must be uint8 [out, {nb}] for {n_groups} groups, got "
+                          f"{bits.dtype} {tuple(bits.shape)}")
+    out = bits.shape[0]
+    sh = torch.arange(8, dtype=torch.int32, device=bits.device)
+    keep = ((bits.to(torch.int32).unsqueeze(-1) >> sh) & 1).bool().reshape(out, nb * 8)
+    if bool(keep[:, n_groups:].any()):
+        raise FormatError(f"keep_bits has bits set past the {n_groups} groups of a row")
+    keep = keep[:, :n_groups]
+    row_ptr = torch.zeros(out + 1, dtype=torch.int64, device=bits.device)
+    row_ptr[1:] = keep.sum(1).cumsum(0)
+    cols = keep.nonzero(as_tuple=True)[1]
+    return row_ptr.to(torch.int32), cols.to(torch.int32).contiguous()

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import FormatError, SourceError
 from ..formats import (SafetensorsDir, atomic_output_dir, num_groups,
+                       bsr_to_keep_bits, keep_bits_bytes, keep_bits_to_bsr,
                        packed_words, validate_bsr, validate_quantization_config, write_shards)
 from ..formats.checkpoint import DEFAULT_SHARD_BYTES, write_json
 from ..nn import packed_module_from_scheme
@@ -48,6 +49,17 @@ def _dedup_state_dict(model: nn.Module, dtype: Optional[torch.dtype] = None
             v = v.to(dtype)
         out[k] = v
     return out
+
+
+def _disk_index(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict as written (format_version 2): each block-sparse module's ``row_ptr``
+    and ``col_idx`` replaced by its ``keep_bits`` bitmask."""
+    for name, m in packed_modules(model).items():
+        if m.scheme()["format"] != "bsr":
+            continue
+        rp, ci = sd.pop(f"{name}.row_ptr"), sd.pop(f"{name}.col_idx")
+        sd[f"{name}.keep_bits"] = bsr_to_keep_bits(rp, ci, m.n_groups)
+    return sd
 
 
 def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None,
@@ -82,7 +94,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None,
         config["dtype"] = str(dtype).replace("torch.", "")
     config["quantization_config"] = qcfg
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        write_shards(_dedup_state_dict(model, dtype), tmp, max_shard_bytes,
+        write_shards(_disk_index(model, _dedup_state_dict(model, dtype)), tmp, max_shard_bytes,
                      metadata={"bitpress_format_version": str(qcfg["format_version"])})
         write_json(tmp / "config.json", config)
         gen = getattr(model, "generation_config", None)
@@ -132,6 +144,7 @@ def _expected_shapes(m: _PackedLinear) -> dict[str, tuple]:
     else:
         nnz = m.nnz
         shapes = {"row_ptr": (out + 1,), "col_idx": (nnz,),
+                  "keep_bits": (out, keep_bits_bytes(ng)),
                   "qvalues": (nnz, packed_words(m.group_size, m.bits)), "scales": (nnz,),
                   "zeros": (nnz,)}
     if m.bias is not None:
@@ -182,8 +195,28 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
             expected[f"{name}.{k}"] = shape
     state_keys = list(model.state_dict().keys())
     sd: dict[str, torch.Tensor] = {}
+    index_keys: set[str] = set()  # format_version 2: bitmasks on disk, rows + columns in memory
+    if qcfg["format_version"] >= 2:
+        for name, scheme in qcfg["modules"].items():
+            if scheme["format"] != "bsr":
+                continue
+            k = f"{name}.keep_bits"
+            if k not in files:
+                raise FormatError(f"{d} is missing tensor {k!r} (the index of block-sparse "
+                                  f"module {name})")
+            t = files.get(k)
+            if tuple(t.shape) != expected[k]:
+                raise FormatError(f"tensor {k!r} in {d} has shape {tuple(t.shape)}, the model "
+                                  f"expects {expected[k]}")
+            m = model.get_submodule(name)
+            rp, ci = keep_bits_to_bsr(t, m.n_groups)
+            if ci.numel() != m.nnz:
+                raise FormatError(f"{k!r} in {d} marks {ci.numel()} kept groups, "
+                                  f"quantization_config says nnz = {m.nnz}")
+            sd[f"{name}.row_ptr"], sd[f"{name}.col_idx"] = rp.to(device), ci.to(device)
+            index_keys.add(k)
     for k in state_keys:
-        if k not in files:
+        if k not in files or k in sd:
             continue
         t = files.get(k)
         ref = model.state_dict()[k]
@@ -194,7 +227,7 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
         if dtype is not None and t.is_floating_point() and not _is_packed_param(k, expected):
             t = t.to(dtype)
         sd[k] = t.to(device)
-    unexpected = sorted(set(files.keys()) - set(state_keys))
+    unexpected = sorted(set(files.keys()) - set(state_keys) - index_keys)
     if unexpected:
         raise FormatError(f"{d} holds tensors the model does not have: {_short(unexpected)}")
     missing = [k for k in state_keys if k not in sd]

@@ -269,10 +269,14 @@ def _block_tuner(recipe: Recipe, block_tune: Optional[str], epochs: Optional[int
 def _bits_per_weight(model) -> float:
     from .checkpoint import packed_modules
 
+    from ..formats import keep_bits_bytes
+
     bits = weights = 0
-    for m in packed_modules(model).values():
+    for m in packed_modules(model).values():  # as written: block-sparse index as a bitmask
         bits += 8 * sum(t.numel() * t.element_size() for n, t in m.named_buffers()
-                        if n != "bias")
+                        if n not in ("bias", "row_ptr", "col_idx"))
+        if m.scheme()["format"] == "bsr":
+            bits += 8 * m.out_features * keep_bits_bytes(m.n_groups)
         weights += m.in_features * m.out_features
     return round(bits / max(weights, 1), 4)
 

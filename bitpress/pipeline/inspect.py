@@ -14,7 +14,7 @@ from .checkpoint import load_hf_config
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                 "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-_PACKED = ("qweight", "scales", "zeros", "row_ptr", "col_idx", "qvalues")
+_PACKED = ("qweight", "scales", "zeros", "row_ptr", "col_idx", "keep_bits", "qvalues")
 
 
 def _nbytes(files: SafetensorsDir, key: str) -> int:
@@ -41,7 +41,8 @@ def inspect_checkpoint(directory: str | os.PathLike, histogram: bool = False) ->
         if scheme["format"] == "bsr":
             gs = effective_group_size(scheme["group_size"], in_f)
             total_groups = out * ((in_f + gs - 1) // gs)
-            row["sparsity"] = 1 - files.shapes[f"{name}.col_idx"][0] / total_groups
+            nnz = scheme.get("nnz", files.shapes.get(f"{name}.col_idx", [0])[0])
+            row["sparsity"] = 1 - nnz / total_groups
         elif n_groups is not None:
             row["n_groups"] = n_groups
         if histogram:

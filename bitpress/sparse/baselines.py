@@ -80,18 +80,19 @@ def bits_per_weight_unstructured(bits: int, group_size: int, sparsity: float = 0
 
 
 def bits_per_weight_gqsa(bits: int, group_size: int, sparsity: float, param_bits: int = 16,
-                         index_bits: int = 32, out_features: Optional[int] = None,
+                         out_features: Optional[int] = None,
                          in_features: Optional[int] = None) -> float:
-    """Honest bits per original weight of the block-sparse-row storage
-    (:meth:`QuantizedWeight.pack_bsr`): per kept group its packed codes (whole int32 words),
-    scale, zero and column index; plus ``row_ptr`` (int32, ``out + 1``) when the shape is
-    given. Ragged last groups are ignored (counted as full groups)."""
+    """Honest bits per original weight of a group-sparse checkpoint (format_version 2): per
+    kept group its packed codes (whole int32 words), scale and zero; per group, kept or not,
+    one bit of the keep bitmask (rows padded to whole bytes when the shape is given). Ragged
+    last groups are ignored (counted as full groups)."""
     check_bits(bits)
-    per_group = 32 * packed_words(group_size, bits) + 2 * _param_bits(param_bits) + index_bits
+    per_group = 32 * packed_words(group_size, bits) + 2 * _param_bits(param_bits)
     bpw = (1 - sparsity) * per_group / group_size
     if out_features and in_features:
-        bpw += 32 * (out_features + 1) / (out_features * in_features)
-    return bpw
+        ng = -(-in_features // group_size)
+        return bpw + 8 * ((ng + 7) // 8) / in_features
+    return bpw + 1 / group_size
 
 
 def _prepare(W: torch.Tensor, H: Optional[torch.Tensor], spec: QuantSpec, name: str):
