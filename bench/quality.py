@@ -38,6 +38,7 @@ from bitpress.pipeline.checkpoint import load_tokenizer  # noqa: E402
 from bitpress.pipeline.compress import SIMULATED_METHODS  # noqa: E402
 from bitpress.pipeline.data import builtin_text, find_wikitext  # noqa: E402
 from bitpress.pipeline.evaluate import perplexity, read_text  # noqa: E402
+from bitpress.formats import FORMAT_VERSION  # noqa: E402
 from bitpress.pipeline.source import open_source, packaged_gguf  # noqa: E402
 
 
@@ -362,6 +363,7 @@ def main() -> None:
                     row["e2e"] = e2
                 rows.append({**row,
                              "bits_per_weight": s["bits_per_weight"],
+                             "format_version": FORMAT_VERSION,
                              "seconds_compress": round(tc, 1),
                              "seconds_quantize": s.get("seconds_quantize"),
                              "seconds_layer_solve": s.get("seconds_layer_solve"),

