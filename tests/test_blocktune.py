@@ -301,10 +301,10 @@ def test_token_loss_weighs_every_token_by_its_own_norm():
     assert float((a + b) / (na + nb)) == pytest.approx(float(sm / n), rel=1e-6)
 
 
-def test_bqpo_token_loss_never_raises_it(tiny_llama_dir, tmp_path, calib_file):
-    """Training and acceptance use the token loss: it never rises, the records say so."""
+def _token_losses_around(tuner, src, tmp_path, calib_file):
+    """Run ``tuner`` in a GQSA-shaped compress (RTN W4 g16 S50); the (before, after) token
+    loss of every block as the pipeline leaves it."""
     seen = []
-    tuner = make_block_tuner("bqpo", epochs=4, lr=1e-3, loss="token", progress=False)
 
     def hook(ctx):
         l0 = block_output_loss(ctx, loss="token")
@@ -314,9 +314,16 @@ def test_bqpo_token_loss_never_raises_it(tiny_llama_dir, tmp_path, calib_file):
         seen.append((l0, block_output_loss(ctx, loss="token")))
         return new
 
-    compress(tiny_llama_dir, tmp_path / "q", Recipe(method="rtn", bits=4, group_size=16,
-                                                    sparsity=0.5),
+    hook.target = tuner.target
+    compress(src, tmp_path / "q", Recipe(method="rtn", bits=4, group_size=16, sparsity=0.5),
              calib=calib_file, block_hook=hook, **FAST)
+    return seen
+
+
+def test_bqpo_token_loss_never_raises_it(tiny_llama_dir, tmp_path, calib_file):
+    """Training and acceptance use the token loss: it never rises, the records say so."""
+    tuner = make_block_tuner("bqpo", epochs=4, lr=1e-3, loss="token", progress=False)
+    seen = _token_losses_around(tuner, tiny_llama_dir, tmp_path, calib_file)
     assert seen and all(l1 <= l0 * (1 + 1e-6) for l0, l1 in seen)
     recs = tuner.records
     assert all(r.loss == "token" for r in recs) and any(r.accepted for r in recs)
@@ -390,21 +397,8 @@ def test_bqpo_towards_the_model_target(tiny_llama_dir, tmp_path, calib_file):
     option; the CLI passes ``--tune-target``; a bad target fails early."""
     from bitpress.cli import main
 
-    seen = []
     tuner = make_block_tuner("bqpo", epochs=3, lr=1e-3, target="model", progress=False)
-
-    def hook(ctx):
-        l0 = block_output_loss(ctx, loss="token")
-        new = tuner(ctx)
-        for n, qw in (new or {}).items():
-            ctx.block.get_submodule(n).weight.data = qw.dequantize()
-        seen.append((l0, block_output_loss(ctx, loss="token")))
-        return new
-
-    hook.target = "model"
-    compress(tiny_llama_dir, tmp_path / "q", Recipe(method="rtn", bits=4, group_size=16,
-                                                    sparsity=0.5),
-             calib=calib_file, block_hook=hook, **FAST)
+    seen = _token_losses_around(tuner, tiny_llama_dir, tmp_path, calib_file)
     assert seen and all(l1 <= l0 * (1 + 1e-6) for l0, l1 in seen)
     assert any(r.accepted for r in tuner.records)
     assert tuner.options()["target"] == "model"
