@@ -103,9 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "to its squared norm); default: token for bqpo, mse for float_parts")
     t.add_argument("--tune-target", default=None, choices=["block", "model"],
                    help="what each block's output is trained towards: block (the float block "
-                        "on the quantized model's inputs; default) or model (the float "
-                        "model's own hidden states, so a block also undoes the error of the "
-                        "blocks before it; one more block forward)")
+                        "on the quantized model's inputs) or model (the float model's own "
+                        "hidden states, so a block also undoes the error of the blocks before "
+                        "it; one more block forward); default: model for bqpo, block for "
+                        "float_parts")
 
     d = c.add_argument_group("diffusion (--method cachequant)")
     d.add_argument("--steps", type=int, default=100, help="denoising steps (default 100)")

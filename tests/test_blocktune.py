@@ -26,6 +26,7 @@ class Spy:
 
     def __init__(self, tuner):
         self.tuner, self.rows = tuner, []
+        self.target = tuner.target  # the pipeline reads it from the hook
 
     def __call__(self, ctx):
         before = {n: (qw.codes.clone(), qw.scale.clone(), qw.zero.clone(),
@@ -402,7 +403,9 @@ def test_bqpo_towards_the_model_target(tiny_llama_dir, tmp_path, calib_file):
     assert seen and all(l1 <= l0 * (1 + 1e-6) for l0, l1 in seen)
     assert any(r.accepted for r in tuner.records)
     assert tuner.options()["target"] == "model"
-    assert make_block_tuner("bqpo").options()["target"] == "block"
+    assert make_block_tuner("bqpo").options()["target"] == "model"
+    assert make_block_tuner("float_parts").options()["target"] == "block"
+    assert make_block_tuner("bqpo", target="block").options()["target"] == "block"
     with pytest.raises(ConfigError, match="target"):
         make_block_tuner("bqpo", target="teacher")
     out = tmp_path / "cli"
