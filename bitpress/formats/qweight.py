@@ -163,12 +163,10 @@ class QuantizedWeight:
         codes = torch.nn.functional.pad(self.codes, (0, pad)) if pad else self.codes
         grouped = codes.reshape(self.out_features, ng, gs)
         rows, cols = keep.nonzero(as_tuple=True)  # row-major order: ascending per row
-        counts = keep.sum(dim=1)
-        row_ptr = torch.zeros(self.out_features + 1, dtype=torch.int64, device=keep.device)
-        row_ptr[1:] = counts.cumsum(0)
+        row_ptr, col_idx = _bsr_index(keep)
         return {
-            "row_ptr": row_ptr.to(torch.int32),
-            "col_idx": cols.to(torch.int32).contiguous(),
+            "row_ptr": row_ptr,
+            "col_idx": col_idx,
             "qvalues": pack_codes(grouped[rows, cols].contiguous(), self.bits),
             "scales": _cast_params(self.scale[rows, cols], param_dtype, "scale"),
             "zeros": _cast_params(self.zero[rows, cols], param_dtype, "zero"),
@@ -185,8 +183,7 @@ class QuantizedWeight:
         validate_bsr(row_ptr, col_idx, qvalues, scales, zeros, bits, group_size, in_features)
         out = row_ptr.numel() - 1
         ng = num_groups(group_size, in_features)
-        rp = row_ptr.long()
-        rows = torch.repeat_interleave(torch.arange(out, device=rp.device), rp[1:] - rp[:-1])
+        rows = _bsr_rows(row_ptr)
         cols = col_idx.long()
         group_codes = unpack_codes(qvalues, bits, group_size)
         codes = torch.zeros(out, ng, group_size, dtype=torch.int8, device=qvalues.device)
@@ -199,6 +196,22 @@ class QuantizedWeight:
         keep[rows, cols] = True
         codes = codes.reshape(out, ng * group_size)[:, :in_features].contiguous()
         return cls(codes, scale, zero, bits, group_size, keep)
+
+
+def _bsr_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(row_ptr, col_idx)`` int32 of a keep mask ``[out, n_groups]`` (row-major order:
+    columns ascend within a row)."""
+    row_ptr = torch.zeros(keep.shape[0] + 1, dtype=torch.int64, device=keep.device)
+    row_ptr[1:] = keep.sum(dim=1).cumsum(0)
+    cols = keep.nonzero(as_tuple=True)[1]
+    return row_ptr.to(torch.int32), cols.to(torch.int32).contiguous()
+
+
+def _bsr_rows(row_ptr: torch.Tensor) -> torch.Tensor:
+    """The row (int64) of every kept group of block-sparse rows."""
+    rp = row_ptr.long()
+    return torch.repeat_interleave(torch.arange(rp.numel() - 1, device=rp.device),
+                                   rp[1:] - rp[:-1])
 
 
 def validate_bsr(row_ptr: torch.Tensor, col_idx: torch.Tensor, qvalues: torch.Tensor,
@@ -249,12 +262,10 @@ def bsr_to_keep_bits(row_ptr: torch.Tensor, col_idx: torch.Tensor, n_groups: int
     are 0). One bit per group instead of an int32 column index per kept group plus row
     pointers; :func:`keep_bits_to_bsr` inverts it exactly (``col_idx`` ascends per row)."""
     out = row_ptr.numel() - 1
-    rp = row_ptr.long()
-    rows = torch.repeat_interleave(torch.arange(out, device=rp.device), rp[1:] - rp[:-1])
     nb = keep_bits_bytes(n_groups)
-    keep = torch.zeros(out, nb * 8, dtype=torch.bool, device=rp.device)
-    keep[rows, col_idx.long()] = True
-    w = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.int32, device=rp.device)
+    keep = torch.zeros(out, nb * 8, dtype=torch.bool, device=row_ptr.device)
+    keep[_bsr_rows(row_ptr), col_idx.long()] = True
+    w = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.int32, device=row_ptr.device)
     return (keep.view(out, nb, 8).to(torch.int32) * w).sum(-1).to(torch.uint8).contiguous()
 
 
@@ -271,8 +282,4 @@ def keep_bits_to_bsr(bits: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, t
     keep = ((bits.to(torch.int32).unsqueeze(-1) >> sh) & 1).bool().reshape(out, nb * 8)
     if bool(keep[:, n_groups:].any()):
         raise FormatError(f"keep_bits has bits set past the {n_groups} groups of a row")
-    keep = keep[:, :n_groups]
-    row_ptr = torch.zeros(out + 1, dtype=torch.int64, device=bits.device)
-    row_ptr[1:] = keep.sum(1).cumsum(0)
-    cols = keep.nonzero(as_tuple=True)[1]
-    return row_ptr.to(torch.int32), cols.to(torch.int32).contiguous()
+    return _bsr_index(keep[:, :n_groups])
