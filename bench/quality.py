@@ -39,6 +39,7 @@ from bitpress.pipeline.compress import SIMULATED_METHODS  # noqa: E402
 from bitpress.pipeline.data import builtin_text, find_wikitext  # noqa: E402
 from bitpress.pipeline.evaluate import perplexity, read_text  # noqa: E402
 from bitpress.formats import FORMAT_VERSION  # noqa: E402
+from bitpress.quant.blocktune import DEFAULT_TARGET  # noqa: E402
 from bitpress.pipeline.source import open_source, packaged_gguf  # noqa: E402
 
 
@@ -95,6 +96,8 @@ def compress_in_subprocess(model_path, out: Path, method: str, bits: int, gs: in
         cmd += ["--tune-steps", str(args.tune_steps)]
     if args.tune_loss is not None and method in ("decoupleq", "gqsa"):
         cmd += ["--tune-loss", args.tune_loss]
+    if args.tune_target is not None and method in ("decoupleq", "gqsa"):
+        cmd += ["--tune-target", args.tune_target]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     subprocess.run(cmd, check=True, env=env)
     return json.loads((out / "bitpress_summary.json").read_text())
@@ -178,6 +181,11 @@ def main() -> None:
     ap.add_argument("--tune-loss", default=None, choices=["mse", "token"],
                     help="block-tuning loss of decoupleq/gqsa rows (a separate row when given; "
                          "default: the method's own)")
+    ap.add_argument("--tune-target", default=None, choices=["block", "model"],
+                    help="block-tuning target of decoupleq/gqsa rows: each float block's "
+                         "output, or the float model's hidden state after it (default: the "
+                         "mode's own; rows record the target their checkpoint was tuned "
+                         "towards, rows from before this option was added count as block)")
     ap.add_argument("--e2e-lr", type=float, default=None,
                     help="add the end-to-end stage (E2E-OQP, `bitpress finetune`: scales/zeros "
                          "and norms on causal-LM loss over the calibration text) to decoupleq/"
@@ -249,6 +257,16 @@ def main() -> None:
     def e2e(method):
         return e2e_settings(args) if method in ("decoupleq", "gqsa") else None
 
+    def tune_target(method):
+        """The block-tuning target this row's checkpoint is (to be) tuned towards, or None
+        for methods without block tuning."""
+        if method not in ("decoupleq", "gqsa"):
+            return None
+        mode = args.block_tune or ("bqpo" if method == "gqsa" else "float_parts")
+        if mode == "none":
+            return None
+        return args.tune_target or DEFAULT_TARGET[mode]
+
     def reusable(out: Path, method, bits, gs, sparsity) -> Optional[dict]:
         """The summary of a finished checkpoint in ``out`` made with this row's settings."""
         f = out / "bitpress_summary.json"
@@ -261,6 +279,8 @@ def main() -> None:
                 and r.get("group_size") == gs and r.get("sparsity") == sparsity
                 and bt.get("steps") == tune_steps(method)
                 and (tune_loss(method) is None or bt.get("loss") == tune_loss(method))
+                and (tune_target(method) is None
+                     or bt.get("target", "block") == tune_target(method))
                 and (method == "rtn" or (cal.get("nsamples") == args.nsamples
                                          and cal.get("seqlen") == args.calib_seqlen))
                 and "seconds_total" in s)
@@ -270,6 +290,8 @@ def main() -> None:
         return any(r["method"] == method and r["bits"] == bits and r["group_size"] == gs
                    and r.get("sparsity") == sparsity and r.get("tune_steps") == tune_steps(method)
                    and r.get("tune_loss") == tune_loss(method)
+                   and (tune_target(method) is None
+                        or r.get("tune_target", "block") == tune_target(method))
                    and _e2e_key(r.get("e2e")) == _e2e_key(e2e(method))
                    for r in rows)
 
@@ -317,7 +339,9 @@ def main() -> None:
                     continue
                 out = Path(work) / (f"{m}-w{bits}g{gs}" + ("" if sp is None else f"s{sp}")
                                     + ("" if tune_steps(m) is None else f"t{tune_steps(m)}")
-                                    + ("" if tune_loss(m) is None else f"-{tune_loss(m)}"))
+                                    + ("" if tune_loss(m) is None else f"-{tune_loss(m)}")
+                                    + ("" if tune_target(m) in (None, "block")
+                                       else f"-t{tune_target(m)}"))
                 s = reusable(out, m, bits, gs, sp) if args.reuse else None
                 if s is not None:  # a finished checkpoint of this row: score it again
                     print(f"reusing {out} (compressed in {s['seconds_total']} s)", flush=True)
@@ -359,6 +383,8 @@ def main() -> None:
                     row["tune_steps"] = tune_steps(m)
                 if tune_loss(m) is not None:
                     row["tune_loss"] = tune_loss(m)
+                if tune_target(m) is not None:
+                    row["tune_target"] = (s.get("block_tune") or {}).get("target", "block")
                 if e2 is not None:
                     row["e2e"] = e2
                 rows.append({**row,

@@ -50,6 +50,7 @@ def merge(files: list[dict]) -> dict:
                 r["calibration"] = (f"{q.get('nsamples')}×{q.get('calib_seqlen')}"
                                     + (f", {steps} tuning steps" if steps else "")
                                     + (f", {r['tune_loss']} loss" if r.get("tune_loss") else "")
+                                    + (f", {r['tune_target']} target" if r.get("tune_target") else "")
                                     + (f", + E2E-OQP {r['e2e']['steps']} steps lr {r['e2e']['lr']:g}"
                                        if r.get("e2e") else ""))
             r["has_e2e"] = bool(r.get("e2e"))
