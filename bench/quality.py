@@ -79,6 +79,28 @@ def simulated_row(model_path, calib_path, args, method: str, bits: int, gs: int,
             "seconds_eval": round(time.time() - t1, 1), "load_average": os.getloadavg()[0]}
 
 
+#: the block tuning each method runs unless --block-tune says otherwise
+DEFAULT_BLOCK_TUNE = {"decoupleq": "float_parts", "gqsa": "bqpo"}
+
+
+def block_mode(method: str, args) -> Optional[str]:
+    """The block-tuning mode of a ``method`` row ("none" when off), or None for methods
+    without block tuning."""
+    if method not in DEFAULT_BLOCK_TUNE:
+        return None
+    return args.block_tune or DEFAULT_BLOCK_TUNE[method]
+
+
+def checkpoint_format(out: Path) -> Optional[int]:
+    """The ``format_version`` a packed checkpoint directory was written in (a reused
+    checkpoint may predate the current one), or None when its config does not say."""
+    try:
+        q = json.loads((out / "config.json").read_text()).get("quantization_config") or {}
+        return int(q["format_version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def compress_in_subprocess(model_path, out: Path, method: str, bits: int, gs: int,
                            calib_path, args, sparsity: Optional[float] = None) -> dict:
     """``bitpress compress`` in a fresh process, so its peak RSS is its own (the evaluation
@@ -92,12 +114,13 @@ def compress_in_subprocess(model_path, out: Path, method: str, bits: int, gs: in
                 "--seqlen", str(args.calib_seqlen)]
     if args.block_tune is not None and method in ("decoupleq", "gqsa"):
         cmd += ["--block-tune", args.block_tune]
-    if args.tune_steps is not None and method in ("decoupleq", "gqsa"):
-        cmd += ["--tune-steps", str(args.tune_steps)]
-    if args.tune_loss is not None and method in ("decoupleq", "gqsa"):
-        cmd += ["--tune-loss", args.tune_loss]
-    if args.tune_target is not None and method in ("decoupleq", "gqsa"):
-        cmd += ["--tune-target", args.tune_target]
+    if block_mode(method, args) not in (None, "none"):  # tuning options only where it runs
+        if args.tune_steps is not None:
+            cmd += ["--tune-steps", str(args.tune_steps)]
+        if args.tune_loss is not None:
+            cmd += ["--tune-loss", args.tune_loss]
+        if args.tune_target is not None:
+            cmd += ["--tune-target", args.tune_target]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     subprocess.run(cmd, check=True, env=env)
     return json.loads((out / "bitpress_summary.json").read_text())
@@ -248,11 +271,14 @@ def main() -> None:
         else:
             print(f"{out_json} was measured with another protocol; starting afresh", flush=True)
 
+    def tuned(method) -> bool:
+        return block_mode(method, args) not in (None, "none")
+
     def tune_steps(method):
-        return args.tune_steps if method in ("decoupleq", "gqsa") else None
+        return args.tune_steps if tuned(method) else None
 
     def tune_loss(method):
-        return args.tune_loss if method in ("decoupleq", "gqsa") else None
+        return args.tune_loss if tuned(method) else None
 
     def e2e(method):
         return e2e_settings(args) if method in ("decoupleq", "gqsa") else None
@@ -260,12 +286,9 @@ def main() -> None:
     def tune_target(method):
         """The block-tuning target this row's checkpoint is (to be) tuned towards, or None
         for methods without block tuning."""
-        if method not in ("decoupleq", "gqsa"):
+        if not tuned(method):
             return None
-        mode = args.block_tune or ("bqpo" if method == "gqsa" else "float_parts")
-        if mode == "none":
-            return None
-        return args.tune_target or DEFAULT_TARGET[mode]
+        return args.tune_target or DEFAULT_TARGET[block_mode(method, args)]
 
     def reusable(out: Path, method, bits, gs, sparsity) -> Optional[dict]:
         """The summary of a finished checkpoint in ``out`` made with this row's settings."""
@@ -277,6 +300,7 @@ def main() -> None:
         cal = s.get("calibration") or {}
         same = (r.get("method") == method and r.get("bits") == bits
                 and r.get("group_size") == gs and r.get("sparsity") == sparsity
+                and (bt.get("mode") or "none") == (block_mode(method, args) or "none")
                 and bt.get("steps") == tune_steps(method)
                 and (tune_loss(method) is None or bt.get("loss") == tune_loss(method))
                 and (tune_target(method) is None
@@ -289,6 +313,8 @@ def main() -> None:
     def have(method, bits, gs, sparsity=None) -> bool:
         return any(r["method"] == method and r["bits"] == bits and r["group_size"] == gs
                    and r.get("sparsity") == sparsity and r.get("tune_steps") == tune_steps(method)
+                   and (block_mode(method, args) is None
+                        or (r.get("block_tune") or "none") == block_mode(method, args))
                    and r.get("tune_loss") == tune_loss(method)
                    and (tune_target(method) is None
                         or r.get("tune_target", "block") == tune_target(method))
@@ -337,7 +363,9 @@ def main() -> None:
                     print(rows[-1], flush=True)
                     write()
                     continue
+                mode = block_mode(m, args)
                 out = Path(work) / (f"{m}-w{bits}g{gs}" + ("" if sp is None else f"s{sp}")
+                                    + ("" if mode == DEFAULT_BLOCK_TUNE.get(m) else f"-bt{mode}")
                                     + ("" if tune_steps(m) is None else f"t{tune_steps(m)}")
                                     + ("" if tune_loss(m) is None else f"-{tune_loss(m)}")
                                     + ("" if tune_target(m) in (None, "block")
@@ -389,7 +417,7 @@ def main() -> None:
                     row["e2e"] = e2
                 rows.append({**row,
                              "bits_per_weight": s["bits_per_weight"],
-                             "format_version": FORMAT_VERSION,
+                             "format_version": checkpoint_format(out) or FORMAT_VERSION,
                              "seconds_compress": round(tc, 1),
                              "seconds_quantize": s.get("seconds_quantize"),
                              "seconds_layer_solve": s.get("seconds_layer_solve"),
