@@ -324,3 +324,21 @@ def test_group_sparse_index_on_disk_is_a_bitmask(tiny_llama_dir, tmp_path):
     save_file({**tensors, k: t}, str(bad / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(FormatError, match="nnz"):
         bitpress.load(bad)
+    # a format-2 file must not also carry row pointers / column indices
+    extra = tmp_path / "extra"
+    shutil.copytree(out, extra)
+    name = next(iter(masks))[:-len(".keep_bits")]
+    save_file({**tensors, f"{name}.col_idx": old[f"{name}.col_idx"]},
+              str(extra / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(FormatError, match="does not have"):
+        bitpress.load(extra)
+    # a format-1 file whose row lists its groups out of order is refused, not mis-decoded
+    r = next(i for i in range(len(old[f"{name}.row_ptr"]) - 1)
+             if old[f"{name}.row_ptr"][i + 1] - old[f"{name}.row_ptr"][i] >= 2)
+    a = int(old[f"{name}.row_ptr"][r])
+    ci = old[f"{name}.col_idx"].clone()
+    ci[[a, a + 1]] = ci[[a + 1, a]]
+    save_file({**old, f"{name}.col_idx": ci}, str(v1 / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(FormatError, match="ascending"):
+        bitpress.load(v1)

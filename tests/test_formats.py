@@ -193,3 +193,26 @@ def test_keep_bits_rejects_bad_masks():
     bad[1, 4] = 1 << 5                       # group 37 of a 36-group row
     with pytest.raises(FormatError, match="past"):
         keep_bits_to_bsr(bad, 36)
+
+
+def test_bsr_index_must_ascend_once_per_row():
+    """Each row lists its kept groups once, in ascending order: an unsorted or repeated
+    column index is refused (a bitmask could not hold it, and re-saving would pair codes
+    with the wrong groups)."""
+    from bitpress.formats import bsr_to_keep_bits, validate_bsr
+    from bitpress.formats.packing import packed_words
+
+    rp = torch.tensor([0, 2, 3], dtype=torch.int32)
+    q = torch.zeros(3, packed_words(16, 4), dtype=torch.int32)
+    sz = torch.ones(3)
+    validate_bsr(rp, torch.tensor([0, 3, 0], dtype=torch.int32), q, sz, sz, 4, 16, 64)
+    for cols in ([3, 0, 1], [2, 2, 1]):
+        with pytest.raises(FormatError, match="ascending"):
+            validate_bsr(rp, torch.tensor(cols, dtype=torch.int32), q, sz, sz, 4, 16, 64)
+    # descending across a row boundary is fine: row 1 starts again at 0
+    validate_bsr(rp, torch.tensor([1, 3, 0], dtype=torch.int32), q, sz, sz, 4, 16, 64)
+    with pytest.raises(FormatError, match="twice"):
+        bsr_to_keep_bits(rp, torch.tensor([2, 2, 1], dtype=torch.int32), 4)
+    with pytest.raises(FormatError, match="range"):
+        bsr_to_keep_bits(rp, torch.tensor([0, 4, 1], dtype=torch.int32), 4)
+

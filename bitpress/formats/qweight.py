@@ -229,6 +229,12 @@ def validate_bsr(row_ptr: torch.Tensor, col_idx: torch.Tensor, qvalues: torch.Te
         raise FormatError("col_idx must be a 1-D int32 tensor")
     if nnz and (int(col_idx.min()) < 0 or int(col_idx.max()) >= ng):
         raise FormatError(f"col_idx out of range [0, {ng})")
+    if nnz > 1:  # each row's groups once, in ascending order (what the writer emits)
+        rows = _bsr_rows(row_ptr)
+        same_row = rows[1:] == rows[:-1]
+        if bool((same_row & (col_idx[1:] <= col_idx[:-1])).any()):
+            raise FormatError("col_idx must list each row's kept groups once, in ascending "
+                              "order")
     if tuple(qvalues.shape) != (nnz, packed_words(group_size, bits)):
         raise FormatError(f"qvalues has shape {tuple(qvalues.shape)}, expected "
                           f"{(nnz, packed_words(group_size, bits))}")
@@ -263,8 +269,13 @@ def bsr_to_keep_bits(row_ptr: torch.Tensor, col_idx: torch.Tensor, n_groups: int
     pointers; :func:`keep_bits_to_bsr` inverts it exactly (``col_idx`` ascends per row)."""
     out = row_ptr.numel() - 1
     nb = keep_bits_bytes(n_groups)
+    nnz = col_idx.numel()
+    if nnz and (int(col_idx.min()) < 0 or int(col_idx.max()) >= n_groups):
+        raise FormatError(f"col_idx out of range [0, {n_groups})")
     keep = torch.zeros(out, nb * 8, dtype=torch.bool, device=row_ptr.device)
     keep[_bsr_rows(row_ptr), col_idx.long()] = True
+    if int(keep.sum()) != nnz:
+        raise FormatError("col_idx lists a group of a row twice; a bitmask cannot hold it")
     w = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.int32, device=row_ptr.device)
     return (keep.view(out, nb, 8).to(torch.int32) * w).sum(-1).to(torch.uint8).contiguous()
 

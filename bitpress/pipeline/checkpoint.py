@@ -196,6 +196,7 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
     state_keys = list(model.state_dict().keys())
     sd: dict[str, torch.Tensor] = {}
     index_keys: set[str] = set()  # format_version 2: bitmasks on disk, rows + columns in memory
+    derived: set[str] = set()  # ... so a format-2 file holding row_ptr/col_idx is malformed
     if qcfg["format_version"] >= 2:
         for name, scheme in qcfg["modules"].items():
             if scheme["format"] != "bsr":
@@ -215,6 +216,7 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
                                   f"quantization_config says nnz = {m.nnz}")
             sd[f"{name}.row_ptr"], sd[f"{name}.col_idx"] = rp.to(device), ci.to(device)
             index_keys.add(k)
+            derived |= {f"{name}.row_ptr", f"{name}.col_idx"}
     for k in state_keys:
         if k not in files or k in sd:
             continue
@@ -227,7 +229,7 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
         if dtype is not None and t.is_floating_point() and not _is_packed_param(k, expected):
             t = t.to(dtype)
         sd[k] = t.to(device)
-    unexpected = sorted(set(files.keys()) - set(state_keys) - index_keys)
+    unexpected = sorted(set(files.keys()) - (set(state_keys) - derived) - index_keys)
     if unexpected:
         raise FormatError(f"{d} holds tensors the model does not have: {_short(unexpected)}")
     missing = [k for k in state_keys if k not in sd]
