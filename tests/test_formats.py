@@ -1,6 +1,8 @@
 """Property-based tests of the canonical format: packing, dequantisation, block-sparse rows."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -216,3 +218,28 @@ def test_bsr_index_must_ascend_once_per_row():
     with pytest.raises(FormatError, match="range"):
         bsr_to_keep_bits(rp, torch.tensor([0, 4, 1], dtype=torch.int32), 4)
 
+
+
+def test_atomic_output_dir_keeps_the_old_output_when_the_swap_fails(tmp_path, monkeypatch):
+    """Replacing an existing output: if moving the new one into place fails, the previous
+    output is back where it was and nothing new is left behind."""
+    import os
+
+    from bitpress.formats import checkpoint as ck
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.txt").write_text("old")
+    real = os.replace
+
+    def flaky(src, dst):
+        if Path(dst) == out and ".tmp-" in Path(src).name:
+            raise OSError("disk full")
+        return real(src, dst)
+
+    monkeypatch.setattr(ck.os, "replace", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        with ck.atomic_output_dir(out, overwrite=True) as tmp:
+            (tmp / "a.txt").write_text("new")
+    assert (out / "a.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
