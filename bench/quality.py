@@ -11,6 +11,7 @@ methods can overfit their calibration domain.
     .venv/bin/python bench/quality.py                       # the full protocol
     .venv/bin/python bench/quality.py --settings 3:128 --nsamples 16 --windows 2   # smoke
     .venv/bin/python bench/quality.py --methods gqsa --settings 4:16:0.5 --e2e-lr 1e-4 \
+        --e2e-schedule cosine --e2e-nsamples 256 \
         --keep /ckpt --reuse     # GQSA + E2E-OQP (`bitpress finetune`) as its own row
 
 Prints a table and writes JSON (``--json``, default bench/results/quality.json).
@@ -131,7 +132,8 @@ def e2e_settings(args) -> Optional[dict]:
     if args.e2e_lr is None:
         return None
     return {"lr": args.e2e_lr, "steps": args.e2e_steps,
-            "nsamples": args.e2e_nsamples or args.nsamples, "seqlen": args.calib_seqlen}
+            "nsamples": args.e2e_nsamples or args.nsamples, "seqlen": args.calib_seqlen,
+            "schedule": args.e2e_schedule}
 
 
 def e2e_record(out: Path) -> Optional[dict]:
@@ -146,6 +148,7 @@ def e2e_record(out: Path) -> Optional[dict]:
 def e2e_matches(run: Optional[dict], e2e: dict) -> bool:
     return (run is not None and run.get("lr") == e2e["lr"] and run.get("windows") == e2e["nsamples"]
             and run.get("seqlen") == e2e["seqlen"]
+            and run.get("schedule", "constant") == e2e.get("schedule", "constant")
             and (e2e["steps"] is None or run.get("steps") == e2e["steps"]))
 
 
@@ -154,7 +157,8 @@ def finetune_in_subprocess(src: Path, out: Path, calib_path, e2e: dict, args) ->
     on the calibration text, written to ``out``; returns the run's record."""
     cmd = [sys.executable, "-m", "bitpress.cli", "finetune", str(src), "--out", str(out),
            "--force", "--text", str(calib_path), "--nsamples", str(e2e["nsamples"]),
-           "--seqlen", str(e2e["seqlen"]), "--lr", str(e2e["lr"])]
+           "--seqlen", str(e2e["seqlen"]), "--lr", str(e2e["lr"]),
+           "--schedule", e2e.get("schedule", "constant")]
     if e2e["steps"] is not None:
         cmd += ["--steps", str(e2e["steps"])]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -163,10 +167,12 @@ def finetune_in_subprocess(src: Path, out: Path, calib_path, e2e: dict, args) ->
 
 
 def _e2e_key(e2e: Optional[dict]) -> Optional[tuple]:
-    """What makes two E2E stages the same row (lr, windows, requested steps)."""
+    """What makes two E2E stages the same row (lr, windows, requested steps, schedule;
+    rows from before ``--e2e-schedule`` count as constant)."""
     if not e2e:
         return None
-    return (e2e["lr"], e2e["nsamples"], e2e.get("steps_requested", e2e.get("steps")))
+    return (e2e["lr"], e2e["nsamples"], e2e.get("steps_requested", e2e.get("steps")),
+            e2e.get("schedule", "constant"))
 
 
 def cpu_model() -> str:
@@ -217,6 +223,9 @@ def main() -> None:
                     help="optimizer steps of the E2E stage (default: one pass over its windows)")
     ap.add_argument("--e2e-nsamples", type=int, default=None,
                     help="calibration windows of the E2E stage (default: --nsamples)")
+    ap.add_argument("--e2e-schedule", default="constant", choices=["constant", "cosine"],
+                    help="learning-rate schedule of the E2E stage (`bitpress finetune "
+                         "--schedule`; default constant)")
     ap.add_argument("--reuse", action="store_true",
                     help="with --keep: score a finished checkpoint already in the --keep "
                          "directory with this row's settings instead of compressing again "
@@ -382,7 +391,8 @@ def main() -> None:
                 e2 = e2e(m)
                 if e2 is not None:  # E2E-OQP on top of the compressed checkpoint
                     out_e2e = out.with_name(f"{out.name}-e2e{e2['lr']:g}"
-                                            + ("" if e2["steps"] is None else f"s{e2['steps']}"))
+                                            + ("" if e2["steps"] is None else f"s{e2['steps']}")
+                                            + ("-cos" if e2["schedule"] == "cosine" else ""))
                     run = e2e_record(out_e2e) if args.reuse else None
                     if e2e_matches(run, e2) and run.get("source") == str(out):
                         print(f"reusing {out_e2e} (finetuned in {run.get('seconds')} s)",
@@ -439,6 +449,8 @@ def main() -> None:
         sp = f" S{round(100 * r['sparsity'])}" if r.get("sparsity") else ""
         if r.get("e2e"):
             sp += f" +E2E lr {r['e2e']['lr']:g}"
+            if r["e2e"].get("schedule", "constant") != "constant":
+                sp += f" {r['e2e']['schedule']}"
         print(f"| {r['method']}{sp} | {r['bits']} | {r['group_size'] or '-'} | "
               f"{r['bits_per_weight']:.3f} | {r['ppl']['wikitext2']:.2f} | "
               f"{r['ppl']['second']:.2f} | {r['seconds_compress'] or '-'} |")
