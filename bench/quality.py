@@ -41,6 +41,7 @@ from bitpress.pipeline.data import builtin_text, find_wikitext  # noqa: E402
 from bitpress.pipeline.evaluate import perplexity, read_text  # noqa: E402
 from bitpress.formats import FORMAT_VERSION  # noqa: E402
 from bitpress.quant.blocktune import DEFAULT_TARGET  # noqa: E402
+from bitpress.quant.finetune import SCHEDULES  # noqa: E402
 from bitpress.pipeline.source import open_source, packaged_gguf  # noqa: E402
 
 
@@ -223,7 +224,7 @@ def main() -> None:
                     help="optimizer steps of the E2E stage (default: one pass over its windows)")
     ap.add_argument("--e2e-nsamples", type=int, default=None,
                     help="calibration windows of the E2E stage (default: --nsamples)")
-    ap.add_argument("--e2e-schedule", default="constant", choices=["constant", "cosine"],
+    ap.add_argument("--e2e-schedule", default="constant", choices=list(SCHEDULES),
                     help="learning-rate schedule of the E2E stage (`bitpress finetune "
                          "--schedule`; default constant)")
     ap.add_argument("--reuse", action="store_true",
