@@ -1,5 +1,5 @@
-"""The ``bitpress`` command: ``compress``, ``finetune``, ``eval``, ``inspect``, ``generate``,
-``sample`` (diffusion: runs a ``compress --method cachequant`` directory).
+"""The ``bitpress`` command: ``compress``, ``finetune``, ``export``, ``eval``, ``inspect``,
+``generate``, ``sample`` (diffusion: runs a ``compress --method cachequant`` directory).
 
 User mistakes print one line (``bitpress: error: ...``) and exit with status 2; no
 traceback, and no output directory is left behind.
@@ -25,6 +25,8 @@ def _group_size(v: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .quant.finetune import SCHEDULES
+
     p = argparse.ArgumentParser(prog="bitpress", description="Press trained models into few-bit "
                                 "packed weights and run them.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
@@ -144,12 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     f.add_argument("--seed", type=int, default=0, help="seed of windows and order (default 0)")
     f.add_argument("--no-norms", action="store_true", help="train only scales/zeros")
-    f.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+    f.add_argument("--schedule", choices=list(SCHEDULES), default="constant",
                    help="learning-rate schedule: constant (default) or cosine decay to 0")
     f.add_argument("--teacher", default=None,
                    help="full-precision model (HF dir or .gguf, usually the compress source) to "
                    "distil from: the loss becomes the KL divergence from its next-token "
                    "distribution instead of the cross-entropy on the text (loaded in float32)")
+
+    x = sub.add_parser("export", help="dequantize a bitpress checkpoint into a plain Hugging "
+                       "Face model directory (loads without bitpress; a source for compress)")
+    x.add_argument("dir", help="bitpress checkpoint directory (only read)")
+    x.add_argument("--out", required=True, help="output directory (must not exist)")
+    x.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the written weights (default float32)")
+    x.add_argument("--force", action="store_true", help="replace an existing output directory")
 
     e = sub.add_parser("eval", help="perplexity of a model (HF dir, .gguf or bitpress checkpoint)")
     e.add_argument("model")
@@ -317,6 +327,11 @@ def run(args) -> int:
     elif args.command == "finetune":
         res = _finetune(args)
         print(json.dumps({k: v for k, v in res.items() if k != "losses"}, indent=2))
+    elif args.command == "export":
+        from .pipeline.export import DTYPES, export_float
+
+        print(json.dumps(export_float(args.dir, args.out, DTYPES[args.dtype],
+                                      overwrite=args.force), indent=2))
     elif args.command == "inspect":
         from .pipeline.inspect import format_report, inspect_checkpoint
 
