@@ -24,9 +24,12 @@ def _group_size(v: str) -> int:
         raise argparse.ArgumentTypeError(f"group size must be an integer, got {v!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .quant.finetune import SCHEDULES
+#: ``bitpress.quant.finetune.SCHEDULES``, restated so that building the parser (``--help``)
+#: does not import torch; tests/test_finetune.py keeps the two equal
+_SCHEDULES = ("constant", "cosine")
 
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bitpress", description="Press trained models into few-bit "
                                 "packed weights and run them.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
@@ -146,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     f.add_argument("--seed", type=int, default=0, help="seed of windows and order (default 0)")
     f.add_argument("--no-norms", action="store_true", help="train only scales/zeros")
-    f.add_argument("--schedule", choices=list(SCHEDULES), default="constant",
+    f.add_argument("--schedule", choices=list(_SCHEDULES), default="constant",
                    help="learning-rate schedule: constant (default) or cosine decay to 0")
     f.add_argument("--teacher", default=None,
                    help="full-precision model (HF dir or .gguf, usually the compress source) to "

@@ -329,3 +329,15 @@ def test_kd_loss_ignores_tokens_the_teacher_rules_out():
     lt = torch.log_softmax(masked[..., :-3].double(), -1)
     ls = torch.log_softmax(st.double(), -1)[..., :-3]
     assert got == pytest.approx(float((lt.exp() * (lt - ls)).sum(-1).mean()), rel=1e-5)
+
+
+def test_cli_offers_exactly_the_schedules():
+    """``bitpress finetune --schedule`` restates SCHEDULES (the parser must not import
+    torch); the two lists stay one."""
+    from bitpress.cli import _SCHEDULES, build_parser
+    from bitpress.quant.finetune import SCHEDULES
+
+    assert tuple(_SCHEDULES) == tuple(SCHEDULES)
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["finetune"]
+    act = next(a for a in sub._actions if a.dest == "schedule")
+    assert tuple(act.choices) == tuple(SCHEDULES)
