@@ -87,9 +87,8 @@ def export_float(src: str | os.PathLike, out_dir: str | os.PathLike,
     tok = load_tokenizer(src_info.path)
     n = unpack_linears(model)
     model.to(dtype)
-    for attr in ("quantization_config",):
-        if hasattr(model.config, attr):
-            delattr(model.config, attr)
+    if hasattr(model.config, "quantization_config"):  # load() keeps it off; be sure
+        delattr(model.config, "quantization_config")
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
