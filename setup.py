@@ -34,7 +34,8 @@ def _extensions():
         print("bitpress: simde-py missing, building without the 'avx512-emu' test ISA",
               file=sys.stderr)
     sources = ["csrc/bitpress_ext.cpp", "csrc/cpu/qmm.cpp", "csrc/cpu/qmm_avx2.cpp",
-               "csrc/cpu/qmm_avx512.cpp", "csrc/cpu/qmm_avx512_emu.cpp"]
+               "csrc/cpu/qmm_avx512.cpp", "csrc/cpu/qmm_avx512_emu.cpp",
+               "csrc/cpu/engine.cpp"]
     return [Pybind11Extension("bitpress._C", sources, cxx_std=17, include_dirs=include_dirs,
                               define_macros=macros, extra_compile_args=args,
                               extra_link_args=["-fopenmp"])]

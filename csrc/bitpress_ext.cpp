@@ -17,6 +17,8 @@ namespace py = pybind11;
 
 // CPU dense/sparse quantised matmul kernels (csrc/cpu/qmm.cpp).
 void bitpress_register_qmm(py::module_& m);
+// The C++ decode engine (csrc/cpu/engine.cpp).
+void bitpress_register_engine(py::module_& m);
 
 namespace {
 
@@ -92,4 +94,5 @@ PYBIND11_MODULE(_C, m) {
         "Unpack canonical int32 words into signed int8 codes (raw contiguous pointers).");
   m.def("cpu_features", &cpu_features, "CPU SIMD features seen at run time.");
   bitpress_register_qmm(m);
+  bitpress_register_engine(m);
 }

@@ -127,6 +127,7 @@ struct SimdKernels {
   decltype(&bitpress_cpu::build_lut_avx2) build_lut;
   decltype(&bitpress_cpu::sparse_tiles_avx2) sparse_tiles;
   decltype(&bitpress_cpu::half_rows_avx2) half_rows;
+  decltype(&bitpress_cpu::f32_rows_avx2) f32_rows;
 };
 
 const SimdKernels* simd_kernels(int isa) {
@@ -134,7 +135,7 @@ const SimdKernels* simd_kernels(int isa) {
 #define BITPRESS_KERNELS(SFX)                                                                 \
   SimdKernels{&bitpress_cpu::dense_tile_##SFX, &bitpress_cpu::dense_tile_lut_##SFX,           \
               &bitpress_cpu::build_lut_##SFX, &bitpress_cpu::sparse_tiles_##SFX,              \
-              &bitpress_cpu::half_rows_##SFX}
+              &bitpress_cpu::half_rows_##SFX, &bitpress_cpu::f32_rows_##SFX}
   static const SimdKernels avx2 = BITPRESS_KERNELS(avx2);
   static const SimdKernels avx512 = BITPRESS_KERNELS(avx512);
   if (isa == ISA_AVX2) return &avx2;
@@ -530,8 +531,8 @@ void sparse_tile_scalar(const SparseGeom& g, const Act& a, const uint8_t* tp, fl
 }
 
 // ---- entry points -------------------------------------------------------------------------------
-void dense_qmm(uintptr_t packed, int64_t out, int64_t in, int bits, int64_t gs, int pkind,
-               uintptr_t x, int64_t M, uintptr_t y, uintptr_t bias, int mode, int nthreads) {
+void dense_qmm_core(uintptr_t packed, int64_t out, int64_t in, int bits, int64_t gs, int pkind,
+                    uintptr_t x, int64_t M, uintptr_t y, uintptr_t bias, int mode, int nthreads) {
   check_bits(bits);
   const DenseGeom g = make_dense_geom(out, in, bits, gs, pkind);
   const auto* pk = reinterpret_cast<const uint8_t*>(packed);
@@ -543,7 +544,6 @@ void dense_qmm(uintptr_t packed, int64_t out, int64_t in, int bits, int64_t gs, 
   if (mode == MODE_LUT && (bits != 2 || kern == nullptr))
     throw std::invalid_argument("qmm_dense: modes 2/3 (lut/lut63) need 2-bit weights in the "
                                 "lut2 layout and a SIMD ISA (avx2, avx512)");
-  py::gil_scoped_release release;
   ActBuf ab;
   prepare_act(ab, reinterpret_cast<const float*>(x), M, in, g.seg, g.nseg, bits, mode, nthreads,
               lut_max);
@@ -581,15 +581,14 @@ void dense_qmm(uintptr_t packed, int64_t out, int64_t in, int bits, int64_t gs, 
 // y[M, out] = x[M, in] @ w[out, in]^T (+ bias) for a 16-bit float weight (fp16, or bf16 when
 // bf16 != 0), fp32 accumulation: the GEMV of an unquantised 16-bit layer (e.g. an output head
 // kept in half precision), half the bytes of fp32 at fp32 arithmetic.
-void half_linear(uintptr_t w, int bf16, int64_t out, int64_t in, uintptr_t x, int64_t M,
-                 uintptr_t y, uintptr_t bias, int nthreads) {
+void half_linear_core(uintptr_t w, int bf16, int64_t out, int64_t in, uintptr_t x, int64_t M,
+                      uintptr_t y, uintptr_t bias, int nthreads) {
   if (out < 0 || in < 0 || M < 0) throw std::invalid_argument("half_linear: negative size");
   const auto* wp = reinterpret_cast<const uint16_t*>(w);
   const auto* xp = reinterpret_cast<const float*>(x);
   auto* yp = reinterpret_cast<float*>(y);
   const auto* bp = reinterpret_cast<const float*>(bias);
   const SimdKernels* kern = simd_kernels(resolved_isa());
-  py::gil_scoped_release release;
   const int64_t units = ceil_div(out, 8);
   const int nt = int(std::min<int64_t>(clamp_threads(nthreads),
                                        std::max<int64_t>(1, std::min(units, M * out * in / g_min_work))));
@@ -613,9 +612,9 @@ void half_linear(uintptr_t w, int bf16, int64_t out, int64_t in, uintptr_t x, in
   }
 }
 
-void sparse_qmm(uintptr_t tiles, int64_t ntiles, int64_t out, int64_t in, int bits, int64_t gs,
-                int pkind, uintptr_t x, int64_t M, uintptr_t y, uintptr_t bias, int mode,
-                int nthreads) {
+void sparse_qmm_core(uintptr_t tiles, int64_t ntiles, int64_t out, int64_t in, int bits,
+                     int64_t gs, int pkind, uintptr_t x, int64_t M, uintptr_t y, uintptr_t bias,
+                     int mode, int nthreads) {
   check_bits(bits);
   const SparseGeom g = make_sparse_geom(out, in, bits, gs, pkind, ntiles);
   if (mode == MODE_LUT || mode == MODE_LUT63) mode = MODE_INT8;  // no lut kernel for sparse tiles
@@ -623,7 +622,6 @@ void sparse_qmm(uintptr_t tiles, int64_t ntiles, int64_t out, int64_t in, int bi
   auto* yp = reinterpret_cast<float*>(y);
   const auto* bp = reinterpret_cast<const float*>(bias);
   const SimdKernels* kern = simd_kernels(resolved_isa());
-  py::gil_scoped_release release;
   ActBuf ab;
   prepare_act(ab, reinterpret_cast<const float*>(x), M, in, gs, g.ng, bits, mode, nthreads);
   const Act& a = ab.a;
@@ -659,6 +657,65 @@ void sparse_qmm(uintptr_t tiles, int64_t ntiles, int64_t out, int64_t in, int bi
   }
 }
 
+// y[M, out] = x[M, in] @ w[out, in]^T (+ bias) for an fp32 weight (an unquantised layer in the
+// decode engine): 8 rows per unit, 8 fp32 accumulators per activation row.
+void f32_linear_core(uintptr_t w, int64_t out, int64_t in, uintptr_t x, int64_t M, uintptr_t y,
+                     uintptr_t bias, int nthreads) {
+  if (out < 0 || in < 0 || M < 0) throw std::invalid_argument("f32_linear: negative size");
+  const auto* wp = reinterpret_cast<const float*>(w);
+  const auto* xp = reinterpret_cast<const float*>(x);
+  auto* yp = reinterpret_cast<float*>(y);
+  const auto* bp = reinterpret_cast<const float*>(bias);
+  const SimdKernels* kern = simd_kernels(resolved_isa());
+  const int64_t units = ceil_div(out, 8);
+  const int nt = int(std::min<int64_t>(clamp_threads(nthreads),
+                                       std::max<int64_t>(1, std::min(units, M * out * in / g_min_work))));
+#if defined(_OPENMP)
+#pragma omp parallel for num_threads(nt) schedule(static)
+#endif
+  for (int64_t u = 0; u < units; ++u) {
+    const int64_t r0 = u * 8, r1 = std::min<int64_t>(out, r0 + 8);
+    if (kern) {
+      kern->f32_rows(wp, out, in, xp, M, yp, bp, r0, r1);
+      continue;
+    }
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* wr = wp + r * in;
+        const float* xm = xp + m * in;
+        float t = 0.f;
+        for (int64_t k = 0; k < in; ++k) t += xm[k] * wr[k];
+        yp[m * out + r] = t + (bp ? bp[r] : 0.f);
+      }
+  }
+}
+
+// the Python entry points release the GIL around the kernels (the engine calls the cores)
+template <typename F, typename... A>
+void released(F f, A... a) {
+  py::gil_scoped_release release;
+  f(a...);
+}
+
+void dense_qmm(uintptr_t packed, int64_t out, int64_t in, int bits, int64_t gs, int pkind,
+               uintptr_t x, int64_t M, uintptr_t y, uintptr_t bias, int mode, int nthreads) {
+  released(dense_qmm_core, packed, out, in, bits, gs, pkind, x, M, y, bias, mode, nthreads);
+}
+void sparse_qmm(uintptr_t tiles, int64_t ntiles, int64_t out, int64_t in, int bits, int64_t gs,
+                int pkind, uintptr_t x, int64_t M, uintptr_t y, uintptr_t bias, int mode,
+                int nthreads) {
+  released(sparse_qmm_core, tiles, ntiles, out, in, bits, gs, pkind, x, M, y, bias, mode,
+           nthreads);
+}
+void half_linear(uintptr_t w, int bf16, int64_t out, int64_t in, uintptr_t x, int64_t M,
+                 uintptr_t y, uintptr_t bias, int nthreads) {
+  released(half_linear_core, w, bf16, out, in, x, M, y, bias, nthreads);
+}
+void f32_linear(uintptr_t w, int64_t out, int64_t in, uintptr_t x, int64_t M, uintptr_t y,
+                uintptr_t bias, int nthreads) {
+  released(f32_linear_core, w, out, in, x, M, y, bias, nthreads);
+}
+
 py::dict dense_geometry(int64_t out, int64_t in, int bits, int64_t gs, int pkind) {
   check_bits(bits);
   const DenseGeom g = make_dense_geom(out, in, bits, gs, pkind);
@@ -669,6 +726,32 @@ py::dict dense_geometry(int64_t out, int64_t in, int bits, int64_t gs, int pkind
 }
 
 }  // namespace
+
+// raw entry points for other C++ (the decode engine, engine.cpp): no GIL, no Python objects
+namespace bitpress_cpu {
+void dense_qmm_raw(const uint8_t* packed, int64_t out, int64_t in, int bits, int64_t gs,
+                   int pkind, const float* x, int64_t M, float* y, const float* bias, int mode,
+                   int nthreads) {
+  dense_qmm_core(uintptr_t(packed), out, in, bits, gs, pkind, uintptr_t(x), M, uintptr_t(y),
+                 uintptr_t(bias), mode, nthreads);
+}
+void sparse_qmm_raw(const uint8_t* tiles, int64_t ntiles, int64_t out, int64_t in, int bits,
+                    int64_t gs, int pkind, const float* x, int64_t M, float* y,
+                    const float* bias, int mode, int nthreads) {
+  sparse_qmm_core(uintptr_t(tiles), ntiles, out, in, bits, gs, pkind, uintptr_t(x), M,
+                  uintptr_t(y), uintptr_t(bias), mode, nthreads);
+}
+void half_linear_raw(const uint16_t* w, int bf16, int64_t out, int64_t in, const float* x,
+                     int64_t M, float* y, const float* bias, int nthreads) {
+  half_linear_core(uintptr_t(w), bf16, out, in, uintptr_t(x), M, uintptr_t(y), uintptr_t(bias),
+                   nthreads);
+}
+void f32_linear_raw(const float* w, int64_t out, int64_t in, const float* x, int64_t M,
+                    float* y, const float* bias, int nthreads) {
+  f32_linear_core(uintptr_t(w), out, in, uintptr_t(x), M, uintptr_t(y), uintptr_t(bias),
+                  nthreads);
+}
+}  // namespace bitpress_cpu
 
 void bitpress_register_qmm(py::module_& m) {
   m.def("qmm_set_isa", &set_isa, py::arg("name"),
@@ -698,6 +781,9 @@ void bitpress_register_qmm(py::module_& m) {
         py::arg("in_features"), py::arg("x_ptr"), py::arg("M"), py::arg("y_ptr"),
         py::arg("bias_ptr"), py::arg("nthreads"),
         "y = x @ w^T (+ bias) for a 16-bit float weight (fp16 / bf16), fp32 x and y.");
+  m.def("f32_linear", &f32_linear, py::arg("w_ptr"), py::arg("out"), py::arg("in_features"),
+        py::arg("x_ptr"), py::arg("M"), py::arg("y_ptr"), py::arg("bias_ptr"), py::arg("nthreads"),
+        "y = x @ w^T (+ bias) for an fp32 weight (8-row SIMD GEMV).");
   m.def("qmm_dense", &dense_qmm, py::arg("packed_ptr"), py::arg("out"), py::arg("in_features"),
         py::arg("bits"), py::arg("group_size"), py::arg("pkind"), py::arg("x_ptr"), py::arg("m"),
         py::arg("y_ptr"), py::arg("bias_ptr"), py::arg("mode"), py::arg("nthreads") = 1,

@@ -195,6 +195,8 @@ inline SparseGeom make_sparse_geom(int64_t out, int64_t in, int bits, int64_t gs
 #define BITPRESS_DECLARE_SIMD(SFX)                                                                 \
   void half_rows_##SFX(const uint16_t* w, int bf16, int64_t out, int64_t in, const float* x,       \
                        int64_t M, float* y, const float* bias, int64_t r0, int64_t r1);            \
+  void f32_rows_##SFX(const float* w, int64_t out, int64_t in, const float* x, int64_t M,          \
+                      float* y, const float* bias, int64_t r0, int64_t r1);                        \
   void dense_tile_##SFX(const DenseGeom& g, const Act& a, const uint8_t* tile_ptr, int64_t tile,  \
                         float* y, const float* bias);                                              \
   /* 2-bit dense tiles tile .. tile + ntile - 1 (ntile 1 or 2) from the lut2 layout */             \
