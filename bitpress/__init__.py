@@ -19,10 +19,12 @@ def save(model, out_dir, tokenizer=None, quantization_config=None, overwrite=Fal
 
 def load(directory, device="cpu"):
     """Rebuild a transformers model from a bitpress checkpoint; see
-    :func:`bitpress.pipeline.checkpoint.load`."""
+    :func:`bitpress.pipeline.checkpoint.load`. Its ``generate`` runs on the C++ decode
+    engine when it applies (CPU, batch 1; :func:`bitpress.runtime.engine.attach_generate`)."""
     from .pipeline.checkpoint import load as _load
+    from .runtime.engine import attach_generate
 
-    return _load(directory, device)
+    return attach_generate(_load(directory, device))
 
 
 __all__ = ["BitpressError", "ConfigError", "FormatError", "OutputExistsError", "SourceError",

@@ -29,6 +29,10 @@ def _group_size(v: str) -> int:
 _SCHEDULES = ("constant", "cosine")
 
 
+#: activation modes of the CPU kernels (bitpress.kernels.cpu; restated so --help needs no torch)
+_KERNEL_MODES = ("exact", "int8", "lut", "lut63")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bitpress", description="Press trained models into few-bit "
                                 "packed weights and run them.")
@@ -170,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seqlen", type=int, default=1024)
     e.add_argument("--windows", type=int, default=None, help="score only the first N windows")
     e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--kernel-mode", choices=_KERNEL_MODES, default=None,
+                   help="score the CPU decode kernels in this activation mode at every window "
+                        "size (what `generate` runs with the same --kernel-mode); default: "
+                        "exact kernels, with the exact GEMM path for long windows")
 
     i = sub.add_parser("inspect", help="size, bits/weight and per-layer scheme of a checkpoint")
     i.add_argument("dir")
@@ -181,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--kernel-mode", choices=_KERNEL_MODES, default=None,
+                   help="activation mode of the packed CPU kernels: exact (default, what the "
+                        "reference computes) or the faster approximate int8 / lut / lut63")
+    g.add_argument("--no-engine", action="store_true",
+                   help="decode with transformers' generate instead of the C++ decode engine")
     g.add_argument("--fast", action="store_true",
                    help="batch-1 decode helpers that keep the model's numbers: q/k/v and "
                         "gate/up as one packed call each, fused RMSNorm, and the output head "
@@ -343,18 +356,27 @@ def run(args) -> int:
     elif args.command == "eval":
         from .pipeline.evaluate import perplexity, read_text
 
+        from .kernels import cpu as kcpu
+
         text = read_text(args.text)
         model, tok = _load_any(args.model)
-        res = perplexity(model, tok, text, seqlen=args.seqlen, windows=args.windows,
-                         batch_size=args.batch_size)
+        with kcpu.kernel_mode(args.kernel_mode):
+            res = perplexity(model, tok, text, seqlen=args.seqlen, windows=args.windows,
+                             batch_size=args.batch_size)
+            res["kernel_mode"] = kcpu.describe_mode()
         print(json.dumps({"model": args.model, "text": args.text, **res}))
     elif args.command == "generate":
         from .pipeline.evaluate import generate
 
+        from .kernels import cpu as kcpu
+
         model, tok = _load_any(args.model)
         if args.fast:
             _decode_helpers(model)
-        print(json.dumps(generate(model, tok, args.prompt, args.max_new_tokens, args.sample)))
+        with kcpu.kernel_mode(args.kernel_mode):
+            res = generate(model, tok, args.prompt, args.max_new_tokens, args.sample,
+                           engine=not args.no_engine)
+        print(json.dumps(res))
     return 0
 
 

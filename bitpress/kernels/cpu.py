@@ -2,8 +2,8 @@
 
 Importing this module registers, for device type ``cpu``:
 
-* ``cpu_native`` (priority 10): the default activation mode (:func:`get_act_mode`, ``lut``
-  unless changed with :func:`set_act_mode` or ``BITPRESS_CPU_ACT=int8|exact``);
+* ``cpu_native`` (priority 10): the default activation mode (:func:`get_act_mode`, ``exact``
+  unless changed with :func:`set_act_mode` or ``BITPRESS_CPU_ACT=int8|lut|lut63``);
 * ``cpu_lut``, ``cpu_int8`` and ``cpu_exact`` (priority 6 / 5 / 4): one mode each, for
   ``use_impl``.
 
@@ -30,9 +30,10 @@ columns as 4-bit table indices), cached alongside. The disk format is untouched.
 
 Modes and their error against :func:`bitpress.kernels.reference.dense_qmm_ref`:
 
-* ``exact``: fp32 FMA over the dequantised weight; differs from the reference only by fp32
+* ``exact`` (default since 2026-12; one semantics for ``generate``, ``eval`` and the reference
+  op): fp32 FMA over the dequantised weight; differs from the reference only by fp32
   summation order (relative error ~1e-6 of ``sum |W||x|``).
-* ``lut`` (default; 2-bit dense weights on AVX2 only, every other call runs ``int8``): per
+* ``lut`` (opt-in; 2-bit dense weights on a SIMD ISA only, every other call runs ``int8``): per
   segment, for every 4 columns, the 16 subset sums of x are rounded to int8 with one step
   ``dt = max|subset sum| / 127``; ``vpshufb`` gathers them with 4-bit indices formed by one
   bit plane of 4 codes, ``vpmaddubsw`` adds plane 0 + 2 * plane 1, then the same fp32 group
@@ -100,7 +101,10 @@ DEFAULT_GEMM_ROWS = 256
 GEMM_PANEL_BYTES = 8 << 20
 # software prefetch distance of the AVX2 kernels (bytes ahead of the weight stream)
 DEFAULT_PREFETCH_BYTES = 3072
-_mode = os.environ.get("BITPRESS_CPU_ACT", "lut")
+#: the default activation mode: ``exact`` (weight-only, what the reference op computes), so that
+#: decoding, evaluation and the reference agree; ``int8`` / ``lut`` / ``lut63`` are opt-in
+DEFAULT_ACT_MODE = "exact"
+_mode = os.environ.get("BITPRESS_CPU_ACT", DEFAULT_ACT_MODE)
 if _mode not in _MODES:
     raise ValueError(f"BITPRESS_CPU_ACT must be 'lut', 'lut63', 'int8' or 'exact', got {_mode!r}")
 _isa = _C.qmm_get_isa()
@@ -142,9 +146,11 @@ def available_isas() -> list[str]:
 
 
 def set_act_mode(mode: str) -> None:
-    """Activation mode of ``cpu_native``: ``"lut"`` (default: the lookup-table kernel for
-    2-bit dense weights on AVX2, ``int8`` for everything else), ``"lut63"`` (the faster
-    lookup-table kernel with twice the table error), ``"int8"`` or ``"exact"``."""
+    """Activation mode of ``cpu_native`` and of the decode engine: ``"exact"`` (default:
+    fp32 FMA over the dequantised weight, the reference op's function), or the opt-in
+    approximate modes ``"int8"`` (activations rounded to int8 per segment), ``"lut"`` (the
+    lookup-table kernel for 2-bit dense weights on a SIMD ISA, ``int8`` for everything else)
+    and ``"lut63"`` (the faster lookup-table kernel with twice the table error)."""
     global _mode, _gen
     if mode not in _MODES:
         raise ValueError(f"activation mode must be 'lut', 'lut63', 'int8' or 'exact', got "
@@ -155,6 +161,40 @@ def set_act_mode(mode: str) -> None:
 
 def get_act_mode() -> str:
     return _mode
+
+
+class kernel_mode:
+    """``with kernel_mode("int8"):`` run every CPU packed call of the block on the decode
+    kernels in that activation mode, whatever its row count (no GEMM path), so that an
+    evaluation scores exactly the kernels :class:`bitpress.runtime.DecodeEngine` runs;
+    ``kernel_mode(None)`` changes nothing. Restores the previous mode and GEMM threshold."""
+
+    NO_GEMM = 1 << 62
+
+    def __init__(self, mode: Optional[str]) -> None:
+        if mode is not None and mode not in _MODES:
+            raise ValueError(f"kernel mode must be one of {sorted(_MODES)}, got {mode!r}")
+        self.mode = mode
+
+    def __enter__(self) -> "kernel_mode":
+        self.prev = (_mode, _gemm_rows)
+        if self.mode is not None:
+            set_act_mode(self.mode)
+            set_gemm_rows(self.NO_GEMM)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.mode is not None:
+            set_act_mode(self.prev[0])
+            set_gemm_rows(self.prev[1])
+
+
+def describe_mode() -> str:
+    """What ``cpu_native`` computes now, for result files: the activation mode, and from how
+    many rows calls take the exact GEMM path."""
+    if _gemm_rows >= kernel_mode.NO_GEMM:
+        return f"{_mode} (decode kernels at every size)"
+    return f"{_mode} below {_gemm_rows} rows, exact GEMM path from {_gemm_rows} rows"
 
 
 def set_gemm_rows(rows: int) -> None:

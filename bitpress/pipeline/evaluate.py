@@ -91,17 +91,47 @@ def perplexity(model, tokenizer, text: str, seqlen: int = 1024, windows: Optiona
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32,
-             do_sample: bool = False) -> dict[str, Any]:
-    """Greedy (or sampled) continuation with the KV cache on."""
+             do_sample: bool = False, engine: bool = True) -> dict[str, Any]:
+    """Greedy (or sampled) continuation with the KV cache on: on the C++ decode engine
+    (:mod:`bitpress.runtime.engine`) when it applies and ``engine`` is true, else with
+    transformers' ``generate``; the result names the path (``decode_path``) and splits
+    prompt (prefill) and decode time."""
     if max_new_tokens <= 0:
         raise ConfigError("--max-new-tokens must be positive")
+    from ..runtime.engine import engine_for, engine_support, make_sampler
+
     enc = tokenizer(prompt, return_tensors="pt")
-    t0 = time.time()
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                         use_cache=True, pad_token_id=tokenizer.pad_token_id
-                         if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-    dt = time.time() - t0
-    new = out[0, enc["input_ids"].shape[1]:]
+    ids = enc["input_ids"]
+    why = engine_support(model) if engine else "--no-engine"
+    gc = getattr(model, "generation_config", None)
+    eos = getattr(gc, "eos_token_id", None)
+    if why is None:
+        sampler = make_sampler(getattr(gc, "temperature", 1.0) or 1.0, getattr(gc, "top_k", None),
+                               getattr(gc, "top_p", None)) if do_sample else None
+        eng = engine_for(model, ids.shape[1] + max_new_tokens)
+        tm: dict[str, Any] = {}
+        out = eng.generate(ids, max_new_tokens, eos_token_id=eos, sample=sampler, timings=tm)
+        path = f"bitpress engine (C++), kernel mode {eng.mode}"
+        dt = tm["prefill_s"] + tm["decode_s"]
+        extra = {"prefill_seconds": round(tm["prefill_s"], 4),
+                 "decode_tokens_per_second": round(tm["decode_steps"] / tm["decode_s"], 2)
+                 if tm["decode_steps"] and tm["decode_s"] > 0 else None}
+    else:
+        t0 = time.time()
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                             use_cache=True, pad_token_id=tokenizer.pad_token_id
+                             if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        dt = time.time() - t0
+        try:
+            from ..kernels import cpu as kcpu
+
+            mode = kcpu.describe_mode()
+        except ImportError:  # no native extension: the reference op
+            mode = "reference (no bitpress._C)"
+        path = f"transformers generate ({why}), kernel mode {mode}"
+        extra = {}
+    new = out[0, ids.shape[1]:]
     return {"prompt": prompt, "text": tokenizer.decode(new, skip_special_tokens=True),
             "new_tokens": int(new.numel()), "seconds": round(dt, 3),
-            "tokens_per_second": round(new.numel() / dt, 2) if dt > 0 else None}
+            "tokens_per_second": round(new.numel() / dt, 2) if dt > 0 else None,
+            "decode_path": path, **extra}

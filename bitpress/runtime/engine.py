@@ -224,7 +224,7 @@ class DecodeEngine:
         self._build()
 
     # ---- binding ---------------------------------------------------------------------
-    def _build(self) -> None:
+    def _build(self) -> None:  # noqa: C901 - one linear walk over the supported families
         m, fam = self.model, self.family
         cfg = _text_config(m)
         b = _Binder(self.mode)
@@ -446,3 +446,113 @@ def engine_support(model: nn.Module) -> Optional[str]:
     if dev is not None and dev.device.type != "cpu":
         return f"model on {dev.device}; the engine runs on CPU"
     return None
+
+
+# ---- generate() through the engine ------------------------------------------------------------
+_HF_ONLY = ("num_beams", "streamer", "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn",
+            "num_return_sequences", "output_scores", "return_dict_in_generate", "output_logits",
+            "repetition_penalty", "min_new_tokens", "min_length", "max_length", "past_key_values",
+            "inputs_embeds", "assistant_model", "bad_words_ids", "no_repeat_ngram_size")
+
+
+def make_sampler(temperature: float = 1.0, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None,
+                 generator: Optional[torch.Generator] = None) -> Callable[[torch.Tensor], int]:
+    """``sample(logits) -> id``: temperature, then top-k, then top-p (nucleus) filtering, as
+    Hugging Face's sampling warpers apply them."""
+    if temperature <= 0:
+        raise ConfigError("temperature must be positive")
+
+    def sample(logits: torch.Tensor) -> int:
+        lg = logits.float() / temperature
+        if top_k:
+            kth = torch.topk(lg, min(int(top_k), lg.numel())).values[-1]
+            lg = lg.masked_fill(lg < kth, float("-inf"))
+        if top_p is not None and top_p < 1.0:
+            srt, idx = torch.sort(lg, descending=True)
+            cum = torch.softmax(srt, -1).cumsum(-1)
+            drop = cum > top_p
+            drop[1:] = drop[:-1].clone()
+            drop[0] = False
+            lg = lg.masked_fill(torch.zeros_like(drop).scatter(0, idx, drop), float("-inf"))
+        return int(torch.multinomial(torch.softmax(lg, -1), 1, generator=generator))
+
+    return sample
+
+
+def _weights_signature(model: nn.Module) -> tuple:
+    sig = []
+    for t in list(model.parameters()) + list(model.buffers()):
+        sig.append((t.data_ptr(), 0 if t.is_inference() else t._version))
+    return tuple(sig)
+
+
+def engine_for(model: nn.Module, length: int, mode: Optional[str] = None,
+               threads: Optional[int] = None) -> DecodeEngine:
+    """The model's cached :class:`DecodeEngine` with room for ``length`` positions, built
+    again when the weights, the mode, the threads or the needed length changed."""
+    from ..kernels import cpu as kcpu
+
+    mode = mode or kcpu.get_act_mode()
+    threads = int(threads or torch.get_num_threads())
+    sig = _weights_signature(model)
+    eng = model.__dict__.get("_bitpress_engine")
+    if eng is None or eng.max_len < length or eng.mode != mode or eng.threads != threads \
+            or model.__dict__.get("_bitpress_engine_sig") != sig:
+        max_len = max(length, 256)
+        ctx = getattr(_text_config(model), "max_position_embeddings", None)
+        if ctx:
+            max_len = min(max(length, min(2 * length, 4096)), max(ctx, length))
+        eng = DecodeEngine(model, max_len=max_len, threads=threads, mode=mode)
+        model.__dict__["_bitpress_engine"] = eng
+        model.__dict__["_bitpress_engine_sig"] = sig
+    return eng
+
+
+def _engine_reason(model: nn.Module, input_ids: Optional[torch.Tensor], kw: dict) -> Optional[str]:
+    why = engine_support(model)
+    if why:
+        return why
+    if input_ids is None or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        return "the engine decodes one sequence (batch 1, input_ids given)"
+    am = kw.get("attention_mask")
+    if am is not None and not bool(am.all()):
+        return "padded attention mask"
+    for k in _HF_ONLY:
+        v = kw.get(k)
+        if v not in (None, False, 1) or (k == "num_beams" and v not in (None, 1)):
+            return f"generate option {k!r}"
+    return None
+
+
+def attach_generate(model: nn.Module) -> nn.Module:
+    """Make ``model.generate`` run on the decode engine when it applies (CPU, batch 1, greedy
+    or sampling with temperature / top-k / top-p) and on Hugging Face's ``generate``
+    otherwise; ``model.bitpress_decode_path`` says which the last call used and why."""
+    if "_bitpress_hf_generate" in model.__dict__:
+        return model
+    hf_generate = model.generate
+    model.__dict__["_bitpress_hf_generate"] = hf_generate
+
+    def generate(input_ids: Optional[torch.Tensor] = None, **kw):
+        why = _engine_reason(model, input_ids, kw)
+        if why is None:
+            gc = getattr(model, "generation_config", None)
+            new = kw.get("max_new_tokens") or getattr(gc, "max_new_tokens", None) or 20
+            do_sample = kw.get("do_sample", getattr(gc, "do_sample", False))
+            eos = kw.get("eos_token_id", getattr(gc, "eos_token_id", None))
+            sampler = None
+            if do_sample:
+                sampler = make_sampler(kw.get("temperature", getattr(gc, "temperature", 1.0)) or 1.0,
+                                       kw.get("top_k", getattr(gc, "top_k", None)),
+                                       kw.get("top_p", getattr(gc, "top_p", None)))
+            eng = engine_for(model, input_ids.shape[1] + int(new))
+            model.bitpress_decode_path = f"bitpress engine (C++, kernel mode {eng.mode})"
+            log.info("generate: %s", model.bitpress_decode_path)
+            return eng.generate(input_ids, int(new), eos_token_id=eos, sample=sampler)
+        model.bitpress_decode_path = f"transformers generate ({why})"
+        log.info("generate: %s", model.bitpress_decode_path)
+        return hf_generate(input_ids, **kw) if input_ids is not None else hf_generate(**kw)
+
+    model.generate = generate
+    return model
