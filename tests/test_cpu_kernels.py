@@ -82,7 +82,7 @@ DENSE_SHAPES = [
 
 
 @pytest.mark.parametrize("mode", ["exact", "int8"])
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("shape", DENSE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_dense_matches_reference(isa, mode, bits, shape):
     out, inf, gs = shape
@@ -188,7 +188,7 @@ def test_sparse_large_balanced_split_bf16(isa):
     _check(y, ref, mag, cpu.int8_error_bound(x, qw.codes, sc, gs), x.dtype)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_dense_threaded_split(isa, bits):
     torch.set_num_threads(3)
     cpu._C.qmm_set_min_work(1)
@@ -245,7 +245,7 @@ def test_act_mode_switch_and_isa_errors():
 
 
 @pytest.mark.skipif(not {"avx2"} < set(ISAS), reason="needs avx2 and an AVX-512 build to run")
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_vnni_builds_equal_avx2_bit_for_bit(bits):
     # vpdpbusd and vpmaddubsw + vpmaddwd give the same exact integers, and the float steps
     # are the same intrinsics: every AVX-512 build must reproduce avx2 to the bit, dense and
@@ -264,7 +264,8 @@ def test_vnni_builds_equal_avx2_bit_for_bit(bits):
     keep = _skewed_keep(48, 16, seed=bits)
     p = _weight(48, 256, bits, 16, keep=keep).pack_bsr()
     sargs = (p["row_ptr"], p["col_idx"], p["qvalues"], p["scales"], p["zeros"], None, bits, 16, 256)
-    xs = [torch.randn(m, 256, generator=g) for m in (1, 5)]
+    # (group-sparse kernels take 2/3/4-bit weights only)
+    xs = [torch.randn(m, 256, generator=g) for m in (1, 5)] if bits != 8 else []
     modes = ("int8", "exact", "lut", "lut63") if bits == 2 else ("int8", "exact")
     try:
         for mode in modes:
@@ -468,7 +469,7 @@ def test_lut_error_is_small_in_practice():
 
 
 # ---- the GEMM path: dequantised panels through torch's BLAS ------------------------------------
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("shape", DENSE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_dense_gemm_path_is_the_reference_bit_for_bit(bits, shape):
     # the dequantised panel is computed with the reference's arithmetic (fp32 product, then

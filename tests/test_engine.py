@@ -76,6 +76,7 @@ def _gpt2(seed=4):
 FAMILIES = {"llama": _llama, "qwen2": _qwen2, "qwen3": _qwen3, "gemma3": _gemma3,
             "gpt2": _gpt2}
 RECIPES = {"float": None, "w4g16": Recipe(bits=4, group_size=16),
+           "w8g32": Recipe(bits=8, group_size=32),
            "w2g32": Recipe(bits=2, group_size=32), "w3pc": Recipe(bits=3, group_size=-1),
            "w4g16s50": Recipe(bits=4, group_size=16, sparsity=0.5)}
 
@@ -172,10 +173,10 @@ def test_engine_refusals():
     with pytest.raises(EngineUnsupported):
         DecodeEngine(opt)
     assert engine_support(m) is None
-    # an 8-bit packed weight has no CPU kernel: refused by name, not run wrongly
+    # an 8-bit group-sparse weight has no CPU kernel: refused by name, not run wrongly
     m8 = _model("llama", "float")
-    replace_linears(m8, Recipe(bits=8, group_size=32))
-    with pytest.raises(EngineUnsupported, match="8-bit"):
+    replace_linears(m8, Recipe(bits=8, group_size=32, sparsity=0.5))
+    with pytest.raises(EngineUnsupported, match="group-sparse 8-bit"):
         DecodeEngine(m8)
 
 

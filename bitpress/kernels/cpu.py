@@ -68,8 +68,10 @@ either way, so its results equal ``avx2``'s bit for bit. ``avx512-emu`` (never a
 present when the extension was built with the SIMDe headers) runs that same code with
 ``vpdpbusd`` emulated by SIMDe, so the tests cover it on CPUs without AVX-512. Its speed on
 AVX-512 hardware is not yet measured (no such machine here).
-Bits 2, 3 and 4 with group sizes that are multiples of 16 up to 256 (or per-channel)
-are supported; other calls (8-bit, ...) fall back to the reference.
+Dense weights of 2, 3, 4 and 8 bits (8-bit: e.g. an output head; int8 mode through
+``vpdpbusd`` with AVX512-VNNI, else two nibble ``vpmaddubsw``) and group-sparse weights of 2, 3
+and 4 bits, with group sizes that are multiples of 16 up to 256 (or per-channel), are
+supported; other calls fall back to the reference.
 """
 from __future__ import annotations
 
@@ -251,7 +253,7 @@ def _cached(owner: torch.Tensor, sig: tuple, build, layout: int = 0):
 def _check_dense(qweight, scales, zeros, bits: int, gs: int, in_features: int) -> None:
     probe = torch.empty(0, in_features)
     if not dense_supports(probe, qweight, scales, zeros, None, bits, gs, in_features):
-        raise ValueError("dense_qmm_cpu: unsupported weight (bits 2/3/4, int32 qweight "
+        raise ValueError("dense_qmm_cpu: unsupported weight (bits 2/3/4/8, int32 qweight "
                          "[out, ceil(in/pf)], group size a multiple of 16 up to 256 or "
                          "per-channel, CPU tensors)")
     out = qweight.shape[0]
@@ -338,7 +340,7 @@ def _common_ok(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> bool:
 
 
 def dense_supports(x, qweight, scales, zeros, bias, bits, group_size, in_features) -> bool:
-    return (bits in (2, 3, 4) and _common_ok(x, qweight, scales, zeros, bias)
+    return (bits in (2, 3, 4, 8) and _common_ok(x, qweight, scales, zeros, bias)
             and qweight.dtype == torch.int32 and qweight.dim() == 2
             and qweight.shape[1] == packed_words(in_features, bits)
             and scales.is_floating_point() and zeros.is_floating_point()

@@ -153,8 +153,8 @@ const SimdKernels* simd_kernels(int isa) {
 int clamp_threads(int n) { return n < 1 ? 1 : n; }
 
 void check_bits(int bits) {
-  if (bits != 2 && bits != 3 && bits != 4)
-    throw std::invalid_argument("bitpress CPU kernels: bits must be 2, 3 or 4");
+  if (bits != 2 && bits != 3 && bits != 4 && bits != 8)
+    throw std::invalid_argument("bitpress CPU kernels: bits must be 2, 3, 4 or 8");
 }
 
 // ---- repacking ---------------------------------------------------------------------------
@@ -165,7 +165,7 @@ inline uint32_t canon_code(const uint32_t* row, int bits, int64_t k) {
 
 // Place unsigned code u of tile-row r, segment-local column k into the segment's code bytes.
 inline void put_dense_code(uint8_t* cp, int bits, int64_t seg, int r, int64_t k, uint32_t u) {
-  if (bits == 2 || bits == 4) {
+  if (bits != 3) {  // 2, 4, 8: code t of a 32-byte block in byte t % 4 at bit bits * (t / 4)
     const int cpd = 32 / bits;
     const int64_t blk = k / cpd;
     const int t = int(k % cpd);
@@ -189,7 +189,7 @@ inline void put_lut2_code(uint8_t* cp, int r, int64_t k, uint32_t u) {
 }
 
 inline uint32_t get_dense_code(const uint8_t* cp, int bits, int64_t seg, int r, int64_t k) {
-  if (bits == 2 || bits == 4) {
+  if (bits != 3) {
     const int cpd = 32 / bits;
     const int64_t blk = k / cpd;
     const int t = int(k % cpd);
@@ -333,6 +333,7 @@ inline void dequant_run_bits(int bits, const uint32_t* src, int64_t k0, int64_t 
                              float z, float* d) {
   if (bits == 2) dequant_run<2>(src, k0, k1, s, z, d);
   else if (bits == 3) dequant_run<3>(src, k0, k1, s, z, d);
+  else if (bits == 8) dequant_run<8>(src, k0, k1, s, z, d);
   else dequant_run<4>(src, k0, k1, s, z, d);
 }
 
@@ -400,7 +401,7 @@ void dequant_sparse(uintptr_t row_ptr, uintptr_t col_idx, uintptr_t qvalues, int
 struct ActBuf {
   Act a;
   std::vector<int8_t> q, lut;
-  std::vector<float> xf, d, b, xs, dl;
+  std::vector<float> xf, xp, d, b, xs, dl;
 };
 
 void prepare_act(ActBuf& ab, const float* x, int64_t M, int64_t in, int64_t seg, int64_t nseg,
@@ -420,6 +421,7 @@ void prepare_act(ActBuf& ab, const float* x, int64_t M, int64_t in, int64_t seg,
     ab.d.assign(size_t(M * nseg), 0.f);
   } else {
     ab.xf.assign(size_t(M * a.stride), 0.f);
+    if (bits != 3) ab.xp.assign(size_t(M * a.stride), 0.f);
   }
 #if defined(_OPENMP)
 #pragma omp parallel for num_threads(clamp_threads(nthreads)) schedule(static) if (M * in > 32768)
@@ -451,11 +453,23 @@ void prepare_act(ActBuf& ab, const float* x, int64_t M, int64_t in, int64_t seg,
         ab.b[idx] = off * sum;
       } else {
         std::memcpy(ab.xf.data() + m * a.stride + k0, xr + k0, size_t(k1 - k0) * 4);
+        if (bits != 3) {
+          // column k's code sits at bit e(k % cpd) of its dword (segments start at multiples
+          // of 16, so k % cpd is its place in the block); see Act in qmm.h
+          const int cpd = 32 / bits;
+          float* xq = ab.xp.data() + m * a.stride;
+          for (int64_t k = k0; k < k1; ++k) {
+            const int t = int(k % cpd), sh = 8 * (t % 4) + bits * (t / 4);
+            const int e = sh + bits > 31 ? sh - 8 : sh;
+            xq[k] = std::ldexp(xr[k], -e);
+          }
+        }
         ab.b[idx] = off * sum;
       }
     }
   }
-  a.q = ab.q.data(); a.xf = ab.xf.data(); a.d = ab.d.data(); a.b = ab.b.data();
+  a.q = ab.q.data(); a.xf = ab.xf.data(); a.xp = ab.xp.data(); a.d = ab.d.data();
+  a.b = ab.b.data();
   a.xs = ab.xs.data();
   if (mode == MODE_LUT)  // the caller checked that an ISA with a lut kernel is in use
     simd_kernels(resolved_isa())->build_lut(x, M, in, seg, nseg, ab.lut.data(), a.lstride,

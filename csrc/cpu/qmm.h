@@ -71,12 +71,16 @@ struct SparseGeom {
 
 // Prepared activations, [M] rows of `stride` padded columns (segments of `seg`).
 //  int8 mode:  q (int8), d[m*nseg+s] = scale of segment s, b = d*off*sum(q), xs = sum(x)
-//  exact mode: xf (fp32), b = off*sum(x), xs = sum(x)
+//  exact mode: xf (fp32), b = off*sum(x), xs = sum(x); for 2/4/8-bit weights also xp, x
+//              pre-scaled per column by 2^-e (e: the bit position of that column's code in
+//              its dword, less 8 for the codes that reach bit 31), so the SIMD kernels
+//              convert (dword & mask) without shifting it: c*2^e * x*2^-e = c*x exactly
 struct Act {
   int mode = MODE_INT8;
   int64_t M = 0, stride = 0, nseg = 0, seg = 0;
   const int8_t* q = nullptr;
   const float* xf = nullptr;
+  const float* xp = nullptr;
   const float* d = nullptr;
   const float* b = nullptr;
   const float* xs = nullptr;
@@ -144,6 +148,7 @@ inline float load_param(const uint8_t* p, int kind, int64_t i) {
 inline int64_t seg_code_bytes(int bits, int64_t seg) {
   if (bits == 2) return seg / 16 * 32;
   if (bits == 4) return seg / 8 * 32;
+  if (bits == 8) return seg / 4 * 32;
   return seg / 16 * 32 + ceil_div(seg, 32) * 32;  // 3-bit
 }
 
