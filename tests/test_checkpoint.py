@@ -131,6 +131,21 @@ def test_cli_compress_inspect_eval_generate(tiny_llama_dir, tmp_path, capsys):
     assert main(["generate", str(out), "--prompt", "The quick", "--max-new-tokens", "5"]) == 0
     plain = json.loads(capsys.readouterr().out)
     assert plain["new_tokens"] <= 5
+    assert plain["decode_path"] == "bitpress engine (C++), kernel mode exact"
+    # the engine and transformers' generate agree (exact kernels)
+    assert main(["generate", str(out), "--prompt", "The quick", "--max-new-tokens", "5",
+                 "--no-engine"]) == 0
+    hf = json.loads(capsys.readouterr().out)
+    assert hf["text"] == plain["text"] and hf["decode_path"].startswith("transformers")
+    # eval --kernel-mode names the mode and scores it (int8 differs from exact, slightly)
+    assert main(["eval", str(out), "--text", str(text), "--seqlen", "64", "--windows", "3",
+                 "--kernel-mode", "int8"]) == 0
+    i8 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert i8["kernel_mode"] == "int8 (decode kernels at every size)"
+    assert main(["eval", str(out), "--text", str(text), "--seqlen", "64", "--windows", "3"]) == 0
+    ex = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ex["kernel_mode"].startswith("exact")
+    assert i8["perplexity"] != ex["perplexity"] and abs(i8["nll"] / ex["nll"] - 1) < 0.05
     # --fast: fused linears/norms and an fp16 head leave greedy decoding where it was
     assert main(["generate", str(out), "--prompt", "The quick", "--max-new-tokens", "5",
                  "--fast"]) == 0

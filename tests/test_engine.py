@@ -218,3 +218,19 @@ def test_engine_binds_fp16_and_bf16_weights():
         eng.prefill(ids[:, :4])
         # bf16 HF rounds every activation to bf16; the engine computes in fp32
         assert _rel(eng.step(int(ids[0, 4]), 4), full[4]) <= 5e-2
+
+
+def test_engine_after_the_fuse_helpers():
+    # generate --fast: fused q/k/v and gate/up, torch.nn.RMSNorm, fp16 head; the engine binds
+    # the members' own buffers and reads the fused norms' epsilon
+    from bitpress.nn.fuse import fuse_linears, fuse_norms, pack_output_head
+
+    m = _model("llama", "w4g16")
+    assert fuse_linears(m) > 0 and fuse_norms(m) > 0
+    pack_output_head(m, bits=16)
+    ids = torch.randint(0, 211, (1, 6))
+    with kcpu.kernel_mode("exact"), torch.no_grad():
+        full = m(ids).logits[0].float()
+        eng = DecodeEngine(m, max_len=8, threads=1)
+        eng.prefill(ids[:, :5])
+        assert _rel(eng.step(int(ids[0, 5]), 5), full[5]) <= 1e-4

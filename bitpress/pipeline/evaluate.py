@@ -98,17 +98,22 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32,
     prompt (prefill) and decode time."""
     if max_new_tokens <= 0:
         raise ConfigError("--max-new-tokens must be positive")
-    from ..runtime.engine import engine_for, engine_support, make_sampler
+    from ..runtime.engine import EngineUnsupported, engine_for, engine_support, make_sampler
 
     enc = tokenizer(prompt, return_tensors="pt")
     ids = enc["input_ids"]
     why = engine_support(model) if engine else "--no-engine"
     gc = getattr(model, "generation_config", None)
     eos = getattr(gc, "eos_token_id", None)
+    eng = None
     if why is None:
+        try:
+            eng = engine_for(model, ids.shape[1] + max_new_tokens)
+        except EngineUnsupported as e:  # a module the engine cannot bind: say which
+            why = str(e)
+    if eng is not None:
         sampler = make_sampler(getattr(gc, "temperature", 1.0) or 1.0, getattr(gc, "top_k", None),
                                getattr(gc, "top_p", None)) if do_sample else None
-        eng = engine_for(model, ids.shape[1] + max_new_tokens)
         tm: dict[str, Any] = {}
         out = eng.generate(ids, max_new_tokens, eos_token_id=eos, sample=sampler, timings=tm)
         path = f"bitpress engine (C++), kernel mode {eng.mode}"

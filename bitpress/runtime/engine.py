@@ -90,10 +90,7 @@ class _Binder:
         from ..nn.modules import GroupSparseLinear, HalfLinear, QuantLinear
 
         kc = self.kcpu
-        fused = mod.__dict__.get("_fused")
-        if isinstance(mod, QuantLinear) and fused is not None:
-            raise EngineUnsupported(f"{name}: fused linears (bitpress.nn.fuse) are not bound by "
-                                    f"the engine; unfuse_linears() first")
+        # (a member of a bitpress.nn.fuse group keeps its own buffers: bound as it is)
         bias = getattr(mod, "bias", None)
         d: dict[str, Any] = {}
         if isinstance(mod, QuantLinear):
@@ -172,6 +169,9 @@ def _eps(mod: nn.Module) -> float:
         v = getattr(mod, attr, None)
         if isinstance(v, (int, float)):
             return float(v)
+    if isinstance(mod, nn.RMSNorm) and mod.eps is None:  # torch's default: finfo(dtype).eps
+        return float(torch.finfo(mod.weight.dtype if mod.weight is not None else
+                                 torch.float32).eps)
     raise EngineUnsupported(f"{type(mod).__name__}: cannot read its epsilon")
 
 
