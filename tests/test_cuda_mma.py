@@ -158,7 +158,10 @@ class _Emulating:
         a = dict(zip(names, args))
         self.calls.append((fn, grid, a))
         assert len(args) == len(names)
-        assert all(isinstance(v, (np.uint64, np.int32)) for v in args)
+        # pointers as Python ints (64-bit), scalars as np.int32 (the kernel's int)
+        assert all(isinstance(v, np.int32) if n_ in ("N", "K", "M", "gsteps", "n_groups",
+                                                      "n_chunks", "gs", "n_tiles", "n_blocks")
+                   else type(v) is int for n_, v in a.items())
         assert int(a["x"]) == self.x.data_ptr()
         x2 = self.x.reshape(-1, self.x.shape[-1])
         assert int(a["M"]) == x2.shape[0] and int(a["K"]) == x2.shape[1]

@@ -46,6 +46,7 @@ THREADS = 256
 XKIND = {torch.float16: 0, torch.bfloat16: 1}
 # batch rows -> n8 tiles of the kernel variant (1, 2, 4 or 8)
 NT_OF = [0] + [1] * 8 + [2] * 8 + [4] * 16 + [8] * 32
+M_I32 = [np.int32(m) for m in range(MAX_M + 1)]
 
 
 def source_path() -> str:
@@ -106,8 +107,9 @@ def cupy_launcher(device: torch.device) -> Callable[[Any, int, tuple], None]:
     return launch
 
 
-def _ptr(t: Optional[torch.Tensor]) -> np.uint64:
-    return np.uint64(0 if t is None else t.data_ptr())
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    """A device pointer argument: a Python int (CuPy passes ints as 64-bit values)."""
+    return 0 if t is None else t.data_ptr()
 
 
 def _versions(ts) -> Callable[[], bool]:
@@ -173,7 +175,7 @@ def dense_plan(args: tuple, *, n_sm: Optional[int] = None, launcher=None, loader
     tail2 = (gsteps, np.int32(p.n_groups), np.int32(p.n_chunks))
     changed = _versions((qweight, scales, zeros, bias))
     grid = sch.ctas
-    empty, kinds, nt_of, u64, i32 = torch.empty, XKIND, NT_OF, np.uint64, np.int32
+    empty, kinds, nt_of, m32 = torch.empty, XKIND, NT_OF, M_I32
     bptr, cptr = _ptr(b32), _ptr(counters)
 
     def grow(mp: int) -> None:   # at most once per batch bucket over the plan's life
@@ -196,8 +198,8 @@ def dense_plan(args: tuple, *, n_sm: Optional[int] = None, launcher=None, loader
         if state["mp"] < 8 * nt:
             grow(8 * nt)
         y = empty(*x.shape[:-1], n, dtype=x.dtype, device=dev)
-        launcher(fn, grid, head + (u64(x.data_ptr()), bptr, u64(y.data_ptr()), state["wsp"],
-                                   cptr) + tail + (i32(m),) + tail2)
+        launcher(fn, grid, head + (x.data_ptr(), bptr, y.data_ptr(), state["wsp"], cptr)
+                 + tail + (m32[m],) + tail2)
         return y
 
     fast.keep = (p, b32, counters, state)   # the bound buffers live as long as the plan
@@ -253,7 +255,7 @@ def sparse_plan(args: tuple, *, n_sm: Optional[int] = None, launcher=None, loade
     tail2 = (np.int32(gs), np.int32(n_chunks), np.int32(p.n_tiles), np.int32(n_blocks))
     changed = _versions((row_ptr, col_idx, qvalues, scales, zeros, bias))
     grid, n = sch.ctas, p.n
-    empty, kinds, nt_of, u64, i32 = torch.empty, XKIND, NT_OF, np.uint64, np.int32
+    empty, kinds, nt_of, m32 = torch.empty, XKIND, NT_OF, M_I32
     bptr, cptr = _ptr(b32), _ptr(counters)
 
     def grow(mp: int) -> None:
@@ -277,8 +279,8 @@ def sparse_plan(args: tuple, *, n_sm: Optional[int] = None, launcher=None, loade
         if state["mp"] < 8 * nt:
             grow(8 * nt)
         y = empty(*x.shape[:-1], n, dtype=x.dtype, device=dev)
-        launcher(fn, grid, head + (u64(x.data_ptr()), bptr, u64(y.data_ptr()), state["wsp"],
-                                   cptr) + tail + (i32(m),) + tail2)
+        launcher(fn, grid, head + (x.data_ptr(), bptr, y.data_ptr(), state["wsp"], cptr)
+                 + tail + (m32[m],) + tail2)
         return y
 
     fast.keep = (p, b32, counters, state)
