@@ -279,3 +279,96 @@ def test_plan_host_time_per_call_is_small():
         fast(x)
     us = (time.perf_counter() - t0) / reps * 1e6
     assert us < 100, f"{us:.1f} us per call"
+
+
+# ---- on a GPU (skipped without one): the real kernels against the reference ---------------------
+GPU = cuda_mma.available()
+gpu_only = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and CuPy")
+
+
+def _gpu_tol(x, w, ref):
+    mag = x.float().abs() @ w.abs().t().to(x.device)
+    return 2.0 ** -12 * mag + ref.float().abs() * 2.0 ** -7 + 1e-3
+
+
+@gpu_only
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_dense_matches_reference(bits, dtype):
+    for i, (n, k, gs) in enumerate([(4096, 4096, 128), (300, 1000, 64), (33, 130, -1),
+                                    (1000, 4096, 16), (17, 2048, 256)]):
+        qw = quantize_rtn(torch.randn(n, k), bits, gs)
+        p = {s: t.cuda() for s, t in qw.pack_dense(torch.float16 if i % 2 else
+                                                    torch.bfloat16).items()}
+        bias = torch.randn(n, device="cuda") if i % 2 else None
+        for m in (1, 2, 5, 8, 9, 16, 33, 64):
+            x = torch.randn(m, k, device="cuda").to(dtype)
+            args = (x, p["qweight"], p["scales"], p["zeros"], bias, bits, qw.gs, k)
+            y = cuda_mma.cuda_mma_dense_qmm(*args)
+            ref = reference.dense_qmm_ref(*args)
+            assert bool(((y.float() - ref.float()).abs() <= _gpu_tol(x, qw.dequantize(), ref))
+                        .all()), (bits, n, k, gs, m)
+            y2 = cuda_mma.cuda_mma_dense_qmm(*args)
+            assert torch.equal(y, y2), "stream-K reduction must be deterministic"
+
+
+@gpu_only
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gpu_sparse_matches_reference(bits):
+    for n, k, gs, skew in [(4096, 4096, 128, False), (1000, 1024, 64, True), (300, 256, 16, True)]:
+        keep = torch.rand(n, k // gs) < 0.5
+        if skew:
+            keep[: n // 4] = True
+            keep[n // 4: n // 2] = False
+        qw = quantize_rtn(torch.randn(n, k), bits, gs, keep=keep)
+        b = {s: t.cuda() for s, t in qw.pack_bsr().items()}
+        tens = [b[s] for s in ("row_ptr", "col_idx", "qvalues", "scales", "zeros")]
+        bias = torch.randn(n, device="cuda")
+        for m in (1, 4, 16, 64):
+            x = torch.randn(m, k, device="cuda").half()
+            args = (x, *tens, bias, bits, gs, k)
+            y = cuda_mma.cuda_mma_sparse_qmm(*args)
+            ref = reference.sparse_qmm_ref(*args)
+            assert bool(((y.float() - ref.float()).abs() <= _gpu_tol(x, qw.dequantize(), ref))
+                        .all()), (bits, n, k, gs, m)
+
+
+@gpu_only
+def test_gpu_plan_under_cuda_graph_and_dispatch():
+    from bitpress.kernels import dense_qmm, select_impl
+    n, k = 4096, 4096
+    qw = quantize_rtn(torch.randn(n, k), 4, 128)
+    p = {s: t.cuda() for s, t in qw.pack_dense(torch.float16).items()}
+    x = torch.randn(1, k, device="cuda").half()
+    args = (x, p["qweight"], p["scales"], p["zeros"], None, 4, 128, k)
+    assert select_impl("dense_qmm", "cuda", *args)[0] == "cuda_mma"
+    fast = cuda_mma.dense_plan(args)
+    ref = fast(x).clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fast(x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = fast(x)
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, ref)
+    assert torch.equal(dense_qmm(*args), ref)
+
+
+def test_declined_calls_fall_back_to_the_next_kernel(monkeypatch):
+    from bitpress.kernels import ops
+    seen = []
+    monkeypatch.setitem(ops._REGISTRY, ("dense_qmm", "cuda"), [
+        ops.Impl("cuda_mma", lambda *a: seen.append("mma"), 30),
+        ops.Impl("triton", lambda *a: seen.append("triton") or "t", 20, lambda *a: True)])
+    assert cuda_mma._fallback("dense_qmm", (None,) * 8) == "t" and seen == ["triton"]
+    monkeypatch.setitem(ops._REGISTRY, ("dense_qmm", "cuda"), [])
+    qw = quantize_rtn(torch.randn(8, 32), 4, 32)
+    p = qw.pack_dense(torch.float16)
+    x = torch.randn(2, 32).half()
+    args = (x, p["qweight"], p["scales"], p["zeros"], None, 4, 32, 32)
+    assert torch.equal(cuda_mma._fallback("dense_qmm", args), reference.dense_qmm_ref(*args))

@@ -299,15 +299,24 @@ def _cached_plan(kind: str, args: tuple, owner: torch.Tensor, bias):
     return L._cache().get(owner, sig, build, ("plan", kind, id(bias)))
 
 
+def _fallback(op: str, args: tuple):
+    """A call the tensor-core kernel does not take (e.g. more than 64 rows of x, which a module
+    that first saw a small batch still routes here): the next registered CUDA kernel that
+    accepts it (Triton), else the reference."""
+    from . import ops, reference
+    for impl in ops._REGISTRY.get((op, "cuda"), []):
+        if impl.name != "cuda_mma" and (impl.supports is None or impl.supports(*args)):
+            return impl.fn(*args)
+    return getattr(reference, f"{op}_ref")(*args)
+
+
 def cuda_mma_dense_qmm(x, qweight, scales, zeros, bias, bits, group_size, in_features):
-    """``bitpress::dense_qmm`` on the tensor-core kernel (fp16/bf16 x, at most 64 rows)."""
+    """``bitpress::dense_qmm`` on the tensor-core kernel (fp16/bf16 x, at most 64 rows; other
+    calls go to the next CUDA kernel)."""
     args = (x, qweight, scales, zeros, bias, bits, group_size, in_features)
     fast = _cached_plan("dense", args, qweight, bias)
     y = fast(x.contiguous()) if fast is not None else None
-    if y is None:
-        raise ValueError("cuda_mma: this call is not supported (needs fp16/bf16 CUDA x with at "
-                         f"most {MAX_M} rows, even in_features, group size a multiple of 16)")
-    return y
+    return y if y is not None else _fallback("dense_qmm", args)
 
 
 def cuda_mma_sparse_qmm(x, row_ptr, col_idx, qvalues, scales, zeros, bias, bits, group_size,
@@ -315,10 +324,7 @@ def cuda_mma_sparse_qmm(x, row_ptr, col_idx, qvalues, scales, zeros, bias, bits,
     args = (x, row_ptr, col_idx, qvalues, scales, zeros, bias, bits, group_size, in_features)
     fast = _cached_plan("sparse", args, qvalues, bias)
     y = fast(x.contiguous()) if fast is not None else None
-    if y is None:
-        raise ValueError("cuda_mma: this call is not supported (needs fp16/bf16 CUDA x with at "
-                         f"most {MAX_M} rows, even in_features, group size a multiple of 16)")
-    return y
+    return y if y is not None else _fallback("sparse_qmm", args)
 
 
 cuda_mma_dense_qmm.plan = dense_plan
