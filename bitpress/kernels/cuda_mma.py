@@ -153,8 +153,18 @@ def dense_plan(args: tuple, *, n_sm: Optional[int] = None, launcher=None, loader
     x, qweight, scales, zeros, bias, bits, gs, k = args
     if bits not in (2, 3, 4) or k % 2 or not L.supports_group_size(gs, k):
         return None
-    dev = qweight.device
     p = L.dense_gpu_cached(qweight, scales, zeros, bits, gs, k)
+    return dense_plan_from_layout(p, bias, watch=(qweight, scales, zeros, bias), n_sm=n_sm,
+                                  launcher=launcher, loader=loader, ctas_per_sm=ctas_per_sm)
+
+
+def dense_plan_from_layout(p: L.GpuDense, bias: Optional[torch.Tensor], *, watch=(),
+                           n_sm: Optional[int] = None, launcher=None, loader=None,
+                           ctas_per_sm: int = 2):
+    """:func:`dense_plan` on an already repacked weight (``watch``: tensors whose in-place
+    update makes ``fast`` decline)."""
+    bits, gs, k = p.bits, p.gs, p.k
+    dev = p.qw.device
     if n_sm is None:
         n_sm = torch.cuda.get_device_properties(dev).multi_processor_count
     unit_bytes = 512 + (256 if bits == 3 else 0)
@@ -173,7 +183,7 @@ def dense_plan(args: tuple, *, n_sm: Optional[int] = None, launcher=None, loader
     head = (_ptr(p.qw), _ptr(p.q1), _ptr(p.sz))
     tail = (np.int32(n), np.int32(k))
     tail2 = (gsteps, np.int32(p.n_groups), np.int32(p.n_chunks))
-    changed = _versions((qweight, scales, zeros, bias))
+    changed = _versions(watch)
     grid = sch.ctas
     empty, kinds, nt_of, m32 = torch.empty, XKIND, NT_OF, M_I32
     bptr, cptr = _ptr(b32), _ptr(counters)
@@ -233,8 +243,18 @@ def sparse_plan(args: tuple, *, n_sm: Optional[int] = None, launcher=None, loade
     x, row_ptr, col_idx, qvalues, scales, zeros, bias, bits, gs, k = args
     if bits not in (2, 3, 4) or k % 2 or gs % 16:
         return None
-    dev = qvalues.device
     p = L.sparse_gpu_cached(row_ptr, col_idx, qvalues, scales, zeros, bits, gs, k)
+    return sparse_plan_from_layout(p, bias, watch=(row_ptr, col_idx, qvalues, scales, zeros,
+                                                   bias), n_sm=n_sm, launcher=launcher,
+                                   loader=loader, ctas_per_sm=ctas_per_sm)
+
+
+def sparse_plan_from_layout(p: L.GpuSparse, bias: Optional[torch.Tensor], *, watch=(),
+                            n_sm: Optional[int] = None, launcher=None, loader=None,
+                            ctas_per_sm: int = 2):
+    """:func:`sparse_plan` on an already repacked weight."""
+    bits, gs, k = p.bits, p.gs, p.k
+    dev = p.qw.device
     if n_sm is None:
         n_sm = torch.cuda.get_device_properties(dev).multi_processor_count
     n_chunks = p.qw.shape[1]
@@ -253,7 +273,7 @@ def sparse_plan(args: tuple, *, n_sm: Optional[int] = None, launcher=None, loade
     head = (_ptr(p.qw), _ptr(p.q1), _ptr(p.sz), _ptr(p.rows), _ptr(p.cols), _ptr(p.block_ptr))
     tail = (np.int32(p.n), np.int32(k))
     tail2 = (np.int32(gs), np.int32(n_chunks), np.int32(p.n_tiles), np.int32(n_blocks))
-    changed = _versions((row_ptr, col_idx, qvalues, scales, zeros, bias))
+    changed = _versions(watch)
     grid, n = sch.ctas, p.n
     empty, kinds, nt_of, m32 = torch.empty, XKIND, NT_OF, M_I32
     bptr, cptr = _ptr(b32), _ptr(counters)

@@ -77,7 +77,7 @@ def _chunk_codes(u: torch.Tensor, bits: int) -> torch.Tensor:
     t_, _, kp = u.shape
     c = CHUNK[bits]
     nc, steps = kp // c, c // 16
-    rows, cols = a_fragment_index()
+    rows, cols = (t.to(u.device) for t in a_fragment_index())
     blk = u.reshape(t_, 16, nc, steps, 16).permute(0, 2, 3, 1, 4)   # [T, nc, S, 16r, 16k]
     v = blk[:, :, :, rows, cols]                                     # [T, nc, S, 32, 8]
     return v.permute(0, 1, 3, 2, 4)                                  # [T, nc, 32, S, 8]
@@ -94,21 +94,21 @@ def _pack_fragments(v: torch.Tensor, bits: int) -> tuple[torch.Tensor, Optional[
     t_, nc = v.shape[:2]
     if bits == 4:
         lo, hi = v[..., 0::2], v[..., 1::2]                     # [T,nc,32,4 steps,4 regs]
-        sh = 4 * torch.arange(4)
+        sh = 4 * torch.arange(4, device=v.device)
         w = ((lo << sh) | (hi << (sh + 16))).sum(-1)            # disjoint bits: sum == or
         return _to_i32(w), None
     lo2, hi2 = (v & 3)[..., 0::2], (v & 3)[..., 1::2]           # [T,nc,32,8 steps,4 regs]
     # W2 plane: word w = steps 2w, 2w+1; pair j = 4*(step % 2) + reg
     lo2 = lo2.reshape(t_, nc, 32, 4, 8)
     hi2 = hi2.reshape(t_, nc, 32, 4, 8)
-    sh = 2 * torch.arange(8)
+    sh = 2 * torch.arange(8, device=v.device)
     w2 = _to_i32(((lo2 << sh) | (hi2 << (sh + 16))).sum(-1))
     if bits == 2:
         return w2, None
     lo1, hi1 = (v >> 2)[..., 0::2], (v >> 2)[..., 1::2]
     lo1 = lo1.reshape(t_, nc, 32, 2, 16)
     hi1 = hi1.reshape(t_, nc, 32, 2, 16)
-    sh1 = torch.arange(16)
+    sh1 = torch.arange(16, device=v.device)
     w1 = _to_i32(((lo1 << sh1) | (hi1 << (sh1 + 16))).sum(-1))
     return w2, w1
 
@@ -202,16 +202,18 @@ def dense_to_gpu(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     c = CHUNK[bits]
     npad, kp = -(-n // TILE_N) * TILE_N, max(c, -(-k // c) * c)
     off = 1 << (bits - 1)
-    u = torch.full((npad, kp), off, dtype=torch.int64)
-    u[:n, :k] = unpack_codes(qweight.cpu(), bits, k).to(torch.int64) + off
+    # built on the weight's own device (a GPU repacks a large layer in milliseconds)
+    u = torch.full((npad, kp), off, dtype=torch.int64, device=dev)
+    u[:n, :k] = unpack_codes(qweight, bits, k).to(torch.int64) + off
     qw, q1 = _pack_fragments(_chunk_codes(u.reshape(npad // 16, 16, kp), bits), bits)
+    del u
     sdt = _sz_dtype(scales.dtype)
-    sz = torch.zeros(npad, ng, 2, dtype=sdt)
-    sz[:n, :, 0] = scales.detach().cpu().to(sdt)
-    sz[:n, :, 1] = zeros.detach().cpu().to(sdt)
+    sz = torch.zeros(npad, ng, 2, dtype=sdt, device=dev)
+    sz[:n, :, 0] = scales.detach().to(sdt)
+    sz[:n, :, 1] = zeros.detach().to(sdt)
     sz = sz.reshape(npad // 16, 16, ng, 2).permute(0, 2, 1, 3).contiguous()
-    return GpuDense(qw.contiguous().to(dev), None if q1 is None else q1.contiguous().to(dev),
-                    sz.to(dev), n, k, bits, gs, scales.dtype)
+    return GpuDense(qw.contiguous(), None if q1 is None else q1.contiguous(), sz, n, k, bits,
+                    gs, scales.dtype)
 
 
 def dense_codes(p: GpuDense) -> torch.Tensor:
