@@ -120,6 +120,40 @@ def test_qmma_every_entry_point_compiles_without_spills(tmp_path):
     _check_report(_ptxas_report(log), every)
 
 
+def _nvrtc():
+    import ctypes
+    import importlib.util
+    spec = importlib.util.find_spec("nvidia")
+    for base in (spec.submodule_search_locations if spec else []):
+        for sub in ("cu13/lib", "cuda_nvrtc/lib", "cu12/lib"):
+            d = pathlib.Path(base) / sub
+            for so in sorted(d.glob("libnvrtc.so*")) if d.exists() else []:
+                if "builtins" not in so.name:
+                    return ctypes.CDLL(str(so))
+    return None
+
+
+def test_nvrtc_compiles_each_variant_source_without_headers():
+    """The path CuPy takes on a GPU machine: NVRTC on variant_source() with no include path
+    (needs the nvidia-cuda-nvrtc wheel, extra ``gpucheck``)."""
+    import ctypes
+    lib = _nvrtc()
+    if lib is None:
+        pytest.skip("NVRTC not installed (pip install nvidia-cuda-nvrtc)")
+    for v in [("dense", 4, 0, 0, 1), ("dense", 3, 1, 1, 8), ("sparse", 2, 1, 0, 4)]:
+        prog = ctypes.c_void_p()
+        assert lib.nvrtcCreateProgram(ctypes.byref(prog), cuda_mma.variant_source(*v).encode(),
+                                      b"qmma.cu", 0, None, None) == 0
+        opts = [b"--std=c++17", b"--gpu-architecture=sm_90a"]
+        rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        n = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+        log = ctypes.create_string_buffer(n.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+        assert rc == 0, (v, log.value.decode()[-3000:])
+
+
 def test_source_ships_as_package_data():
     path = pathlib.Path(cuda_mma.source_path())
     assert path.exists() and path.parent == ROOT / "bitpress" / "csrc" / "cuda"
