@@ -406,3 +406,22 @@ def test_declined_calls_fall_back_to_the_next_kernel(monkeypatch):
     x = torch.randn(2, 32).half()
     args = (x, p["qweight"], p["scales"], p["zeros"], None, 4, 32, 32)
     assert torch.equal(cuda_mma._fallback("dense_qmm", args), reference.dense_qmm_ref(*args))
+
+
+def test_module_plan_hook_is_cached_per_weight(monkeypatch):
+    made = []
+    real = cuda_mma.dense_plan
+
+    def counting(args, **kw):
+        made.append(1)
+        return real(args, n_sm=4, launcher=lambda *a: None, loader=_loader)
+
+    monkeypatch.setattr(cuda_mma, "dense_plan", counting)
+    qw = quantize_rtn(torch.randn(16, 64), 4, 32)
+    p = qw.pack_dense(torch.float16)
+    args = (torch.randn(1, 64).half(), p["qweight"], p["scales"], p["zeros"], None, 4, 32, 64)
+    f1 = cuda_mma.cuda_mma_dense_qmm.plan(args)
+    f2 = cuda_mma.cuda_mma_dense_qmm.plan(args)
+    assert f1 is f2 and len(made) == 1
+    p["zeros"].add_(1)            # an in-place update: a fresh plan
+    assert cuda_mma.cuda_mma_dense_qmm.plan(args) is not f1 and len(made) == 2

@@ -347,8 +347,10 @@ def cuda_mma_sparse_qmm(x, row_ptr, col_idx, qvalues, scales, zeros, bias, bits,
     return y if y is not None else _fallback("sparse_qmm", args)
 
 
-cuda_mma_dense_qmm.plan = dense_plan
-cuda_mma_sparse_qmm.plan = sparse_plan
+# what modules bind (bitpress.nn.modules._run): one cached plan per (weight, bias), so a call the
+# plan declines (batch > 64) and that comes back through the module's slow path re-uses it
+cuda_mma_dense_qmm.plan = lambda args: _cached_plan("dense", args, args[1], args[4])
+cuda_mma_sparse_qmm.plan = lambda args: _cached_plan("sparse", args, args[3], args[6])
 
 
 def available() -> bool:
