@@ -425,3 +425,146 @@ def test_module_plan_hook_is_cached_per_weight(monkeypatch):
     assert f1 is f2 and len(made) == 1
     p["zeros"].add_(1)            # an in-place update: a fresh plan
     assert cuda_mma.cuda_mma_dense_qmm.plan(args) is not f1 and len(made) == 2
+
+
+# ---- the kernels' control flow, transliterated (cursors, cp.async ring, fix-up slots) ----------
+def _sim_dense(tiles, nc, ctas, stages, warps=8):
+    """Python transliteration of dense_kernel's loops: every unit is consumed exactly once,
+    from the ring slot the producer filled with it; partial tiles use distinct slots."""
+    sp = gpu_emulate.Schedule(tiles * nc, ctas)
+    consumed, slots_used = [], {}
+    for b in range(ctas):
+        u0, u1 = sp.range(b)
+        t_first, t_last = u0 // nc, (u1 - 1) // nc
+        lo = lambda t: max(u0, t * nc) - t * nc  # noqa: E731
+        hi = lambda t: min(u1, (t + 1) * nc) - t * nc  # noqa: E731
+        for t in range(t_first, t_last + 1):
+            if not (lo(t) == 0 and hi(t) == nc):
+                slot = 0 if u0 >= t * nc else 1
+                assert (b, slot) not in slots_used, "two split tiles share a workspace slot"
+                slots_used[(b, slot)] = t
+        for w in range(warps):
+            ring = {}
+            cur = {"t": t_first, "c": lo(t_first) + w}
+
+            def norm():
+                while cur["t"] <= t_last and cur["c"] >= hi(cur["t"]):
+                    cur["t"] += 1
+                    cur["c"] = lo(cur["t"]) + w
+
+            def issue(slot):
+                if cur["t"] <= t_last:
+                    ring[slot] = (cur["t"], cur["c"])
+                    cur["c"] += warps
+                    norm()
+
+            norm()
+            for i in range(stages - 1):
+                issue(i)
+            item = 0
+            for t in range(t_first, t_last + 1):
+                c = lo(t) + w
+                while c < hi(t):
+                    issue((item + stages - 1) % stages)
+                    assert ring[item % stages] == (t, c)
+                    consumed.append((t, c))
+                    c += warps
+                    item += 1
+    assert sorted(consumed) == [(t, c) for t in range(tiles) for c in range(nc)]
+    # the last arriver of a split tile reads exactly the slots its contributors wrote
+    for t in range(tiles):
+        bf, bl = sp.cta_of(t * nc), sp.cta_of((t + 1) * nc - 1)
+        if bf != bl:
+            for bb in range(bf, bl + 1):
+                assert slots_used[(bb, 0 if sp.range(bb)[0] >= t * nc else 1)] == t
+
+
+def test_dense_control_flow_transliterated():
+    for tiles, nc, n_sm in [(256, 64, 132), (7, 3, 4), (688, 64, 132), (256, 172, 132),
+                            (1, 1, 1), (5, 40, 3), (3, 2, 8)]:
+        sch = gpu_emulate.dense_schedule(tiles, nc, n_sm)
+        for stages in (3, 4):
+            _sim_dense(tiles, nc, sch.ctas, stages)
+        _sim_dense(tiles, nc, min(tiles * nc, 2 * n_sm), 4)   # more CTAs than 16 KB each
+
+
+def _sim_sparse(block_ptr, n_chunks, ctas, stages, warps=8):
+    n_tiles, n_blocks = block_ptr[-1], len(block_ptr) - 1
+    sp = gpu_emulate.Schedule(n_tiles, ctas)
+    consumed = []
+
+    def block_of(tile):
+        lo_, hi_ = 0, n_blocks - 1
+        while lo_ < hi_:
+            mid = (lo_ + hi_ + 1) >> 1
+            if block_ptr[mid] <= tile:
+                lo_ = mid
+            else:
+                hi_ = mid - 1
+        return lo_
+
+    for b in range(ctas):
+        t0, t1 = sp.range(b)
+        bf, bl = block_of(t0), block_of(t1 - 1)
+        blo = lambda bb: max(t0, block_ptr[bb])  # noqa: E731
+        bhi = lambda bb: min(t1, block_ptr[bb + 1])  # noqa: E731
+        for w in range(warps):
+            ring = {}
+            cur = {"b": bf, "tile": blo(bf) + w, "c": 0}
+
+            def norm():
+                while cur["b"] <= bl and cur["tile"] >= bhi(cur["b"]):
+                    cur["b"] += 1
+                    if cur["b"] <= bl:
+                        cur["tile"] = blo(cur["b"]) + w
+
+            def issue(slot):
+                if cur["b"] <= bl:
+                    ring[slot] = (cur["tile"], cur["c"])
+                    cur["c"] += 1
+                    if cur["c"] == n_chunks:
+                        cur["c"] = 0
+                        cur["tile"] += warps
+                        norm()
+
+            norm()
+            for i in range(stages - 1):
+                issue(i)
+            item = 0
+            for bb in range(bf, bl + 1):
+                if blo(bb) >= bhi(bb):
+                    continue
+                for tile in range(blo(bb) + w, bhi(bb), warps):
+                    assert block_ptr[bb] <= tile < block_ptr[bb + 1]
+                    for c in range(n_chunks):
+                        issue((item + stages - 1) % stages)
+                        assert ring[item % stages] == (tile, c)
+                        consumed.append((tile, c))
+                        item += 1
+    assert sorted(consumed) == [(t, c) for t in range(n_tiles) for c in range(n_chunks)]
+
+
+def test_sparse_control_flow_transliterated():
+    from bitpress.kernels import gpu_layout
+    for n, k, gs, skew in [(300, 512, 64, True), (1000, 1024, 128, False), (130, 256, 32, True)]:
+        keep = torch.rand(n, k // gs, generator=torch.Generator().manual_seed(n)) < 0.5
+        if skew:
+            keep[128:256] = False      # an empty block in the middle
+            keep[:40] = True
+        qw = quantize_rtn(torch.randn(n, k), 4, gs, keep=keep)
+        b = qw.pack_bsr()
+        lay = gpu_layout.sparse_to_gpu(*[b[s] for s in ("row_ptr", "col_idx", "qvalues",
+                                                          "scales", "zeros")], 4, gs, k)
+        bp = lay.block_ptr.tolist()
+        for ctas in (1, 3, 7, min(lay.n_tiles, 40)):
+            for stages in (2, 4):
+                _sim_sparse(bp, lay.qw.shape[1], ctas, stages)
+
+
+def test_kernel_and_layout_agree_on_constants():
+    from bitpress.kernels import gpu_layout
+    src = pathlib.Path(cuda_mma.source_path()).read_text()
+    assert f"#define BP_ROW_BLOCK {gpu_layout.SPARSE_ROW_BLOCK}" in src
+    assert "#define BP_WARPS 8" in src and gpu_emulate.WARPS == 8
+    assert "constexpr int STEPS = BITS == 4 ? 4 : 8;" in src
+    assert gpu_layout.CHUNK == {2: 128, 3: 128, 4: 64}
