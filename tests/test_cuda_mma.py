@@ -154,6 +154,16 @@ def test_nvrtc_compiles_each_variant_source_without_headers():
         assert rc == 0, (v, log.value.decode()[-3000:])
 
 
+def test_build_py_copies_the_cuda_sources(tmp_path):
+    """A non-editable install gets bitpress/csrc/cuda/*.cu (package data)."""
+    import sys
+    p = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "-d", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = {f.name for f in (tmp_path / "bitpress" / "csrc" / "cuda").glob("*.cu")}
+    assert {"qmma.cu", "qgemv.cu"} <= got
+
+
 def test_source_ships_as_package_data():
     path = pathlib.Path(cuda_mma.source_path())
     assert path.exists() and path.parent == ROOT / "bitpress" / "csrc" / "cuda"
