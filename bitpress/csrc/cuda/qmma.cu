@@ -25,10 +25,10 @@
 // re-zeroes the counter: no memset per call (the counters are zeroed once, at plan time).
 //
 // Group-sparse: tiles of up to 16 kept rows of one 128-row block sharing one group column;
-// CTAs take equal tile counts (whatever the mask's skew); a warp takes whole tiles; each
-// tile's result is added into a shared [128 rows][batch] block sum, flushed like a dense tile
-// (block split across CTAs: workspace slots + counters per block). Blocks with no tile are
-// written (bias or 0) by CTA b % G.
+// CTAs take equal tile counts (whatever the mask's skew); a warp takes whole tiles, 8 tiles a
+// round; the round's results are added into a shared [128 rows][batch] block sum in warp order
+// (deterministic), flushed like a dense tile (block split across CTAs: workspace slots +
+// counters per block). Blocks with no tile are written (bias or 0) by CTA b % G.
 //
 // No CUDA headers: every conversion is inline PTX, so NVRTC (CuPy RawModule) and nvcc both
 // compile it. Entry points: bitpress_qmma_w{2,3,4}_x{0,1}_s{0,1}_n{1,2,4,8} (dense) and
@@ -457,60 +457,80 @@ __device__ __forceinline__ void sparse_kernel(const u32* __restrict__ qw,
         if (lo_t >= hi_t) continue;  // uniform across the CTA
         for (int i = threadIdx.x; i < BP_ROW_BLOCK * MP; i += BP_THREADS) bsum[i] = 0.f;
         __syncthreads();
-        for (int tile = lo_t + warp; tile < hi_t; tile += BP_WARPS) {
-            const int base = __ldg(cols + tile) * gs, klim = min(base + gs, K);
+        // rounds of 8 tiles, one per warp; results are added into the block sum in warp
+        // order (8 barriers a round), so the fp32 sums do not depend on timing
+        for (int round0 = lo_t; round0 < hi_t; round0 += BP_WARPS) {
+            const int tile = round0 + warp;
             float d[NT][4], xs[NT][4];
 #pragma unroll
             for (int j = 0; j < NT; ++j)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) d[j][e] = xs[j][e] = 0.f;
-            for (int c = 0; c < n_chunks; ++c, ++item) {
-                issue((item + STAGES - 1) % STAGES);
-                cp_wait<STAGES - 1>();
-                const int slot = item % STAGES;
-                u32 v[4], p[2] = {0u, 0u};
-                {
-                    const uint4 w = *reinterpret_cast<const uint4*>(&ring[warp][slot][lane][0]);
-                    v[0] = w.x; v[1] = w.y; v[2] = w.z; v[3] = w.w;
-                    if constexpr (BITS == 3) {
-                        const uint2 w1 = *reinterpret_cast<const uint2*>(&ring1[warp][slot][lane][0]);
-                        p[0] = w1.x; p[1] = w1.y;
+            int r0 = -1, r1 = -1;
+            if (tile < hi_t) {
+                const int base = __ldg(cols + tile) * gs, klim = min(base + gs, K);
+                for (int c = 0; c < n_chunks; ++c, ++item) {
+                    issue((item + STAGES - 1) % STAGES);
+                    cp_wait<STAGES - 1>();
+                    const int slot = item % STAGES;
+                    u32 v[4], p[2] = {0u, 0u};
+                    {
+                        const uint4 w = *reinterpret_cast<const uint4*>(&ring[warp][slot][lane][0]);
+                        v[0] = w.x; v[1] = w.y; v[2] = w.z; v[3] = w.w;
+                        if constexpr (BITS == 3) {
+                            const uint2 w1 =
+                                *reinterpret_cast<const uint2*>(&ring1[warp][slot][lane][0]);
+                            p[0] = w1.x; p[1] = w1.y;
+                        }
+                    }
+                    const int kc = base + c * CH;
+                    auto step = [&](auto S_) {
+                        constexpr int S = decltype(S_)::value;
+                        u32 a[4];
+                        dequant<BITS, XT, S>(v, p, a);
+#pragma unroll
+                        for (int j = 0; j < NT; ++j) {
+                            u32 b0, b1;
+                            load_b(x, 8 * j + g, M, K, kc + 16 * S, klim, tq, b0, b1);
+                            mma<XT>(d[j], a, b0, b1);
+                            mma<XT>(xs[j], ones, b0, b1);
+                        }
+                    };
+                    step(IC<0>{}); step(IC<1>{}); step(IC<2>{}); step(IC<3>{});
+                    if constexpr (STEPS == 8) {
+                        step(IC<4>{}); step(IC<5>{}); step(IC<6>{}); step(IC<7>{});
                     }
                 }
-                const int kc = base + c * CH;
-                auto step = [&](auto S_) {
-                    constexpr int S = decltype(S_)::value;
-                    u32 a[4];
-                    dequant<BITS, XT, S>(v, p, a);
+                float s0, z0, s1, z1;
+                load_sz<ST>(sz, (long)tile * 16 + g, s0, z0);
+                load_sz<ST>(sz, (long)tile * 16 + g + 8, s1, z1);
+                r0 = __ldg(rows + tile * 16 + g);
+                r1 = __ldg(rows + tile * 16 + g + 8);
 #pragma unroll
-                    for (int j = 0; j < NT; ++j) {
-                        u32 b0, b1;
-                        load_b(x, 8 * j + g, M, K, kc + 16 * S, klim, tq, b0, b1);
-                        mma<XT>(d[j], a, b0, b1);
-                        mma<XT>(xs[j], ones, b0, b1);
-                    }
-                };
-                step(IC<0>{}); step(IC<1>{}); step(IC<2>{}); step(IC<3>{});
-                if constexpr (STEPS == 8) {
-                    step(IC<4>{}); step(IC<5>{}); step(IC<6>{}); step(IC<7>{});
+                for (int j = 0; j < NT; ++j) {
+                    d[j][0] = s0 * d[j][0] + z0 * xs[j][0];
+                    d[j][1] = s0 * d[j][1] + z0 * xs[j][1];
+                    d[j][2] = s1 * d[j][2] + z1 * xs[j][2];
+                    d[j][3] = s1 * d[j][3] + z1 * xs[j][3];
                 }
             }
-            float s0, z0, s1, z1;
-            load_sz<ST>(sz, (long)tile * 16 + g, s0, z0);
-            load_sz<ST>(sz, (long)tile * 16 + g + 8, s1, z1);
-            const int r0 = __ldg(rows + tile * 16 + g), r1 = __ldg(rows + tile * 16 + g + 8);
             const int rb = b * BP_ROW_BLOCK;
+            for (int w = 0; w < BP_WARPS; ++w) {
+                if (warp == w) {  // a tile's 16 rows are distinct: no two lanes share an entry
 #pragma unroll
-            for (int j = 0; j < NT; ++j) {
-                const int n = 8 * j + 2 * tq;
-                if (r0 >= 0) {
-                    atomicAdd(&bsum[(r0 - rb) * MP + n], s0 * d[j][0] + z0 * xs[j][0]);
-                    atomicAdd(&bsum[(r0 - rb) * MP + n + 1], s0 * d[j][1] + z0 * xs[j][1]);
+                    for (int j = 0; j < NT; ++j) {
+                        const int n = 8 * j + 2 * tq;
+                        if (r0 >= 0) {
+                            bsum[(r0 - rb) * MP + n] += d[j][0];
+                            bsum[(r0 - rb) * MP + n + 1] += d[j][1];
+                        }
+                        if (r1 >= 0) {
+                            bsum[(r1 - rb) * MP + n] += d[j][2];
+                            bsum[(r1 - rb) * MP + n + 1] += d[j][3];
+                        }
+                    }
                 }
-                if (r1 >= 0) {
-                    atomicAdd(&bsum[(r1 - rb) * MP + n], s1 * d[j][2] + z1 * xs[j][2]);
-                    atomicAdd(&bsum[(r1 - rb) * MP + n + 1], s1 * d[j][3] + z1 * xs[j][3]);
-                }
+                __syncthreads();
             }
         }
         __syncthreads();
