@@ -18,7 +18,7 @@
 set -u
 OUT="${1:?usage: bash bench/gpu_suite.sh OUT_DIR}"
 mkdir -p "$OUT"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-python3}"
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
 export BITPRESS_TRITON_TUNE=0 TRITON_DEFAULT_FP_FUSION=1
 T0=$(date +%s)
@@ -27,7 +27,11 @@ step() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
 step "versions"
 nvidia-smi -q > "$OUT/nvidia-smi.txt" 2>&1 || true
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.csv" 2>&1 || true
-$PY -c "import cupy" 2>/dev/null || timeout 90 $PY -m pip install -q --no-deps cupy-cuda12x fastrlock > "$OUT/pip_cupy.txt" 2>&1 || true
+# the tensor-core kernels compile through CuPy (NVRTC) or, without CuPy, through NVRTC / nvcc
+# into a disk-cached cubin launched with ctypes (bitpress/kernels/cuda_driver.py)
+CUMAJ=$($PY -c "import torch; print((torch.version.cuda or '12').split('.')[0])" 2>/dev/null || echo 12)
+$PY -c "import cupy" 2>/dev/null || timeout 90 $PY -m pip install -q --no-deps "cupy-cuda${CUMAJ}x" fastrlock > "$OUT/pip_cupy.txt" 2>&1 || true
+$PY -c "import cupy" 2>/dev/null || command -v nvcc >/dev/null || timeout 90 $PY -m pip install -q --no-deps nvidia-cuda-nvrtc >> "$OUT/pip_cupy.txt" 2>&1 || true
 $PY -c "import gemlite" 2>/dev/null || timeout 60 $PY -m pip install -q --no-deps gemlite > "$OUT/pip_gemlite.txt" 2>&1 || true
 $PY - "$OUT/versions.json" <<'PYEOF'
 import json, sys, platform, subprocess
@@ -39,6 +43,9 @@ for mod in ("torch", "triton", "cupy", "gemlite", "numpy"):
         v[mod] = f"missing ({type(e).__name__})"
 import torch
 v["cuda_runtime"] = torch.version.cuda
+from bitpress.kernels import cuda_mma
+v["cuda_mma_backend"] = cuda_mma.backend()
+v["cuda_mma_registered"] = cuda_mma.REGISTERED
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     v.update(device=p.name, sms=p.multi_processor_count, mem_GiB=p.total_memory / 2**30,

@@ -578,3 +578,33 @@ def test_kernel_and_layout_agree_on_constants():
     assert "#define BP_WARPS 8" in src and gpu_emulate.WARPS == 8
     assert "constexpr int STEPS = BITS == 4 ? 4 : 8;" in src
     assert gpu_layout.CHUNK == {2: 128, 3: 128, 4: 64}
+
+
+# ---- the CuPy-free driver path ------------------------------------------------------------------
+def test_driver_param_block_and_cubin_cache(tmp_path, monkeypatch):
+    from bitpress.kernels import cuda_driver
+    pb = cuda_driver.ParamBlock(cuda_mma.PARAM_TYPES["dense"])
+    args = [0x7F0000001000 + i for i in range(8)] + [np.int32(v) for v in (4096, 4096, 1, 8, 32,
+                                                                             64)]
+    pb.set(args)
+    assert pb.values() == [int(a) for a in args]
+    # the pointer array points at the slots, in order, with the kernel's widths
+    import ctypes
+    assert [ctypes.sizeof(s) for s in pb.slots] == [8] * 8 + [4] * 6
+    assert [pb.array[i] for i in range(14)] == [ctypes.addressof(s) for s in pb.slots]
+    if cuda_driver._find_nvrtc() is None:
+        pytest.skip("NVRTC not installed (pip install nvidia-cuda-nvrtc)")
+    monkeypatch.setenv("BITPRESS_CUDA_CACHE", str(tmp_path))
+    src = cuda_mma.variant_source("dense", 4, 0, 0, 1)
+    img = cuda_driver.cubin(src, "sm_90")
+    assert img[:4] == b"\x7fELF" and len(list(tmp_path.glob("*.cubin"))) == 1
+    monkeypatch.setattr(cuda_driver, "nvrtc_cubin", lambda *a: (_ for _ in ()).throw(
+        AssertionError("recompiled")))
+    assert cuda_driver.cubin(src, "sm_90") == img      # second process: from the disk cache
+
+
+def test_backend_choice(monkeypatch):
+    monkeypatch.setenv("BITPRESS_CUDA_LOADER", "driver")
+    assert cuda_mma.backend() == "driver"
+    monkeypatch.setenv("BITPRESS_CUDA_LOADER", "cupy")
+    assert cuda_mma.backend() == "cupy"

@@ -1,7 +1,9 @@
 """The tensor-core CUDA kernels (``bitpress/csrc/cuda/qmma.cu``) behind launch plans bound once
 per weight.
 
-**Compilation.** NVRTC through CuPy's ``RawModule``: the ``.cu`` ships as package data, each
+**Compilation.** NVRTC through CuPy's ``RawModule`` (without CuPy: the same source through
+NVRTC or nvcc into a disk-cached cubin, launched with ctypes, :mod:`.cuda_driver`): the
+``.cu`` ships as package data, each
 entry point a process uses is compiled from the source plus one instantiation line (a few
 hundred ms), and CuPy's on-disk kernel cache (``~/.cupy/kernel_cache``, keyed by source,
 options and GPU architecture) makes every later process load the cubin instead of compiling:
@@ -21,13 +23,15 @@ The workspace grows (at most 4 times per plan) the first time a larger batch buc
 run each batch size once before capturing a CUDA graph.
 
 Importing this module registers ``cuda_mma`` (priority 30, above Triton) for
-``bitpress::dense_qmm`` and ``bitpress::sparse_qmm`` on ``cuda`` when a GPU and CuPy exist;
+``bitpress::dense_qmm`` and ``bitpress::sparse_qmm`` on ``cuda`` when a GPU and CuPy (or NVRTC
+/ nvcc) exist;
 on a machine without them it registers nothing (the plans still run against a stub launcher,
 which is how the host path is tested on CPU).
 """
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 from typing import Any, Callable, Optional
@@ -82,6 +86,51 @@ def cupy_function(device_index: int, kind: str, bits: int, xk: int, sk: int, nt:
         mod = cupy.RawModule(code=variant_source(kind, bits, xk, sk, nt),
                              options=("--std=c++17",))
         return mod.get_function(entry_name(kind, bits, xk, sk, nt))
+
+
+PARAM_TYPES = {"dense": "p" * 8 + "i" * 6, "sparse": "p" * 11 + "i" * 7}
+
+
+def backend() -> str:
+    """``"cupy"`` (NVRTC through CuPy) when CuPy imports, else ``"driver"`` (NVRTC/nvcc cubin
+    on disk + ctypes ``cuLaunchKernel``, :mod:`.cuda_driver`); ``BITPRESS_CUDA_LOADER``
+    forces one."""
+    forced = os.environ.get("BITPRESS_CUDA_LOADER")
+    if forced in ("cupy", "driver"):
+        return forced
+    return "cupy" if importlib.util.find_spec("cupy") is not None else "driver"
+
+
+@functools.lru_cache(maxsize=None)
+def driver_function(device_index: int, kind: str, bits: int, xk: int, sk: int, nt: int):
+    """The entry point loaded through the CUDA driver (cubin cached on disk)."""
+    from . import cuda_driver
+    major, minor = torch.cuda.get_device_capability(device_index)
+    with torch.cuda.device(device_index):
+        image = cuda_driver.cubin(variant_source(kind, bits, xk, sk, nt), f"sm_{major}{minor}")
+        return cuda_driver.DriverFunction(image, entry_name(kind, bits, xk, sk, nt),
+                                          PARAM_TYPES[kind])
+
+
+def driver_launcher(device: torch.device) -> Callable[[Any, int, tuple], None]:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    raw_stream = torch._C._cuda_getCurrentRawStream
+
+    def launch(fn, grid: int, args: tuple) -> None:
+        fn(grid, THREADS, args, raw_stream(idx))
+
+    return launch
+
+
+def _defaults(dev: torch.device, launcher, loader):
+    """The launcher and loader of the active backend (what a plan binds)."""
+    be = backend() if launcher is None or loader is None else None
+    if launcher is None:
+        launcher = cupy_launcher(dev) if be == "cupy" else driver_launcher(dev)
+    if loader is None:
+        idx = dev.index if dev.index is not None else torch.cuda.current_device()
+        loader = functools.partial(cupy_function if be == "cupy" else driver_function, idx)
+    return launcher, loader
 
 
 class _RawStream:
@@ -169,11 +218,7 @@ def dense_plan_from_layout(p: L.GpuDense, bias: Optional[torch.Tensor], *, watch
         n_sm = torch.cuda.get_device_properties(dev).multi_processor_count
     unit_bytes = 512 + (256 if bits == 3 else 0)
     sch = dense_schedule(p.n_tiles, p.n_chunks, n_sm, ctas_per_sm, unit_bytes)
-    if launcher is None:
-        launcher = cupy_launcher(dev)
-    if loader is None:
-        idx = dev.index if dev.index is not None else torch.cuda.current_device()
-        loader = functools.partial(cupy_function, idx)
+    launcher, loader = _defaults(dev, launcher, loader)
     b32 = None if bias is None else bias.detach().reshape(-1).float().contiguous()
     counters = torch.zeros(p.n_tiles, dtype=torch.int32, device=dev)
     state: dict = {"ws": None, "mp": 0}
@@ -259,11 +304,7 @@ def sparse_plan_from_layout(p: L.GpuSparse, bias: Optional[torch.Tensor], *, wat
         n_sm = torch.cuda.get_device_properties(dev).multi_processor_count
     n_chunks = p.qw.shape[1]
     sch = sparse_schedule(p.n_tiles, n_sm, ctas_per_sm, 512 * n_chunks)
-    if launcher is None:
-        launcher = cupy_launcher(dev)
-    if loader is None:
-        idx = dev.index if dev.index is not None else torch.cuda.current_device()
-        loader = functools.partial(cupy_function, idx)
+    launcher, loader = _defaults(dev, launcher, loader)
     b32 = None if bias is None else bias.detach().reshape(-1).float().contiguous()
     n_blocks = p.block_ptr.numel() - 1
     counters = torch.zeros(max(n_blocks, 1), dtype=torch.int32, device=dev)
@@ -354,13 +395,14 @@ cuda_mma_sparse_qmm.plan = lambda args: _cached_plan("sparse", args, args[3], ar
 
 
 def available() -> bool:
+    """A GPU, and a way to compile and launch: CuPy, or NVRTC / nvcc for the driver path."""
     if not torch.cuda.is_available():
         return False
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    if backend() == "cupy":
+        return True
+    from . import cuda_driver
+    import shutil
+    return cuda_driver._find_nvrtc() is not None or shutil.which("nvcc") is not None
 
 
 def _register() -> bool:
