@@ -97,6 +97,9 @@ def main() -> None:
     ap.add_argument("--eta", type=float, default=0.8)
     ap.add_argument("--t-fixed-us", type=float, default=2.0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--markdown", action="store_true",
+                    help="also print a markdown table (predicted, and measured beside it when "
+                         "--calib's file has kernel rows)")
     a = ap.parse_args()
     dev = dict(DEVICES[a.device])
     t_fixed, source = a.t_fixed_us, "nominal"
@@ -123,6 +126,26 @@ def main() -> None:
             cells = [r for r in rows if r["kernel"] == kern and r["N"] == n and r["K"] == k]
             print(f"{kern:20s} {f'{n}x{k}':>12s} " + " ".join(
                 f"{c['predicted_us']:6.1f}us x{c['predicted_vs_fp16']:4.2f}" for c in cells))
+    if a.markdown:
+        measured = {}
+        if a.calib:
+            with open(a.calib) as f:
+                for r in json.load(f).get("rows", []):
+                    measured[(r["kernel"], r["N"], r["K"], r["m"])] = r["gpu_us"]
+        print()
+        print("| kernel | shape | " + " | ".join(f"m={m}" for m in BATCHES) + " |")
+        print("|---|---|" + "---|" * len(BATCHES))
+        for n, k in SHAPES:
+            for kern in KERNELS:
+                cells = []
+                for m in BATCHES:
+                    r = next(r for r in rows if r["kernel"] == kern and r["N"] == n
+                             and r["K"] == k and r["m"] == m)
+                    got = measured.get((kern, n, k, m))
+                    cells.append((f"{got:.1f} / " if got is not None else "") +
+                                 f"{r['predicted_us']:.1f}")
+                print(f"| {kern} | {n}×{k} | " + " | ".join(cells) + " |")
+        print("\n(µs; 'measured / predicted' where measured)")
     out = a.out or f"bench/results/gpu/costmodel_{a.device}.json"
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:

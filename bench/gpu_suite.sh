@@ -74,7 +74,7 @@ BENCH_RC=$?
 
 step "cost model"
 DEV=h100; nvidia-smi -L 2>/dev/null | grep -qi h200 && DEV=h200
-$PY bench/gpu_costmodel.py --device $DEV --calib "$OUT/kernels.json" --out "$OUT/costmodel.json" > "$OUT/costmodel.txt" 2>&1 || true
+$PY bench/gpu_costmodel.py --device $DEV --calib "$OUT/kernels.json" --out "$OUT/costmodel.json" --markdown > "$OUT/costmodel.txt" 2>&1 || true
 
 if [ -f bench/gpu_compress.py ]; then
     step "bench/gpu_compress.py"

@@ -183,7 +183,7 @@ def _sz_kind(dtype: torch.dtype) -> int:
 # ---- dense ---------------------------------------------------------------------------------------
 def dense_supports(x, qweight, scales, zeros, bias, bits, group_size, in_features) -> bool:
     return (bits in (2, 3, 4) and x.device.type == "cuda" and x.dtype in XKIND
-            and in_features % 2 == 0 and L.supports_group_size(group_size, in_features)
+            and in_features % 4 == 0 and L.supports_group_size(group_size, in_features)
             and x.numel() // max(in_features, 1) <= MAX_M
             and qweight.dtype == torch.int32 and qweight.dim() == 2
             and all(t.device == x.device for t in (qweight, scales, zeros))
@@ -200,7 +200,7 @@ def dense_plan(args: tuple, *, n_sm: Optional[int] = None, launcher=None, loader
     the current GPU's SM count, a CuPy launch on torch's current stream and the NVRTC-compiled
     entry point; the CPU tests pass stubs."""
     x, qweight, scales, zeros, bias, bits, gs, k = args
-    if bits not in (2, 3, 4) or k % 2 or not L.supports_group_size(gs, k):
+    if bits not in (2, 3, 4) or k % 4 or not L.supports_group_size(gs, k):
         return None
     p = L.dense_gpu_cached(qweight, scales, zeros, bits, gs, k)
     return dense_plan_from_layout(p, bias, watch=(qweight, scales, zeros, bias), n_sm=n_sm,
@@ -241,7 +241,7 @@ def dense_plan_from_layout(p: L.GpuDense, bias: Optional[torch.Tensor], *, watch
     def fast(x: torch.Tensor) -> Optional[torch.Tensor]:
         xk = kinds.get(x.dtype)
         if xk is None or x.shape[-1] != k or x.device != dev or not x.is_contiguous() \
-                or x.data_ptr() & 3 or changed():
+                or x.data_ptr() & 7 or changed():
             return None
         m = x.numel() // k
         if m > MAX_M or m == 0:
@@ -267,7 +267,7 @@ def dense_plan_from_layout(p: L.GpuDense, bias: Optional[torch.Tensor], *, watch
 def sparse_supports(x, row_ptr, col_idx, qvalues, scales, zeros, bias, bits, group_size,
                     in_features) -> bool:
     return (bits in (2, 3, 4) and x.device.type == "cuda" and x.dtype in XKIND
-            and in_features % 2 == 0 and group_size % 16 == 0
+            and in_features % 4 == 0 and group_size % 16 == 0
             and x.numel() // max(in_features, 1) <= MAX_M
             and all(t.dtype == torch.int32 for t in (row_ptr, col_idx, qvalues))
             and all(t.device == x.device for t in (row_ptr, col_idx, qvalues, scales, zeros))
@@ -286,7 +286,7 @@ def sparse_plan(args: tuple, *, n_sm: Optional[int] = None, launcher=None, loade
                 ctas_per_sm: int = 2):
     """As :func:`dense_plan` for a group-sparse (BSR) weight."""
     x, row_ptr, col_idx, qvalues, scales, zeros, bias, bits, gs, k = args
-    if bits not in (2, 3, 4) or k % 2 or gs % 16:
+    if bits not in (2, 3, 4) or k % 4 or gs % 16:
         return None
     p = L.sparse_gpu_cached(row_ptr, col_idx, qvalues, scales, zeros, bits, gs, k)
     return sparse_plan_from_layout(p, bias, watch=(row_ptr, col_idx, qvalues, scales, zeros,
@@ -328,7 +328,7 @@ def sparse_plan_from_layout(p: L.GpuSparse, bias: Optional[torch.Tensor], *, wat
     def fast(x: torch.Tensor) -> Optional[torch.Tensor]:
         xk = kinds.get(x.dtype)
         if xk is None or x.shape[-1] != k or x.device != dev or not x.is_contiguous() \
-                or x.data_ptr() & 3 or changed():
+                or x.data_ptr() & 7 or changed():
             return None
         m = x.numel() // k
         if m > MAX_M or m == 0:

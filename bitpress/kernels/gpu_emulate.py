@@ -9,7 +9,8 @@ the per-group post-scaling are all checked on CPU against :mod:`.reference`:
   ``fma(v, 1, -(magic + 2^(b-1)))`` in that dtype) into its eight A-fragment values;
 * the A (16×16) and B (16×8, x transposed) operands are assembled from the per-lane fragments
   with the PTX m16n8k16 mappings, multiplied with fp32 accumulation, and the result is read
-  back through the C-fragment mapping;
+  back through the C-fragment mapping; each lane's B values are the four consecutive inputs
+  ``4t..4t+3`` it loads, so the layout's per-step k permutation is checked too;
 * per group: ``D_g`` (codes · x) and ``X_g`` (the all-ones mma: Σ x) are accumulated over the
   group's k16 steps, then ``acc += s · D_g + z · X_g`` with the lane's two rows' (s, z);
 * the stream-K split (:func:`dense_schedule`): CTA ranges of (tile, chunk) units, chunks
@@ -26,7 +27,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .gpu_layout import CHUNK, GpuDense, GpuSparse, a_fragment_index
+from .gpu_layout import CHUNK, GpuDense, GpuSparse
 
 WARPS = 8
 MAGIC = {torch.float16: 0x6400, torch.bfloat16: 0x4300}          # 1024.0 / 128.0
@@ -85,13 +86,29 @@ def decode_vector(qw: np.ndarray, q1: Optional[np.ndarray], bits: int,
     return v.reshape(*v.shape[:-2], 8)
 
 
-# ---- mma fragments ------------------------------------------------------------------------
+# ---- mma fragments (PTX m16n8k16 .f16/.bf16, native mma-k numbering) -------------------------
+def _a_native_index() -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, mma-k) of each lane's A values a0..a7, as the PTX ISA defines them."""
+    lane = torch.arange(32)
+    g, t = (lane // 4)[:, None], (lane % 4)[:, None]
+    rows = g + torch.tensor([0, 0, 8, 8, 0, 0, 8, 8])[None, :]
+    k = 2 * t + torch.tensor([0, 1, 0, 1, 8, 9, 8, 9])[None, :]
+    return rows, k
+
+
 def _b_index() -> tuple[torch.Tensor, torch.Tensor]:
-    """(k, n) of each lane's B values b0..b3 (16×8 operand, 'col')."""
+    """(mma-k, n) of each lane's B values b0..b3 (16×8 operand, 'col')."""
     lane = torch.arange(32)
     g, t = (lane // 4)[:, None], (lane % 4)[:, None]
     k = 2 * t + torch.tensor([0, 1, 8, 9])[None, :]
     return k, g.expand(32, 4)
+
+
+def _b_input_k() -> torch.Tensor:
+    """The input column the kernel loads for each lane's B value: ``4t + (0, 1, 2, 3)`` (one
+    8-byte load of x; the layout permutes the weights' k the same way)."""
+    t = (torch.arange(32) % 4)[:, None]
+    return 4 * t + torch.tensor([0, 1, 2, 3])[None, :]
 
 
 def _c_index() -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,15 +120,16 @@ def _c_index() -> tuple[torch.Tensor, torch.Tensor]:
     return row, n
 
 
-_AR, _AC = a_fragment_index()
+_AR, _AC = _a_native_index()
 _BK, _BN = _b_index()
+_BX = _b_input_k()
 _CR, _CN = _c_index()
 
 
 def mma_m16n8k16(a_frag: torch.Tensor, b_frag: torch.Tensor) -> torch.Tensor:
-    """``a_frag [..., 32, 8]``, ``b_frag [..., 32, 4]`` (per-lane operand values) → the
-    accumulator fragment ``[..., 32, 4]`` in fp32 (products of fp16/bf16 values are exact in
-    fp32; the sum runs in fp32)."""
+    """``a_frag [..., 32, 8]``, ``b_frag [..., 32, 4]`` (per-lane operand values, placed by the
+    PTX fragment mappings) → the accumulator fragment ``[..., 32, 4]`` in fp32 (products of
+    fp16/bf16 values are exact in fp32; the sum runs in fp32)."""
     lead = a_frag.shape[:-2]
     a = torch.zeros(*lead, 16, 16, dtype=torch.float32)
     a[..., _AR, _AC] = a_frag.float()
@@ -127,7 +145,7 @@ def b_fragments(x: torch.Tensor, k0: int, k_lo: int, k_hi: int) -> torch.Tensor:
     ``[k_lo, k_hi)`` or ``n >= M`` are 0, as the kernel's masked loads."""
     m = x.shape[0]
     nt = max(1, -(-m // 8))
-    k = k0 + _BK                                     # [32, 4]
+    k = k0 + _BX                                     # [32, 4] input columns the lane loads
     out = torch.zeros(nt, 32, 4, dtype=x.dtype)
     for j in range(nt):
         n = 8 * j + _BN

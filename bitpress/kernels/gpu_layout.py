@@ -8,9 +8,13 @@ a warp that already holds that lane's ``mma.m16n8k16`` A-operand codes, bit-orde
 ``lop3(w >> shift, mask, magic)`` yields the register pairs directly.
 
 mma.m16n8k16 A fragment (row-major 16×16): lane ``l`` (``g = l // 4``, ``t = l % 4``) holds
-eight values ``a0..a7`` at (row, k) =
+eight values ``a0..a7`` at (row, mma-k) =
 ``(g, 2t) (g, 2t+1) (g+8, 2t) (g+8, 2t+1) (g, 2t+8) (g, 2t+9) (g+8, 2t+8) (g+8, 2t+9)``;
-register ``r`` (0..3) is the pair ``(a_{2r}, a_{2r+1})``.
+register ``r`` (0..3) is the pair ``(a_{2r}, a_{2r+1})``. Inside each k16 step the layout
+permutes k (the same permutation for A and B leaves the product unchanged): mma-k
+``2t, 2t+1, 2t+8, 2t+9`` is input ``4t, 4t+1, 4t+2, 4t+3``, so the lane's B values (x) are
+four consecutive inputs, one 8-byte load. The lane's values thus sit at input columns
+``4t + (0, 1, 0, 1, 2, 3, 2, 3)`` of rows ``g + (0, 0, 8, 8, 0, 0, 8, 8)``.
 
 Per bit width (``C`` = K chunk, one 16-byte lane vector per (tile, chunk)):
 
@@ -55,16 +59,17 @@ CHUNK = {2: 128, 3: 128, 4: 64}
 
 # lane -> (row, k) of the 8 A-fragment values, in register order a0..a7
 _A_ROW = [0, 0, 8, 8, 0, 0, 8, 8]
-_A_COL = [0, 1, 0, 1, 8, 9, 8, 9]
+_A_COL = [0, 1, 0, 1, 2, 3, 2, 3]     # + 4t: input columns after the per-step k permutation
 
 
 def a_fragment_index() -> tuple[torch.Tensor, torch.Tensor]:
-    """``rows, cols`` int64 ``[32, 8]``: the (row, k) inside a 16×16 tile of each lane's
-    A-fragment values ``a0..a7`` (PTX ISA, mma.m16n8k16 .f16/.bf16 A layout)."""
+    """``rows, cols`` int64 ``[32, 8]``: the (row, input column) inside a 16×16 tile of each
+    lane's A-fragment values ``a0..a7`` (the PTX m16n8k16 A layout with the per-step k
+    permutation of the module docstring)."""
     lane = torch.arange(32)
     g, t = (lane // 4)[:, None], (lane % 4)[:, None]
     rows = g + torch.tensor(_A_ROW)[None, :]
-    cols = 2 * t + torch.tensor(_A_COL)[None, :]
+    cols = 4 * t + torch.tensor(_A_COL)[None, :]
     return rows, cols
 
 

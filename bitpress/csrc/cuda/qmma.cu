@@ -4,7 +4,8 @@
 //   qw  u32 [tiles][chunks][32 lanes][4]  one 16-byte A-operand vector per lane per chunk
 //   q1  u32 [tiles][chunks][32 lanes][2]  W3 only: the high-bit plane
 //   sz  [tiles][groups][16][2]            (scale, zero) per row and group, fp16 (ST 0) / fp32 (ST 1)
-// Activations x [M][K] fp16 (XT 0) / bf16 (XT 1), row-major, K even; bias fp32 [N] or null;
+// Activations x [M][K] fp16 (XT 0) / bf16 (XT 1), row-major, K % 4 == 0, 8-byte aligned;
+// bias fp32 [N] or null;
 // y [M][N] in x's dtype.
 //
 // Swap-AB mma.m16n8k16: the 16 weight rows of a tile are the A operand (row-major 16x16),
@@ -161,16 +162,27 @@ __device__ __forceinline__ unsigned long long evict_first_policy() {
     return pol;
 }
 
-// x^T B fragment of one k16 step: b0 = x[n][k+2t, k+2t+1], b1 = x[n][k+2t+8, k+2t+9]
+// x^T B fragment of one k16 step. The layout permutes k inside the step (mma-k 2t, 2t+1, 2t+8,
+// 2t+9 = input 4t .. 4t+3), so a lane's four B values are one 8-byte load:
+// b0 = x[n][k+4t, k+4t+1], b1 = x[n][k+4t+2, k+4t+3]. K and klim are multiples of 4.
+// ORDERED (the 32- and 64-row variants): an asm volatile load stays in program order with the
+// (volatile) mma, so the compiler cannot hoist every x load of a chunk ahead of the mmas
+// (which needs ~250 registers at 8 batch tiles and spills).
+template <bool ORDERED = false>
 __device__ __forceinline__ void load_b(const u16* __restrict__ x, int n, int M, int K, int k,
                                        int klim, int t, u32& b0, u32& b1) {
     b0 = 0u;
     b1 = 0u;
-    if (n < M) {
-        const u32* row = reinterpret_cast<const u32*>(x + (long)n * K);
-        const int k0 = k + 2 * t, k1 = k0 + 8;
-        if (k0 < klim) b0 = __ldg(row + (k0 >> 1));
-        if (k1 < klim) b1 = __ldg(row + (k1 >> 1));
+    const int k0 = k + 4 * t;
+    if (n < M && k0 < klim) {
+        const u16* p = x + (long)n * K + k0;
+        if constexpr (ORDERED) {
+            asm volatile("ld.global.nc.v2.u32 {%0, %1}, [%2];" : "=r"(b0), "=r"(b1) : "l"(p));
+        } else {
+            const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+            b0 = v.x;
+            b1 = v.y;
+        }
     }
 }
 
@@ -323,7 +335,7 @@ __device__ __forceinline__ void dense_kernel(const u32* __restrict__ qw,
 #pragma unroll
                 for (int j = 0; j < NT; ++j) {
                     u32 b0, b1;
-                    load_b(x, 8 * j + g, M, K, k, K, tq, b0, b1);
+                    load_b<(NT >= 4)>(x, 8 * j + g, M, K, k, K, tq, b0, b1);
                     mma<XT>(d[j], a, b0, b1);
                     mma<XT>(xs[j], ones, b0, b1);
                 }
@@ -491,7 +503,7 @@ __device__ __forceinline__ void sparse_kernel(const u32* __restrict__ qw,
 #pragma unroll
                         for (int j = 0; j < NT; ++j) {
                             u32 b0, b1;
-                            load_b(x, 8 * j + g, M, K, kc + 16 * S, klim, tq, b0, b1);
+                            load_b<(NT >= 4)>(x, 8 * j + g, M, K, kc + 16 * S, klim, tq, b0, b1);
                             mma<XT>(d[j], a, b0, b1);
                             mma<XT>(xs[j], ones, b0, b1);
                         }
@@ -548,8 +560,11 @@ __device__ __forceinline__ void sparse_kernel(const u32* __restrict__ qw,
 }  // namespace bp
 
 // ---- entry points ------------------------------------------------------------------------
+// two CTAs per SM (<= 128 registers) where the accumulators fit without spilling; one for 64
+// batch rows and for W2 / W3 at 32 rows (8 k16 steps a chunk)
+#define BP_MIN_BLOCKS(B, NT) (((NT) == 8 || ((NT) == 4 && (B) != 4)) ? 1 : 2)
 #define BP_DENSE(B, X, S, NT)                                                                  \
-    extern "C" __global__ void __launch_bounds__(BP_THREADS, NT == 8 ? 1 : 2)                \
+    extern "C" __global__ void __launch_bounds__(BP_THREADS, BP_MIN_BLOCKS(B, NT))                \
         bitpress_qmma_w##B##_x##X##_s##S##_n##NT(                                              \
             const u32* qw, const u32* q1, const void* sz, const u16* x, const float* bias,     \
             u16* y, float* ws, int* counters, int N, int K, int M, int gsteps, int n_groups,   \
@@ -558,7 +573,7 @@ __device__ __forceinline__ void sparse_kernel(const u32* __restrict__ qw,
                                       n_groups, n_chunks);                                     \
     }
 #define BP_SPARSE(B, X, S, NT)                                                                 \
-    extern "C" __global__ void __launch_bounds__(BP_THREADS, NT == 8 ? 1 : 2)                \
+    extern "C" __global__ void __launch_bounds__(BP_THREADS, BP_MIN_BLOCKS(B, NT))                \
         bitpress_qmma_sparse_w##B##_x##X##_s##S##_n##NT(                                       \
             const u32* qw, const u32* q1, const void* sz, const int* rows, const int* cols,    \
             const int* block_ptr, const u16* x, const float* bias, u16* y, float* ws,          \
