@@ -61,7 +61,7 @@ print(json.dumps(v))
 PYEOF
 
 step "GPU tests"
-timeout 120 $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda_mma.py tests/test_gpu_layout.py \
+timeout 120 $PY -m pytest -q --maxfail=20 -p no:cacheprovider tests/test_cuda_mma.py tests/test_gpu_layout.py \
     tests/test_triton_kernels.py -k "gpu or dispatch or tuning or registration or dense_gemv" \
     > "$OUT/tests.txt" 2>&1
 TESTS_RC=$?
