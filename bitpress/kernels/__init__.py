@@ -10,6 +10,10 @@ try:  # GPU fast paths (Triton, CuPy CUDA GEMV): register for cuda only when a G
     from . import triton as _gpu  # noqa: F401
 except ImportError:  # pragma: no cover
     pass
+try:  # tensor-core CUDA kernels (NVRTC via CuPy): registers only with a GPU and CuPy
+    from . import cuda_mma as _mma  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
 
 __all__ = ["dense_qmm", "sparse_qmm", "register_impl", "registered_impls", "select_impl",
            "use_impl", "native", "reference"]

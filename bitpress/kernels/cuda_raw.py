@@ -1,4 +1,4 @@
-"""Hand-written CUDA GEMV (``csrc/cuda/qgemv.cu``) for W2 / W4 dense weights, compiled at run
+"""Hand-written CUDA GEMV (``bitpress/csrc/cuda/qgemv.cu``) for W2 / W4 dense weights, compiled at run
 time with NVRTC through CuPy's ``RawModule`` (no build step; setup.py does not build it).
 
 Importing this module registers ``cuda_raw`` (priority 5, below Triton's 20) for
@@ -26,13 +26,13 @@ ROWS_PER_BLOCK = 8  # warps per 256-thread block, one output row each
 
 
 def source_path() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    for cand in (os.path.join(here, "..", "..", "csrc", "cuda", "qgemv.cu"),
-                 os.path.join(here, "csrc", "qgemv.cu")):
-        if os.path.exists(cand):
-            return os.path.normpath(cand)
-    raise ImportError("csrc/cuda/qgemv.cu not found (the CUDA GEMV source ships with the "
-                      "source tree)")
+    # package data (bitpress/csrc/cuda/), so a non-editable install finds it too
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc",
+                        "cuda", "qgemv.cu")
+    if not os.path.exists(path):
+        raise ImportError(f"{path} not found (bitpress/csrc/cuda/*.cu ship as package data; "
+                          "reinstall bitpress)")
+    return path
 
 
 @functools.lru_cache(maxsize=None)

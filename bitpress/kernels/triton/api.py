@@ -61,6 +61,10 @@ def _bias(bias: Optional[torch.Tensor], n: int, dev: torch.device) -> Optional[t
     return bias.reshape(-1).contiguous()
 
 
+def _prev_pow2(v: int) -> int:
+    return 1 << (max(1, v).bit_length() - 1)
+
+
 def _launch_opts(cfg: dict) -> dict:
     return {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
 
@@ -70,22 +74,28 @@ def _run_dense(kernel: str, cfg: dict, x2: torch.Tensor, p: repack.DensePacked,
                bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
     m, n, k = x2.shape[0], p.n, p.k
     split = int(cfg.get("SPLIT_K", 1))
-    bm, bn, bk = int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"]), int(cfg["BLOCK_K"])
-    gt = tune.group_tile(p.gs, k, bk)
+    bm, bn = int(cfg["BLOCK_M"]), int(cfg["BLOCK_N"])
+    pf, kw = 32 // p.bits, p.qw.shape[0]
+    pf_pad = triton.next_power_of_2(pf)
+    # BLOCK_K (codes) -> whole words per K tile, a power of two; tl.dot needs >= 16 rows
+    bkw = _prev_pow2(max(1, int(cfg["BLOCK_K"]) // pf))
+    if kernel == "mm":
+        bkw = max(bkw, 16 // pf_pad)
+    gt = tune.group_tile(p.gs, k, bkw * pf)
     if split > 1:
         y = torch.zeros(m, n, dtype=torch.float32, device=x2.device)
     else:
         y = torch.empty(m, n, dtype=out_dtype, device=x2.device)
     b = bias if bias is not None else y
-    common = dict(BITS=p.bits, PF=32 // p.bits, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+    common = dict(BITS=p.bits, PF=pf, PF_PAD=pf_pad, BLOCK_M=bm, BLOCK_N=bn, BLOCK_KW=bkw,
                   SPLIT_K=split, GROUP_TILE=gt, HAS_BIAS=bias is not None, **_launch_opts(cfg))
     if kernel == "gemv":
         grid = (triton.cdiv(n, bn), split, triton.cdiv(m, bm))
-        K.dense_gemv_kernel[grid](x2, p.qw, p.s, p.z, b, y, m, n, k, p.gs, x2.stride(0),
+        K.dense_gemv_kernel[grid](x2, p.qw, p.s, p.z, b, y, m, n, k, kw, p.gs, x2.stride(0),
                                   y.stride(0), **common)
     elif kernel == "mm":
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
-        K.dense_mm_kernel[grid](x2, p.qw, p.s, p.z, b, y, m, n, k, p.gs, x2.stride(0),
+        K.dense_mm_kernel[grid](x2, p.qw, p.s, p.z, b, y, m, n, k, kw, p.gs, x2.stride(0),
                                 y.stride(0), DOT_F32=_dot_f32(x2.dtype), **common)
     else:
         raise ValueError(f"kernel must be 'auto', 'gemv' or 'mm', got {kernel!r}")

@@ -14,9 +14,12 @@ Layouts (built by :mod:`.repack` from the canonical tensors, see that module):
 * sparse: the canonical BSR arrays plus ``rows`` int32 ``[nnz]`` (the row of each kept
   group), so a program can start in the middle of a row.
 
-Codes are extracted with ``(word >> ((k % PF) * BITS)) & mask``: one gather per element
-(neighbouring k of one word hit the same address, served from L1), which makes 3-bit
-(PF = 10, 30 of 32 bits used) work exactly like 2- and 4-bit.
+Dense kernels load each packed word once (a ``[BLOCK_KW, BLOCK_N]`` tile) and unpack it in
+registers with ``(w[:, None, :] >> (i * BITS)[None, :, None]) & mask`` (``PF_PAD`` = the next
+power of two of the codes per word: 3-bit words give 10 codes, 6 padded slots masked out).
+The same plain ``tl`` ops run compiled and in the interpreter (no inline asm), so the
+interpreter tests exercise exactly the GPU code. The sparse kernels still extract codes with
+one word gather per element (``(word >> ((k % PF) * BITS)) & mask``).
 
 Group parameters: when a ``BLOCK_K`` tile lies inside one group (``GROUP_TILE``: ``GS`` is a
 multiple of ``BLOCK_K``, or one group per row) the kernel loads one scale/zero per output
@@ -35,15 +38,40 @@ def _codes(w, sh, BITS: tl.constexpr):
     return ((w >> sh) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
 
 
+@triton.jit
+def _unpack_tile(w, BITS: tl.constexpr, PF: tl.constexpr, PF_PAD: tl.constexpr,
+                 BLOCK_KW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Words ``w [BLOCK_KW, BLOCK_N]`` (each loaded once) → signed codes
+    ``[BLOCK_KW * PF_PAD, BLOCK_N]`` in registers, row ``kw * PF_PAD + i`` = element ``i`` of word
+    ``kw``. For 3-bit (PF = 10 < PF_PAD = 16) the padded slots repeat element ``PF - 1``; the
+    caller masks their x to 0."""
+    i = tl.arange(0, PF_PAD)
+    sh = tl.minimum(i, PF - 1) * BITS
+    q = ((w[:, None, :] >> sh[None, :, None]) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
+    return tl.reshape(q, (BLOCK_KW * PF_PAD, BLOCK_N))
+
+
+@triton.jit
+def _k_index(kw0, K, PF: tl.constexpr, PF_PAD: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """Input index and validity of each unpacked row of :func:`_unpack_tile`."""
+    i = tl.arange(0, PF_PAD)
+    kw = kw0 + tl.arange(0, BLOCK_KW)
+    k = kw[:, None] * PF + i[None, :]
+    ok = (i[None, :] < PF) & (k < K)
+    return (tl.reshape(k, (BLOCK_KW * PF_PAD,)), tl.reshape(ok, (BLOCK_KW * PF_PAD,)))
+
+
 # ---- dense: batch-1 / tiny-batch GEMV (CUDA cores, split-K) ------------------------------------
 @triton.jit
 def dense_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
-                      M, N, K, GS, stride_xm, stride_ym,
-                      BITS: tl.constexpr, PF: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      M, N, K, KW, GS, stride_xm, stride_ym,
+                      BITS: tl.constexpr, PF: tl.constexpr, PF_PAD: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
                       SPLIT_K: tl.constexpr, GROUP_TILE: tl.constexpr, HAS_BIAS: tl.constexpr):
     """``y[m, n] = sum_k x[m, k] W[n, k]`` for ``BLOCK_M`` (1, 2, 4) rows of x at once.
 
+    Each step loads a ``[BLOCK_KW, BLOCK_N]`` tile of packed words once (coalesced along N)
+    and unpacks it in registers (``BLOCK_KW * PF`` inputs); x is loaded once per step too.
     Grid ``(cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, BLOCK_M))``. With ``SPLIT_K > 1`` each program
     reduces a contiguous slice of K tiles and adds its partial sums to an fp32 ``y`` with
     atomics (bias then added by the caller); otherwise it stores ``y`` (+ bias) in y's dtype.
@@ -56,20 +84,20 @@ def dense_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     n_mask = offs_n < N
     m_mask = offs_m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_tiles = tl.cdiv(K, BLOCK_K)
+    k_tiles = tl.cdiv(KW, BLOCK_KW)
     per = tl.cdiv(k_tiles, SPLIT_K)
     t0 = pid_k * per
     t1 = tl.minimum(t0 + per, k_tiles)
     for t in range(t0, t1):
-        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        w = tl.load(qw_ptr + (offs_k // PF)[:, None] * N + offs_n[None, :],
-                    mask=k_mask[:, None] & n_mask[None, :], other=0)
-        q = _codes(w, ((offs_k % PF) * BITS)[:, None], BITS).to(tl.float32)   # [BK, BN]
+        offs_kw = t * BLOCK_KW + tl.arange(0, BLOCK_KW)
+        w = tl.load(qw_ptr + offs_kw[:, None] * N + offs_n[None, :],
+                    mask=(offs_kw < KW)[:, None] & n_mask[None, :], other=0)   # once per word
+        q = _unpack_tile(w, BITS, PF, PF_PAD, BLOCK_KW, BLOCK_N).to(tl.float32)  # [BK, BN]
+        offs_k, k_ok = _k_index(t * BLOCK_KW, K, PF, PF_PAD, BLOCK_KW)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)  # [BM, BK]
+                    mask=m_mask[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # [BM, BK]
         if GROUP_TILE:
-            g = (t * BLOCK_K) // GS
+            g = (t * BLOCK_KW * PF) // GS
             s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             xq = tl.sum(x[:, :, None] * q[None, :, :], axis=1)                 # [BM, BN]
@@ -77,11 +105,10 @@ def dense_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
             acc += xq * s[None, :] + xs[:, None] * z[None, :]
         else:
             gp = (offs_k // GS)[:, None] * N + offs_n[None, :]
-            pm = k_mask[:, None] & n_mask[None, :]
+            pm = k_ok[:, None] & n_mask[None, :]
             s = tl.load(s_ptr + gp, mask=pm, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + gp, mask=pm, other=0.0).to(tl.float32)
-            wf = q * s + z
-            acc += tl.sum(x[:, :, None] * wf[None, :, :], axis=1)
+            acc += tl.sum(x[:, :, None] * (q * s + z)[None, :, :], axis=1)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     o_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
@@ -92,16 +119,18 @@ def dense_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
         tl.atomic_add(y_ptrs, acc, mask=o_mask)
 
 
-# ---- dense: dequantise-then-tl.dot GEMM (tensor cores; small batches with split-K) -----------
+# ---- dense: tl.dot GEMM (tensor cores; small batches with split-K) ---------------------------
 @triton.jit
 def dense_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
-                    M, N, K, GS, stride_xm, stride_ym,
-                    BITS: tl.constexpr, PF: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    M, N, K, KW, GS, stride_xm, stride_ym,
+                    BITS: tl.constexpr, PF: tl.constexpr, PF_PAD: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
                     SPLIT_K: tl.constexpr, GROUP_TILE: tl.constexpr, HAS_BIAS: tl.constexpr,
                     DOT_F32: tl.constexpr):
-    """Tile ``[BLOCK_M, BLOCK_N]`` of y: each ``[BLOCK_K, BLOCK_N]`` weight tile is
-    dequantised in registers to x's dtype and fed to ``tl.dot`` (fp32 accumulation).
+    """Tile ``[BLOCK_M, BLOCK_N]`` of y. Each ``[BLOCK_KW, BLOCK_N]`` word tile is loaded once
+    and unpacked in registers. When a K tile lies in one group (``GROUP_TILE``) the integer
+    codes (exact in fp16/bf16) go to ``tl.dot`` and scale/zero are applied after it:
+    ``acc += (x · q) * s + (Σ x) * z``; otherwise the tile is dequantised per element first.
 
     Grid ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)``; programs that share a weight tile
     are adjacent (M fastest) so the tile is read from DRAM once and from L2 after.
@@ -116,31 +145,38 @@ def dense_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     m_mask = offs_m < M
     n_mask = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_tiles = tl.cdiv(K, BLOCK_K)
+    k_tiles = tl.cdiv(KW, BLOCK_KW)
     per = tl.cdiv(k_tiles, SPLIT_K)
     t0 = pid_k * per
     t1 = tl.minimum(t0 + per, k_tiles)
     for t in range(t0, t1):
-        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        wm = k_mask[:, None] & n_mask[None, :]
-        w = tl.load(qw_ptr + (offs_k // PF)[:, None] * N + offs_n[None, :], mask=wm, other=0)
-        q = _codes(w, ((offs_k % PF) * BITS)[:, None], BITS).to(tl.float32)
+        offs_kw = t * BLOCK_KW + tl.arange(0, BLOCK_KW)
+        w = tl.load(qw_ptr + offs_kw[:, None] * N + offs_n[None, :],
+                    mask=(offs_kw < KW)[:, None] & n_mask[None, :], other=0)
+        q = _unpack_tile(w, BITS, PF, PF_PAD, BLOCK_KW, BLOCK_N)
+        offs_k, k_ok = _k_index(t * BLOCK_KW, K, PF, PF_PAD, BLOCK_KW)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=m_mask[:, None] & k_ok[None, :], other=0.0)
         if GROUP_TILE:
-            g = (t * BLOCK_K) // GS
-            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            g = (t * BLOCK_KW * PF) // GS
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            if DOT_F32:
+                xq = tl.dot(x.to(tl.float32), q.to(tl.float32), input_precision="ieee")
+            else:
+                xq = tl.dot(x, q.to(x.dtype))
+            xs = tl.sum(x.to(tl.float32), axis=1)
+            acc += xq * s[None, :] + xs[:, None] * z[None, :]
         else:
             gp = (offs_k // GS)[:, None] * N + offs_n[None, :]
+            wm = k_ok[:, None] & n_mask[None, :]
             s = tl.load(s_ptr + gp, mask=wm, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + gp, mask=wm, other=0.0).to(tl.float32)
-        wf = q * s + z
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if DOT_F32:
-            acc += tl.dot(x.to(tl.float32), wf, input_precision="ieee")
-        else:
-            acc += tl.dot(x, wf.to(x.dtype))
+            wf = q.to(tl.float32) * s + z
+            if DOT_F32:
+                acc += tl.dot(x.to(tl.float32), wf, input_precision="ieee")
+            else:
+                acc += tl.dot(x, wf.to(x.dtype))
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     o_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:

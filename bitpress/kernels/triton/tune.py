@@ -62,7 +62,9 @@ def num_sms(device: torch.device) -> int:
 # ---- heuristics --------------------------------------------------------------------------------
 def gemv_default(m: int, n: int, k: int, gs: int, device: torch.device) -> Config:
     bm = 1 if m <= 1 else (2 if m <= 2 else 4)
-    bn = 64 if n >= 2048 else 32
+    # 128 outputs x 128 codes with 4 warps: every word, x element and (s, z) is requested once
+    # (tests/test_triton_sass.py checks the SASS)
+    bn = 128 if n >= 4096 else (64 if n >= 2048 else 32)
     bk = block_k_for(gs, k, 128 if bm == 1 else 64)
     progs = -(-n // bn) * -(-m // bm)
     k_tiles = -(-k // bk)
