@@ -204,9 +204,12 @@ def test_weight_mapping_edge_cases():
         assert bool(((w - qw.dequantize()).abs() <= bound).all())
         assert torch.equal(w[0, 16:32], torch.full((16,), float(z[0, 1])))  # s = 0: exactly z
         assert not w[1, 32:48].any()
-        t = ox.nbits_tensors(qw)
+        t = ox.nbits_tensors(qw)  # no zero points: the op computes s·c, zeros added apart
         assert t["bits"] == cb and t["B"].shape == (8, 5, 16 * cb // 8)
-        assert (t["zero_points"] is None) == (bits == 8)
+        u = np.unpackbits(t["B"].reshape(8, -1), axis=-1, bitorder="little").reshape(8, 80, cb)
+        q = (u.astype(np.int64) << np.arange(cb)).sum(-1)
+        np.testing.assert_array_equal(q.astype(np.int64) - (1 << (cb - 1)), codes.numpy())
+        np.testing.assert_array_equal(t["zero_t"], z.t().numpy())
 
 
 def test_refusals(tiny_gpt2_dir, tiny_llama_dir, tmp_path, capsys):

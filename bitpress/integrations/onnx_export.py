@@ -14,21 +14,28 @@ and decode, in the onnxruntime-genai convention:
   (``[batch, kv_heads, total, head_dim]``).
 
 Weight mapping. bitpress stores ``W = s·c + z`` per group with signed codes
-``c ∈ [-2^(b-1), 2^(b-1)-1]``. MatMulNBits computes ``W = (q - zp)·s`` per block, so the
-codes become ``q = c + 2^(b-1)`` and the float zero point ``zp = 2^(b-1) - z/s`` (kept in
-float32: the product differs from ``s·c + z`` by float32 rounding only). Specifics:
+``c ∈ [-2^(b-1), 2^(b-1)-1]``; MatMulNBits computes ``W = (q - zp)·s`` per block. Two exact
+encodings exist, and the export uses the fast one:
 
+* ONNX (default): ``q = c + 2^(b-1)`` with the op's default zero point ``2^(b-1)``, so the op
+  computes ``s·c`` (exact: a small integer times an fp16-born scale), and the zeros are added
+  as ``(Σ_group x)·zᵀ``: one MatMul of the input with a 0/1 group indicator (shared by
+  q/k/v and by gate/up) and one ``[n_groups, out]`` MatMul per linear. Float zero points
+  ``zp = 2^(b-1) - z/s`` are also exact to float32 rounding (:func:`affine_codes`, used for
+  OpenVINO), but onnxruntime 1.32's CPU kernel takes a ~170x slower path with float zero
+  points (15 ms vs 89 µs for a 576x1536 W4 GEMV) and refuses them at 8 bits.
 * block size: MatMulNBits takes power-of-two blocks ≥ 16; a bitpress group (a multiple of
   16) is cut into blocks of its largest power-of-two divisor (≤ 256) with the group's
-  scale and zero repeated, which is exact; the short last group of a row stays short.
-* 3-bit codes are stored in the 4-bit container (exact, 4 bits a weight).
-* 8-bit: ORT's CPU kernel refuses float zero points at 8 bits, so the codes go in with the
-  default zero point 128 and the zeros are added exactly as ``(Σ_group x)·zᵀ``, one small
-  MatMul over the per-group sums of the input.
-* a group with ``s = 0`` is the constant ``z``: its codes are rewritten to 1 with
-  ``zp = 0`` and scale ``z`` (exact); pruned groups of a group-sparse layer (GQSA) are such
-  groups with ``z = 0``: they are exported **dense**, zero groups included (MatMulNBits has
-  no sparse form, so group sparsity saves no bytes or time there).
+  scale repeated, which is exact; the short last group of a row stays short.
+* 2-, 4- and 8-bit codes map natively; 3-bit codes go in the 4-bit container (exact, 4 bits
+  a weight). ``container_2bit=4`` also puts 2-bit codes in 4-bit blocks: exact, twice the
+  bytes, but onnxruntime's fp32 2-bit kernel is slow (12.5 ms vs 89 µs at 4 bits, same GEMV).
+* ``accuracy_level``: 0 (default) computes in float32 (exact); 4 lets ORT quantize the
+  activations to int8 per block (faster, like llama.cpp's Q8 activations; not exact).
+* a group with ``s = 0`` is the constant ``z``: the op gives 0 and the zero term adds ``z``;
+  pruned groups of a group-sparse layer (GQSA) are such groups with ``z = 0``: they are
+  exported **dense**, zero groups included (MatMulNBits has no sparse form, so group
+  sparsity saves no bytes or time there).
 * unquantized linears (an fp32 or fp16 head) stay float MatMuls; a tied head reads the
   embedding table through ``Gemm(transB=1)`` (stored once).
 
@@ -132,34 +139,29 @@ def pack_bytes(q: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
-def nbits_tensors(qw: QuantizedWeight) -> dict[str, Any]:
-    """MatMulNBits inputs of one packed linear: ``B`` uint8 ``[N, blocks, blob]``,
-    ``scales`` and ``zero_points`` float32 ``[N, blocks]`` (``zero_points`` None at 8 bits,
-    where ``zero_sum`` float32 ``[n_groups, N]`` carries the zeros instead)."""
-    cbits = _container_bits(qw.bits, NBITS_OK)
+def nbits_tensors(qw: QuantizedWeight, container_2bit: int = 2) -> dict[str, Any]:
+    """MatMulNBits inputs of one packed linear, without zero points (so the op uses its
+    default ``2^(b-1)`` and computes ``s·c`` exactly): ``B`` uint8 ``[N, blocks, blob]``,
+    ``scales`` float32 ``[N, blocks]``, and ``zero_t`` float32 ``[n_groups, N]`` (``zᵀ``;
+    None when every zero is 0) for the separate zero term ``(Σ_group x)·zᵀ``.
+    ``container_2bit=4`` stores 2-bit codes in 4-bit blocks (exact; ORT's fp32 kernel is
+    only fast at 4 bits)."""
+    cbits = _container_bits(qw.bits, (4, 8) if container_2bit == 4 else NBITS_OK)
     n, k = qw.out_features, qw.in_features
     bsz = nbits_block_size(qw.group_size, k)
     nb = (k + bsz - 1) // bsz
     grp = torch.tensor([(j * bsz) // qw.gs for j in range(nb)]) if qw.n_groups > 1 \
         else torch.zeros(nb, dtype=torch.long)
-    out: dict[str, Any] = {"bits": cbits, "block_size": bsz, "K": k, "N": n}
     off = 1 << (cbits - 1)
-    if cbits == 8:  # CPU kernel: no float zero points at 8 bits -> zp 128 + exact zero term
-        s, z = qw.scale.float(), qw.zero.float()
-        if qw.keep is not None:
-            s, z = s * qw.keep, z * qw.keep
-        q = qw.codes.to(torch.int16) + off
-        out["zero_points"] = None
-        out["zero_sum"] = z.t().contiguous().numpy() if bool((z != 0).any()) else None
-    else:
-        q, s, zp = affine_codes(qw, cbits)
-        out["zero_points"] = zp[:, grp].contiguous().numpy()
-        out["zero_sum"] = None
+    s, z = qw.scale.float(), qw.zero.float()
+    if qw.keep is not None:
+        s, z = s * qw.keep, z * qw.keep
     qp = torch.full((n, nb * bsz), off, dtype=torch.int16)
-    qp[:, :k] = q.to(torch.int16)
-    out["B"] = pack_bytes(qp.numpy().reshape(n, nb, bsz), cbits)
-    out["scales"] = s[:, grp].contiguous().numpy()
-    return out
+    qp[:, :k] = qw.codes.to(torch.int16) + off
+    return {"bits": cbits, "block_size": bsz, "K": k, "N": n,
+            "B": pack_bytes(qp.numpy().reshape(n, nb, bsz), cbits),
+            "scales": s[:, grp].contiguous().numpy(),
+            "zero_t": z.t().contiguous().numpy() if bool((z != 0).any()) else None}
 
 
 def ov_tensors(qw: QuantizedWeight) -> dict[str, Any]:
@@ -186,6 +188,9 @@ class _Graph:
         self.mode = linear_mode  # "nbits" (ORT) or "ov" (decompression pattern)
         self._n = 0
         self._consts: dict = {}
+        self._gsums: dict = {}
+        self.accuracy_level = 0  # fp32 arithmetic (exact); 4 = int8 activations (llama.cpp-like)
+        self.container_2bit = 2
 
     def name(self, base: str) -> str:
         self._n += 1
@@ -232,24 +237,27 @@ class _Graph:
         return y
 
     def _nbits(self, x: str, qw: QuantizedWeight, name: str) -> str:
-        t = nbits_tensors(qw)
+        t = nbits_tensors(qw, self.container_2bit)
         ins = [x, self.init(name + ".B", t["B"]), self.init(name + ".scales", t["scales"])]
-        if t["zero_points"] is not None:
-            ins.append(self.init(name + ".zero_points", t["zero_points"]))
         y = self.op("MatMulNBits", ins, domain="com.microsoft", name=name, K=t["K"], N=t["N"],
-                    bits=t["bits"], block_size=t["block_size"], accuracy_level=0)
-        if t["zero_sum"] is not None:  # 8-bit float zeros: y += (per-group sums of x) @ zᵀ
-            y = self.op("Add", [y, self._group_sums_times(x, qw, t["zero_sum"], name)])
+                    bits=t["bits"], block_size=t["block_size"],
+                    accuracy_level=self.accuracy_level)
+        if t["zero_t"] is not None:  # y += (per-group sums of x) @ zᵀ
+            gsum = self._group_sums(x, qw)
+            y = self.op("Add", [y, self.op("MatMul", [gsum, self.init(name + ".zero_t",
+                                                                       t["zero_t"])])])
         return y
 
-    def _group_sums_times(self, x: str, qw: QuantizedWeight, zt: np.ndarray, name: str) -> str:
-        ng, gs, k = qw.n_groups, qw.gs, qw.in_features
-        pad = ng * gs - k
-        if pad:
-            x = self.op("Pad", [x, self.const([0, 0, 0, 0, 0, pad])])
-        xs = self.op("Reshape", [x, self.const([0, 0, ng, gs])])
-        xs = self.op("ReduceSum", [xs, self.const([-1])], keepdims=0)
-        return self.op("MatMul", [xs, self.init(name + ".zero_t", zt)])
+    def _group_sums(self, x: str, qw: QuantizedWeight) -> str:
+        """``x @ E`` with ``E`` the 0/1 ``[in, n_groups]`` group indicator: per-group sums of
+        the input, shared by the linears that read the same input (q/k/v, gate/up)."""
+        key = (x, qw.gs, qw.in_features)
+        if key not in self._gsums:
+            e = np.zeros((qw.in_features, qw.n_groups), np.float32)
+            e[np.arange(qw.in_features), np.arange(qw.in_features) // qw.gs] = 1.0
+            self._gsums[key] = self.op("MatMul", [x, self.init(self.name("group_indicator"),
+                                                               e)])
+        return self._gsums[key]
 
     def _ov(self, x: str, qw: QuantizedWeight, name: str) -> str:
         from onnx import TensorProto, helper
@@ -300,13 +308,20 @@ def _check_arch(model) -> dict[str, Any]:
             "context": int(getattr(cfg, "max_position_embeddings", 2048))}
 
 
-def build_graph(model, linear_mode: str = "nbits"):
+def build_graph(model, linear_mode: str = "nbits", accuracy_level: int = 0,
+                container_2bit: int = 2):
     """The decoder of a loaded bitpress model (Llama-style) as an ``onnx.ModelProto``."""
-    onnx = _require("onnx")
+    _require("onnx")
     from onnx import TensorProto, helper
 
     a = _check_arch(model)
+    if accuracy_level not in (0, 1, 4):
+        raise ConfigError(f"accuracy_level must be 0/1 (fp32, exact) or 4 (int8 activations), "
+                          f"got {accuracy_level}")
+    if container_2bit not in (2, 4):
+        raise ConfigError(f"container_2bit must be 2 or 4, got {container_2bit}")
     g = _Graph(linear_mode)
+    g.accuracy_level, g.container_2bit = accuracy_level, container_2bit
     L, nh, kvh, hd = a["layers"], a["heads"], a["kv_heads"], a["head_dim"]
     rep = nh // kvh
     f32 = np.float32
@@ -448,10 +463,12 @@ def _save_onnx(m, path: Path) -> None:
 
 
 def export_runtime(src: str | os.PathLike, out_dir: str | os.PathLike, fmt: str = "onnx",
-                   overwrite: bool = False) -> dict[str, Any]:
+                   overwrite: bool = False, accuracy_level: int = 0,
+                   container_2bit: int = 2) -> dict[str, Any]:
     """Write the bitpress checkpoint ``src`` as an ONNX (MatMulNBits) or OpenVINO IR model
     directory ``out_dir`` (atomically), with the tokenizer and ``config.json`` beside it.
-    ``src`` is only read."""
+    ``src`` is only read. ``accuracy_level`` and ``container_2bit``: see the module doc
+    (ONNX only)."""
     from ..nn.modules import _PackedLinear
     from ..pipeline.checkpoint import load, load_tokenizer
     from ..pipeline.source import open_source
@@ -475,14 +492,20 @@ def export_runtime(src: str | os.PathLike, out_dir: str | os.PathLike, fmt: str 
     bits = sorted({m.bits for m in packed.values()})
     sparse = sum(1 for m in packed.values() if m.scheme()["format"] == "bsr")
     notes = []
-    if 3 in bits:
-        notes.append("3-bit codes stored in the 4-bit container (exact, 4 bits a weight)")
+    if 3 in bits or (2 in bits and (fmt == "openvino" or container_2bit == 4)):
+        wide = [b for b in bits if b in (2, 3) and not (b == 2 and fmt == "onnx"
+                                                         and container_2bit == 2)]
+        notes.append(f"{'/'.join(map(str, wide))}-bit codes stored in the 4-bit container "
+                     f"(exact, 4 bits a weight)")
+    if fmt == "onnx" and accuracy_level == 4:
+        notes.append("accuracy_level=4: ORT quantizes activations to int8 (not exact)")
     if sparse:
         notes.append(f"{sparse} group-sparse linears exported dense (pruned groups are zero "
                      f"groups; no sparse saving in the runtime)")
     for n_ in notes:
         log.warning("export: %s", n_)
-    m, a = build_graph(model, "nbits" if fmt == "onnx" else "ov")
+    m, a = build_graph(model, "nbits" if fmt == "onnx" else "ov", accuracy_level,
+                       container_2bit)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         if fmt == "onnx":
             _save_onnx(m, tmp / ONNX_FILE)
