@@ -14,8 +14,8 @@ For each ``--ckpt LABEL=DIR`` (a bitpress checkpoint, e.g. from
    three, timed (``bench/_onnx_peer.py``; bitpress through ``bench/decode.py``'s loop).
 
     .venv/bin/python bench/onnx_npu.py --ckpt "W4 g128=/tmp/smol_w4g128" \\
-        --ckpt "W2 g64=/tmp/smol_w2g64" --windows 8 --seqlen 512 \\
-        --out bench/results/onnx/smollm2_ppl.json
+        --ckpt "W2 g64=/tmp/smol_w2g64" --windows 8 --seqlen 512 --extra \\
+        --out bench/results/onnx/smollm2_rtn.json
 """
 from __future__ import annotations
 
@@ -52,6 +52,9 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--extra", action="store_true",
+                    help="also the non-default ONNX variants: 2-bit codes in 4-bit blocks "
+                         "(onnx-c4, exact) and int8 activations (onnx-acc4, accuracy_level=4)")
     ap.add_argument("--work", default="/tmp/bitpress-onnx-bench")
     ap.add_argument("--out", default="bench/results/onnx/smollm2.json")
     args = ap.parse_args()
@@ -64,25 +67,32 @@ def main() -> None:
         tag = label.replace(" ", "_")
         row: dict = {"label": label, "checkpoint": ck}
         dirs = {}
-        for fmt in ("onnx", "openvino"):
-            d = os.path.join(args.work, f"{tag}-{fmt}")
+        with open(os.path.join(ck, "config.json")) as f:
+            mods = json.load(f)["quantization_config"]["modules"]
+        variants = [("onnx", "onnx", "onnxruntime", {}), ("openvino", "openvino", "openvino", {})]
+        if args.extra:
+            if any(m["bits"] == 2 for m in mods.values()):
+                variants.append(("onnx-c4", "onnx", "onnxruntime", {"container_2bit": 4}))
+            variants.append(("onnx-acc4", "onnx", "onnxruntime", {"accuracy_level": 4}))
+        for name, fmt, _, kw in variants:
+            d = os.path.join(args.work, f"{tag}-{name}")
             t0 = time.time()
-            rep = export_runtime(ck, d, fmt, overwrite=True)
-            dirs[fmt] = d
-            row[f"export_{fmt}"] = {"seconds": round(time.time() - t0, 1), "bytes": rep["bytes"],
-                                    "notes": rep["notes"]}
+            rep = export_runtime(ck, d, fmt, overwrite=True, **kw)
+            dirs[name] = d
+            row[f"export_{name}"] = {"seconds": round(time.time() - t0, 1), "bytes": rep["bytes"],
+                                     "notes": rep["notes"], "options": kw}
         tok = load_tokenizer(ck)
         model = bitpress.load(ck)
         ppl = {"bitpress": bp_perplexity(model, tok, text, args.seqlen, args.windows)}
         print(label, "bitpress", ppl["bitpress"]["perplexity"], flush=True)
-        for backend, fmt in (("onnxruntime", "onnx"), ("openvino", "openvino")):
-            dec = ExportedDecoder(dirs[fmt], backend, threads=args.threads)
-            ppl[backend] = perplexity(dec, tok, text, args.seqlen, args.windows)
+        for name, _, backend, _ in variants:
+            dec = ExportedDecoder(dirs[name], backend, threads=args.threads)
+            ppl[name] = perplexity(dec, tok, text, args.seqlen, args.windows)
             del dec
-            print(label, backend, ppl[backend]["perplexity"], flush=True)
+            print(label, name, ppl[name]["perplexity"], flush=True)
         ref = ppl["bitpress"]["perplexity"]
-        for k in ("onnxruntime", "openvino"):
-            ppl[k]["rel_diff_vs_bitpress"] = ppl[k]["perplexity"] / ref - 1
+        for name, *_ in variants:
+            ppl[name]["rel_diff_vs_bitpress"] = ppl[name]["perplexity"] / ref - 1
         row["perplexity"] = ppl
         ids = tok(PROMPT, return_tensors="pt")["input_ids"]
         generate(model, ids, 4)
@@ -90,17 +100,15 @@ def main() -> None:
         dec_rows = {"bitpress": {"prefill_tok_s": ids.shape[1] / tp,
                                  "decode_tok_s": (len(toks) - 1) / td, "ids": toks}}
         del model
-        dec_rows["onnxruntime"] = time_onnxruntime(dirs["onnx"], ids[0].tolist(),
-                                                   args.new_tokens, args.threads)
-        dec_rows["openvino"] = time_openvino(dirs["openvino"], ids[0].tolist(),
-                                             args.new_tokens, args.threads)
-        for k in ("onnxruntime", "openvino"):
+        for name, _, backend, _ in variants:
+            f = time_onnxruntime if backend == "onnxruntime" else time_openvino
+            dec_rows[name] = f(dirs[name], ids[0].tolist(), args.new_tokens, args.threads)
             same = 0
-            for a, b in zip(dec_rows[k]["ids"], toks):
+            for a, b in zip(dec_rows[name]["ids"], toks):
                 if a != b:
                     break
                 same += 1
-            dec_rows[k]["same_greedy_prefix_as_bitpress"] = same
+            dec_rows[name]["same_greedy_prefix_as_bitpress"] = same
         row["decode"] = dec_rows
         rows.append(row)
         print(json.dumps({k: {kk: round(vv, 2) for kk, vv in v.items()
@@ -120,11 +128,12 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)
-    print("label        bitpress   onnxruntime  openvino   (perplexity)")
     for r in rows:
-        p = r["perplexity"]
-        print(f"{r['label']:<12} {p['bitpress']['perplexity']:<10.4f} "
-              f"{p['onnxruntime']['perplexity']:<12.4f} {p['openvino']['perplexity']:.4f}")
+        for name, p in r["perplexity"].items():
+            d = r["decode"][name]
+            print(f"{r['label']:<14} {name:<10} ppl {p['perplexity']:.4f} "
+                  f"({p.get('rel_diff_vs_bitpress', 0):+.2e})  decode "
+                  f"{d['decode_tok_s']:.2f} tok/s  prefill {d['prefill_tok_s']:.1f} tok/s")
     shutil.rmtree(args.work, ignore_errors=True)
 
 

@@ -245,3 +245,31 @@ def test_refusals(tiny_gpt2_dir, tiny_llama_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["export", str(ck), "--out", str(tmp_path / "exists"), "--format", "onnx"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_onnx_options_container_and_accuracy(ckpts, tmp_path):
+    """2-bit codes in 4-bit blocks stay exact; int8 activations (accuracy_level=4) run and
+    stay close but are not claimed exact."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from bitpress.integrations.onnx_runtime import ExportedDecoder
+
+    ck = ckpts("qwen2", 2, 64)
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(6))
+    ref, _ = _reference_logits(ck, ids)
+    c4 = tmp_path / "c4"
+    rep = ox.export_runtime(ck, c4, "onnx", container_2bit=4)
+    assert any("4-bit container" in n for n in rep["notes"])
+    g = onnx.load(str(c4 / "model.onnx"), load_external_data=False).graph
+    bits = {a.i for n in g.node if n.op_type == "MatMulNBits" for a in n.attribute
+            if a.name == "bits"}
+    assert bits == {4}
+    np.testing.assert_allclose(ExportedDecoder(c4).forward(ids.numpy())[0], ref, **TOL)
+    a4 = tmp_path / "a4"
+    ox.export_runtime(ck, a4, "onnx", accuracy_level=4)
+    got = ExportedDecoder(a4).forward(ids.numpy())[0]
+    assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
+    with pytest.raises(ConfigError, match="accuracy_level"):
+        ox.export_runtime(ck, tmp_path / "bad", "onnx", accuracy_level=3)
+    assert not (tmp_path / "bad").exists()
