@@ -53,8 +53,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--extra", action="store_true",
-                    help="also the non-default ONNX variants: 2-bit codes in 4-bit blocks "
-                         "(onnx-c4, exact) and int8 activations (onnx-acc4, accuracy_level=4)")
+                    help="also 2-bit codes in 4-bit blocks (onnx-c4, exact) for 2-bit models")
+    ap.add_argument("--acc4", action="store_true",
+                    help="also int8 activations (onnx-acc4, accuracy_level=4, not exact)")
     ap.add_argument("--work", default="/tmp/bitpress-onnx-bench")
     ap.add_argument("--out", default="bench/results/onnx/smollm2.json")
     args = ap.parse_args()
@@ -73,6 +74,7 @@ def main() -> None:
         if args.extra:
             if any(m["bits"] == 2 for m in mods.values()):
                 variants.append(("onnx-c4", "onnx", "onnxruntime", {"container_2bit": 4}))
+        if args.acc4:
             variants.append(("onnx-acc4", "onnx", "onnxruntime", {"accuracy_level": 4}))
         for name, fmt, _, kw in variants:
             d = os.path.join(args.work, f"{tag}-{name}")
@@ -122,12 +124,12 @@ def main() -> None:
            "machine_note": "shared 2-core machine, loaded by other jobs: timings are indicative",
            "python": platform.python_version(), "torch": torch.__version__,
            "onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__,
-           "text": text_path, "seqlen": args.seqlen, "windows": args.windows,
+           "text": str(text_path), "seqlen": args.seqlen, "windows": args.windows,
            "threads": args.threads, "new_tokens": args.new_tokens, "prompt": PROMPT,
            "rows": rows}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(res, f, indent=2)
+        json.dump(res, f, indent=2, default=str)
     for r in rows:
         for name, p in r["perplexity"].items():
             d = r["decode"][name]

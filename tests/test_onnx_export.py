@@ -95,6 +95,7 @@ def test_onnx_logits_equal_reference_and_cache(ckpts, tmp_path, arch, bits, gs, 
         {p.name for p in out.iterdir()}
     import onnx
 
+    onnx.checker.check_model(str(out / "model.onnx"))  # a valid ONNX model (opset 21)
     g = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     nb = [n for n in g.node if n.op_type == "MatMulNBits"]
     assert len(nb) == 14 and all(n.domain == "com.microsoft" for n in nb)

@@ -286,7 +286,8 @@ def _check_arch(model) -> dict[str, Any]:
     if mt not in ARCHS:
         raise ConfigError(f"ONNX/OpenVINO export supports the {', '.join(ARCHS)} decoders, not "
                           f"{mt!r}")
-    if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
+    if (getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None)) \
+            or "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
         raise ConfigError("the model uses sliding-window attention, which the exported graph "
                           "does not implement (full causal attention only)")
     act = getattr(cfg, "hidden_act", "silu")
