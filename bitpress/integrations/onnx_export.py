@@ -22,14 +22,15 @@ encodings exist, and the export uses the fast one:
   as ``(Σ_group x)·zᵀ``: one MatMul of the input with a 0/1 group indicator (shared by
   q/k/v and by gate/up) and one ``[n_groups, out]`` MatMul per linear. Float zero points
   ``zp = 2^(b-1) - z/s`` are also exact to float32 rounding (:func:`affine_codes`, used for
-  OpenVINO), but onnxruntime 1.32's CPU kernel takes a ~170x slower path with float zero
-  points (15 ms vs 89 µs for a 576x1536 W4 GEMV) and refuses them at 8 bits.
+  OpenVINO), but onnxruntime 1.32's CPU kernel takes a far slower path with float zero
+  points (~7 ms vs ~0.3 ms for a 576x1536 W4 GEMV, bench/onnx_matmulnbits.py) and
+  refuses them at 8 bits.
 * block size: MatMulNBits takes power-of-two blocks ≥ 16; a bitpress group (a multiple of
   16) is cut into blocks of its largest power-of-two divisor (≤ 256) with the group's
   scale repeated, which is exact; the short last group of a row stays short.
 * 2-, 4- and 8-bit codes map natively; 3-bit codes go in the 4-bit container (exact, 4 bits
   a weight). ``container_2bit=4`` also puts 2-bit codes in 4-bit blocks: exact, twice the
-  bytes, but onnxruntime's fp32 2-bit kernel is slow (12.5 ms vs 89 µs at 4 bits, same GEMV).
+  bytes, but onnxruntime's fp32 2-bit kernel is slow (~8 ms vs ~0.3 ms at 4 bits, same GEMV).
 * ``accuracy_level``: 0 (default) computes in float32 (exact); 4 lets ORT quantize the
   activations to int8 per block (faster, like llama.cpp's Q8 activations; not exact).
 * a group with ``s = 0`` is the constant ``z``: the op gives 0 and the zero term adds ``z``;
