@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="dtype of the written weights (default float32)")
     x.add_argument("--force", action="store_true", help="replace an existing output directory")
+    x.add_argument("--format", default="hf", choices=["hf", "onnx", "openvino"], help="hf: float "
+                   "HF directory (default); onnx: MatMulNBits graph; openvino: u4/u8 IR")
 
     e = sub.add_parser("eval", help="perplexity of a model (HF dir, .gguf or bitpress checkpoint)")
     e.add_argument("model")
@@ -343,6 +345,10 @@ def run(args) -> int:
     elif args.command == "finetune":
         res = _finetune(args)
         print(json.dumps({k: v for k, v in res.items() if k != "losses"}, indent=2))
+    elif args.command == "export" and args.format in ("onnx", "openvino"):
+        from .integrations.onnx_export import export_runtime
+
+        print(json.dumps(export_runtime(args.dir, args.out, args.format, args.force), indent=2))
     elif args.command == "export":
         from .pipeline.export import DTYPES, export_float
 
