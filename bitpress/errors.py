@@ -25,3 +25,8 @@ class SourceError(BitpressError):
 
 class OutputExistsError(BitpressError):
     """The output directory exists already (pass --force / overwrite=True to replace it)."""
+
+
+class NumericalError(BitpressError, ArithmeticError):
+    """A model produced NaN or Inf (e.g. a perplexity that is not a number): the result is
+    refused rather than printed."""

@@ -90,7 +90,9 @@ def _check_hessian(H: torch.Tensor, in_features: Optional[int] = None) -> None:
     if not H.is_floating_point():
         raise ConfigError(f"H must be floating point, got {H.dtype}")
     if not bool(torch.isfinite(H).all()):
-        raise ConfigError("H contains NaN or Inf; check the calibration activations")
+        raise ConfigError("H contains NaN or Inf: this layer's inputs are not finite (the "
+                          "activations overflowed in an earlier layer, or a weight before it, "
+                          "e.g. a norm, holds NaN/Inf)")
 
 
 def _check_weight(W: torch.Tensor) -> None:
