@@ -28,5 +28,6 @@ class OutputExistsError(BitpressError):
 
 
 class NumericalError(BitpressError, ArithmeticError):
-    """A model produced NaN or Inf (e.g. a perplexity that is not a number): the result is
-    refused rather than printed."""
+    """A computation produced NaN or Inf or could not be carried out (a model's logits that
+    are not finite, so no perplexity is printed; a Hessian that cannot be factorised even
+    after raising the damping)."""

@@ -204,13 +204,12 @@ def test_eval_never_prints_nan(tiny_llama_dir, tmp_path, calib_file, capsys):
 
 
 def test_gptq_blames_the_weight_not_the_activations():
-    from bitpress.quant.gptq import gptq_quantize
-    from bitpress.quant import QuantSpec
+    from bitpress.quant import QuantSpec, gptq
 
     W = torch.randn(8, 32)
     W[2, 5] = float("nan")
     with pytest.raises(ConfigError, match="weight contains NaN"):
-        gptq_quantize(W, torch.eye(32), QuantSpec(bits=4, group_size=16))
+        gptq(W, torch.eye(32), QuantSpec(bits=4, group_size=16))
 
 
 # ---- inspect validates what it reports ----------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -350,6 +351,11 @@ class SafetensorsDir:
         return sum((self.dir / f).stat().st_size for f in self.files)
 
 
+#: bytes per element of the safetensors dtypes
+_ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                   "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
 def read_safetensors_header(path: Path) -> dict[str, Any]:
     """Parse and sanity-check a safetensors header; catches truncated files before any
     tensor is read."""
@@ -366,14 +372,31 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as e:
         raise FormatError(f"{path} is not a valid safetensors file ({e}); re-export or "
                           f"re-download it") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path} is not a valid safetensors file (its header is not a JSON "
+                          f"object); re-export or re-download it")
     end = 0
     for k, v in header.items():
         if k == "__metadata__":
+            if v is not None and not (isinstance(v, dict)
+                                      and all(isinstance(x, str) for x in v.values())):
+                raise FormatError(f"{path}: malformed __metadata__ (must map names to strings)")
             continue
         try:
-            end = max(end, int(v["data_offsets"][1]))
+            dtype, shape, offsets = v["dtype"], v["shape"], v["data_offsets"]
+            if not isinstance(dtype, str) or not isinstance(shape, list) \
+                    or not isinstance(offsets, list) or len(offsets) != 2:
+                raise ValueError
+            if not all(type(d) is int and d >= 0 for d in shape + offsets) \
+                    or offsets[0] > offsets[1]:
+                raise ValueError
+            item = _ST_DTYPE_BYTES.get(dtype)
+            if item is not None and math.prod(shape) * item != offsets[1] - offsets[0]:
+                raise ValueError
+            end = max(end, offsets[1])
         except (KeyError, TypeError, IndexError, ValueError):
-            raise FormatError(f"{path}: malformed header entry for {k!r}") from None
+            raise FormatError(f"{path}: malformed header entry for {k!r} (dtype, shape and "
+                              f"data offsets must agree); re-export or re-download it") from None
     if 8 + n + end > size:
         raise FormatError(f"{path} is truncated: header promises {8 + n + end} bytes, file "
                           f"has {size}; re-export or re-download it")

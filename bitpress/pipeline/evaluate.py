@@ -75,6 +75,8 @@ def make_windows(ids: torch.Tensor, seqlen: int, windows: Optional[int] = None) 
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str, seqlen: int = 1024, windows: Optional[int] = None,
                batch_size: int = 1, progress: bool = True) -> dict[str, Any]:
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {batch_size}")
     ctx = model_context(model)
     if ctx is not None and seqlen > ctx:
         raise ConfigError(f"seqlen {seqlen} exceeds the model's context of {ctx} tokens")
