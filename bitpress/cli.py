@@ -406,6 +406,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 143
     except BrokenPipeError:  # `bitpress inspect ... | head`: the reader left; stop quietly
         return broken_pipe_exit()
+    except OSError as e:  # the system refused (disk full, permissions, ...): no traceback
+        _log.debug("OSError", exc_info=True)
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"bitpress: error: {e.strerror or e}{where}; nothing was written (-vv shows "
+              f"where it happened)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

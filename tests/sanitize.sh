@@ -36,7 +36,7 @@ find "$TMP/pkg" -name '__pycache__' -type d -prune -exec rm -rf {} +
 SAN="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g"
 t0=$(date +%s)
 if ! CC=${CC:-gcc} CXX=$CXX CFLAGS="$SAN" CXXFLAGS="$SAN" LDFLAGS="-fsanitize=address,undefined" \
-     BITPRESS_REQUIRE_EXT=1 "$PY" setup.py -q build_ext --build-lib "$TMP/lib" \
+     BITPRESS_REQUIRE_EXT=1 "$PY" setup.py -q build_ext --parallel "${JOBS:-2}" --build-lib "$TMP/lib" \
      --build-temp "$TMP/build" >"$TMP/build.log" 2>&1; then
   tail -30 "$TMP/build.log" >&2
   echo "sanitize: build failed" >&2

@@ -440,3 +440,31 @@ def test_bad_compress_options(tiny_llama_dir, tmp_path, argv, msg, capsys):
     assert main(["compress", str(tiny_llama_dir), "--out", str(tmp_path / "q"), *argv]) == 2
     assert msg in _err(capsys).lower()
     assert not (tmp_path / "q").exists()
+
+
+def test_more_cli_mistakes(packed, tmp_path, calib_file, capsys):
+    cases = [
+        (["eval", str(packed), "--text", str(calib_file), "--batch-size", "0"], "--batch-size"),
+        (["generate", str(packed), "--prompt", ""], "prompt is empty"),
+        (["inspect", str(tmp_path / "nope")], "does not exist"),
+        (["inspect", str(calib_file)], "is a file"),
+    ]
+    for argv, msg in cases:
+        assert main(argv) == 2, argv
+        assert msg in _err(capsys), argv
+
+
+def test_os_errors_during_a_write_are_one_line(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """A full disk (or any refusal by the system) while saving: one error line, exit 2, and
+    the scratch folder removed."""
+    import errno
+
+    import bitpress.pipeline.checkpoint as ck
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ck, "write_shards", full)
+    out = tmp_path / "q"
+    assert main(["compress", str(tiny_llama_dir), "--out", str(out), *RTN]) == 2
+    assert "No space left on device" in _err(capsys)
+    assert list(tmp_path.iterdir()) == []

@@ -117,6 +117,11 @@ def load_hf_config(directory: str | os.PathLike):
     tr = _require_transformers()
     d = Path(directory)
     cfg_path = d / "config.json"
+    if not d.exists():
+        raise SourceError(f"{d} does not exist; give a bitpress checkpoint directory")
+    if not d.is_dir():
+        raise SourceError(f"{d} is a file; give a bitpress checkpoint directory (made by "
+                          f"`bitpress compress`)")
     if not cfg_path.exists():
         raise SourceError(f"{d} has no config.json; is it a bitpress checkpoint?")
     try:

@@ -122,6 +122,9 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32,
     if max_new_tokens <= 0:
         raise ConfigError("--max-new-tokens must be positive")
     enc = tokenizer(prompt, return_tensors="pt")
+    if enc["input_ids"].shape[-1] == 0:
+        raise ConfigError("the prompt is empty (it gives no tokens); pass some text with "
+                          "--prompt")
     t0 = time.time()
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
                          use_cache=True, pad_token_id=tokenizer.pad_token_id
