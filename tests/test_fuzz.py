@@ -256,15 +256,15 @@ def test_safetensors_random_bytes(tmp_path_factory, raw):
 
 
 @FUZZ
-@given(bits=st.integers(-1, 9), gs=st.integers(-2, 300), out=st.integers(0, 4),
-       inf=st.integers(0, 40), ng=st.integers(0, 4))
+@given(bits=st.integers(-1, 9), gs=st.sampled_from([-1, 0, 16, 32, 48, 256]) | st.integers(-2, 300),
+       out=st.integers(0, 4), inf=st.integers(0, 40), ng=st.integers(0, 4))
 def test_quantized_weight_rejects_inconsistent(bits, gs, out, inf, ng):
     codes = torch.zeros(out, inf, dtype=torch.int8)
     try:
         QuantizedWeight(codes, torch.ones(out, ng), torch.zeros(out, ng), bits, gs)
     except BitpressError:
         return
-    assert ng == math.ceil(inf / (inf if gs == -1 else gs))
+    assert inf >= 1 and ng == math.ceil(inf / (inf if gs == -1 else gs))
 
 
 # ---- CPU kernels against the reference op --------------------------------------------------
