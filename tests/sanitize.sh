@@ -20,10 +20,17 @@ if [ -z "$PY" ]; then
 fi
 CXX=${CXX:-g++}
 LIBASAN=$($CXX -print-file-name=libasan.so)
+# libstdc++ is preloaded too: the interpreter does not link it, and ASan's C++ exception
+# interceptor (__cxa_throw) must find it when libasan starts, or every throw aborts
+LIBSTDCXX=$($CXX -print-file-name=libstdc++.so)
 if [ ! -e "$LIBASAN" ]; then
   echo "sanitize: $CXX has no libasan.so; install the compiler's sanitizer runtime" >&2
   exit 2
 fi
+if [ -n "${REUSE:-}" ]; then  # REUSE=<dir kept by KEEP=1>: run the tests on that build
+  TMP=$REUSE
+  rm -f "$TMP"/asan.*
+else
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/bitpress-sanitize.XXXXXX")
 if [ "${KEEP:-0}" != 1 ]; then trap 'rm -rf "$TMP"' EXIT; fi
 echo "sanitize: building into $TMP" >&2
@@ -64,24 +71,29 @@ if [ "$ok" != 1 ] || [ -z "$SOURCES" ]; then
   exit 2
 fi
 echo "sanitize: built in $(( $(date +%s) - t0 )) s" >&2
+fi
 
 # detect_leaks=0: CPython and torch keep allocations until exit by design.
 # alloc_dealloc_mismatch=0: torch's own (uninstrumented) libraries mix allocators.
-export ASAN_OPTIONS="detect_leaks=0:alloc_dealloc_mismatch=0:abort_on_error=0:halt_on_error=1:exitcode=86:print_summary=1"
-export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=87"
+# Reports go to $TMP/asan.<pid> as well (pytest's output capture would swallow them).
+export ASAN_OPTIONS="detect_leaks=0:alloc_dealloc_mismatch=0:abort_on_error=0:halt_on_error=1:exitcode=86:print_summary=1:log_path=$TMP/asan"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=87:log_path=$TMP/asan"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 LOG="$TMP/pytest.log"
 t0=$(date +%s)
-(cd "$TMP" && LD_PRELOAD="$LIBASAN" PYTHONPATH="$TMP/pkg" \
-  "$PY" -m pytest -q -p no:cacheprovider --rootdir="$ROOT" -c "$ROOT/pyproject.toml" \
+(cd "$TMP" && LD_PRELOAD="$LIBASAN $LIBSTDCXX" PYTHONPATH="$TMP/pkg" \
+  "$PY" -m pytest -q -p no:cacheprovider --capture=sys --rootdir="$ROOT" -c "$ROOT/pyproject.toml" \
   "$ROOT/tests/test_cpu_kernels.py" "$ROOT/tests/test_fuzz.py" "$@") 2>&1 | tee "$LOG"
 rc=${PIPESTATUS[0]}
 echo "sanitize: tests ran in $(( $(date +%s) - t0 )) s, pytest exit $rc" >&2
 # the package under test must be the sanitized copy
-if ! LD_PRELOAD="$LIBASAN" ASAN_OPTIONS=detect_leaks=0 PYTHONPATH="$TMP/pkg" "$PY" -c \
-    "import bitpress._C as c, sys; sys.exit(0 if c.__file__.startswith('$TMP') else 1)"; then
+if ! (cd "$TMP" && LD_PRELOAD="$LIBASAN $LIBSTDCXX" ASAN_OPTIONS=detect_leaks=0 PYTHONPATH="$TMP/pkg" "$PY" -c \
+    "import bitpress._C as c, sys; sys.exit(0 if c.__file__.startswith('$TMP/pkg/') else 1)"); then
   echo "sanitize: the tests did not load the sanitized extension" >&2
   exit 2
+fi
+if ls "$TMP"/asan.* >/dev/null 2>&1; then
+  cat "$TMP"/asan.* | tee -a "$LOG"
 fi
 if [ "$rc" -ne 0 ] || grep -qE "ERROR: AddressSanitizer|runtime error:|SUMMARY: (Address|UndefinedBehavior)Sanitizer" "$LOG"; then
   echo "sanitize: UNCLEAN (pytest exit $rc; see the report above)"
