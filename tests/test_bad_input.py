@@ -468,3 +468,27 @@ def test_os_errors_during_a_write_are_one_line(tiny_llama_dir, tmp_path, monkeyp
     assert main(["compress", str(tiny_llama_dir), "--out", str(out), *RTN]) == 2
     assert "No space left on device" in _err(capsys)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_location_is_reported_before_loading(tiny_llama_dir, tmp_path, monkeypatch,
+                                                       capsys):
+    """The read-only case as root sees it too: the probe folder cannot be created (here
+    simulated, since permission bits do not stop root), so nothing is loaded."""
+    import errno
+    import tempfile
+
+    import bitpress.pipeline.compress as comp
+
+    def boom(*a, **k):
+        raise AssertionError("the source was opened before the output was checked")
+    real = tempfile.mkdtemp
+
+    def refuse(*a, **k):
+        if str(k.get("prefix", "")).startswith(".bitpress-probe"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(*a, **k)
+    monkeypatch.setattr(comp, "_open", boom)
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    assert main(["compress", str(tiny_llama_dir), "--out", str(tmp_path / "ro" / "q"), *RTN]) == 2
+    err = _err(capsys)
+    assert "not writable" in err and "Permission denied" in err

@@ -386,3 +386,21 @@ def test_half_linear_matches_fp32_linear(out, inf, batch, wdtype, x_dtype, isa, 
     ref = torch.nn.functional.linear(x.float(), w.float(), b).to(x_dtype)
     mag = x.float().abs() @ w.float().abs().t()
     _tol(y, ref, mag, 0.0, x_dtype)
+
+
+@pytest.mark.parametrize("bits,gs,inf", [(3, 16, 129), (3, 32, 129), (3, 16, 121), (3, 48, 97),
+                                         (2, 16, 129), (4, 16, 129), (3, -1, 129)])
+def test_gemm_dequant_short_last_group(bits, gs, inf):
+    """Found by test_dense_qmm_matches_reference: at 3 bits (10 codes per word, so groups
+    of 16 do not start on word boundaries) a last group that ends inside the word it starts
+    in made the GEMM path's dequantisation rewrite the previous group's columns of that
+    word with the last group's scale and zero (csrc/cpu/qmm.cpp ``dequant_run``)."""
+    g = _gen(7)
+    qw = quantize_rtn(torch.randn(3, inf, generator=g), bits, gs)
+    p = qw.pack_dense(torch.float16)
+    gs_eff = inf if gs == -1 else gs
+    w = reference.dense_weight(p["qweight"], p["scales"], p["zeros"], bits, gs_eff, inf)
+    x = torch.randn(2, inf, generator=g)
+    args = (x, p["qweight"], p["scales"], p["zeros"], None, bits, gs_eff, inf)
+    y = cpu.dense_qmm_cpu(*args, mode="blas")
+    assert torch.equal(y, torch.nn.functional.linear(x, w))  # one panel: bit for bit
