@@ -269,16 +269,19 @@ def _finetune(args) -> dict:
     the checkpoint is rewritten (or ``--out`` written) atomically only after training."""
     from pathlib import Path
 
-    from .errors import ConfigError, OutputExistsError
+    from .errors import ConfigError
+    from .formats.checkpoint import check_output_path
     from .pipeline.calib import calibration_windows
     from .pipeline.checkpoint import load, load_tokenizer
     from .pipeline.evaluate import model_context, read_text
     from .quant.finetune import DEFAULT_LR, finetune_float_parts, write_float_parts
 
     d = Path(args.dir)
-    if args.out is not None and Path(args.out).exists() and not args.force:
-        raise OutputExistsError(f"output directory {args.out} already exists; choose another "
-                                f"path or pass --force to replace it")
+    if args.out is not None:
+        if Path(args.out).resolve() == d.resolve():
+            raise ConfigError(f"--out {args.out} is DIR itself; omit --out to rewrite the "
+                              f"checkpoint in place")
+        check_output_path(args.out, [d, args.text, args.teacher], args.force)
     for name in ("steps", "nsamples", "batch_size", "epochs"):
         v = getattr(args, name)
         if v is not None and v < 1:
@@ -415,14 +418,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             transformers.utils.logging.disable_progress_bar()
         except ImportError:
             pass
+    from .guard import broken_pipe_exit, sigterm_as_exception, Terminated
+
     try:
-        return run(args)
+        with sigterm_as_exception():
+            return run(args)
     except BitpressError as e:
         print(f"bitpress: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bitpress: interrupted; no output was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("bitpress: terminated (SIGTERM); no output was written", file=sys.stderr)
+        return 143
+    except BrokenPipeError:  # `bitpress inspect ... | head`: the reader left; stop quietly
+        return broken_pipe_exit()
+    except OSError as e:  # the system refused (disk full, permissions, ...): no traceback
+        _log.debug("OSError", exc_info=True)
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"bitpress: error: {e.strerror or e}{where}; nothing was written (-vv shows "
+              f"where it happened)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

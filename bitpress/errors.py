@@ -25,3 +25,9 @@ class SourceError(BitpressError):
 
 class OutputExistsError(BitpressError):
     """The output directory exists already (pass --force / overwrite=True to replace it)."""
+
+
+class NumericalError(BitpressError, ArithmeticError):
+    """A computation produced NaN or Inf or could not be carried out (a model's logits that
+    are not finite, so no perplexity is printed; a Hessian that cannot be factorised even
+    after raising the damping)."""

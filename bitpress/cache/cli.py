@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, OutputExistsError, SourceError
+from ..errors import ConfigError, SourceError
+from ..formats.checkpoint import check_output_path
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler"}
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
@@ -78,9 +79,7 @@ def compress_cachequant(args: Any) -> dict[str, Any]:
     from .quant import EXCLUDED
 
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise OutputExistsError(f"output directory {out} already exists; choose another path "
-                                f"or pass --force to replace it")
+    check_output_path(out, [args.src], args.force)
     for name in ("steps", "interval", "calib_samples"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
@@ -133,8 +132,7 @@ def sample(args: Any) -> dict[str, Any]:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ConfigError(f"--out must be a .png file, got {out}")
-    if out.exists() and not args.force:
-        raise OutputExistsError(f"{out} already exists; pass --force to replace it")
+    check_output_path(out, [args.dir], args.force, kind="file")
     cq = load_cachequant(args.dir)
     noise = _noise(cq.unet, args.n, args.seed)
     t0 = time.time()

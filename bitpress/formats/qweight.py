@@ -91,6 +91,8 @@ class QuantizedWeight:
         if self.codes.dim() != 2 or self.codes.dtype != torch.int8:
             raise FormatError(f"codes must be a 2-D int8 tensor, got {tuple(self.codes.shape)} "
                               f"{self.codes.dtype}")
+        if self.codes.shape[1] < 1:  # (per-channel groups would be 0 columns wide)
+            raise FormatError("codes have no input columns; a weight needs at least one")
         lo, hi = -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
         if self.codes.numel() and (int(self.codes.min()) < lo or int(self.codes.max()) > hi):
             raise FormatError(f"codes out of range for {self.bits}-bit: must lie in [{lo}, {hi}]")

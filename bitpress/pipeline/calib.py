@@ -9,6 +9,7 @@ positions (windows may overlap when the text is short). Without a file the defau
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
@@ -17,6 +18,8 @@ import torch
 from ..errors import ConfigError
 from .data import builtin_text
 from .evaluate import read_text, tokenize_text
+
+log = logging.getLogger(__name__)
 
 
 def calibration_text(path: Optional[str | os.PathLike]) -> tuple[str, str]:
@@ -40,6 +43,12 @@ def calibration_windows(tokenizer, text: str, nsamples: int = 128, seqlen: int =
     if ids.numel() < seqlen:
         raise ConfigError(f"the calibration text has {ids.numel()} tokens, shorter than one "
                           f"window of {seqlen}; give a longer --calib file or a smaller --seqlen")
+    if nsamples * seqlen > ids.numel():
+        log.warning("the calibration text has %d tokens, fewer than the %d x %d = %d asked for: "
+                    "the windows overlap (each token is used about %.1f times), so the "
+                    "calibration is less varied than its size suggests; give a longer "
+                    "--calib text or fewer --nsamples", ids.numel(), nsamples, seqlen,
+                    nsamples * seqlen, nsamples * seqlen / ids.numel())
     g = torch.Generator().manual_seed(int(seed))
     starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=g)
     return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])

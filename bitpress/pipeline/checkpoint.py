@@ -20,7 +20,7 @@ from ..errors import FormatError, SourceError
 from ..formats import (SafetensorsDir, atomic_output_dir, num_groups,
                        bsr_to_keep_bits, keep_bits_bytes, keep_bits_to_bsr,
                        packed_words, validate_bsr, validate_quantization_config, write_shards)
-from ..formats.checkpoint import DEFAULT_SHARD_BYTES, write_json
+from ..formats.checkpoint import DEFAULT_SHARD_BYTES, check_finite, write_json
 from ..nn import packed_module_from_scheme
 from ..nn.modules import _PackedLinear
 from ..nn.recipe import set_submodule
@@ -117,6 +117,11 @@ def load_hf_config(directory: str | os.PathLike):
     tr = _require_transformers()
     d = Path(directory)
     cfg_path = d / "config.json"
+    if not d.exists():
+        raise SourceError(f"{d} does not exist; give a bitpress checkpoint directory")
+    if not d.is_dir():
+        raise SourceError(f"{d} is a file; give a bitpress checkpoint directory (made by "
+                          f"`bitpress compress`)")
     if not cfg_path.exists():
         raise SourceError(f"{d} has no config.json; is it a bitpress checkpoint?")
     try:
@@ -149,6 +154,34 @@ def _expected_shapes(m: _PackedLinear) -> dict[str, tuple]:
                   "zeros": (nnz,)}
     if m.bias is not None:
         shapes["bias"] = (out,)
+    return shapes
+
+
+_FLOAT_DTYPES = ("F16", "BF16", "F32")
+
+
+def scheme_tensors(scheme: dict[str, Any], format_version: int
+                   ) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """The packed tensors a module's scheme promises on disk: ``{suffix: (shape, allowed
+    safetensors dtypes)}`` (bias not included). The scheme must have passed
+    :func:`bitpress.formats.validate_quantization_config`."""
+    bits, gs = int(scheme["bits"]), int(scheme["group_size"])
+    in_f, out = int(scheme["in_features"]), int(scheme["out_features"])
+    ng = num_groups(gs, in_f)
+    if scheme["format"] == "dense":
+        return {"qweight": ((out, packed_words(in_f, bits)), ("I32",)),
+                "scales": ((out, ng), _FLOAT_DTYPES), "zeros": ((out, ng), _FLOAT_DTYPES)}
+    nnz = scheme.get("nnz")
+    if isinstance(nnz, bool) or not isinstance(nnz, int) or not 0 <= nnz <= out * ng:
+        raise FormatError(f"block-sparse scheme has nnz {nnz!r}, expected an integer in "
+                          f"[0, {out * ng}]")
+    shapes = {"qvalues": ((nnz, packed_words(gs if gs != -1 else in_f, bits)), ("I32",)),
+              "scales": ((nnz,), _FLOAT_DTYPES), "zeros": ((nnz,), _FLOAT_DTYPES)}
+    if format_version >= 2:
+        shapes["keep_bits"] = ((out, keep_bits_bytes(ng)), ("U8",))
+    else:
+        shapes["row_ptr"] = ((out + 1,), ("I32",))
+        shapes["col_idx"] = ((nnz,), ("I32",))
     return shapes
 
 
@@ -221,6 +254,7 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
         if k not in files or k in sd:
             continue
         t = files.get(k)
+        check_finite(t, k, d)
         ref = model.state_dict()[k]
         shape = expected.get(k, tuple(ref.shape))
         if tuple(t.shape) != tuple(shape):
@@ -261,10 +295,12 @@ def _short(vals: list[str]) -> str:
 
 
 def load_tokenizer(directory: str | os.PathLike):
-    from .source import _require_transformers
+    from .source import _require_transformers, check_tokenizer_files
 
     tr = _require_transformers()
+    check_tokenizer_files(directory)
     try:
         return tr.AutoTokenizer.from_pretrained(str(directory))
     except Exception as e:  # noqa: BLE001
-        raise SourceError(f"no usable tokenizer in {directory}: {e}") from None
+        raise SourceError(f"no usable tokenizer in {directory}: {' '.join(str(e).split())}") \
+            from None

@@ -12,7 +12,8 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, OutputExistsError
+from ..errors import ConfigError
+from ..formats.checkpoint import check_output_path
 from ..nn import Recipe, replace_linears, target_linears
 from ..nn.recipe import rtn_quantize_linear
 from .checkpoint import save
@@ -111,9 +112,7 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
     if batch_size < 1:
         raise ConfigError(f"calibration batch size must be positive, got {batch_size}")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output directory {out} already exists; choose another path "
-                                f"or pass --force to replace it")
+    check_output_path(out, [src, calib], overwrite)  # before anything is loaded
     solve = _solver(recipe)
     tuner = _block_tuner(recipe, block_tune, tune_epochs, tune_lr, tune_options, block_hook,
                          progress)
@@ -282,8 +281,9 @@ def _bits_per_weight(model) -> float:
 
 
 def _save_with_summary(model, out: Path, tokenizer, qcfg, overwrite, dtype, summary, t0) -> None:
-    """Save atomically; the summary inside carries the size on disk and total time, which
-    are only known once the shards are written (patched in the temp dir before the rename)."""
+    """Save atomically; the summary inside carries the size on disk (every file but the
+    summary itself, so that it is reproducible) and total time, which are only known once
+    the shards are written (patched in the temp dir before the rename)."""
     from ..formats import atomic_output_dir
     from ..formats.checkpoint import write_json
 
@@ -291,7 +291,8 @@ def _save_with_summary(model, out: Path, tokenizer, qcfg, overwrite, dtype, summ
         inner = tmp / "model"
         save(model, inner, tokenizer, qcfg, overwrite=False,
              extra_files={"bitpress_summary.json": summary}, dtype=dtype)
-        size = sum(f.stat().st_size for f in inner.iterdir() if f.is_file())
+        size = sum(f.stat().st_size for f in inner.iterdir()
+                   if f.is_file() and f.name != "bitpress_summary.json")
         summary["size_on_disk_bytes"] = size
         summary["peak_rss_bytes"] = peak_rss_bytes()
         summary["seconds_total"] = round(time.time() - t0, 2)

@@ -18,20 +18,30 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, SourceError
+from ..errors import ConfigError, NumericalError, SourceError
 
 
 def read_text(path: str | os.PathLike) -> str:
+    """The whole file as UTF-8 text; the NUL check and the decoding cover every byte."""
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        raise SourceError(f"{p} is a directory; give a UTF-8 text file")
+    if not p.exists():
         raise SourceError(f"text file {p} does not exist")
-    raw = p.read_bytes()
-    if b"\x00" in raw[:65536]:
-        raise SourceError(f"{p} is not a text file (it contains NUL bytes)")
     try:
-        return raw.decode("utf-8")
+        raw = p.read_bytes()
+    except OSError as e:
+        raise SourceError(f"cannot read {p}: {e.strerror or e}") from None
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise SourceError(f"{p} is not a text file (NUL byte at offset {nul})")
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise SourceError(f"{p} is not UTF-8 text ({e})") from None
+    if not text.strip():
+        raise SourceError(f"{p} is empty (no text to read)")
+    return text
 
 
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:
@@ -65,6 +75,8 @@ def make_windows(ids: torch.Tensor, seqlen: int, windows: Optional[int] = None) 
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str, seqlen: int = 1024, windows: Optional[int] = None,
                batch_size: int = 1, progress: bool = True) -> dict[str, Any]:
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {batch_size}")
     ctx = model_context(model)
     if ctx is not None and seqlen > ctx:
         raise ConfigError(f"seqlen {seqlen} exceeds the model's context of {ctx} tokens")
@@ -81,12 +93,26 @@ def perplexity(model, tokenizer, text: str, seqlen: int = 1024, windows: Optiona
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
             reduction="sum")
+        if not math.isfinite(float(loss)):
+            what = "NaN" if bool(torch.isnan(logits).any()) else "Inf" \
+                if not bool(torch.isfinite(logits).all()) else "an infinite loss"
+            raise NumericalError(
+                f"the model's logits hold {what} on window {i}" +
+                (f"..{i + batch.shape[0] - 1}" if batch.shape[0] > 1 else "") +
+                ": its weights are not finite or its activations overflow in "
+                f"{logits.dtype if what == 'an infinite loss' else _param_dtype(model)}; "
+                "no perplexity is reported (check the checkpoint, or evaluate in float32)")
         nll += float(loss)
         count += batch[:, 1:].numel()
         bar.set_postfix(ppl=f"{math.exp(nll / count):.3f}")
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens_scored": count,
             "windows": int(win.shape[0]), "seqlen": seqlen, "text_tokens": int(ids.numel()),
             "seconds": round(time.time() - t0, 2)}
+
+
+def _param_dtype(model) -> torch.dtype:
+    p = next(iter(model.parameters()), None)
+    return p.dtype if p is not None else torch.float32
 
 
 @torch.no_grad()
@@ -102,6 +128,9 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32,
 
     enc = tokenizer(prompt, return_tensors="pt")
     ids = enc["input_ids"]
+    if ids.shape[-1] == 0:
+        raise ConfigError("the prompt is empty (it gives no tokens); pass some text with "
+                          "--prompt")
     why = engine_support(model) if engine else "--no-engine"
     gc = getattr(model, "generation_config", None)
     eos = getattr(gc, "eos_token_id", None)

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError, OutputExistsError
-from ..formats.checkpoint import atomic_output_dir
+from ..errors import ConfigError
+from ..formats.checkpoint import atomic_output_dir, check_output_path
 from ..nn.modules import HalfLinear, _PackedLinear
 from ..nn.recipe import set_submodule
 from .checkpoint import load, load_tokenizer
@@ -79,10 +79,8 @@ def export_float(src: str | os.PathLike, out_dir: str | os.PathLike,
     if src_info.kind != "bitpress":
         raise ConfigError(f"{src} is not a bitpress checkpoint (it is a {src_info.kind} "
                           f"model); export turns packed checkpoints back into float ones")
-    out = Path(out_dir).absolute()
-    if out.exists() and not overwrite:  # before the (slower) load; checked again on write
-        raise OutputExistsError(f"output directory {out} already exists; choose another path "
-                                f"or pass --force to replace it")
+    # before the (slower) load; existence is checked again on write
+    out = check_output_path(out_dir, [src], overwrite)
     model = load(src_info.path)
     tok = load_tokenizer(src_info.path)
     n = unpack_linears(model)

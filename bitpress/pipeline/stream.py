@@ -51,6 +51,7 @@ from torch import nn
 
 from ..errors import ConfigError, FormatError, SourceError
 from ..formats import QuantizedWeight, SafetensorsDir
+from ..formats.checkpoint import check_finite
 from ..nn.recipe import is_linear
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class TensorStore(abc.ABC):
 
     def get(self, name: str) -> torch.Tensor:
         t = self._read(name)
+        check_finite(t, name, getattr(self, "where", "the source checkpoint"))
         self.reads += 1
         self.log.append(name)
         return t
@@ -99,6 +101,7 @@ class SafetensorsStore(TensorStore):
     def __init__(self, directory: str | Path, model_keys: list[str]):
         super().__init__()
         self.files = SafetensorsDir(directory)
+        self.where = self.files.dir
         self._map: dict[str, str] = {}
         for k in model_keys:
             for cand in _name_variants(k):
@@ -140,7 +143,7 @@ class GGUFStore(TensorStore):
         except ImportError:
             raise SourceError("reading GGUF files needs the gguf package: pip install gguf") \
                 from None
-        self._dequantize = dequantize
+        self._dequantize, self.where = dequantize, path
         try:
             self.reader = GGUFReader(str(path))
         except Exception as e:  # noqa: BLE001 - gguf raises plain errors

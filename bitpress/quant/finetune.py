@@ -294,10 +294,9 @@ def write_float_parts(model: nn.Module, directory: str | os.PathLike,
     the written checkpoint give the same outputs. ``record`` (e.g. the summary returned by
     :func:`finetune_float_parts`) is appended to ``bitpress_finetune.json``."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     from ..formats import SafetensorsDir, atomic_output_dir
-    from ..formats.checkpoint import write_json
+    from ..formats.checkpoint import save_safetensors, write_json
 
     src = Path(directory)
     files = SafetensorsDir(src)
@@ -338,7 +337,7 @@ def write_float_parts(model: nn.Module, directory: str | os.PathLike,
                         written[k] = new
                         t = new
                     tensors[k] = t
-            save_file(tensors, str(tmp / fname), metadata=meta)
+            save_safetensors(tensors, tmp / fname, metadata=meta)
         if record is not None:
             prev = tmp / FINETUNE_RECORD
             runs = []

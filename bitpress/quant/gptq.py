@@ -38,7 +38,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from ..errors import BitpressError, ConfigError
+from ..errors import BitpressError, ConfigError, NumericalError  # noqa: F401 - re-exported
 from ..formats import (QuantizedWeight, check_bits, check_group_size, effective_group_size,
                        minmax_params, num_groups, qrange)
 from .spec import QuantSpec
@@ -51,10 +51,6 @@ DEFAULT_CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.0 ..
 MAX_DAMP_RETRIES = 8
 
 _KNOWN_OPTIONS = {"damp", "block_size", "act_order", "clip_search", "clip_grid"}
-
-
-class NumericalError(BitpressError):
-    """The Hessian could not be factorised even after raising the damping."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -90,7 +86,9 @@ def _check_hessian(H: torch.Tensor, in_features: Optional[int] = None) -> None:
     if not H.is_floating_point():
         raise ConfigError(f"H must be floating point, got {H.dtype}")
     if not bool(torch.isfinite(H).all()):
-        raise ConfigError("H contains NaN or Inf; check the calibration activations")
+        raise ConfigError("H contains NaN or Inf: this layer's inputs are not finite (the "
+                          "activations overflowed in an earlier layer, or a weight before it, "
+                          "e.g. a norm, holds NaN/Inf)")
 
 
 def _check_weight(W: torch.Tensor) -> None:

@@ -321,7 +321,7 @@ inline void dequant_run(const uint32_t* src, int64_t k0, int64_t k1, float s, fl
       float* dw = d + w * pf;
       for (int j = 0; j < pf; ++j) dw[j] = s * float(int((v >> (j * B)) & mask) - off) + z;
     }
-    k0 = w1 * pf;
+    k0 = std::max(k0, w1 * pf);  // the head loop may have reached k1 inside a word
   }
   for (int64_t k = k0; k < k1; ++k) {
     const int c = int((src[k / pf] >> ((k % pf) * B)) & mask) - off;
