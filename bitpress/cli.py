@@ -163,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="dtype of the written weights (default float32)")
     x.add_argument("--force", action="store_true", help="replace an existing output directory")
+    x.add_argument("--format", default="hf", choices=["hf", "gguf"], help="hf: float HF "
+                   "directory (default); gguf: one llama.cpp file (--out FILE.gguf), exact block "
+                   "types where the grid maps (docs/gguf.md)")
+    x.add_argument("--gguf-type", default="auto", choices=["auto", "q4_0", "q4_1", "q8_0", "f16",
+                   "f32"], help="GGUF type of the packed linears (default auto: the exact one)")
+    x.add_argument("--allow-requant", action="store_true", help="GGUF: re-quantize linears "
+                   "with no exact block type (their measured error is reported)")
 
     e = sub.add_parser("eval", help="perplexity of a model (HF dir, .gguf or bitpress checkpoint)")
     e.add_argument("model")
@@ -330,6 +337,11 @@ def run(args) -> int:
     elif args.command == "finetune":
         res = _finetune(args)
         print(json.dumps({k: v for k, v in res.items() if k != "losses"}, indent=2))
+    elif args.command == "export" and args.format == "gguf":
+        from .integrations.gguf_export import export_gguf
+
+        print(json.dumps(export_gguf(args.dir, args.out, args.gguf_type, args.allow_requant,
+                                     overwrite=args.force), indent=2))
     elif args.command == "export":
         from .pipeline.export import DTYPES, export_float
 
