@@ -13,7 +13,9 @@ with the ``gguf`` package's own dequantizer):
   stayed inexact with their largest error. 2- and 3-bit codes fit in Q4_1 the same way (at
   Q4_1's 5 bits per weight).
 * 4-bit symmetric (all zeros 0) -> **Q4_0** (``d = s``, ``q = c + 8``).
-* 8-bit symmetric -> **Q8_0** (``d = s``, ``q = c``).
+* 8-bit symmetric -> **Q8_0** (``d = s``, ``q = c``); on request (``gguf_type="q8_0"``)
+  also any grid whose zeros are integer multiples of the scale (RTN and GPTQ zero points:
+  ``q = c + z/s``) when ``c + z/s`` fits int8 -- exact, at 8.5 bits per weight.
 * float tensors (embeddings, norms, biases, unquantised heads) -> F32 (1-D tensors) or the
   stored dtype (F16 / BF16 / F32).
 
@@ -87,7 +89,14 @@ def maps_exactly(qw, qtype: str) -> Optional[str]:
             return f"{qw.bits}-bit symmetric codes are not on Q4_0's grid"
         return None if not bool(zero.any()) else "non-zero zero points (Q4_0 is symmetric)"
     if qtype == "q8_0":
-        return None if not bool(zero.any()) else "non-zero zero points (Q8_0 is symmetric)"
+        c, s, z = _block_params(qw)
+        k = _integer_zero(s, z)
+        if k is None:
+            return "zero points that are not integer multiples of the scale (Q8_0 is d*q)"
+        q = c + k[..., None]
+        if bool((q < -128).any() | (q > 127).any()):
+            return "codes + integer zero point leave int8"
+        return None
     return f"{qtype} is not a block type of bitpress's grid"
 
 
@@ -169,14 +178,23 @@ def encode_q4_0(qw) -> tuple[np.ndarray, dict[str, Any]]:
                                        "scale_not_fp16": int((s.half().float() != s).sum())}
 
 
+def _integer_zero(s: torch.Tensor, z: torch.Tensor) -> Optional[torch.Tensor]:
+    """``k`` with ``z == k*s`` exactly in every block (integer zero points), else None."""
+    k = torch.round(z / torch.where(s == 0, torch.ones_like(s), s))
+    k = torch.where(s == 0, torch.zeros_like(k), k)
+    return k.to(torch.int32) if bool((k * s == z).all()) else None
+
+
 def encode_q8_0(qw) -> tuple[np.ndarray, dict[str, Any]]:
-    """Q8_0 bytes of a symmetric QuantizedWeight (any bits <= 8): ``d = s``, ``q = c``."""
+    """Q8_0 bytes of a QuantizedWeight whose zeros are integer multiples ``k*s`` of the
+    scale (symmetric grids, RTN/GPTQ integer zero points): ``d = s``, ``q = c + k``."""
     reason = maps_exactly(qw, "q8_0")
     if reason:
         raise ConfigError(f"Q8_0 cannot hold this weight exactly: {reason}")
-    c, s, _ = _block_params(qw)
+    c, s, z = _block_params(qw)
+    q = c + _integer_zero(s, z)[..., None]
     out, nb = s.shape
-    raw = np.concatenate([_f16_bytes(s), c.to(torch.int8).numpy().view(np.uint8)], axis=-1)
+    raw = np.concatenate([_f16_bytes(s), q.to(torch.int8).numpy().view(np.uint8)], axis=-1)
     return raw.reshape(out, nb * 34), {"blocks": out * nb,
                                        "scale_not_fp16": int((s.half().float() != s).sum())}
 
