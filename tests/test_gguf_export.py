@@ -276,3 +276,25 @@ def test_llama_cpp_gives_bitpress_logits(request, tmp_path, arch, extra, gtype, 
     scale = float(ref.abs().max())
     assert float((got - ref).abs().max()) <= tol * scale, float((got - ref).abs().max()) / scale
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > (0.99 if gtype == "f32" else 0.9)
+
+
+def test_llama_cpp_tokenizes_like_the_checkpoint(tiny_llama_dir, tmp_path):
+    """The tokenizer metadata written from the checkpoint's tokenizer.json makes llama.cpp
+    split text into the ids transformers gives."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoTokenizer
+
+    from conftest import TEXT
+
+    ckpt, out = tmp_path / "q", tmp_path / "m.gguf"
+    _compress(tiny_llama_dir, ckpt, "--bits", "4", "--group-size", "32")
+    assert main(["export", str(ckpt), "--format", "gguf", "--out", str(out)]) == 0
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    llm = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
+    try:
+        for text in (TEXT[:300], "Packed weights: 4 bits, 32 per group!\n  x = 12345"):
+            want = tok(text, add_special_tokens=False)["input_ids"]
+            got = llm.tokenize(text.encode(), add_bos=False, special=False)
+            assert got == want, text
+    finally:
+        llm.close()
