@@ -24,6 +24,7 @@ Self-check (the machine may be loaded; this only proves it works)::
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import subprocess
@@ -101,7 +102,8 @@ def quantize_with_llamacpp(src: Path, out: Path, ftype: str, threads: int = 1) -
     params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_" + ftype)
     params.nthread = threads
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(),
+                                        ctypes.byref(params))
     if rc != 0 or not tmp.exists():
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"llama_model_quantize({src} -> {ftype}) failed with {rc}")
@@ -366,4 +368,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    # run as a script, bench/ is sys.path[0]: bench/kernels.py would shadow the `kernels`
+    # package that transformers imports (the tokenizer of the self-test)
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
     sys.exit(main())

@@ -25,16 +25,23 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(__file__))
+# bench/ must not be on sys.path: bench/kernels.py would shadow the `kernels` package that
+# transformers imports; _llamacpp is loaded from its file instead
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.join(_HERE, ".."))
+import importlib.util  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("_llamacpp", os.path.join(_HERE, "_llamacpp.py"))
+_llamacpp = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_llamacpp)
+perplexity_llamacpp = _llamacpp.perplexity_llamacpp
 import bitpress  # noqa: E402
 from bitpress.cli import main as cli  # noqa: E402
 from bitpress.pipeline.checkpoint import load_tokenizer  # noqa: E402
 from bitpress.pipeline.data import find_wikitext  # noqa: E402
 from bitpress.pipeline.evaluate import make_windows, perplexity, read_text, tokenize_text  # noqa: E402
 from bitpress.pipeline.source import packaged_gguf  # noqa: E402
-
-from _llamacpp import perplexity_llamacpp  # noqa: E402
 
 
 def cpu_model() -> str:
@@ -79,22 +86,32 @@ def main() -> int:
                  "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                  "command": "python " + " ".join(sys.argv), "exports": {}}
     t0 = time.time()
-    model = bitpress.load(ckpt)
-    res["bitpress"] = perplexity(model, tok, read_text(text_path), args.seqlen, args.windows,
-                                 progress=True)
-    from bitpress.kernels.ops import use_impl
+    cache = work / f"bitpress_ppl_{ckpt.name}_{args.seqlen}x{args.windows}.json"
+    if cache.exists():  # the bitpress side of an earlier run on the same checkpoint
+        res.update(json.loads(cache.read_text()))
+    else:
+        model = bitpress.load(ckpt)
+        res["bitpress"] = perplexity(model, tok, read_text(text_path), args.seqlen,
+                                     args.windows, progress=True)
+        from bitpress.kernels.ops import use_impl
 
-    with use_impl("reference"):
-        res["bitpress_reference_op"] = perplexity(model, tok, read_text(text_path),
-                                                  args.seqlen, args.windows, progress=True)
-    del model
+        with use_impl("reference"):
+            res["bitpress_reference_op"] = perplexity(model, tok, read_text(text_path),
+                                                      args.seqlen, args.windows, progress=True)
+        del model
+        cache.write_text(json.dumps({k: res[k] for k in ("bitpress", "bitpress_reference_op")}))
     print(f"bitpress: {res['bitpress']['perplexity']:.4f} (reference op "
           f"{res['bitpress_reference_op']['perplexity']:.4f}), {time.time() - t0:.0f} s")
     for gtype in ["auto"] + (["f32"] if args.also_f32 else []):
-        out = work / f"w4g32-{gtype}.gguf"
-        from bitpress.integrations.gguf_export import export_gguf
+        out = work / f"{ckpt.name}-{gtype}.gguf"
+        rep_path = out.with_suffix(".export.json")
+        if out.exists() and rep_path.exists() and rep_path.stat().st_mtime >= out.stat().st_mtime:
+            rep = json.loads(rep_path.read_text())  # exported by an earlier run
+        else:
+            from bitpress.integrations.gguf_export import export_gguf
 
-        rep = export_gguf(ckpt, out, gguf_type=gtype, overwrite=True, progress=False)
+            rep = export_gguf(ckpt, out, gguf_type=gtype, overwrite=True, progress=False)
+            rep_path.write_text(json.dumps(rep, indent=2))
         ppl = perplexity_llamacpp(out, windows, threads=args.threads)
         ref = res["bitpress"]["perplexity"]
         entry = {"export": {k: v for k, v in rep.items() if k not in ("source",)},

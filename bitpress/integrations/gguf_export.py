@@ -472,7 +472,7 @@ def export_gguf(src: str | os.PathLike, out_file: str | os.PathLike, gguf_type: 
                                    f"{maps_exactly(qw, qt) if qt in ENCODERS else 'float'})")
                     continue
                 raw, stats = requantize(ref, qt), {}
-                exact_by_construction = False
+                exact_by_construction = qt == "f32"  # the dequantized weight itself
             got = decode(raw, qt)
             err = _err(got, ref)
             exact = err["max_abs_error"] == 0.0
