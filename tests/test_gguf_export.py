@@ -250,15 +250,16 @@ def _llama_logits(path, ids):
 
 
 @pytest.mark.parametrize("arch,extra,gtype,tol", [
-    ("llama", ["--bits", "4", "--group-size", "32"], "f32", 2e-5),
-    ("qwen2", ["--bits", "4", "--group-size", "64"], "f32", 2e-5),
+    ("llama", ["--bits", "4", "--group-size", "32"], "f32", 5e-4),
+    ("qwen2", ["--bits", "4", "--group-size", "64"], "f32", 5e-4),
     ("llama", ["--bits", "4", "--group-size", "32"], "auto", 3e-2),
     ("llama", ["--bits", "8", "--group-size", "32", "--sym"], "auto", 1e-2),
 ])
 def test_llama_cpp_gives_bitpress_logits(request, tmp_path, arch, extra, gtype, tol):
     """llama.cpp on the exported file vs bitpress's reference op on the checkpoint, same
-    token ids, fp32 KV cache. F32 files: llama.cpp computes in fp32, so the tolerance is
-    float rounding (max |diff| <= 2e-5 * max |logit|). Q4_1 / Q8_0 files: llama.cpp's CPU matmul quantizes
+    token ids, fp32 KV cache. F32 files: the packed linears are exact fp32 weights, but the
+    embedding (and the tied head) stay fp16 as stored, and llama.cpp's F16 matmul rounds
+    the activations to fp16 (measured ~1.1e-4 * max |logit|): tolerance 5e-4. Q4_1 / Q8_0 files: llama.cpp's CPU matmul quantizes
     the activations to 8 bits (Q8_1 / Q8_0 blocks), so the tolerance is that of 8-bit
     activations (3e-2 / 1e-2 relative)."""
     pytest.importorskip("llama_cpp")
