@@ -140,6 +140,17 @@ def make_peer_ggufs(out_dir: str | os.PathLike, src: Optional[str | os.PathLike]
 # timing
 # ---------------------------------------------------------------------------------------
 
+_LOG_CB = None
+
+
+def _quiet(llama_cpp) -> None:
+    """Send llama.cpp's own log lines (hundreds per model load) nowhere."""
+    global _LOG_CB
+    if _LOG_CB is None:
+        _LOG_CB = llama_cpp.llama_log_callback(lambda level, text, data: None)
+        llama_cpp.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -154,6 +165,7 @@ def _time_in_process(path: str, prompt_ids: list[int], n_new: int, threads: int
 
     import llama_cpp
 
+    _quiet(llama_cpp)
     llama_cpp.llama_backend_init()
     rss0 = _rss()
     t0 = time.perf_counter()
@@ -303,6 +315,7 @@ def perplexity_llamacpp(path: str | os.PathLike, windows: list[list[int]], threa
 
     import llama_cpp
 
+    _quiet(llama_cpp)
     llama_cpp.llama_backend_init()
     model = llama_cpp.llama_model_load_from_file(str(path).encode(),
                                                  llama_cpp.llama_model_default_params())
