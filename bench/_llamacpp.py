@@ -151,6 +151,16 @@ def _quiet(llama_cpp) -> None:
         llama_cpp.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
 
 
+def _peak_rss() -> int:
+    """VmHWM of this process's address space: unlike ``ru_maxrss`` it starts afresh at
+    exec, so a subprocess does not inherit its parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -159,8 +169,6 @@ def _rss() -> int:
 def _time_in_process(path: str, prompt_ids: list[int], n_new: int, threads: int
                      ) -> dict[str, Any]:
     """One greedy generation in this process (see :func:`time_llamacpp`)."""
-    import resource
-
     import numpy as np
 
     import llama_cpp
@@ -227,7 +235,7 @@ def _time_in_process(path: str, prompt_ids: list[int], n_new: int, threads: int
         llama_cpp.llama_batch_free(batch)
         llama_cpp.llama_free(ctx)
         llama_cpp.llama_model_free(model)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss()
     n_dec = n_new - 1
     return {
         "runtime": "llama.cpp", "llama_cpp_python": llama_cpp.__version__,
