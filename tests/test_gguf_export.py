@@ -301,3 +301,12 @@ def test_llama_cpp_tokenizes_like_the_checkpoint(tiny_llama_dir, tmp_path):
             assert got == want, text
     finally:
         llm.close()
+
+
+def test_cli_gguf_type_choices_match_the_module():
+    from bitpress.cli import build_parser
+    from bitpress.integrations.gguf_export import GGUF_TYPES
+
+    export = build_parser()._subparsers._group_actions[0].choices["export"]
+    opt = next(a for a in export._actions if a.dest == "gguf_type")
+    assert tuple(opt.choices) == GGUF_TYPES
