@@ -29,6 +29,14 @@ def _group_size(v: str) -> int:
 _SCHEDULES = ("constant", "cosine")
 
 
+#: `bitpress export --format` choices (restated here so --help needs no torch)
+_EXPORT_FORMATS = {
+    "hf": "float HF directory (default)",
+    "gguf": "one llama.cpp file (--out FILE.gguf), exact block types where the grid maps "
+            "(docs/gguf.md)",
+    "onnx": "MatMulNBits graph with a KV cache (docs/npu.md)",
+    "openvino": "OpenVINO IR with u4/u8 weights (docs/npu.md)",
+}
 #: activation modes of the CPU kernels (bitpress.kernels.cpu; restated so --help needs no torch)
 _KERNEL_MODES = ("exact", "int8", "lut", "lut63")
 
@@ -167,8 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="dtype of the written weights (default float32)")
     x.add_argument("--force", action="store_true", help="replace an existing output directory")
-    x.add_argument("--format", default="hf", choices=["hf", "onnx", "openvino"], help="hf: float "
-                   "HF directory (default); onnx: MatMulNBits graph; openvino: u4/u8 IR")
+    x.add_argument("--format", default="hf", choices=list(_EXPORT_FORMATS), help="; ".join(
+        f"{k}: {v}" for k, v in _EXPORT_FORMATS.items()))
+    x.add_argument("--gguf-type", default="auto", choices=["auto", "q4_0", "q4_1", "q8_0", "f16",
+                   "f32"], help="GGUF type of the packed linears (default auto: the exact one)")
+    x.add_argument("--allow-requant", action="store_true", help="GGUF: re-quantize linears "
+                   "with no exact block type (their measured error is reported)")
 
     e = sub.add_parser("eval", help="perplexity of a model (HF dir, .gguf or bitpress checkpoint)")
     e.add_argument("model")
@@ -352,6 +364,11 @@ def run(args) -> int:
         from .integrations.onnx_export import export_runtime
 
         print(json.dumps(export_runtime(args.dir, args.out, args.format, args.force), indent=2))
+    elif args.command == "export" and args.format == "gguf":
+        from .integrations.gguf_export import export_gguf
+
+        print(json.dumps(export_gguf(args.dir, args.out, args.gguf_type, args.allow_requant,
+                                     overwrite=args.force), indent=2))
     elif args.command == "export":
         from .pipeline.export import DTYPES, export_float
 
