@@ -57,7 +57,7 @@ def require_gpu() -> None:
         problems.append("triton is not installed (pip install triton)")
     if problems:
         print("bench/kernels_cuda.py needs a CUDA GPU with Triton: " + "; ".join(problems)
-              + ". Run it on a GPU machine; the CPU kernel benchmark is bench/kernels.py.",
+              + ". Run it on a GPU machine; the CPU kernel benchmark is bench/cpu_kernels.py.",
               file=sys.stderr)
         sys.exit(2)
 

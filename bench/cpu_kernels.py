@@ -14,13 +14,13 @@ every call streams its weight from memory), next to the machine's read bandwidth
 in the same run by a large-array reduction. GB/s counts the bytes a method must read for
 its weight (packed codes + fp16 scales/zeros for bitpress; indices too for sparse).
 
-    .venv/bin/python bench/kernels.py                 # full table, writes bench/results/kernels.json
-    .venv/bin/python bench/kernels.py --quick         # 4096x4096 and SmolLM2 only, batch 1/16
-    .venv/bin/python bench/kernels.py --threads 1 --methods "bp W2 g64,bp W2 g64 int8" \
+    .venv/bin/python bench/cpu_kernels.py                 # full table, writes bench/results/kernels.json
+    .venv/bin/python bench/cpu_kernels.py --quick         # 4096x4096 and SmolLM2 only, batch 1/16
+    .venv/bin/python bench/cpu_kernels.py --threads 1 --methods "bp W2 g64,bp W2 g64 int8" \
         --shapes 4096x4096 --batches 1,4 --json /tmp/k.json   # a subset
-    .venv/bin/python bench/kernels.py --threads 1 --rounds 7 --shapes 4096x4096 --batches 1 \
+    .venv/bin/python bench/cpu_kernels.py --threads 1 --rounds 7 --shapes 4096x4096 --batches 1 \
         --methods "bp W2 g64,torch fp16"   # interleaved rounds: robust to bandwidth drift
-    .venv/bin/python bench/kernels.py --threads 1 --compare-w2 \
+    .venv/bin/python bench/cpu_kernels.py --threads 1 --compare-w2 \
         --json bench/results/kernels_w2_lut_ab.json           # W2 lut vs int8, interleaved
 """
 from __future__ import annotations
