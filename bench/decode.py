@@ -120,9 +120,41 @@ def peer_runner(fn: Callable, path: str, threads: int) -> Callable:
     def run(ids, new):
         r = fn(path, ids[0].tolist(), new, threads)
         n = len(ids[0])
-        return n / r["prefill_tok_s"], (new - 1) / r["decode_tok_s"], list(r.get("ids", []))
+        ids_out = r.get("ids", r.get("generated_ids", []))
+        return n / r["prefill_tok_s"], (new - 1) / r["decode_tok_s"], list(ids_out)
 
     return run
+
+
+def bitpress_exports(model, tok, work: str, peers: list, notes: dict) -> dict:
+    """The W4 g128 model saved as a bitpress checkpoint and exported for the peers that run
+    bitpress's own weights (GGUF for llama.cpp, ONNX, OpenVINO); cached under ``work``."""
+    out: dict = {}
+    if model is None or not peers:
+        return out
+    ckpt = os.path.join(work, "bitpress-w4g128")
+    if not os.path.isdir(ckpt):
+        bitpress.save(model, ckpt, tok)
+    jobs = {"gguf": ("llamacpp", os.path.join(work, "bitpress-w4g128.gguf")),
+            "onnx": ("onnxruntime", os.path.join(work, "bitpress-w4g128-onnx")),
+            "openvino": ("openvino", os.path.join(work, "bitpress-w4g128-openvino"))}
+    for fmt, (peer, path) in jobs.items():
+        if peer not in peers:
+            continue
+        try:
+            if not os.path.exists(path):
+                if fmt == "gguf":
+                    from bitpress.integrations.gguf_export import export_gguf
+
+                    export_gguf(ckpt, path, "auto", False)
+                else:
+                    from bitpress.integrations.onnx_export import export_runtime
+
+                    export_runtime(ckpt, path, fmt, False)
+            out[fmt if fmt == "gguf" else peer] = path
+        except Exception as e:  # noqa: BLE001
+            notes[f"export {fmt}"] = f"failed: {type(e).__name__}: {e}"
+    return out
 
 
 def main() -> None:  # noqa: C901 - one benchmark, all its runners
@@ -196,35 +228,37 @@ def main() -> None:  # noqa: C901 - one benchmark, all its runners
                                        "kernel_mode": "exact"}
     peers = [] if args.peers == "none" else args.peers.split(",")
     peer_notes = {}
+    exports = bitpress_exports(models.get("W4 g128"), tok, args.peer_dir, peers, peer_notes)
     if "llamacpp" in peers:
         try:
             import _llamacpp
 
-            files = _llamacpp.make_peer_ggufs(args.peer_dir)
+            files = dict(_llamacpp.make_peer_ggufs(args.peer_dir))
+            if "gguf" in exports:
+                files["bitpress W4 g128 (Q4_1, F16 head)"] = exports["gguf"]
             for name, path in files.items():
                 row = f"llama.cpp {name}"
                 if keep(row):
                     for nt in threads:
                         runners.setdefault(row, {})[nt] = peer_runner(_llamacpp.time_llamacpp,
-                                                                      path, nt)
+                                                                      str(path), nt)
                     meta_rows[row] = {"runtime": "llama.cpp (llama-cpp-python)",
+                                      "kernel_mode": "int8 activations (Q8 blocks)",
                                       "file_MB": round(os.path.getsize(path) / 1e6, 1)}
         except Exception as e:  # noqa: BLE001 - a missing peer is reported, not fatal
             peer_notes["llamacpp"] = f"not run: {type(e).__name__}: {e}"
     for peer, fn_name in (("onnxruntime", "time_onnxruntime"), ("openvino", "time_openvino")):
-        if peer not in peers:
+        if peer not in peers or peer not in exports:
             continue
         try:
             import _onnx_peer
 
-            files = _onnx_peer.make_peer_models(args.peer_dir)
-            for name, path in files.get(peer, {}).items():
-                row = f"{peer} {name}"
-                if keep(row):
-                    for nt in threads:
-                        runners.setdefault(row, {})[nt] = peer_runner(getattr(_onnx_peer, fn_name),
-                                                                      path, nt)
-                    meta_rows[row] = {"runtime": peer}
+            row = f"{peer} bitpress W4 g128 (fp16 head)"
+            if keep(row):
+                for nt in threads:
+                    runners.setdefault(row, {})[nt] = peer_runner(getattr(_onnx_peer, fn_name),
+                                                                  exports[peer], nt)
+                meta_rows[row] = {"runtime": peer, "kernel_mode": "exact (fp32 activations)"}
         except Exception as e:  # noqa: BLE001
             peer_notes[peer] = f"not run: {type(e).__name__}: {e}"
     for k, v in peer_notes.items():
