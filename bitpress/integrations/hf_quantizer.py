@@ -17,6 +17,8 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING,
                                           AUTO_QUANTIZER_MAPPING, register_quantization_config,
                                           register_quantizer)
@@ -70,6 +72,15 @@ class BitpressHfQuantizer(HfQuantizer):
         self._checkpoint_dir = dirs.pop()
         qcfg = self.quantization_config.to_dict()
         self._expected = replace_packed_modules(model, qcfg)
+        # architectures' _init_weights may touch `parent.<linear>.weight` (GPT-2 scales
+        # c_proj.weight) of modules it thinks uninitialised: give each packed module an
+        # empty placeholder that transformers' init functions skip; removed after loading
+        from ..pipeline.checkpoint import packed_modules
+
+        for m in packed_modules(model).values():
+            ph = torch.empty(0, device="meta")
+            ph._is_hf_initialized = True
+            m.__dict__["weight"] = ph
         # transformers' own loading sees the guards / bitmasks as unexpected and the rebuilt
         # block-sparse index as missing; read_state() below accounts for all of them
         model._keys_to_ignore_on_load_unexpected = set(
@@ -83,8 +94,10 @@ class BitpressHfQuantizer(HfQuantizer):
         """Re-read every tensor with bitpress's reader: whatever transformers loaded (or
         initialised for a tensor it did not find) is replaced, and any problem raises."""
         from ..formats import SafetensorsDir
-        from ..pipeline.checkpoint import read_state
+        from ..pipeline.checkpoint import packed_modules, read_state
 
+        for m in packed_modules(model).values():
+            m.__dict__.pop("weight", None)
         emb = model.get_input_embeddings().weight
         dtype = emb.dtype if emb.is_floating_point() else None
         read_state(model, SafetensorsDir(self._checkpoint_dir),
