@@ -163,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="dtype of the written weights (default float32)")
     x.add_argument("--force", action="store_true", help="replace an existing output directory")
+    x.add_argument("--format", default="float", choices=["float", "compressed-tensors"],
+                   help="float: dequantized HF directory; compressed-tensors: pack-quantized "
+                   "(vLLM, transformers), see docs/interop.md")
+    x.add_argument("--allow-rounding", action="store_true", help="compressed-tensors: round "
+                   "zeros that are off the integer grid (the error is printed)")
 
     e = sub.add_parser("eval", help="perplexity of a model (HF dir, .gguf or bitpress checkpoint)")
     e.add_argument("model")
@@ -330,6 +335,11 @@ def run(args) -> int:
     elif args.command == "finetune":
         res = _finetune(args)
         print(json.dumps({k: v for k, v in res.items() if k != "losses"}, indent=2))
+    elif args.command == "export" and args.format == "compressed-tensors":
+        from .integrations.compressed_tensors import export_compressed_tensors
+
+        print(json.dumps(export_compressed_tensors(args.dir, args.out, overwrite=args.force,
+                                                   allow_rounding=args.allow_rounding), indent=2))
     elif args.command == "export":
         from .pipeline.export import DTYPES, export_float
 
