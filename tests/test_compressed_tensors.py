@@ -123,3 +123,24 @@ def test_off_grid_zeros_are_reported_and_refused(tiny_llama_dir, tmp_path, capsy
     compress(tiny_llama_dir, gs, Recipe(bits=4, group_size=16, sparsity=0.5), progress=False)
     with pytest.raises(ConfigError, match="group-sparse"):
         export_compressed_tensors(gs, tmp_path / "ct2", progress=False)
+
+
+def test_symmetric_export_loads_in_transformers_default_path(tiny_llama_dir, tmp_path):
+    """Symmetric checkpoints (no zero points) also load through transformers' default
+    compressed path (the library decompresses on the first forward). Asymmetric ones need
+    ``dequantize=True`` there: compressed-tensors 0.20.1 builds the compressed module on the
+    meta device without packing the zero point (docs/interop.md)."""
+    from transformers import AutoModelForCausalLM
+
+    q = tmp_path / "q"
+    compress(tiny_llama_dir, q, Recipe(bits=4, group_size=32, sym=True), progress=False,
+             dtype=torch.float32)
+    out = tmp_path / "ct"
+    rep = export_compressed_tensors(q, out, scale_dtype=torch.float32, progress=False)
+    assert rep["schemes"] == [[4, 32, True]]
+    tr = AutoModelForCausalLM.from_pretrained(str(out))
+    assert not hasattr(tr.model.layers[0].mlp.up_proj, "weight") or \
+        tr.model.layers[0].mlp.up_proj.weight.dtype != torch.int32
+    ids = torch.randint(0, 400, (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), use_impl("reference"):
+        torch.testing.assert_close(tr(ids).logits, bitpress.load(q)(ids).logits, rtol=0, atol=0)

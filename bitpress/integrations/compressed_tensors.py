@@ -78,6 +78,26 @@ def integer_zero_points(scale: torch.Tensor, zero: torch.Tensor, bits: int
     return zp.to(torch.int8), stats
 
 
+def as_exported(model) -> dict[str, float]:
+    """Replace, in place, every dense packed module's zeros by ``-zp·s`` (float32 scales and
+    zeros): the exact weights a compressed-tensors export of ``model`` decompresses to. Returns
+    the summed zero-point statistics (for measuring what the rounding costs)."""
+    from ..nn.modules import QuantLinear
+    from ..pipeline.checkpoint import packed_modules
+
+    total = {"groups": 0, "groups_inexact": 0, "max_error_in_steps": 0.0}
+    for m in packed_modules(model).values():
+        if not isinstance(m, QuantLinear) or bool((m.zeros == 0).all()):
+            continue
+        zp, st = integer_zero_points(m.scales, m.zeros, m.bits)
+        s = m.scales.float()
+        m.scales, m.zeros = s, (-zp.double() * s.double()).float()
+        total["groups"] += st["groups"]
+        total["groups_inexact"] += st["groups_inexact"]
+        total["max_error_in_steps"] = max(total["max_error_in_steps"], st["max_error_in_steps"])
+    return total
+
+
 def _scheme_key(m) -> tuple:
     return (m.bits, m.group_size, bool((m.zeros == 0).all()))
 
