@@ -2,9 +2,11 @@
 :func:`bitpress.load`) or a checkpoint directory in lm-eval's ``HFLM``.
 
 From a directory, ``HFLM(pretrained=DIR)`` works as is once bitpress is imported (its
-``from_pretrained`` goes through the bitpress quantizer); the command line
-``lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True`` loads it through the
-checkpoint's remote-code loader.
+``from_pretrained`` goes through the bitpress quantizer). On the command line use
+``python -m bitpress.integrations.lm_eval --model hf --model_args pretrained=DIR ...`` (lm-eval's
+CLI with bitpress imported): the plain ``lm_eval`` command parses the ``quantization_config``
+itself before loading, so it fails on ``quant_method: bitpress`` even with
+``trust_remote_code=True``.
 """
 from __future__ import annotations
 
@@ -24,3 +26,17 @@ def hflm(model_or_dir: Any, tokenizer: Any = None, **kwargs: Any):
         raise ValueError("pass the tokenizer with an in-memory model "
                          "(bitpress.pipeline.checkpoint.load_tokenizer(DIR))")
     return HFLM(pretrained=model_or_dir, tokenizer=tokenizer, **kwargs)
+
+
+def main() -> None:
+    """``python -m bitpress.integrations.lm_eval ARGS``: lm-eval's own command line with
+    bitpress imported first (the ``lm_eval`` command parses ``quantization_config`` before
+    any remote code runs, so ``trust_remote_code`` alone is not enough there)."""
+    import bitpress  # noqa: F401  (registers the quantizer with transformers)
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
