@@ -8,6 +8,10 @@ from .errors import BitpressError, ConfigError, FormatError, OutputExistsError, 
 
 __version__ = "0.1.0"
 
+from .integrations import install_transformers_hook as _hook  # noqa: E402
+
+_hook()  # transformers' from_pretrained then knows bitpress checkpoints (no import here)
+
 
 def save(model, out_dir, tokenizer=None, quantization_config=None, overwrite=False, **kw):
     """Write a model holding bitpress modules as a checkpoint (atomically); see

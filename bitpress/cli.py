@@ -36,6 +36,8 @@ _EXPORT_FORMATS = {
             "(docs/gguf.md)",
     "onnx": "MatMulNBits graph with a KV cache (docs/npu.md)",
     "openvino": "OpenVINO IR with u4/u8 weights (docs/npu.md)",
+    "compressed-tensors": "pack-quantized directory for vLLM and transformers "
+                          "(docs/interop.md)",
 }
 #: activation modes of the CPU kernels (bitpress.kernels.cpu; restated so --help needs no torch)
 _KERNEL_MODES = ("exact", "int8", "lut", "lut63")
@@ -181,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "f32"], help="GGUF type of the packed linears (default auto: the exact one)")
     x.add_argument("--allow-requant", action="store_true", help="GGUF: re-quantize linears "
                    "with no exact block type (their measured error is reported)")
+    x.add_argument("--allow-rounding", action="store_true", help="compressed-tensors: round "
+                   "zeros that are off the integer grid (the error is printed)")
 
     e = sub.add_parser("eval", help="perplexity of a model (HF dir, .gguf or bitpress checkpoint)")
     e.add_argument("model")
@@ -369,6 +373,11 @@ def run(args) -> int:
 
         print(json.dumps(export_gguf(args.dir, args.out, args.gguf_type, args.allow_requant,
                                      overwrite=args.force), indent=2))
+    elif args.command == "export" and args.format == "compressed-tensors":
+        from .integrations.compressed_tensors import export_compressed_tensors
+
+        print(json.dumps(export_compressed_tensors(args.dir, args.out, overwrite=args.force,
+                                                   allow_rounding=args.allow_rounding), indent=2))
     elif args.command == "export":
         from .pipeline.export import DTYPES, export_float
 

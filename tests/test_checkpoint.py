@@ -245,7 +245,7 @@ def test_load_rejects_tampered_checkpoints(tiny_llama_dir, tmp_path):
     cfg = json.loads((bad / "config.json").read_text())
     cfg["quantization_config"]["modules"]["model.layers.0.mlp.up_proj"]["group_size"] = 64
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(FormatError, match="shape"):
+    with pytest.raises(FormatError, match="guard|shape"):
         bitpress.load(bad)
     cfg["quantization_config"]["format_version"] = 99
     (bad / "config.json").write_text(json.dumps(cfg))
@@ -294,7 +294,7 @@ def test_group_sparse_index_on_disk_is_a_bitmask(tiny_llama_dir, tmp_path):
     summary = compress(tiny_llama_dir, out, Recipe(bits=4, group_size=16, sparsity=0.5),
                        progress=False, dtype=torch.float32)
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["quantization_config"]["format_version"] == FORMAT_VERSION == 2
+    assert cfg["quantization_config"]["format_version"] == FORMAT_VERSION == 3
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     assert not any(k.endswith((".row_ptr", ".col_idx")) for k in tensors)
@@ -303,7 +303,7 @@ def test_group_sparse_index_on_disk_is_a_bitmask(tiny_llama_dir, tmp_path):
     assert len(masks) == len(mods) and all(t.dtype == torch.uint8 for t in masks.values())
     # bits/weight = what the packed tensors take on disk
     packed = sum(t.numel() * t.element_size() for k, t in tensors.items()
-                 if k.rsplit(".", 1)[0] in mods and not k.endswith(".bias"))
+                 if k.rsplit(".", 1)[0] in mods and not k.endswith((".bias", ".weight")))
     weights = sum(m["in_features"] * m["out_features"] for m in mods.values())
     assert summary["bits_per_weight"] == pytest.approx(8 * packed / weights, abs=1e-4)
     assert inspect_checkpoint(out)["bits_per_weight_quantized"] == pytest.approx(
@@ -321,6 +321,8 @@ def test_group_sparse_index_on_disk_is_a_bitmask(tiny_llama_dir, tmp_path):
             name = k[:-len(".keep_bits")]
             ng = -(-mods[name]["in_features"] // 16)
             old[f"{name}.row_ptr"], old[f"{name}.col_idx"] = keep_bits_to_bsr(t, ng)
+        elif k.endswith(".weight") and k[:-len(".weight")] in mods:
+            continue  # the format-3 guard
         else:
             old[k] = t
     save_file(old, str(v1 / "model.safetensors"), metadata={"format": "pt"})

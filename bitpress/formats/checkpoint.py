@@ -26,9 +26,16 @@ from .qweight import check_group_size
 #: Version written. 2: the index of block-sparse ("bsr") modules is stored as a keep bitmask
 #: ``keep_bits`` uint8 ``[out, ceil(n_groups/8)]`` (one bit per group) instead of
 #: ``row_ptr`` + ``col_idx`` (int32 per row and per kept group); everything else as in 1.
-FORMAT_VERSION = 2
+#: 3: every packed module also stores a guard tensor ``<module>.weight`` = int32
+#: ``[out_features, in_features, bits, group_size]`` (shape ``[4]``). Its name is the one the architecture's
+#: own float weight has, so a loader that does not know bitpress (transformers without the
+#: bitpress quantizer) sees a size mismatch and refuses instead of initialising the linear
+#: randomly; bitpress checks its value against ``quantization_config``. Otherwise as 2.
+FORMAT_VERSION = 3
 #: Versions this code reads.
-READ_VERSIONS = (1, 2)
+READ_VERSIONS = (1, 2, 3)
+#: Name (suffix) of the format-3 guard tensor of a packed module.
+GUARD_SUFFIX = "weight"
 QUANT_METHOD = "bitpress"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -1,12 +1,21 @@
 """Canonical bit packing of integer codes into int32 words.
 
-Layout (format_versions 1 and 2): signed codes ``c`` in ``[-2^(b-1), 2^(b-1)-1]`` are offset to
+Layout (format_versions 1 to 3): signed codes ``c`` in ``[-2^(b-1), 2^(b-1)-1]`` are offset to
 unsigned ``u = c + 2^(b-1)`` and packed little-endian along the last dimension: word ``j``
 holds elements ``j*pf ... j*pf+pf-1`` with element ``i`` of the word at bits ``i*b``,
-where ``pf = 32 // b`` (16 for 2-bit, 10 for 3-bit, 8 for 4-bit, 4 for 8-bit). A 3-bit
-word therefore uses 30 of its 32 bits, as compressed-tensors' ``pack-quantized`` does.
-The last dimension is padded up to a multiple of ``pf`` with the signed code 0; readers
-must ignore elements past the logical length.
+where ``pf = 32 // b`` (16 for 2-bit, 10 for 3-bit, 8 for 4-bit, 4 for 8-bit). The last
+dimension is padded up to a multiple of ``pf`` with the signed code 0; readers must ignore
+elements past the logical length.
+
+For 2, 4 and 8 bits this is compressed-tensors' ``pack-quantized`` layout (bit-identical
+when the row length is a multiple of ``pf``; the library pads with unsigned 0). For 3 bits it
+is not: compressed-tensors (0.20) packs a dense bit stream in which a code may straddle two
+words (32 codes in 3 words), while bitpress keeps 10 codes per word (2 bits unused). bitpress
+keeps its layout because every kernel (C++, Triton, CUDA) decodes a 3-bit code from a single
+word, and existing checkpoints need no conversion; the 3-bit cost is 3.2 bits per code
+instead of 3.0. ``bitpress export --format compressed-tensors`` writes the library's layout
+(:func:`bitpress.integrations.compressed_tensors.pack_bitstream`, verified against the
+library's own unpacking in tests).
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from ..errors import FormatError, SourceError
 from ..formats import (SafetensorsDir, atomic_output_dir, num_groups,
                        bsr_to_keep_bits, keep_bits_bytes, keep_bits_to_bsr,
                        packed_words, validate_bsr, validate_quantization_config, write_shards)
-from ..formats.checkpoint import DEFAULT_SHARD_BYTES, check_finite, write_json
+from ..formats.checkpoint import DEFAULT_SHARD_BYTES, GUARD_SUFFIX, check_finite, write_json
 from ..nn import packed_module_from_scheme
 from ..nn.modules import _PackedLinear
 from ..nn.recipe import set_submodule
@@ -51,15 +51,56 @@ def _dedup_state_dict(model: nn.Module, dtype: Optional[torch.dtype] = None
     return out
 
 
+def guard_tensor(m: _PackedLinear) -> torch.Tensor:
+    """The format-3 guard of a packed module (see ``FORMAT_VERSION``): int32
+    ``[out_features, in_features, bits, group_size]``, stored under the module's ``.weight``
+    name."""
+    return torch.tensor([m.out_features, m.in_features, m.bits, m.group_size],
+                        dtype=torch.int32)
+
+
 def _disk_index(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The state dict as written (format_version 2): each block-sparse module's ``row_ptr``
-    and ``col_idx`` replaced by its ``keep_bits`` bitmask."""
+    """The state dict as written (format_version 3): each block-sparse module's ``row_ptr``
+    and ``col_idx`` replaced by its ``keep_bits`` bitmask, and every packed module's guard
+    tensor added."""
     for name, m in packed_modules(model).items():
+        if f"{name}.{GUARD_SUFFIX}" in sd:
+            raise FormatError(f"packed module {name} has a tensor named {GUARD_SUFFIX!r}, "
+                              f"which the checkpoint format reserves for its guard")
+        sd[f"{name}.{GUARD_SUFFIX}"] = guard_tensor(m)
         if m.scheme()["format"] != "bsr":
             continue
         rp, ci = sd.pop(f"{name}.row_ptr"), sd.pop(f"{name}.col_idx")
         sd[f"{name}.keep_bits"] = bsr_to_keep_bits(rp, ci, m.n_groups)
     return sd
+
+
+def disk_state_dict(model: nn.Module, dtype: Optional[torch.dtype] = None
+                    ) -> dict[str, torch.Tensor]:
+    """Every tensor a checkpoint of ``model`` holds, under its on-disk name."""
+    return _disk_index(model, _dedup_state_dict(model, dtype))
+
+
+def quantization_config_of(model: nn.Module,
+                           quantization_config: Optional[dict[str, Any]] = None
+                           ) -> dict[str, Any]:
+    """The ``quantization_config`` describing the packed modules of ``model``: the given
+    entries (``method``, ``bits``, ...; default ``method="custom"``) with ``modules`` rebuilt
+    from the model, so it cannot disagree with the weights."""
+    from ..formats import make_quantization_config
+
+    mods = packed_modules(model)
+    if not mods:
+        raise FormatError("the model has no bitpress modules; compress it first "
+                          "(bitpress.nn.replace_linears or `bitpress compress`)")
+    schemes = {n: m.scheme() for n, m in mods.items()}
+    q = dict(quantization_config or {})
+    first = next(iter(mods.values()))
+    return make_quantization_config(
+        q.pop("method", "custom"), q.pop("bits", first.bits), q.pop("group_size", first.group_size),
+        schemes, sparsity=q.pop("sparsity", None), ignore=q.pop("ignore", None),
+        param_dtype=q.pop("param_dtype", str(first.scales.dtype).replace("torch.", "")),
+        **{k: v for k, v in q.items() if k not in ("modules", "quant_method", "format_version")})
 
 
 def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None,
@@ -74,28 +115,16 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None,
     cannot disagree with the weights. ``extra_files`` maps file names to JSON objects.
     ``dtype`` is the storage dtype of the tensors that are not packed (embeddings, norms,
     unquantized heads); default: as they are in memory."""
-    from ..formats import make_quantization_config
-
-    mods = packed_modules(model)
-    if not mods:
-        raise FormatError("the model has no bitpress modules; compress it first "
-                          "(bitpress.nn.replace_linears or `bitpress compress`)")
-    schemes = {n: m.scheme() for n, m in mods.items()}
-    q = dict(quantization_config or {})
-    first = next(iter(mods.values()))
-    qcfg = make_quantization_config(
-        q.pop("method", "custom"), q.pop("bits", first.bits), q.pop("group_size", first.group_size),
-        schemes, sparsity=q.pop("sparsity", None), ignore=q.pop("ignore", None),
-        param_dtype=q.pop("param_dtype", str(first.scales.dtype).replace("torch.", "")),
-        **{k: v for k, v in q.items() if k not in ("modules", "quant_method", "format_version")})
+    qcfg = quantization_config_of(model, quantization_config)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     if dtype is not None:
         config["dtype"] = str(dtype).replace("torch.", "")
     config["quantization_config"] = qcfg
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        write_shards(_disk_index(model, _dedup_state_dict(model, dtype)), tmp, max_shard_bytes,
+        write_shards(disk_state_dict(model, dtype), tmp, max_shard_bytes,
                      metadata={"bitpress_format_version": str(qcfg["format_version"])})
+        write_remote_code(tmp, config)
         write_json(tmp / "config.json", config)
         gen = getattr(model, "generation_config", None)
         if gen is not None:
@@ -130,6 +159,7 @@ def load_hf_config(directory: str | os.PathLike):
         raise FormatError(f"{cfg_path} is not valid JSON: {e}") from None
     qcfg = raw.pop("quantization_config", None)
     validate_quantization_config(qcfg)
+    _drop_remote_code_entry(raw)
     model_type = raw.pop("model_type", None)
     if model_type is None:
         raise FormatError(f"{cfg_path} has no model_type")
@@ -138,6 +168,20 @@ def load_hf_config(directory: str | os.PathLike):
     except Exception as e:  # noqa: BLE001
         raise FormatError(f"cannot build a {model_type} config from {cfg_path}: {e}") from None
     return config, qcfg
+
+
+def _drop_remote_code_entry(config: dict[str, Any]) -> None:
+    """Remove the ``auto_map`` entry :func:`write_remote_code` adds (the loaded model's config
+    must not name a code file that a later ``save_pretrained`` would not write)."""
+    from ..integrations import REMOTE_CODE_CLASS
+
+    am = config.get("auto_map")
+    if isinstance(am, dict) and am.get("AutoModelForCausalLM") == REMOTE_CODE_CLASS:
+        am = {k: v for k, v in am.items() if k != "AutoModelForCausalLM"}
+        if am:
+            config["auto_map"] = am
+        else:
+            config.pop("auto_map")
 
 
 def _expected_shapes(m: _PackedLinear) -> dict[str, tuple]:
@@ -185,35 +229,34 @@ def scheme_tensors(scheme: dict[str, Any], format_version: int
     return shapes
 
 
-def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
-         dtype: Optional[torch.dtype] = torch.float32):
-    """Rebuild the transformers model of a bitpress checkpoint with its packed modules.
+def write_remote_code(directory: Path, config: dict[str, Any]) -> None:
+    """Make ``directory`` loadable by ``AutoModelForCausalLM.from_pretrained(directory,
+    trust_remote_code=True)`` without importing bitpress first: copy the tiny loader module
+    (it imports bitpress and hands over to its quantizer) and name it in ``config["auto_map"]``."""
+    import shutil
 
-    The model skeleton is built on the meta device (no full-precision weights are ever
-    materialised); tensors are read from safetensors straight into their modules.
-    ``dtype`` is the compute dtype of the unpacked floating tensors (embeddings, norms,
-    biases); packed codes, scales and zeros stay as stored. ``None`` keeps the stored dtypes."""
-    from accelerate import init_empty_weights
+    from ..integrations import REMOTE_CODE_CLASS, REMOTE_CODE_FILE
 
-    from .source import _require_transformers
+    shutil.copyfile(Path(__file__).parent.parent / "integrations" / REMOTE_CODE_FILE,
+                    directory / REMOTE_CODE_FILE)
+    config["auto_map"] = {**(config.get("auto_map") or {}),
+                          "AutoModelForCausalLM": REMOTE_CODE_CLASS}
 
-    tr = _require_transformers()
-    d = Path(directory)
-    config, qcfg = load_hf_config(d)
-    files = SafetensorsDir(d)
-    with init_empty_weights(include_buffers=False):
-        try:
-            model = tr.AutoModelForCausalLM.from_config(config)
-        except Exception as e:  # noqa: BLE001
-            raise FormatError(f"cannot build the model of {d}: {e}") from None
+
+def replace_packed_modules(model: nn.Module, qcfg: dict[str, Any]) -> dict[str, tuple]:
+    """Swap, in place, every linear that ``qcfg["modules"]`` names for an empty packed module
+    on the meta device; returns the shape every packed tensor must have (by state-dict name)."""
     expected: dict[str, tuple] = {}
     for name, scheme in qcfg["modules"].items():
         try:
             lin = model.get_submodule(name)
         except AttributeError:
             raise FormatError(f"quantization_config names module {name!r}, which the "
-                              f"{config.model_type} model does not have") from None
-        w = lin.weight
+                              f"{model.config.model_type} model does not have") from None
+        w = getattr(lin, "weight", None)
+        if w is None or w.dim() != 2:
+            raise FormatError(f"quantization_config names module {name!r}, which is a "
+                              f"{type(lin).__name__}, not a linear layer")
         in_f, out_f = (w.shape[0], w.shape[1]) if type(lin).__name__ == "Conv1D" else \
             (w.shape[1], w.shape[0])
         if (in_f, out_f) != (scheme["in_features"], scheme["out_features"]):
@@ -226,14 +269,43 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
         set_submodule(model, name, new)
         for k, shape in _expected_shapes(new).items():
             expected[f"{name}.{k}"] = shape
-    state_keys = list(model.state_dict().keys())
+    return expected
+
+
+def read_state(model: nn.Module, files: SafetensorsDir, qcfg: dict[str, Any],
+               expected: dict[str, tuple], device: Optional[str | torch.device] = "cpu",
+               dtype: Optional[torch.dtype] = torch.float32) -> None:
+    """Fill every parameter and buffer of ``model`` (whose packed modules
+    :func:`replace_packed_modules` put in place) from ``files``, checking every name, shape,
+    guard and block-sparse index; anything missing, extra or malformed raises
+    :class:`FormatError`, so no tensor is ever left uninitialised. ``device=None`` keeps each
+    tensor on the device of the model's input embedding."""
+    d = files.dir
+    if device is None:
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        w = getattr(emb, "weight", None)
+        device = w.device if w is not None and w.device.type != "meta" else "cpu"
+    state = model.state_dict()
+    state_keys = list(state.keys())
     sd: dict[str, torch.Tensor] = {}
-    index_keys: set[str] = set()  # format_version 2: bitmasks on disk, rows + columns in memory
-    derived: set[str] = set()  # ... so a format-2 file holding row_ptr/col_idx is malformed
-    if qcfg["format_version"] >= 2:
-        for name, scheme in qcfg["modules"].items():
-            if scheme["format"] != "bsr":
-                continue
+    index_keys: set[str] = set()  # tensors on disk that are not in the state dict
+    derived: set[str] = set()  # ... and state-dict tensors rebuilt from them (not on disk)
+    version = qcfg["format_version"]
+    for name, scheme in qcfg["modules"].items():
+        if version >= 3:
+            k = f"{name}.{GUARD_SUFFIX}"
+            if k not in files:
+                raise FormatError(f"{d} is missing tensor {k!r} (the format-{version} guard of "
+                                  f"packed module {name})")
+            t = files.get(k)
+            want = [scheme["out_features"], scheme["in_features"], scheme["bits"],
+                    scheme["group_size"]]
+            if t.dtype != torch.int32 or t.shape != (4,) or t.tolist() != want:
+                raise FormatError(f"guard tensor {k!r} in {d} is {t.tolist()} ({t.dtype}), "
+                                  f"quantization_config says {want}: the checkpoint was edited "
+                                  f"or mixed with another one")
+            index_keys.add(k)
+        if version >= 2 and scheme["format"] == "bsr":
             k = f"{name}.keep_bits"
             if k not in files:
                 raise FormatError(f"{d} is missing tensor {k!r} (the index of block-sparse "
@@ -255,11 +327,14 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
             continue
         t = files.get(k)
         check_finite(t, k, d)
-        ref = model.state_dict()[k]
-        shape = expected.get(k, tuple(ref.shape))
+        shape = expected.get(k, tuple(state[k].shape))
         if tuple(t.shape) != tuple(shape):
             raise FormatError(f"tensor {k!r} in {d} has shape {tuple(t.shape)}, the model "
                               f"expects {tuple(shape)}")
+        want_dtype = expected_dtype(k, expected)
+        if want_dtype is not None and t.dtype != want_dtype:
+            raise FormatError(f"tensor {k!r} in {d} is {t.dtype}, the packed format stores "
+                              f"{want_dtype}")
         if dtype is not None and t.is_floating_point() and not _is_packed_param(k, expected):
             t = t.to(dtype)
         sd[k] = t.to(device)
@@ -268,7 +343,7 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
         raise FormatError(f"{d} holds tensors the model does not have: {_short(unexpected)}")
     missing = [k for k in state_keys if k not in sd]
     model.load_state_dict(sd, strict=False, assign=True)
-    if getattr(config, "tie_word_embeddings", False):
+    if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
                   if t.device.type == "meta"]
@@ -278,7 +353,47 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
         if m.scheme()["format"] == "bsr":
             validate_bsr(m.row_ptr, m.col_idx, m.qvalues, m.scales, m.zeros, m.bits,
                          m.group_size, m.in_features)
+
+
+def expected_dtype(key: str, expected: dict[str, tuple]) -> Optional[torch.dtype]:
+    """The dtype the packed format fixes for ``key`` (codes and indices), else ``None``."""
+    if key not in expected:
+        return None
+    return {"qweight": torch.int32, "qvalues": torch.int32, "row_ptr": torch.int32,
+            "col_idx": torch.int32, "keep_bits": torch.uint8}.get(key.rsplit(".", 1)[1])
+
+
+def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
+         dtype: Optional[torch.dtype] = torch.float32):
+    """Rebuild the transformers model of a bitpress checkpoint with its packed modules.
+
+    The model skeleton is built on the meta device (no full-precision weights are ever
+    materialised); tensors are read from safetensors straight into their modules.
+    ``dtype`` is the compute dtype of the unpacked floating tensors (embeddings, norms,
+    biases); packed codes, scales and zeros stay as stored. ``None`` keeps the stored dtypes.
+
+    The model carries the bitpress quantization config and quantizer (as
+    ``AutoModelForCausalLM.from_pretrained`` sets them), so ``model.save_pretrained`` writes a
+    bitpress checkpoint again."""
+    from accelerate import init_empty_weights
+
+    from .source import _require_transformers
+
+    tr = _require_transformers()
+    d = Path(directory)
+    config, qcfg = load_hf_config(d)
+    files = SafetensorsDir(d)
+    with init_empty_weights(include_buffers=False):
+        try:
+            model = tr.AutoModelForCausalLM.from_config(config)
+        except Exception as e:  # noqa: BLE001
+            raise FormatError(f"cannot build the model of {d}: {e}") from None
+    expected = replace_packed_modules(model, qcfg)
+    read_state(model, files, qcfg, expected, device, dtype)
     model.to(device)
+    from ..integrations.hf_quantizer import attach_quantizer
+
+    attach_quantizer(model, qcfg)
     return model.eval()
 
 

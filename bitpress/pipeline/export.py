@@ -85,7 +85,10 @@ def export_float(src: str | os.PathLike, out_dir: str | os.PathLike,
     tok = load_tokenizer(src_info.path)
     n = unpack_linears(model)
     model.to(dtype)
-    if hasattr(model.config, "quantization_config"):  # load() keeps it off; be sure
+    quantizer = getattr(model, "hf_quantizer", None)  # load() attaches bitpress's
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    if hasattr(model.config, "quantization_config"):
         delattr(model.config, "quantization_config")
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

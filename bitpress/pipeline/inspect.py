@@ -16,6 +16,8 @@ from .checkpoint import load_hf_config, scheme_tensors
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                 "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _PACKED = ("qweight", "scales", "zeros", "row_ptr", "col_idx", "keep_bits", "qvalues")
+#: the format-3 guard of a packed module (16 bytes of metadata, counted in neither)
+_GUARD = "weight"
 
 
 def _nbytes(files: SafetensorsDir, key: str) -> int:
@@ -53,7 +55,7 @@ def inspect_checkpoint(directory: str | os.PathLike, histogram: bool = False) ->
         q_bytes += nb
         q_weights += numel
     other = [k for k in files.keys() if not any(k.startswith(m + ".") and k.rsplit(".", 1)[1]
-                                                in _PACKED for m in qcfg["modules"])]
+                                                in (*_PACKED, _GUARD) for m in qcfg["modules"])]
     other_bytes = sum(_nbytes(files, k) for k in other)
     other_params = sum(math.prod(files.shapes[k]) for k in other)
     return {
