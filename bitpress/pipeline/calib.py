@@ -41,5 +41,5 @@ def calibration_windows(tokenizer, text: str, nsamples: int = 128, seqlen: int =
         raise ConfigError(f"the calibration text has {ids.numel()} tokens, shorter than one "
                           f"window of {seqlen}; give a longer --calib file or a smaller --seqlen")
     g = torch.Generator().manual_seed(int(seed))
-    starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=g)
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=g, device="cpu")
     return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])

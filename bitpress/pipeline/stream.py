@@ -99,6 +99,7 @@ class SafetensorsStore(TensorStore):
     def __init__(self, directory: str | Path, model_keys: list[str]):
         super().__init__()
         self.files = SafetensorsDir(directory)
+        self._headers: dict[str, tuple[int, dict]] = {}
         self._map: dict[str, str] = {}
         for k in model_keys:
             for cand in _name_variants(k):
@@ -113,7 +114,41 @@ class SafetensorsStore(TensorStore):
         return tuple(self.files.shapes[self._map[name]])
 
     def _read(self, name: str) -> torch.Tensor:
-        return self.files.get(self._map[name])
+        """One tensor read with ``pread`` into fresh memory — no memory map, so the pages
+        of tensors already used are not counted in (and do not pile up in) this process's
+        resident set while a checkpoint larger than RAM streams through."""
+        from ..formats.checkpoint import read_safetensors_header
+
+        key = self._map[name]
+        f = self.files._where[key]
+        if f not in self._headers:
+            raw = read_safetensors_header(self.files.dir / f)
+            with open(self.files.dir / f, "rb") as fh:
+                base = 8 + int.from_bytes(fh.read(8), "little")
+            self._headers[f] = (base, raw)
+        base, header = self._headers[f]
+        ent = header[key]
+        dtype = _ST_DTYPES.get(ent["dtype"])
+        if dtype is None:  # an unusual dtype: the library reads it
+            return self.files.get(key)
+        a, b = (int(x) for x in ent["data_offsets"])
+        buf = bytearray(b - a)
+        with open(self.files.dir / f, "rb", buffering=0) as fh:
+            fh.seek(base + a)
+            view, got = memoryview(buf), 0
+            while got < len(buf):
+                n = fh.readinto(view[got:])
+                if not n:
+                    raise FormatError(f"{self.files.dir / f} ended inside tensor {key!r}")
+                got += n
+        if not buf:
+            return torch.empty(tuple(ent["shape"]), dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(tuple(ent["shape"]))
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+              "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def _name_variants(k: str) -> list[str]:
@@ -183,7 +218,9 @@ def build_skeleton(config) -> nn.Module:
 
     try:
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config)
+            # float32 whatever the config's dtype: the calibration forwards and the passes
+            # compute in float32 (an fp16 config would otherwise make fp16 parameters)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except Exception as e:  # noqa: BLE001 - transformers raises ValueError/KeyError/...
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"unsupported architecture {getattr(config, 'model_type', '?')!r}: "
@@ -238,8 +275,10 @@ def set_linear_weight(m: nn.Module, w: torch.Tensor) -> None:
 
 
 def materialize(model: nn.Module, names: list[str], store: TensorStore,
-                dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
-    """Read ``names`` (state-dict keys) from ``store`` into ``model`` (floats as ``dtype``)."""
+                dtype: Optional[torch.dtype] = torch.float32,
+                device: torch.device | str = "cpu") -> None:
+    """Read ``names`` (state-dict keys) from ``store`` into ``model`` (floats as ``dtype``;
+    ``None``: as stored)."""
     from accelerate.utils import set_module_tensor_to_device
 
     sd = model.state_dict(keep_vars=True)
@@ -250,9 +289,10 @@ def materialize(model: nn.Module, names: list[str], store: TensorStore,
             raise FormatError(f"tensor {k!r} has shape {tuple(t.shape)} in the source, the "
                               f"model expects {tuple(ref.shape)}; the weights and the config "
                               f"do not belong together")
-        if t.is_floating_point():
+        if t.is_floating_point() and dtype is not None:
             t = t.to(dtype)
-        set_module_tensor_to_device(model, k, device, value=t)
+        set_module_tensor_to_device(model, k, device, value=t,
+                                    dtype=t.dtype if t.is_floating_point() else None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -356,9 +396,9 @@ class Hessian:
             if not self._upper:
                 self.sum = torch.triu(self.sum)
                 self._upper = True
-            self.sum += torch.from_numpy(c).double()  # upper triangle valid, lower zero
+            self.sum += torch.from_numpy(c)  # upper valid, lower zero; promoted per element
         else:
-            xx = (x.T @ x).double()
+            xx = x.T @ x
             self.sum += torch.triu(xx) if self._upper else xx
         self.n += x.shape[0]
 
@@ -659,7 +699,10 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
             bar.update(1)
             continue
         r0 = store.reads
-        materialize(model, _prefix_keys(keys, pre), store, device=device)
+        # data-free: no forward, so the weights stay as stored (RTN reads them as float32,
+        # and the output casts the rest exactly as before): half the memory of an fp16 block
+        materialize(model, _prefix_keys(keys, pre), store, device=device,
+                    dtype=torch.float32 if calib_ids is not None else None)
         reads_per_block.append(store.reads - r0)
         memory["block_float_bytes"] = max(memory["block_float_bytes"], _tensor_bytes(block))
         qweights: dict[str, QuantizedWeight] = {}

@@ -485,7 +485,7 @@ class BlockTuner:
         try:
             for _ in range(self.epochs):
                 run, n_run = 0.0, 0
-                for i in torch.randperm(len(chunks), generator=g).tolist():
+                for i in torch.randperm(len(chunks), generator=g, device="cpu").tolist():
                     if steps >= total:
                         break
                     k, j, mb = chunks[i]
