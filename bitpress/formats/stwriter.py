@@ -106,6 +106,38 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
     return w.close()
 
 
+ST_DTYPES = {v: k for k, v in DTYPES.items()}
+
+
+def header_base(path: str | os.PathLike) -> int:
+    """Offset of the first data byte of a safetensors file."""
+    with open(path, "rb") as fh:
+        return 8 + int.from_bytes(fh.read(8), "little")
+
+
+def read_tensor(path: str | os.PathLike, base: int, entry: Mapping) -> Optional[torch.Tensor]:
+    """One tensor of a safetensors file (``entry``: its header entry) read with ``pread``
+    into fresh memory: no memory map, so tensors already used leave nothing behind in the
+    process's resident set. ``None`` for a dtype this reader does not know."""
+    dtype = ST_DTYPES.get(entry["dtype"])
+    if dtype is None:
+        return None
+    a, b = (int(x) for x in entry["data_offsets"])
+    shape = tuple(int(x) for x in entry["shape"])
+    if b == a:
+        return torch.empty(shape, dtype=dtype)
+    buf = bytearray(b - a)
+    with open(path, "rb", buffering=0) as fh:
+        fh.seek(base + a)
+        view, got = memoryview(buf), 0
+        while got < len(buf):
+            n = fh.readinto(view[got:])
+            if not n:
+                raise FormatError(f"{path} ended inside a tensor; re-export or re-download it")
+            got += n
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make a rename inside ``path`` durable (no-op where directories cannot be opened)."""
     try:

@@ -118,37 +118,16 @@ class SafetensorsStore(TensorStore):
         of tensors already used are not counted in (and do not pile up in) this process's
         resident set while a checkpoint larger than RAM streams through."""
         from ..formats.checkpoint import read_safetensors_header
+        from ..formats.stwriter import header_base, read_tensor
 
         key = self._map[name]
         f = self.files._where[key]
         if f not in self._headers:
-            raw = read_safetensors_header(self.files.dir / f)
-            with open(self.files.dir / f, "rb") as fh:
-                base = 8 + int.from_bytes(fh.read(8), "little")
-            self._headers[f] = (base, raw)
+            path = self.files.dir / f
+            self._headers[f] = (header_base(path), read_safetensors_header(path))
         base, header = self._headers[f]
-        ent = header[key]
-        dtype = _ST_DTYPES.get(ent["dtype"])
-        if dtype is None:  # an unusual dtype: the library reads it
-            return self.files.get(key)
-        a, b = (int(x) for x in ent["data_offsets"])
-        buf = bytearray(b - a)
-        with open(self.files.dir / f, "rb", buffering=0) as fh:
-            fh.seek(base + a)
-            view, got = memoryview(buf), 0
-            while got < len(buf):
-                n = fh.readinto(view[got:])
-                if not n:
-                    raise FormatError(f"{self.files.dir / f} ended inside tensor {key!r}")
-                got += n
-        if not buf:
-            return torch.empty(tuple(ent["shape"]), dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(tuple(ent["shape"]))
-
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-              "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+        t = read_tensor(self.files.dir / f, base, header[key])
+        return t if t is not None else self.files.get(key)  # an unusual dtype
 
 
 def _name_variants(k: str) -> list[str]:
@@ -596,6 +575,8 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
 
     dist = dist if dist is not None else Dist()
     device = torch.device(device)
+    if writer is not None:
+        _return_big_frees_to_os()  # block-sized temporaries must not pile up in the heap
     rss_at_start = _rss_now()
     blocks_name, blocks = find_blocks(model)
     sd = model.state_dict(keep_vars=True)
@@ -852,6 +833,7 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
                               hid_next, fhid if hid_next is not None else None, all_groups,
                               stash)
             block.to("meta")  # its packed tensors are on disk now
+            _trim_heap()
         short = " ".join(f"{n.rsplit('.', 1)[-1]} {errors[pre + n]:.1e}" for n in names)
         bar.set_postfix_str(f"{short} | {time.time() - tb:.1f}s")
         log.info("block %d: %s (%.1f s)", i, short, time.time() - tb)
@@ -1090,6 +1072,16 @@ def _return_big_frees_to_os() -> None:
 
         libc = ctypes.CDLL(None)
         libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
 

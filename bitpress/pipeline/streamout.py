@@ -38,7 +38,8 @@ from torch import nn
 from ..errors import ConfigError, OutputExistsError, SourceError
 from ..formats.checkpoint import (DEFAULT_SHARD_BYTES, INDEX_FILE, SINGLE_FILE,
                                   atomic_output_dir, read_safetensors_header, write_json)
-from ..formats.stwriter import SafetensorsWriter, fsync_dir, write_safetensors
+from ..formats.stwriter import (SafetensorsWriter, fsync_dir, header_base, read_tensor,
+                               write_safetensors)
 
 log = logging.getLogger(__name__)
 
@@ -236,8 +237,6 @@ class StreamOutput:
     def finalize(self, config: dict[str, Any], tokenizer, generation_config,
                  summary: dict[str, Any], overwrite: bool, n_blocks: int) -> None:
         """Assemble the checkpoint (rank 0) and remove the work directory."""
-        from safetensors import safe_open
-
         if self.dist.rank != 0:
             self.dist.barrier()
             return
@@ -252,9 +251,9 @@ class StreamOutput:
                          for h in headers for k, v in _in_data_order(h)]
                 w = SafetensorsWriter(tmp / SINGLE_FILE, specs, self.meta)
                 for p, h in zip(parts, headers):
-                    with safe_open(str(p), "pt") as f:
-                        for k, _ in _in_data_order(h):
-                            w.write(k, f.get_tensor(k))
+                    base = header_base(p)
+                    for k, ent in _in_data_order(h):
+                        w.write(k, read_tensor(p, base, ent))
                 w.close()
             else:
                 n = len(parts)
