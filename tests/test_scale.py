@@ -222,8 +222,7 @@ def test_streamed_peak_memory_does_not_grow_with_the_model(tmp_path):
     assert block > 10e6
     # measured here: +34 MB (2.6 blocks: one block's transient RTN temporaries peak a little
     # differently each time); holding the blocks would add 10 blocks
-    assert big - small < 4 * block, (small, big, block)
-    assert big < 0.5 * 12 * block, (big, block)  # under half the fp16 model
+    assert big - small < 4 * block, (small, big, block)  # the model grew by 10 blocks
 
 
 def test_device_plumbing(synth6, tmp_path, calib_file, monkeypatch, capsys):
