@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -82,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="module name pattern to compress (repeatable; default: all linears)")
     c.add_argument("--recipe", help="recipe JSON file (overrides the options above)")
     c.add_argument("--force", action="store_true", help="replace an existing output directory")
+    c.add_argument("--blocks", default=None, metavar="A:B", help="compress only decoder blocks "
+                   "A..B-1 (from 0); the others stay float (docs/scale.md)")
+    c.add_argument("--resume", action="store_true", help="continue an interrupted run of the "
+                   "same command from its last finished block (same bytes as an uninterrupted run)")
+    c.add_argument("--device", default="cpu", help="where the passes run: cpu, cuda, cuda:N")
     k = c.add_argument_group("calibration (gptq; optional for rtn, where it only measures "
                              "the H-weighted error)")
     k.add_argument("--calib", default=None,
@@ -357,7 +363,10 @@ def run(args) -> int:
                            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                            batch_size=args.calib_batch_size, block_tune=args.block_tune,
                            tune_epochs=args.tune_epochs, tune_lr=args.tune_lr,
-                           tune_options=_tune_options(args))
+                           tune_options=_tune_options(args), resume=args.resume,
+                           blocks=args.blocks, device=args.device)
+        if summary.get("world_size", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
+            return 0  # one report per distributed run
         print(json.dumps({k: v for k, v in summary.items()
                           if k not in ("relative_weight_error", "tensors_read_per_block")},
                          indent=2))

@@ -226,15 +226,22 @@ def test_existing_output_needs_force(tiny_llama_dir, tmp_path, capsys):
 
 
 def test_failure_mid_write_leaves_nothing(tiny_llama_dir, tmp_path, monkeypatch):
-    import bitpress.pipeline.checkpoint as ck
+    """No output appears; what is kept is the resumable work directory (docs/scale.md),
+    which --resume continues and --force clears."""
+    import bitpress.pipeline.streamout as so
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ck, "write_shards", boom)
+    real = so.write_safetensors
+    monkeypatch.setattr(so, "write_safetensors", boom)
     with pytest.raises(RuntimeError):
         compress(tiny_llama_dir, tmp_path / "q", Recipe(bits=4, group_size=32), progress=False)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".q.partial"]
+    monkeypatch.setattr(so, "write_safetensors", real)
+    compress(tiny_llama_dir, tmp_path / "q", Recipe(bits=4, group_size=32), progress=False,
+             resume=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
 
 
 def test_load_rejects_tampered_checkpoints(tiny_llama_dir, tmp_path):

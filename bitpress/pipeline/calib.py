@@ -50,5 +50,5 @@ def calibration_windows(tokenizer, text: str, nsamples: int = 128, seqlen: int =
                     "--calib text or fewer --nsamples", ids.numel(), nsamples, seqlen,
                     nsamples * seqlen, nsamples * seqlen / ids.numel())
     g = torch.Generator().manual_seed(int(seed))
-    starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=g)
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=g, device="cpu")
     return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputExistsError, SourceError
 from ..formats.checkpoint import check_output_path
 from ..nn import Recipe, replace_linears, target_linears
 from ..nn.recipe import rtn_quantize_linear
@@ -90,7 +90,9 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
              calibrate: Optional[bool] = None,
              block_hook: Optional[BlockHook] = None, block_tune: Optional[str] = None,
              tune_epochs: Optional[int] = None, tune_lr: Optional[float] = None,
-             tune_options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+             tune_options: Optional[dict[str, Any]] = None, resume: bool = False,
+             blocks: Optional[str | tuple[int, int]] = None, device: str = "cpu",
+             max_shard_bytes: Optional[int] = None) -> dict[str, Any]:
     """Compress ``src`` with ``recipe`` block by block and write a bitpress checkpoint.
 
     Only one decoder block's float weights are in memory at a time (see
@@ -103,6 +105,13 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
     ``dtype`` is the storage dtype of the tensors left unquantized (embeddings, norms).
     ``block_hook`` (see :class:`bitpress.pipeline.stream.BlockContext`) may re-solve a
     block's weights against the float block's outputs (block tuning).
+
+    Scale (see ``docs/scale.md``): each block is written as it finishes and dropped from
+    memory (:mod:`bitpress.pipeline.streamout`); ``resume`` continues a run that was
+    killed, from its last finished block, to the same bytes; ``blocks`` ``"A:B"``
+    compresses only blocks ``A <= i < B`` (the rest stay float); ``device`` runs every
+    pass there (``"cuda"``, ``"cuda:1"``, ``"cpu"``). Started by ``torchrun`` with several
+    processes, the calibration batches are split across them (:mod:`bitpress.pipeline.dist`).
     """
     from .stream import stream_quantize
 
@@ -111,6 +120,11 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
         raise ConfigError(f"unknown method {recipe.method!r}; available: {', '.join(METHODS)}")
     if batch_size < 1:
         raise ConfigError(f"calibration batch size must be positive, got {batch_size}")
+    from .dist import init_from_env
+    from .streamout import StreamOutput
+
+    dev = resolve_device(device)
+    block_range = parse_blocks(blocks)
     out = Path(out)
     check_output_path(out, [src, calib], overwrite)  # before anything is loaded
     solve = _solver(recipe)
@@ -120,11 +134,27 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
         block_hook = tuner
     if calibrate is None:
         calibrate = recipe.method in CALIBRATED or calib is not None or block_hook is not None
+    dist = init_from_env(str(dev))
     source, model, store, tokenizer, ids, calib_desc = _open(
         src, recipe, calibrate, calib, nsamples, seqlen, seed)
+    from ..formats import FORMAT_VERSION
+
+    fingerprint = _fingerprint(source, recipe, solve, ids, calib_desc, nsamples, seqlen, seed,
+                               batch_size, tuner, dtype, block_range, dist.world, dev)
+    writer = StreamOutput(out, fingerprint, resume, overwrite, dtype, dist, FORMAT_VERSION,
+                          **({"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}))
     t_setup = time.time() - t0
-    res = stream_quantize(model, store, recipe, solve, ids, batch_size=batch_size,
-                          block_hook=block_hook, progress=progress)
+    try:
+        res = stream_quantize(model, store, recipe, solve, ids, batch_size=batch_size,
+                              block_hook=block_hook, progress=progress and dist.rank == 0,
+                              writer=writer, block_range=block_range, device=dev, seed=seed,
+                              dist=dist)
+    except BaseException:
+        if writer.work.exists():
+            log.warning("the finished blocks are kept in %s: rerun the same command with "
+                        "--resume to continue, or with --force to start over", writer.work)
+        raise
+    tune_records = [r for b in writer.state["blocks"] for r in b["tune"]]
     summary: dict[str, Any] = {
         "source": str(source.path), "method": recipe.method, "recipe": recipe.to_dict(),
         "options": getattr(solve, "options", {}),
@@ -135,21 +165,101 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
         "block_tune": tuner.options() if tuner is not None else None,
         "seconds_block_tune": round(tuner.seconds, 2) if tuner is not None else 0.0,
         "seconds_layer_solve": round(res.seconds_layer_solve, 2),
-        "block_tune_losses": [r.to_dict() for r in tuner.records] if tuner is not None
-        else None,
+        "block_tune_losses": tune_records if tuner is not None else None,
         "sequential_groups": res.groups,
         "memory_bytes": res.memory, "tensors_read_per_block": res.reads_per_block,
         "error_metric": res.error_metric,
-        "bits_per_weight": _bits_per_weight(res.model),
+        "bits_per_weight": round(res.packed_bits[0] / max(res.packed_bits[1], 1), 4),
+        "device": str(dev), "world_size": dist.world,
+        "blocks": list(block_range) if block_range else None,
+        "resumed_from_block": writer.resumed_from or None,
+        "torch_threads": torch.get_num_threads(),
     }
     qcfg = {"method": recipe.method, "bits": recipe.bits, "group_size": recipe.group_size,
             "sparsity": recipe.sparsity, "ignore": recipe.ignore,
             "param_dtype": recipe.param_dtype}
-    summary["peak_rss_bytes"] = peak_rss_bytes()
     summary["relative_weight_error"] = res.errors
-    _save_with_summary(res.model, out, tokenizer, qcfg, overwrite, dtype, summary, t0)
+    summary["peak_rss_bytes"] = peak_rss_bytes()
+    summary["seconds_total"] = round(time.time() - t0, 2)
+    writer.finalize(_out_config(model, res.schemes, qcfg, dtype), tokenizer,
+                    getattr(model, "generation_config", None), summary, overwrite,
+                    len(res.reads_per_block))
     summary["out"] = str(out)
     return summary
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` checked: a clear error when it is not there."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device is available to this torch "
+                              "(torch.cuda.is_available() is False; a CPU-only build or no "
+                              "GPU); run on a GPU machine with CUDA torch, or use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA "
+                              f"device(s) are visible")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type not in ("cpu",):
+        raise ConfigError(f"--device {device}: compression runs on cpu or cuda")
+    return dev
+
+
+def parse_blocks(blocks: Optional[str | tuple[int, int]]) -> Optional[tuple[int, int]]:
+    """``"A:B"`` → ``(A, B)`` (checked against the model later)."""
+    if blocks is None or isinstance(blocks, tuple):
+        return blocks
+    a, sep, b = str(blocks).partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return int(a), int(b)
+    except ValueError:
+        raise ConfigError(f"--blocks expects A:B (blocks A to B-1, from 0), got {blocks!r}") \
+            from None
+
+
+def _fingerprint(source, recipe: Recipe, solve, ids, calib_desc, nsamples, seqlen, seed,
+                 batch_size, tuner, dtype, block_range, world, dev) -> dict[str, Any]:
+    """Everything the compressed bytes depend on: a resumed run must match it."""
+    import hashlib
+
+    files = [source.path] if source.path.is_file() else sorted(source.path.iterdir())
+    return {
+        "source": str(source.path.absolute()),
+        "source_files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files
+                         if f.is_file()],
+        "recipe": recipe.to_dict(), "options": getattr(solve, "options", {}),
+        "calibration": calib_desc, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+        "batch_size": batch_size,
+        "calib_ids_sha256": hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()
+        if ids is not None else None,
+        "block_tune": tuner.options() if tuner is not None else None,
+        "dtype": str(dtype), "blocks": list(block_range) if block_range else None,
+        "world_size": world, "device": dev.type,
+    }
+
+
+def _out_config(model, schemes: dict[str, Any], qcfg: dict[str, Any],
+                dtype: Optional[torch.dtype]) -> dict[str, Any]:
+    """config.json of the compressed checkpoint (as :func:`~.checkpoint.save` writes it)."""
+    from ..formats import make_quantization_config
+
+    q = dict(qcfg)
+    mods = {k: v for k, v in schemes.items()}
+    qc = make_quantization_config(q.pop("method"), q.pop("bits"), q.pop("group_size"), mods,
+                                  sparsity=q.pop("sparsity", None), ignore=q.pop("ignore", None),
+                                  param_dtype=q.pop("param_dtype"), **q)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    if dtype is not None:
+        config["dtype"] = str(dtype).replace("torch.", "")
+    config["quantization_config"] = qc
+    return config
 
 
 def _open(src, recipe: Recipe, calibrate: bool, calib, nsamples: int, seqlen: int, seed: int):
@@ -173,7 +283,14 @@ def _open(src, recipe: Recipe, calibrate: bool, calib, nsamples: int, seqlen: in
         store = SafetensorsStore(source.path, list(model.state_dict().keys()))
     else:
         store = GGUFStore(source.path, model)
-    tokenizer = source.load_tokenizer()
+    try:
+        tokenizer = source.load_tokenizer()
+    except SourceError:
+        if calibrate:
+            raise
+        log.warning("%s has no usable tokenizer; the output will have none either (data-free "
+                    "compression needs none)", source.path)
+        tokenizer = None
     ids = None
     if calibrate:
         ids = calibration_windows(tokenizer, text, nsamples, seqlen, seed,
@@ -266,6 +383,12 @@ def _block_tuner(recipe: Recipe, block_tune: Optional[str], epochs: Optional[int
 
 
 def _bits_per_weight(model) -> float:
+    bits, weights = packed_bits(model)
+    return round(bits / max(weights, 1), 4)
+
+
+def packed_bits(model) -> tuple[int, int]:
+    """(bits as written, weights) of the packed modules in ``model``."""
     from .checkpoint import packed_modules
 
     from ..formats import keep_bits_bytes
@@ -277,7 +400,7 @@ def _bits_per_weight(model) -> float:
         if m.scheme()["format"] == "bsr":
             bits += 8 * m.out_features * keep_bits_bytes(m.n_groups)
         weights += m.in_features * m.out_features
-    return round(bits / max(weights, 1), 4)
+    return bits, weights
 
 
 def _save_with_summary(model, out: Path, tokenizer, qcfg, overwrite, dtype, summary, t0) -> None:

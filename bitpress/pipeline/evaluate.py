@@ -46,7 +46,7 @@ def read_text(path: str | os.PathLike) -> str:
 
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    return torch.tensor(ids, dtype=torch.long, device="cpu")
 
 
 def model_context(model) -> Optional[int]:

@@ -102,6 +102,7 @@ class SafetensorsStore(TensorStore):
         super().__init__()
         self.files = SafetensorsDir(directory)
         self.where = self.files.dir
+        self._headers: dict[str, tuple[int, dict]] = {}
         self._map: dict[str, str] = {}
         for k in model_keys:
             for cand in _name_variants(k):
@@ -116,7 +117,20 @@ class SafetensorsStore(TensorStore):
         return tuple(self.files.shapes[self._map[name]])
 
     def _read(self, name: str) -> torch.Tensor:
-        return self.files.get(self._map[name])
+        """One tensor read with ``pread`` into fresh memory — no memory map, so the pages
+        of tensors already used are not counted in (and do not pile up in) this process's
+        resident set while a checkpoint larger than RAM streams through."""
+        from ..formats.checkpoint import read_safetensors_header
+        from ..formats.stwriter import header_base, read_tensor
+
+        key = self._map[name]
+        f = self.files._where[key]
+        if f not in self._headers:
+            path = self.files.dir / f
+            self._headers[f] = (header_base(path), read_safetensors_header(path))
+        base, header = self._headers[f]
+        t = read_tensor(self.files.dir / f, base, header[key])
+        return t if t is not None else self.files.get(key)  # an unusual dtype
 
 
 def _name_variants(k: str) -> list[str]:
@@ -186,7 +200,9 @@ def build_skeleton(config) -> nn.Module:
 
     try:
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config)
+            # float32 whatever the config's dtype: the calibration forwards and the passes
+            # compute in float32 (an fp16 config would otherwise make fp16 parameters)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except Exception as e:  # noqa: BLE001 - transformers raises ValueError/KeyError/...
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"unsupported architecture {getattr(config, 'model_type', '?')!r}: "
@@ -241,8 +257,10 @@ def set_linear_weight(m: nn.Module, w: torch.Tensor) -> None:
 
 
 def materialize(model: nn.Module, names: list[str], store: TensorStore,
-                dtype: torch.dtype = torch.float32) -> None:
-    """Read ``names`` (state-dict keys) from ``store`` into ``model`` (floats as ``dtype``)."""
+                dtype: Optional[torch.dtype] = torch.float32,
+                device: torch.device | str = "cpu") -> None:
+    """Read ``names`` (state-dict keys) from ``store`` into ``model`` (floats as ``dtype``;
+    ``None``: as stored)."""
     from accelerate.utils import set_module_tensor_to_device
 
     sd = model.state_dict(keep_vars=True)
@@ -253,9 +271,10 @@ def materialize(model: nn.Module, names: list[str], store: TensorStore,
             raise FormatError(f"tensor {k!r} has shape {tuple(t.shape)} in the source, the "
                               f"model expects {tuple(ref.shape)}; the weights and the config "
                               f"do not belong together")
-        if t.is_floating_point():
+        if t.is_floating_point() and dtype is not None:
             t = t.to(dtype)
-        set_module_tensor_to_device(model, k, "cpu", value=t)
+        set_module_tensor_to_device(model, k, device, value=t,
+                                    dtype=t.dtype if t.is_floating_point() else None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -268,6 +287,8 @@ class BlockInputs:
     (keyed by batch size; identical for every batch of that size)."""
     hidden: list[torch.Tensor]
     extra: list[dict[int, tuple[tuple, dict]]]  # per block: batch size -> (args, kwargs)
+    tuple_out: Optional[bool] = None   # the blocks return tuples
+    batch_sizes: list[int] = field(default_factory=list)  # every rank's batches, in order
 
     def call(self, block: nn.Module, index: int, h: torch.Tensor):
         args, kwargs = self.extra[index][h.shape[0]]
@@ -343,8 +364,8 @@ class Hessian:
     computes one triangle — half the flops of a full matmul (1.85× faster measured on
     1536-wide inputs here; the Hessian of ``down_proj`` is a third of GPTQ's time)."""
 
-    def __init__(self, n_in: int):
-        self.sum = torch.zeros(n_in, n_in, dtype=torch.float64)
+    def __init__(self, n_in: int, device: torch.device | str | None = None):
+        self.sum = torch.zeros(n_in, n_in, dtype=torch.float64, device=device)
         self.n = 0
         self._upper = False  # self.sum holds only the upper triangle (syrk path)
 
@@ -357,9 +378,9 @@ class Hessian:
             if not self._upper:
                 self.sum = torch.triu(self.sum)
                 self._upper = True
-            self.sum += torch.from_numpy(c).double()  # upper triangle valid, lower zero
+            self.sum += torch.from_numpy(c)  # upper valid, lower zero; promoted per element
         else:
-            xx = (x.T @ x).double()
+            xx = x.T @ x
             self.sum += torch.triu(xx) if self._upper else xx
         self.n += x.shape[0]
 
@@ -368,9 +389,17 @@ class Hessian:
         if self.n == 0:
             raise ConfigError("no calibration inputs reached this layer")
         S = self.sum
-        if self._upper:
-            S = S + torch.triu(S, 1).T
-        return (S / self.n).float()
+        n, step = S.shape[0], 1024
+        if self._upper:  # mirror the upper triangle in place, in row chunks (no n² temporary)
+            for i in range(0, n, step):
+                S[i:i + step, :i] = S[:i, i:i + step].T
+                D = S[i:i + step, i:i + step]
+                D.copy_(D + torch.triu(D, 1).T)  # lower part of the diagonal block is zero
+            self._upper = False  # the full matrix: still a valid state for add()
+        out = torch.empty(n, n, dtype=torch.float32, device=S.device)
+        for i in range(0, n, step):
+            out[i:i + step] = (S[i:i + step] / self.n).float()
+        return out
 
 
 def _find_ssyrk():
@@ -492,6 +521,7 @@ class StreamResult:
     seconds_quantize: float
     reads_per_block: list[int]
     seconds_layer_solve: float = 0.0   # the pass's (W, H) -> QuantizedWeight calls alone
+    packed_bits: tuple[int, int] = (0, 0)  # (bits, weights) written (streamed output only)
 
 
 def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callable[
@@ -499,7 +529,8 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
         calib_ids: Optional[torch.Tensor] = None, batch_size: int = 8,
         block_hook: Optional[BlockHook] = None, progress: bool = True,
         solver_threads: Optional[int] = 1, sequential: str = "auto",
-        pack: bool = True) -> StreamResult:
+        pack: bool = True, writer=None, block_range: Optional[tuple[int, int]] = None,
+        device: torch.device | str = "cpu", seed: int = 0, dist=None) -> StreamResult:
     """Compress the meta-device ``model`` block by block from ``store``.
 
     ``solve(name, W, H)`` returns the QuantizedWeight of one linear (``H`` is ``None``
@@ -520,7 +551,18 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
     ``pack=False`` leaves every solved linear a float ``nn.Linear`` holding its
     dequantised weight (``solve`` may then return any object with ``dequantize()``, such
     as the masked baselines of :mod:`bitpress.sparse.baselines`): a simulated model for
-    comparisons, never a checkpoint. Block tuning needs packed weights."""
+    comparisons, never a checkpoint. Block tuning needs packed weights.
+
+    ``writer`` (:class:`bitpress.pipeline.streamout.StreamOutput`): each finished block is
+    written to disk and dropped from memory, the tensors outside the blocks are copied from
+    the store by the writer (never held), and a run killed at any point resumes from the
+    last finished block (the writer holds the state). ``block_range`` ``(a, b)``: only
+    blocks ``a <= i < b`` are compressed; the others are kept in float (blocks before ``a``
+    still run to produce the calibration inputs). ``device``: where every tensor of the
+    passes lives. ``seed``: the global RNG is re-seeded with ``(seed, block)`` before each
+    block, so a block's result does not depend on what ran before it in the process.
+    ``dist`` (:class:`bitpress.pipeline.dist.Dist`): calibration batches split across
+    ranks, Hessians summed across them, the linears of a group solved on different ranks."""
     if not pack and block_hook is not None:
         raise ConfigError("block tuning needs packed weights; pack=False runs without it")
     if sequential not in ("auto", "stash", "recompute"):
@@ -530,6 +572,14 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
 
     from ..nn.recipe import packed_module, set_submodule
 
+    from accelerate.utils import set_module_tensor_to_device
+
+    from .dist import Dist
+
+    dist = dist if dist is not None else Dist()
+    device = torch.device(device)
+    if writer is not None:
+        _return_big_frees_to_os()  # block-sized temporaries must not pile up in the heap
     rss_at_start = _rss_now()
     blocks_name, blocks = find_blocks(model)
     sd = model.state_dict(keep_vars=True)
@@ -550,13 +600,26 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
                               f"the config do not belong together")
     outer = [k for k in keys if not k.startswith(block_prefix) and sd[k].device.type == "meta"
              and k in store]
-    materialize(model, outer, store)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_w = getattr(head, "weight", None)
+    if writer is not None:
+        # the writer copies the tensors outside the blocks from the store; the forward
+        # needs only the input side (embeddings, position tables), and only to calibrate
+        outer = [k for k in outer if calib_ids is not None and sd[k] is not head_w]
+    materialize(model, outer, store, device=device)
     if tie and hasattr(model, "tie_weights"):
         model.tie_weights()
     left = [n for n, t in model.state_dict(keep_vars=True).items()
-            if not n.startswith(block_prefix) and t.device.type == "meta"]
+            if not n.startswith(block_prefix) and t.device.type == "meta"
+            and (writer is None or n in outer)]
     if left:
         raise FormatError(f"tensors {left[:3]} could not be read from the source")
+    for mod in model.modules():  # computed buffers (rotary tables) follow the device
+        for bn, buf in list(mod.named_buffers(recurse=False)):
+            if buf.device.type not in ("meta", device.type):
+                mod._buffers[bn] = buf.to(device)
+    if calib_ids is not None:
+        calib_ids = calib_ids.to(device)
     memory = {"rss_at_start_bytes": rss_at_start, "nonblock_bytes": _tensor_bytes(model),
               "block_float_bytes": 0, "activation_bytes": 0, "stash_estimate_bytes": 0}
 
@@ -564,9 +627,16 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
     for i, b in enumerate(blocks):
         pre = f"{blocks_name}.{i}."
         targets_by_block.append([n for n in block_linears(b) if recipe.matches(pre + n)])
+    if block_range is not None:
+        a, b = block_range
+        if not (0 <= a < b <= len(blocks)):
+            raise ConfigError(f"--blocks {a}:{b} is outside the model's {len(blocks)} blocks; "
+                              f"give A:B with 0 <= A < B <= {len(blocks)}")
+        targets_by_block = [t if a <= i < b else [] for i, t in enumerate(targets_by_block)]
     if not any(targets_by_block):
         raise ConfigError("the recipe selects no linear layer inside the decoder blocks; check "
                           "--targets / --ignore")
+    last_target = max(i for i, t in enumerate(targets_by_block) if t)
 
     schemes: dict[str, dict[str, Any]] = {}
     errors: dict[str, float] = {}
@@ -581,22 +651,68 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
     fhid: Optional[list[torch.Tensor]] = None
     order_cache: dict[tuple, list[list[str]]] = {}
     stash: Optional[bool] = None
-    bar = tqdm(total=len(blocks), desc=f"{recipe.method} W{recipe.bits}", unit="block",
-               disable=not progress)
+    start = 0
+    packed_bits = [0, 0]  # bits as written, weights (for bits/weight)
+    if writer is not None:
+        st = writer.begin(model, store, keys, block_prefix)
+        start = st["done"]
+        for rec in st["blocks"]:
+            schemes.update(rec["schemes"])
+            errors.update(rec["errors"])
+            reads_per_block.append(rec["reads"])
+            packed_bits[0] += rec["bits"]
+            packed_bits[1] += rec["weights"]
+        all_groups = st.get("groups") or []
+        stash = st.get("stash")
+    bar = tqdm(total=len(blocks), initial=start, desc=f"{recipe.method} W{recipe.bits}",
+               unit="block", disable=not progress)
     for i, block in enumerate(blocks):
+        if i < start:
+            continue
         tb = time.time()
         pre = f"{blocks_name}.{i}."
+        names = targets_by_block[i]
+        torch.manual_seed((seed * 1_000_003 + i) & ((1 << 63) - 1))
+        if writer is not None and not names and (calib_ids is None or i > last_target):
+            # nothing to compress here and no later block needs this one's outputs: copied
+            # from the source tensor by tensor, never materialised
+            reads_per_block.append(writer.copy_block(i, _prefix_keys(keys, pre)))
+            writer.block_done(i, None, {"schemes": {}, "errors": {}, "reads": 0, "bits": 0,
+                                      "weights": 0, "tune": []}, None, None,
+                              all_groups, stash)
+            bar.update(1)
+            continue
         r0 = store.reads
-        materialize(model, _prefix_keys(keys, pre), store)
+        # data-free: no forward, so the weights stay as stored (RTN reads them as float32,
+        # and the output casts the rest exactly as before): half the memory of an fp16 block
+        materialize(model, _prefix_keys(keys, pre), store, device=device,
+                    dtype=torch.float32 if calib_ids is not None else None)
         reads_per_block.append(store.reads - r0)
         memory["block_float_bytes"] = max(memory["block_float_bytes"], _tensor_bytes(block))
-        names = targets_by_block[i]
         qweights: dict[str, QuantizedWeight] = {}
         hessians: dict[str, torch.Tensor] = {}
         if calib_ids is not None and inputs is None:
-            inputs = _first_inputs(model, blocks, calib_ids, batch_size)
+            inputs = _first_inputs(model, blocks, calib_ids, batch_size, block_index=i,
+                                   tuple_out=writer.tuple_out if writer is not None else None)
+            if writer is not None:
+                writer.tuple_out = inputs.tuple_out
+            local = dist.local(len(inputs.hidden))
+            if i > 0 or dist.world > 1:  # resumed: the saved inputs of block i
+                saved = writer.load_acts(i) if (writer is not None and i > 0) else None
+                if saved is not None:
+                    inputs.hidden, fhid = saved
+                else:
+                    inputs.hidden = [inputs.hidden[j] for j in local]
+            inputs.hidden = [h.to(device) for h in inputs.hidden]
+            if fhid is not None:
+                fhid = [h.to(device) for h in fhid]
+            inputs.batch_sizes = [int(x.shape[0]) for x in
+                                  torch.split(calib_ids, batch_size)]
             memory["activation_bytes"] = sum(h.numel() * h.element_size()
                                               for h in inputs.hidden)
+            if writer is not None:  # the input side is needed no more
+                for k in outer:
+                    set_module_tensor_to_device(model, k, "meta")
         if inputs is None:
             for n in names:
                 m = block.get_submodule(n)
@@ -628,16 +744,22 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
                     all_groups = groups
 
                 def solve_group(group: list[str], H: Optional[torch.Tensor]) -> None:
-                    for n in group:
-                        m = block.get_submodule(n)
-                        W = linear_weight(m)
+                    mine: dict[str, QuantizedWeight] = {}
+                    for j, n in enumerate(group):  # each rank solves its share of the group
+                        if dist.owner(j) != dist.rank:
+                            continue
+                        W = linear_weight(block.get_submodule(n))
                         if H is None:
                             log.warning("%s is never called on calibration data; quantizing "
                                         "it without a Hessian", pre + n)
                         ts = time.perf_counter()
                         with _threads(solver_threads):
-                            qw = solve(pre + n, W, H)
+                            mine[n] = solve(pre + n, W, H)
                         solve_seconds[0] += time.perf_counter() - ts
+                    for j, n in enumerate(group):
+                        m = block.get_submodule(n)
+                        W = linear_weight(m)
+                        qw = dist.share_qweight(mine.get(n), dist.owner(j), W)
                         What = qw.dequantize()
                         errors[pre + n] = (_hessian_rel_error(W, What, H) if H is not None
                                            else _weight_rel_error(W, What))
@@ -646,6 +768,8 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
                         if H is not None:
                             hessians[n] = H
 
+                if stash is None and dist.world > 1:
+                    stash = sequential != "recompute"  # same on every rank
                 if stash is None:
                     hidden_size = hid[0].shape[-1]
                     est = stash_bytes_estimate(block, names, memory["activation_bytes"],
@@ -661,22 +785,28 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
                 outs: Optional[list[torch.Tensor]] = None
                 if stash:
                     outs = stash_forward(block, groups, hid,
-                                         lambda h: inputs.call(block, i, h), solve_group)
+                                         lambda h: inputs.call(block, i, h), solve_group,
+                                         device=device, reduce=dist.reduce_hessian)
                 else:
                     for group in groups:
                         solve_group(group, _group_hessian(
-                            block, group[0], lambda h: inputs.call(block, i, h), hid))
+                            block, group[0], lambda h: inputs.call(block, i, h), hid,
+                            device=device, reduce=dist.reduce_hessian))
                 if block_hook is not None and names:
-                    ctx = BlockContext(i, pre[:-1], block, inputs, hid, targets, qweights,
-                                       hessians, outs)
-                    outs = None
+                    sizes = inputs.batch_sizes
+                    g_hid = dist.gather(hid, sizes)  # the hook sees every batch, in order
+                    g_tgt = dist.gather(targets, sizes)
+                    g_out = dist.gather(outs, sizes) if outs is not None else None
+                    ctx = BlockContext(i, pre[:-1], block, inputs, g_hid, g_tgt, qweights,
+                                       hessians, g_out)
+                    outs = g_out = None
                     new = block_hook(ctx)
                     if new:
                         qweights.update(new)
                         for n, qw in new.items():
                             set_linear_weight(block.get_submodule(n), qw.dequantize())
-                    outs = ctx.outputs_after  # None: re-run the block
-                    del targets, ctx
+                    outs = dist.scatter(ctx.outputs_after)  # None: re-run the block
+                    del targets, ctx, g_hid, g_tgt
                 for j, h in enumerate(hid):  # the quantized block's outputs feed the next
                     hid[j] = outs[j] if outs is not None else inputs.call(block, i, h)
                 del outs
@@ -690,6 +820,23 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
             schemes.update({pre + n: {"simulated": type(qweights[n]).__name__} for n in names})
         # anything float left in the block but the small tensors (norms) is dropped
         qweights, hessians = {}, {}
+        if writer is not None:
+            from .compress import packed_bits as _pbits
+
+            bits_w = _pbits(block)
+            packed_bits[0] += bits_w[0]
+            packed_bits[1] += bits_w[1]
+            tune = [r.to_dict() for r in getattr(block_hook, "records", [])
+                    if getattr(r, "block", None) == i]
+            hid_next = inputs.hidden if (inputs is not None and i < last_target) else None
+            writer.block_done(i, block, {"schemes": {pre + n: schemes[pre + n] for n in names},
+                                         "errors": {pre + n: errors[pre + n] for n in names},
+                                         "reads": reads_per_block[-1], "bits": bits_w[0],
+                                         "weights": bits_w[1], "tune": tune},
+                              hid_next, fhid if hid_next is not None else None, all_groups,
+                              stash)
+            block.to("meta")  # its packed tensors are on disk now
+            _trim_heap()
         short = " ".join(f"{n.rsplit('.', 1)[-1]} {errors[pre + n]:.1e}" for n in names)
         bar.set_postfix_str(f"{short} | {time.time() - tb:.1f}s")
         log.info("block %d: %s (%.1f s)", i, short, time.time() - tb)
@@ -706,7 +853,7 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
     memory["peak_rss_bytes"] = _peak_rss()
     return StreamResult(model, schemes, errors, "hessian" if calib_ids is not None else "weight",
                         all_groups, memory, time.time() - t0, reads_per_block,
-                        solve_seconds[0])
+                        solve_seconds[0], tuple(packed_bits))
 
 
 class _threads:
@@ -725,8 +872,14 @@ class _threads:
 
 
 def _first_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor,
-                  batch_size: int) -> BlockInputs:
-    """Probe whether blocks return tuples (block 0 must be materialised), then capture."""
+                  batch_size: int, block_index: int = 0,
+                  tuple_out: Optional[bool] = None) -> BlockInputs:
+    """Probe whether blocks return tuples (block ``block_index`` must be materialised;
+    skipped when ``tuple_out`` is known), then capture."""
+    if tuple_out is not None:
+        res = capture_inputs(model, blocks, ids, batch_size, tuple_out)
+        res.tuple_out = tuple_out
+        return res
     probe: dict[str, Any] = {}
 
     def pre(_m, args, kwargs):
@@ -748,16 +901,19 @@ def _first_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor,
     kw = {k: v for k, v in kw.items() if k not in ("past_key_value", "past_key_values",
                                                     "layer_past")}
     with torch.no_grad():
-        out = blocks[0](x, *rest, **kw)
-    return capture_inputs(model, blocks, ids, batch_size, isinstance(out, (tuple, list)))
+        out = blocks[block_index](x, *rest, **kw)
+    res = capture_inputs(model, blocks, ids, batch_size, isinstance(out, (tuple, list)))
+    res.tuple_out = isinstance(out, (tuple, list))
+    return res
 
 
 def _group_hessian(block: nn.Module, first: str, call: Callable[[torch.Tensor], Any],
-                   hid: list[torch.Tensor]) -> Optional[torch.Tensor]:
-    """Run the block on every batch up to ``first``'s input, accumulating its Hessian."""
+                   hid: list[torch.Tensor], device=None, reduce=None) -> Optional[torch.Tensor]:
+    """Run the block on every batch up to ``first``'s input, accumulating its Hessian
+    (``reduce(acc)`` sums it across ranks)."""
     m = block.get_submodule(first)
     n_in = linear_weight(m).shape[1]
-    acc = Hessian(n_in)
+    acc = Hessian(n_in, device=device)
 
     def hook(_m, args):
         acc.add(args[0])
@@ -772,6 +928,8 @@ def _group_hessian(block: nn.Module, first: str, call: Callable[[torch.Tensor], 
                 pass
     finally:
         handle.remove()
+    if reduce is not None:
+        reduce(acc)
     return acc.H if acc.n else None
 
 
@@ -796,8 +954,8 @@ class _Worker:
 
 def stash_forward(block: nn.Module, groups: list[list[str]], hid: list[torch.Tensor],
                   call: Callable[[torch.Tensor], Any],
-                  solve_group: Callable[[list[str], Optional[torch.Tensor]], None]
-                  ) -> list[torch.Tensor]:
+                  solve_group: Callable[[list[str], Optional[torch.Tensor]], None],
+                  device=None, reduce=None) -> list[torch.Tensor]:
     """True-sequential compression of one block with **one** forward per batch.
 
     Each batch's forward runs in a worker thread (one at a time — a baton is passed, so
@@ -813,7 +971,12 @@ def stash_forward(block: nn.Module, groups: list[list[str]], hid: list[torch.Ten
     """
     _return_big_frees_to_os()
     n_in = {g[0]: linear_weight(block.get_submodule(g[0])).shape[1] for g in groups}
-    accs = [Hessian(n_in[g[0]]) for g in groups]
+    accs: list[Optional[Hessian]] = [None] * len(groups)  # made when reached: one at a time
+
+    def acc_of(gi: int) -> Hessian:
+        if accs[gi] is None:
+            accs[gi] = Hessian(n_in[groups[gi][0]], device=device)
+        return accs[gi]
     done_groups: set[int] = set()
     report: "queue.Queue[_Worker]" = queue.Queue()
     state = {"abort": False}
@@ -825,7 +988,7 @@ def stash_forward(block: nn.Module, groups: list[list[str]], hid: list[torch.Ten
             w: Optional[_Worker] = getattr(local, "worker", None)
             if w is None or gi in done_groups:
                 return None  # main thread, or a linear called again after its group
-            accs[gi].add(args[0])
+            acc_of(gi).add(args[0])
             w.at = gi
             w.go.clear()
             report.put(w)
@@ -869,7 +1032,13 @@ def stash_forward(block: nn.Module, groups: list[list[str]], hid: list[torch.Ten
                 # run every batch that is behind this group up to it (or to its end)
                 while w.at < gi:
                     step(w)
-            solve_group(group, accs[gi].H if accs[gi].n else None)
+            acc = acc_of(gi)
+            if reduce is not None:
+                reduce(acc)
+            H = acc.H if acc.n else None
+            accs[gi] = None  # the float64 sum is freed before the solve
+            solve_group(group, H)
+            del H
             done_groups.add(gi)
         for w in workers:
             while w.at != _DONE:
@@ -906,6 +1075,16 @@ def _return_big_frees_to_os() -> None:
 
         libc = ctypes.CDLL(None)
         libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
 

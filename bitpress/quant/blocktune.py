@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, FormatError
 from ..formats import QuantizedWeight, qrange
 
 if TYPE_CHECKING:  # the pipeline owns the context; nothing here imports it at run time
@@ -428,7 +428,11 @@ class BlockTuner:
             for p in norms.values():
                 p.grad = None
 
-        new = {n: t.result(ctx.qweights[n], self.param_dtype) for n, t in tuned.items()}
+        try:
+            new = {n: t.result(ctx.qweights[n], self.param_dtype) for n, t in tuned.items()}
+        except FormatError as e:  # training diverged (non-finite parameters): rejected below
+            log.warning("block tune %s: %s; keeping the solved weights", ctx.name, e)
+            new = dict(ctx.qweights)
         del tuned
         with torch.no_grad():
             for n, qw in new.items():
@@ -485,7 +489,7 @@ class BlockTuner:
         try:
             for _ in range(self.epochs):
                 run, n_run = 0.0, 0
-                for i in torch.randperm(len(chunks), generator=g).tolist():
+                for i in torch.randperm(len(chunks), generator=g, device="cpu").tolist():
                     if steps >= total:
                         break
                     k, j, mb = chunks[i]

@@ -382,9 +382,12 @@ def least_squares_params(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, 
     check_group_size(group_size)
     P = _Problem(W.detach().float(), H, bits, group_size, sym, param_dtype, None)
     ng = P.G
-    s0 = torch.ones(out, ng, dtype=torch.float64) if scale0 is None else scale0.double()
-    z0 = torch.zeros(out, ng, dtype=torch.float64) if zero0 is None else zero0.double()
-    q, s, z, loss, _ = P.float_step(codes.to(torch.int8), torch.arange(out), s0, z0)
+    dev = W.device
+    s0 = torch.ones(out, ng, dtype=torch.float64, device=dev) if scale0 is None \
+        else scale0.double()
+    z0 = torch.zeros(out, ng, dtype=torch.float64, device=dev) if zero0 is None \
+        else zero0.double()
+    q, s, z, loss, _ = P.float_step(codes.to(torch.int8), torch.arange(out, device=dev), s0, z0)
     return q, s, z, loss
 
 
@@ -500,7 +503,7 @@ def _clip_search_grid(Wz: torch.Tensor, P: _Problem, bits: int, sym: bool,
     tiny = torch.finfo(torch.float16).tiny if param_dtype == torch.float16 else 1e-12
     floor = max(tiny, 1e-8)
     Wg = P.Wp.to(torch.float32).view(out, G, gs)
-    ar = torch.arange(G)
+    ar = torch.arange(G, device=P.Hp.device)
     Hb = P.Hp.view(G, gs, G, gs)[ar, :, ar, :].to(torch.float32)        # [G, gs, gs]
     best = best_s = best_z = None
     for c in grid:

@@ -114,12 +114,15 @@ def prepare_hessian(H: torch.Tensor, damp: float = DEFAULT_DAMP, act_order: bool
     if not (damp >= 0.0) or damp != damp:
         raise ConfigError(f"damp must be a non-negative number (relative to mean diag H), got {damp}")
     n = H.shape[0]
+    # Memory: at most two n x n float64 matrices at a time (a 13824-wide MLP input: 3 GB,
+    # not the 9 GB of the textbook sequence); every step computes the same numbers as
+    # Hd = (H + Hᵀ)/2 → permute → Cholesky of flip(Hd + λI) → triangular inverse.
     Hd = H.detach().to(torch.float64)
-    Hd = (Hd + Hd.T) * 0.5
+    if not bool(torch.equal(H, H.T)):
+        _symmetrize_(Hd)
     diag = torch.diagonal(Hd)
     dead = diag <= 0
     if bool(dead.any()):
-        Hd = Hd.clone()
         Hd[dead, :] = 0.0
         Hd[:, dead] = 0.0
         Hd[dead, dead] = 1.0
@@ -131,20 +134,27 @@ def prepare_hessian(H: torch.Tensor, damp: float = DEFAULT_DAMP, act_order: bool
         if perm.shape != (n,) or not bool((torch.sort(perm).values
                                           == torch.arange(n, device=perm.device)).all()):
             raise ConfigError(f"perm must be a permutation of range({n})")
-        Hd = Hd[perm][:, perm]
+        Hd = Hd.index_select(0, perm)
+        Hd = Hd.index_select(1, perm)
     mean_diag = float(torch.diagonal(Hd).mean()) if n else 1.0
     rel = damp
-    eye = torch.eye(n, dtype=torch.float64, device=Hd.device)
+    A = Hd.flip(0, 1)  # J·H·J (the damping below is flip-invariant)
+    del Hd
+    d0 = torch.diagonal(A).clone()
     for attempt in range(MAX_DAMP_RETRIES + 1):
         absdamp = rel * mean_diag
         # With J the reversal, J·H·J = M·Mᵀ (M lower) gives H = R·Rᵀ with R = J·M·J upper,
         # so H⁻¹ = R⁻ᵀ·R⁻¹ and U = R⁻¹ = J·M⁻¹·J: one Cholesky and one triangular inverse,
         # no explicit inverse of H.
-        M, info = torch.linalg.cholesky_ex((Hd + absdamp * eye).flip(0, 1))
+        torch.diagonal(A).copy_(d0 + absdamp)
+        M, info = torch.linalg.cholesky_ex(A)
         if int(info) == 0:
-            U = torch.linalg.solve_triangular(M, eye, upper=False).flip(0, 1)
+            del A
+            U = _flip_inverse_lower(M)
             if bool(torch.isfinite(U).all()) and bool((torch.diagonal(U) > 0).all()):
-                return HessianFactor(U.to(torch.float32), perm, dead.to(H.device), absdamp)
+                return HessianFactor(U, perm, dead.to(H.device), absdamp)
+            A = _restore(M, d0)  # only reached on non-finite results: rebuild and retry
+        del M
         new_rel = max(rel * 10.0, 1e-6)
         if attempt < MAX_DAMP_RETRIES:
             log.warning("GPTQ: Cholesky of the damped Hessian (%d x %d) failed at relative "
@@ -153,6 +163,45 @@ def prepare_hessian(H: torch.Tensor, damp: float = DEFAULT_DAMP, act_order: bool
     raise NumericalError(f"the Hessian ({n} x {n}) could not be factorised even with relative "
                          f"damping {rel / 10:.3g}; check the calibration activations for "
                          f"NaN/Inf or pass a larger 'damp'")
+
+
+_CHUNK = 2048
+
+
+def _symmetrize_(Hd: torch.Tensor) -> None:
+    """``Hd ← (Hd + Hdᵀ)/2`` in place, tile by tile (same numbers, no n² temporary)."""
+    n = Hd.shape[0]
+    for i in range(0, n, _CHUNK):
+        for j in range(i, n, _CHUNK):
+            a = Hd[i:i + _CHUNK, j:j + _CHUNK]
+            b = Hd[j:j + _CHUNK, i:i + _CHUNK]
+            avg = (a + b.T) * 0.5
+            a.copy_(avg)
+            b.copy_(avg.T)
+
+
+def _flip_inverse_lower(M: torch.Tensor) -> torch.Tensor:
+    """``flip(M⁻¹)`` as float32 for lower-triangular ``M``, solved a slab of identity
+    columns at a time (each column's solve is independent, so the numbers are those of one
+    full solve) and written straight into the float32 result."""
+    n = M.shape[0]
+    X = torch.empty(n, n, dtype=torch.float64, device=M.device)
+    for c in range(0, n, _CHUNK):
+        e = torch.zeros(n, min(_CHUNK, n - c), dtype=torch.float64, device=M.device)
+        e[c:c + e.shape[1]].fill_diagonal_(1.0)
+        X[:, c:c + e.shape[1]] = torch.linalg.solve_triangular(M, e, upper=False)
+    del M
+    U = torch.empty(n, n, dtype=torch.float32, device=X.device)
+    for r in range(0, n, _CHUNK):
+        r1 = min(r + _CHUNK, n)
+        U[r:r1] = X[n - r1:n - r].flip(0, 1).float()
+    return U
+
+
+def _restore(M: torch.Tensor, d0: torch.Tensor) -> torch.Tensor:
+    A = M @ M.T
+    torch.diagonal(A).copy_(d0)
+    return A
 
 
 # ---------------------------------------------------------------------------------------
