@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, OutputExistsError, SourceError
+from ..errors import ConfigError, SourceError
 from ..formats.checkpoint import check_output_path
 from ..nn import Recipe, replace_linears, target_linears
 from ..nn.recipe import rtn_quantize_linear
