@@ -20,6 +20,7 @@ scores the same kernels.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from typing import Any, Callable, Optional
@@ -390,8 +391,12 @@ class DecodeEngine:
         fill the engine's cache; returns the last position's logits ``[vocab]``."""
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ConfigError("the decode engine runs one sequence (batch 1)")
-        out = self.model(input_ids=input_ids, use_cache=True)
-        self.load_cache(out.past_key_values, input_ids.shape[1])
+        kw = {}
+        if "logits_to_keep" in inspect.signature(self.model.forward).parameters:
+            kw["logits_to_keep"] = 1  # the head runs on the last position only
+        out = self.model(input_ids=input_ids, use_cache=True, **kw)
+        cache = out.past_key_values
+        self.load_cache(cache, input_ids.shape[1])
         return out.logits[0, -1].float()
 
     @torch.no_grad()
