@@ -166,15 +166,28 @@ def methods(out: int, inf: int, g: torch.Generator, skip: set[str]) -> dict:
     add_dense("bp W3 g128", 3, 128, "int8")
     add_dense("bp W4 g128", 4, 128, "int8")
     add_dense("bp W4 g128 exact", 4, 128, "exact")
+    add_dense("bp W2 g64 exact", 2, 64, "exact")
+    add_dense("bp W8 g128", 8, 128, "int8")
+    add_dense("bp W8 g128 exact", 8, 128, "exact")
+    for gs in (16, 32, 64):  # every group size the format allows runs the same kernels
+        add_dense(f"bp W4 g{gs}", 4, gs, "int8")
+        add_dense(f"bp W4 g{gs} exact", 4, gs, "exact")
 
-    def sparse_build():
-        w = sparse_q(out, inf, 4, 128, 0.5, g)
-        fast = cpu.sparse_plan((torch.zeros(1, inf), w["row_ptr"], w["col_idx"], w["qvalues"],
-                                w["scales"], w["zeros"], None, 4, 128, inf), mode="int8")
-        return w["bytes"], _lean(fast, lambda x: cpu.sparse_qmm_cpu(
-            x, w["row_ptr"], w["col_idx"], w["qvalues"], w["scales"], w["zeros"], None, 4, 128,
-            inf, mode="int8"))
-    m["bp W4 g128 S50"] = sparse_build
+    def add_sparse(name, gs, sparsity, mode):
+        def build():
+            w = sparse_q(out, inf, 4, gs, sparsity, g)
+            fast = cpu.sparse_plan((torch.zeros(1, inf), w["row_ptr"], w["col_idx"],
+                                    w["qvalues"], w["scales"], w["zeros"], None, 4, gs, inf),
+                                   mode=mode)
+            return w["bytes"], _lean(fast, lambda x: cpu.sparse_qmm_cpu(
+                x, w["row_ptr"], w["col_idx"], w["qvalues"], w["scales"], w["zeros"], None, 4,
+                gs, inf, mode=mode))
+        m[name] = build
+
+    add_sparse("bp W4 g128 S50", 128, 0.5, "int8")
+    for sp in (30, 50):  # GQSA's own group size
+        add_sparse(f"bp W4 g16 S{sp}", 16, sp / 100, "int8")
+        add_sparse(f"bp W4 g16 S{sp} exact", 16, sp / 100, "exact")
 
     for dt, nm in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
         def build(dt=dt):
