@@ -214,10 +214,15 @@ def test_op_dispatch_selects_native_and_modes():
         y8 = dense_qmm(*args)
     bound = cpu.int8_error_bound(x, qw.codes, p["scales"].float(), 32)
     assert bool(((y8 - ref).abs() <= bound + 1e-4).all())
-    # 8-bit has no CPU kernel: the op must still answer (reference)
+    # dense 8-bit runs natively; group-sparse 8-bit has no CPU kernel: the op must still
+    # answer (reference)
     q8 = _weight(8, 64, 8, 32).pack_dense()
     a8 = (torch.randn(1, 64), q8["qweight"], q8["scales"], q8["zeros"], None, 8, 32, 64)
-    assert select_impl("dense_qmm", "cpu", *a8)[0] == "reference"
+    assert select_impl("dense_qmm", "cpu", *a8)[0] == "cpu_native"
+    s8 = _weight(8, 64, 8, 32, keep=_skewed_keep(8, 2, seed=0)).pack_bsr()
+    sa8 = (torch.randn(1, 64), s8["row_ptr"], s8["col_idx"], s8["qvalues"], s8["scales"],
+           s8["zeros"], None, 8, 32, 64)
+    assert select_impl("sparse_qmm", "cpu", *sa8)[0] == "reference"
 
 
 def test_act_mode_switch_and_isa_errors():

@@ -224,8 +224,9 @@ def test_kd_finetune_moves_the_model_towards_the_teacher(packed_dirs, tiny_llama
                                progress=False)
     assert res["loss"] == "kd" and len(res["losses"]) == 16
     first = torch.randperm(8, generator=torch.Generator().manual_seed(0))[:2]
+    # the first step's loss: its batch's KL (the summary rounds losses to 5 decimals)
     assert res["losses"][0] == pytest.approx(_kl(bitpress.load(d), teacher, data[first]),
-                                             rel=1e-3)  # the first step's loss: its batch's KL
+                                             rel=1e-3, abs=6e-6)
     kl1 = _kl(model, teacher, data)
     assert kl1 < 0.5 * kl0
     # the teacher is untouched: same weights, nothing left trainable or with a gradient

@@ -267,6 +267,10 @@ class StreamOutput:
                     weight_map.update({k: name for k, _ in _in_data_order(h)})
                 write_json(tmp / INDEX_FILE, {"metadata": {"total_size": data},
                                               "weight_map": weight_map})
+            from .checkpoint import write_remote_code
+
+            config = dict(config)
+            write_remote_code(tmp, config)  # loadable by transformers without `import bitpress`
             write_json(tmp / "config.json", config)
             if generation_config is not None:
                 try:
