@@ -253,8 +253,10 @@ def test_act_mode_switch_and_isa_errors():
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_vnni_builds_equal_avx2_bit_for_bit(bits):
     # vpdpbusd and vpmaddubsw + vpmaddwd give the same exact integers, and the float steps
-    # are the same intrinsics: every AVX-512 build must reproduce avx2 to the bit, dense and
-    # sparse, every mode, odd shapes, batch 1..9
+    # are the same intrinsics: every AVX-512 build must reproduce avx2 to the bit for dense
+    # weights, every mode, odd shapes, batch 1..9. The group-sparse row kernels sum 16 lanes
+    # per vector in the AVX-512 build and 8 in the AVX2 one (a different fp32 order), so
+    # there the builds agree to fp32 rounding (the emulated build, 8 lanes, to the bit)
     others = [i for i in ISAS if i.startswith("avx512")]
     g = torch.Generator().manual_seed(bits)
     cases = []
@@ -282,7 +284,11 @@ def test_vnni_builds_equal_avx2_bit_for_bit(bits):
                 for a, w in zip(cases, want):
                     assert torch.equal(cpu.dense_qmm_cpu(*a, mode=mode), w), (name, mode, a[0].shape)
                 for x, w in zip(xs, want_s):
-                    assert torch.equal(cpu.sparse_qmm_cpu(x, *sargs, mode=mode), w)
+                    got = cpu.sparse_qmm_cpu(x, *sargs, mode=mode)
+                    if name == "avx512":
+                        torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5 * float(w.abs().max()))
+                    else:
+                        assert torch.equal(got, w), (name, mode)
     finally:
         cpu.set_isa("auto")
 

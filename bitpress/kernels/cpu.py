@@ -310,18 +310,13 @@ def _sparse_packed(row_ptr: torch.Tensor, col_idx: torch.Tensor, qvalues: torch.
         _check_sparse(row_ptr, col_idx, qvalues, scales, zeros, bits, gs, in_features)
         rp, ci, qv = row_ptr.contiguous(), col_idx.contiguous(), qvalues.contiguous()
         sc, zr, pk = _params(scales.reshape(-1), zeros.reshape(-1))
-        ng = (in_features + gs - 1) // gs
-        counts = torch.bincount(ci.long(), minlength=ng) if ci.numel() else \
-            torch.zeros(ng, dtype=torch.long)
-        tile_off = torch.zeros(ng + 1, dtype=torch.int64)
-        tile_off[1:] = ((counts + 7) // 8).cumsum(0)
-        ntiles = int(tile_off[-1])
-        buf = torch.empty(max(1, ntiles * _C.qmm_sparse_tile_bytes(bits, gs, pk)),
+        out, nnz = rp.numel() - 1, ci.numel()
+        buf = torch.empty(_C.qmm_sparse_packed_bytes(nnz, out, in_features, bits, gs, pk),
                           dtype=torch.uint8)
         _C.qmm_repack_sparse(rp.data_ptr(), ci.data_ptr(), qv.data_ptr(), qv.shape[1],
-                             sc.data_ptr(), zr.data_ptr(), pk, rp.numel() - 1, in_features, bits,
-                             gs, tile_off.data_ptr(), buf.data_ptr())
-        return buf, ntiles, pk
+                             sc.data_ptr(), zr.data_ptr(), pk, out, in_features, bits, gs,
+                             buf.data_ptr())
+        return buf, nnz, pk
 
     return _cached(qvalues, sig, build)
 
@@ -575,12 +570,12 @@ def sparse_plan(args: tuple, mode: Optional[str] = None):
                            in_features) or mode == "blas":
         return None
     code = min(_MODES[mode or _mode], 1)
-    tiles, ntiles, pk = _sparse_packed(row_ptr, col_idx, qvalues, scales, zeros, bits,
-                                       group_size, in_features)
+    packed, nnz, pk = _sparse_packed(row_ptr, col_idx, qvalues, scales, zeros, bits,
+                                     group_size, in_features)
     out = row_ptr.numel() - 1
     b, bptr = _bias(bias, out)
     stale = _plan_guard((row_ptr, col_idx, qvalues, scales, zeros, bias), in_features)
-    qs, tptr, nthreads, empty = _C.qmm_sparse, tiles.data_ptr(), torch.get_num_threads, \
+    qs, tptr, nthreads, empty = _C.qmm_sparse, packed.data_ptr(), torch.get_num_threads, \
         torch.empty
     gemm_rows = _gemm_rows if mode is None else None
 
@@ -593,11 +588,11 @@ def sparse_plan(args: tuple, mode: Optional[str] = None):
             return None
         y = empty(*shape[:-1], out)
         if m:
-            qs(tptr, ntiles, out, in_features, bits, group_size, pk, x.data_ptr(), m,
+            qs(tptr, nnz, out, in_features, bits, group_size, pk, x.data_ptr(), m,
                y.data_ptr(), bptr, code, nthreads())
         return y
 
-    fast.keep = (tiles, b)  # the bound buffers live as long as the plan
+    fast.keep = (packed, b)  # the bound buffers live as long as the plan
     return fast
 
 
@@ -615,12 +610,12 @@ def sparse_qmm_cpu(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor
                                  in_features)
         y = _panel_gemm(x2, out, in_features, _bias_f32(bias, out), fill)
         return _finish(y.reshape(*x.shape[:-1], out), x, out)
-    tiles, ntiles, pk = _sparse_packed(row_ptr, col_idx, qvalues, scales, zeros, bits,
-                                       group_size, in_features)
+    packed, nnz, pk = _sparse_packed(row_ptr, col_idx, qvalues, scales, zeros, bits,
+                                     group_size, in_features)
     y = torch.empty(*x.shape[:-1], out, dtype=torch.float32)
     b, bptr = _bias(bias, out)
     if m:
-        _C.qmm_sparse(tiles.data_ptr(), ntiles, out, in_features, bits, group_size, pk,
+        _C.qmm_sparse(packed.data_ptr(), nnz, out, in_features, bits, group_size, pk,
                       x2.data_ptr(), m, y.data_ptr(), bptr, min(_MODES[mode or _mode], 1),
                       torch.get_num_threads())
     return _finish(y, x, out)

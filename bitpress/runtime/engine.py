@@ -117,12 +117,12 @@ class _Binder:
             if isinstance(mod.scales, nn.Parameter) or not kc.sparse_supports(*args):
                 raise EngineUnsupported(f"{name}: group-sparse {mod.bits}-bit g{mod.group_size} "
                                         f"has no CPU kernel")
-            tiles, ntiles, pk = kc._sparse_packed(mod.row_ptr, mod.col_idx, mod.qvalues,
-                                                  mod.scales, mod.zeros, mod.bits,
-                                                  mod.group_size, mod.in_features)
-            self.keep.append(tiles)
-            self.bytes += tiles.numel()
-            d = dict(kind=_L_SPARSE, w=tiles.data_ptr(), ntiles=ntiles, out=mod.out_features,
+            packed, nnz, pk = kc._sparse_packed(mod.row_ptr, mod.col_idx, mod.qvalues,
+                                                mod.scales, mod.zeros, mod.bits,
+                                                mod.group_size, mod.in_features)
+            self.keep.append(packed)
+            self.bytes += packed.numel()
+            d = dict(kind=_L_SPARSE, w=packed.data_ptr(), nnz=nnz, out=mod.out_features,
                      **{"in": mod.in_features}, bits=mod.bits, gs=mod.group_size, pkind=pk,
                      mode=min(kc._MODES[self.mode], 1))
         elif isinstance(mod, HalfLinear):

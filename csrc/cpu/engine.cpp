@@ -41,7 +41,7 @@ namespace bitpress_cpu {
 void dense_qmm_raw(const uint8_t* packed, int64_t out, int64_t in, int bits, int64_t gs,
                    int pkind, const float* x, int64_t M, float* y, const float* bias, int mode,
                    int nthreads);
-void sparse_qmm_raw(const uint8_t* tiles, int64_t ntiles, int64_t out, int64_t in, int bits,
+void sparse_qmm_raw(const uint8_t* packed, int64_t nnz, int64_t out, int64_t in, int bits,
                     int64_t gs, int pkind, const float* x, int64_t M, float* y,
                     const float* bias, int mode, int nthreads);
 void half_linear_raw(const uint16_t* w, int bf16, int64_t out, int64_t in, const float* x,
@@ -59,7 +59,7 @@ enum ActKind : int { A_SILU = 0, A_GELU_TANH = 1 };
 struct Linear {
   int kind = L_NONE;
   const void* w = nullptr;
-  int64_t ntiles = 0, out = 0, in = 0, gs = 0;
+  int64_t nnz = 0, out = 0, in = 0, gs = 0;  // nnz: kept groups of a sparse weight
   int bits = 0, pkind = 0, mode = 0, bf16 = 0;
   const float* bias = nullptr;
 
@@ -70,7 +70,7 @@ struct Linear {
                                     1, y, bias, mode, nthreads);
         break;
       case L_SPARSE:
-        bitpress_cpu::sparse_qmm_raw(static_cast<const uint8_t*>(w), ntiles, out, in, bits, gs,
+        bitpress_cpu::sparse_qmm_raw(static_cast<const uint8_t*>(w), nnz, out, in, bits, gs,
                                      pkind, x, 1, y, bias, mode, nthreads);
         break;
       case L_F32:
@@ -118,7 +118,7 @@ Linear make_linear(const py::dict& d, const char* key) {
   const py::dict s = d[key].cast<py::dict>();
   l.kind = get<int>(s, "kind", L_NONE);
   l.w = reinterpret_cast<const void*>(get<uintptr_t>(s, "w", 0));
-  l.ntiles = get<int64_t>(s, "ntiles", 0);
+  l.nnz = get<int64_t>(s, "nnz", 0);
   l.out = get<int64_t>(s, "out", 0);
   l.in = get<int64_t>(s, "in", 0);
   l.gs = get<int64_t>(s, "gs", 0);

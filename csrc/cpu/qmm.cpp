@@ -125,7 +125,7 @@ struct SimdKernels {
   decltype(&bitpress_cpu::dense_tile_avx2) dense_tile;
   decltype(&bitpress_cpu::dense_tile_lut_avx2) dense_tile_lut;
   decltype(&bitpress_cpu::build_lut_avx2) build_lut;
-  decltype(&bitpress_cpu::sparse_tiles_avx2) sparse_tiles;
+  decltype(&bitpress_cpu::sparse_rows_avx2) sparse_rows;
   decltype(&bitpress_cpu::half_rows_avx2) half_rows;
   decltype(&bitpress_cpu::f32_rows_avx2) f32_rows;
 };
@@ -134,7 +134,7 @@ const SimdKernels* simd_kernels(int isa) {
 #if defined(__x86_64__) || defined(_M_X64)
 #define BITPRESS_KERNELS(SFX)                                                                 \
   SimdKernels{&bitpress_cpu::dense_tile_##SFX, &bitpress_cpu::dense_tile_lut_##SFX,           \
-              &bitpress_cpu::build_lut_##SFX, &bitpress_cpu::sparse_tiles_##SFX,              \
+              &bitpress_cpu::build_lut_##SFX, &bitpress_cpu::sparse_rows_##SFX,               \
               &bitpress_cpu::half_rows_##SFX, &bitpress_cpu::f32_rows_##SFX}
   static const SimdKernels avx2 = BITPRESS_KERNELS(avx2);
   static const SimdKernels avx512 = BITPRESS_KERNELS(avx512);
@@ -254,16 +254,46 @@ void repack_dense(uintptr_t qweight, int64_t out, int64_t words, int64_t in, int
   }
 }
 
-int64_t sparse_tile_bytes(int bits, int64_t gs, int pkind) {
+int64_t sparse_packed_bytes(int64_t nnz, int64_t out, int64_t in, int bits, int64_t gs,
+                            int pkind) {
   check_bits(bits);
-  return make_sparse_geom(1, gs, bits, gs, pkind, 0).tile_bytes;
+  if (nnz < 0 || out < 0 || in < 0 || gs < 16 || gs % 16)
+    throw std::invalid_argument("sparse_packed_bytes: bad geometry");
+  return make_sparse_geom(out, in, bits, gs, pkind, nnz).bytes;
 }
 
-// Regroup block-sparse rows into column tiles (layout in qmm.h). tile_off[c] is the first
-// tile of column group c (ng + 1 entries, from the per-column counts rounded up to 8).
+// Place unsigned code u of group column k into a group's sub-blocks (row-stream layout, qmm.h).
+inline void put_sparse_code(uint8_t* gp, int bits, int64_t k, uint32_t u) {
+  uint8_t* p = gp + (k / 16) * sparse_rec_bytes(bits);
+  const int kk = int(k % 16);
+  if (bits == 8) {
+    p[kk] = uint8_t(u);
+  } else if (bits == 4) {
+    const int nib = kk / 2;  // dword kk % 2, bits 4 * nib
+    p[(kk % 2) * 4 + nib / 2] |= uint8_t(u << (4 * (nib % 2)));
+  } else {
+    p[kk / 4] |= uint8_t((u & 3u) << (2 * (kk % 4)));
+    if (bits == 3) p[4 + kk / 8] |= uint8_t((u >> 2) << (kk % 8));
+  }
+}
+
+inline uint32_t get_sparse_code(const uint8_t* gp, int bits, int64_t k) {
+  const uint8_t* p = gp + (k / 16) * sparse_rec_bytes(bits);
+  const int kk = int(k % 16);
+  if (bits == 8) return p[kk];
+  if (bits == 4) {
+    const int nib = kk / 2;
+    return (p[(kk % 2) * 4 + nib / 2] >> (4 * (nib % 2))) & 15u;
+  }
+  uint32_t u = (p[kk / 4] >> (2 * (kk % 4))) & 3u;
+  if (bits == 3) u |= ((p[4 + kk / 8] >> (kk % 8)) & 1u) << 2;
+  return u;
+}
+
+// Block-sparse rows into the row-stream layout (qmm.h); dst holds sparse_packed_bytes bytes.
 void repack_sparse(uintptr_t row_ptr, uintptr_t col_idx, uintptr_t qvalues, int64_t words,
                    uintptr_t scales, uintptr_t zeros, int pkind, int64_t out, int64_t in,
-                   int bits, int64_t gs, uintptr_t tile_off, uintptr_t dst) {
+                   int bits, int64_t gs, uintptr_t dst) {
   check_bits(bits);
   if (words * (32 / bits) < gs) throw std::invalid_argument("repack_sparse: too few words");
   const auto* rp = reinterpret_cast<const int32_t*>(row_ptr);
@@ -271,34 +301,25 @@ void repack_sparse(uintptr_t row_ptr, uintptr_t col_idx, uintptr_t qvalues, int6
   const auto* qv = reinterpret_cast<const uint32_t*>(qvalues);
   const auto* sc = reinterpret_cast<const uint8_t*>(scales);
   const auto* zr = reinterpret_cast<const uint8_t*>(zeros);
-  const auto* toff = reinterpret_cast<const int64_t*>(tile_off);
   auto* d = reinterpret_cast<uint8_t*>(dst);
-  const int64_t ng = ceil_div(in, gs);
-  const SparseGeom g = make_sparse_geom(out, in, bits, gs, pkind, toff[ng]);
+  const int64_t nnz = rp[out];
+  const SparseGeom g = make_sparse_geom(out, in, bits, gs, pkind, nnz);
   const int ps = param_size(pkind);
   py::gil_scoped_release release;
-  std::memset(d, 0, size_t(g.ntiles * g.tile_bytes));
-  for (int64_t t = 0; t < g.ntiles; ++t) {
-    int32_t none[8] = {-1, -1, -1, -1, -1, -1, -1, -1};
-    std::memcpy(d + t * g.tile_bytes + 4, none, 32);
-  }
-  std::vector<int64_t> fill(size_t(ng), 0);
+  std::memset(d, 0, size_t(g.bytes));
+  auto* rpo = reinterpret_cast<int64_t*>(d);
+  auto* mk = reinterpret_cast<uint64_t*>(d + g.off_mask);
+  for (int64_t r = 0; r <= out; ++r) rpo[r] = rp[r];
+  std::memcpy(d + g.off_s, sc, size_t(nnz * ps));
+  std::memcpy(d + g.off_z, zr, size_t(nnz * ps));
+  const int64_t grp = g.sub * g.rec;
   for (int64_t r = 0; r < out; ++r) {
     for (int64_t e = rp[r]; e < rp[r + 1]; ++e) {
-      const int32_t c = ci[e];
-      const int64_t slot = fill[size_t(c)]++;
-      uint8_t* tp = d + (toff[c] + slot / 8) * g.tile_bytes;
-      const int lane = int(slot % 8);
-      const int32_t row = int32_t(r);
-      std::memcpy(tp, &c, 4);
-      std::memcpy(tp + 4 + 4 * lane, &row, 4);
-      uint8_t* pp = tp + 36;
-      std::memcpy(pp + lane * ps, sc + e * ps, ps);
-      std::memcpy(pp + (8 + lane) * ps, zr + e * ps, ps);
-      uint8_t* cp = pp + g.param_bytes;
-      const int64_t valid = std::min<int64_t>(gs, in - int64_t(c) * gs);
+      const int64_t c = ci[e];
+      mk[r * g.nw + c / 64] |= uint64_t(1) << (c % 64);
+      const int64_t valid = std::min<int64_t>(gs, in - c * gs);
       for (int64_t k = 0; k < valid; ++k)
-        put_dense_code(cp, bits, gs, lane, k, canon_code(qv + e * words, bits, k));
+        put_sparse_code(d + g.off_codes + e * grp, bits, k, canon_code(qv + e * words, bits, k));
     }
   }
 }
@@ -423,6 +444,12 @@ void prepare_act(ActBuf& ab, const float* x, int64_t M, int64_t in, int64_t seg,
     ab.xf.assign(size_t(M * a.stride), 0.f);
     if (bits != 3) ab.xp.assign(size_t(M * a.stride), 0.f);
   }
+  float pre[32] = {};  // 2^-e per column position in a dword's block (exact mode, bits != 3)
+  if (bits != 3)
+    for (int t = 0; t < 32 / bits; ++t) {
+      const int sh = 8 * (t % 4) + bits * (t / 4);
+      pre[t] = std::ldexp(1.f, -(sh + bits > 31 ? sh - 8 : sh));
+    }
 #if defined(_OPENMP)
 #pragma omp parallel for num_threads(clamp_threads(nthreads)) schedule(static) if (M * in > 32768)
 #endif
@@ -456,13 +483,11 @@ void prepare_act(ActBuf& ab, const float* x, int64_t M, int64_t in, int64_t seg,
         if (bits != 3) {
           // column k's code sits at bit e(k % cpd) of its dword (segments start at multiples
           // of 16, so k % cpd is its place in the block); see Act in qmm.h
+          // (a multiplication by a power of two from a table: exact, and no libm call per
+          // element, which cost ~40 instructions a column in the decode path)
           const int cpd = 32 / bits;
           float* xq = ab.xp.data() + m * a.stride;
-          for (int64_t k = k0; k < k1; ++k) {
-            const int t = int(k % cpd), sh = 8 * (t % 4) + bits * (t / 4);
-            const int e = sh + bits > 31 ? sh - 8 : sh;
-            xq[k] = std::ldexp(xr[k], -e);
-          }
+          for (int64_t k = k0; k < k1; ++k) xq[k] = xr[k] * pre[k % cpd];
         }
         ab.b[idx] = off * sum;
       }
@@ -475,6 +500,55 @@ void prepare_act(ActBuf& ab, const float* x, int64_t M, int64_t in, int64_t seg,
     simd_kernels(resolved_isa())->build_lut(x, M, in, seg, nseg, ab.lut.data(), a.lstride,
                                             ab.dl.data(), lut_max);
   a.lut = ab.lut.data(); a.dl = ab.dl.data();
+}
+
+// Sparse kernels' activations (SpAct in qmm.h): per group of gs columns, xs = sum(x) and the
+// pre-scaled x (x * 2^-e(k % 16)); in the int8 mode the group is rounded to int8 as the dense
+// int8 mode rounds a segment (same scale, same rounding) and xq, xhs are those of d * q.
+struct SpActBuf {
+  SpAct a;
+  std::vector<float> xq, xs, xhs;
+};
+
+void prepare_sparse_act(SpActBuf& sb, const float* x, int64_t M, int64_t in, int64_t gs,
+                        int64_t ng, int bits, int mode, int nthreads) {
+  SpAct& a = sb.a;
+  a.M = M; a.ng = ng; a.stride = ng * gs + 64;
+  sb.xq.assign(size_t(M * a.stride), 0.f);
+  sb.xs.assign(size_t(M * ng), 0.f);
+  const bool i8 = mode == MODE_INT8;
+  if (i8) sb.xhs.assign(size_t(M * ng), 0.f);
+  float pre[16];
+  for (int k = 0; k < 16; ++k) pre[k] = std::ldexp(1.f, -sparse_exp(bits, k));
+#if defined(_OPENMP)
+#pragma omp parallel for num_threads(clamp_threads(nthreads)) schedule(static) if (M * in > 32768)
+#endif
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * in;
+    float* xq = sb.xq.data() + m * a.stride;
+    for (int64_t c = 0; c < ng; ++c) {
+      const int64_t k0 = c * gs, k1 = std::min(in, k0 + gs);
+      float sum = 0.f, amax = 0.f;
+      for (int64_t k = k0; k < k1; ++k) sum += xr[k];
+      if (i8)
+        for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(xr[k]));
+      sb.xs[size_t(m * ng + c)] = sum;
+      if (i8) {
+        const float dd = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+        float hs = 0.f;
+        for (int64_t k = k0; k < k1; ++k) {  // round half away from zero, as prepare_act
+          const float v = xr[k] * id;
+          const float xh = float(int(v + (v >= 0.f ? 0.5f : -0.5f))) * dd;
+          hs += xh;
+          xq[k] = xh * pre[k % 16];
+        }
+        sb.xhs[size_t(m * ng + c)] = hs;
+      } else {
+        for (int64_t k = k0; k < k1; ++k) xq[k] = xr[k] * pre[k % 16];
+      }
+    }
+  }
+  a.xq = sb.xq.data(); a.xs = sb.xs.data(); a.xhs = i8 ? sb.xhs.data() : nullptr;
 }
 
 // ---- scalar kernels ---------------------------------------------------------------------------
@@ -513,33 +587,34 @@ void dense_tile_scalar(const DenseGeom& g, const Act& a, const uint8_t* tp, int6
   }
 }
 
-void sparse_tile_scalar(const SparseGeom& g, const Act& a, const uint8_t* tp, float* ylocal) {
-  int32_t col, rows[8];
-  std::memcpy(&col, tp, 4);
-  std::memcpy(rows, tp + 4, 32);
-  const uint8_t* pp = tp + 36;
-  const uint8_t* cp = pp + g.param_bytes;
-  const int64_t k0 = int64_t(col) * g.gs;
-  for (int l = 0; l < 8; ++l) {
-    if (rows[l] < 0) continue;
-    const float s = load_param(pp, g.pkind, l), z = load_param(pp, g.pkind, 8 + l);
+// rows r0..r1 of the row-stream layout, scalar (the SIMD kernels' arithmetic, one lane)
+void sparse_rows_scalar(const SparseGeom& g, const SpAct& a, const uint8_t* buf, int64_t r0,
+                        int64_t r1, float* y, const float* bias) {
+  const auto* rp = reinterpret_cast<const int64_t*>(buf);
+  const uint8_t* codes = buf + g.off_codes;
+  const auto* mask = reinterpret_cast<const uint64_t*>(buf + g.off_mask);
+  const int64_t grp = g.sub * g.rec;
+  const float off = float(1 << (g.bits - 1));
+  float pw[16];
+  for (int k = 0; k < 16; ++k) pw[k] = std::ldexp(1.f, sparse_exp(g.bits, k));
+  for (int64_t r = r0; r < r1; ++r) {
     for (int64_t m = 0; m < a.M; ++m) {
-      const int64_t idx = m * a.nseg + col;
-      float t;
-      if (a.mode == MODE_INT8) {
-        const int8_t* q = a.q + m * a.stride + k0;
-        int32_t isum = 0;
-        for (int64_t k = 0; k < g.gs; ++k)
-          isum += int32_t(get_dense_code(cp, g.bits, g.gs, l, k)) * q[k];
-        t = float(isum) * a.d[idx] - a.b[idx];
-      } else {
-        const float* x = a.xf + m * a.stride + k0;
-        float f = 0.f;
-        for (int64_t k = 0; k < g.gs; ++k)
-          f += float(get_dense_code(cp, g.bits, g.gs, l, k)) * x[k];
-        t = f - a.b[idx];
-      }
-      ylocal[int64_t(rows[l]) * a.M + m] += s * t + z * a.xs[idx];
+      float acc = 0.f, zacc = 0.f;
+      int64_t e = rp[r];
+      for (int64_t w = 0; w < g.nw; ++w)
+        for (uint64_t bits = mask[r * g.nw + w]; bits; bits &= bits - 1, ++e) {
+          const int64_t c = w * 64 + __builtin_ctzll(bits);
+          const float s = load_param(buf + g.off_s, g.pkind, e);
+          const float z = load_param(buf + g.off_z, g.pkind, e);
+          const float* xq = a.xq + m * a.stride + c * g.gs;
+          float t = 0.f;
+          for (int64_t k = 0; k < g.gs; ++k)
+            t += float(get_sparse_code(codes + e * grp, g.bits, k)) * pw[k % 16] * xq[k];
+          acc += s * t;
+          const int64_t idx = m * g.ng + c;
+          zacc += a.xhs ? z * a.xs[idx] - s * off * a.xhs[idx] : (z - s * off) * a.xs[idx];
+        }
+      y[m * g.out + r] = acc + zacc + (bias ? bias[r] : 0.f);
     }
   }
 }
@@ -626,25 +701,31 @@ void half_linear_core(uintptr_t w, int bf16, int64_t out, int64_t in, uintptr_t 
   }
 }
 
-void sparse_qmm_core(uintptr_t tiles, int64_t ntiles, int64_t out, int64_t in, int bits,
+void sparse_qmm_core(uintptr_t packed, int64_t nnz, int64_t out, int64_t in, int bits,
                      int64_t gs, int pkind, uintptr_t x, int64_t M, uintptr_t y, uintptr_t bias,
                      int mode, int nthreads) {
   check_bits(bits);
-  const SparseGeom g = make_sparse_geom(out, in, bits, gs, pkind, ntiles);
-  if (mode == MODE_LUT || mode == MODE_LUT63) mode = MODE_INT8;  // no lut kernel for sparse tiles
-  const auto* tp = reinterpret_cast<const uint8_t*>(tiles);
+  const SparseGeom g = make_sparse_geom(out, in, bits, gs, pkind, nnz);
+  const auto* buf = reinterpret_cast<const uint8_t*>(packed);
+  const auto* rp = reinterpret_cast<const int64_t*>(buf);
+  if (rp[0] != 0 || rp[out] != nnz)
+    throw std::invalid_argument("sparse_qmm: the packed weight does not hold nnz kept groups");
+  if (mode == MODE_LUT || mode == MODE_LUT63) mode = MODE_INT8;  // no lut kernel for sparse rows
   auto* yp = reinterpret_cast<float*>(y);
   const auto* bp = reinterpret_cast<const float*>(bias);
   const SimdKernels* kern = simd_kernels(resolved_isa());
-  ActBuf ab;
-  prepare_act(ab, reinterpret_cast<const float*>(x), M, in, gs, g.ng, bits, mode, nthreads);
-  const Act& a = ab.a;
-  // Task-centric split: every thread gets the same number of tiles (8 kept groups each),
-  // whatever rows they belong to, and sums into private rows; the partial outputs are added.
-  int nt = int(std::min<int64_t>(clamp_threads(nthreads),
-                                 std::max<int64_t>(1, std::min(ntiles, M * ntiles * 8 * gs / g_min_work))));
-  // per-thread partial outputs, [out][M] (a tile adds MB contiguous values per row)
-  std::vector<float> part(size_t(nt * M * out), 0.f);
+  SpActBuf sab;
+  prepare_sparse_act(sab, reinterpret_cast<const float*>(x), M, in, gs, g.ng, bits, mode,
+                     nthreads);
+  const SpAct& a = sab.a;
+  // Task-centric split: row ranges holding equal numbers of kept groups, whatever their rows
+  const int nt = int(std::min<int64_t>(clamp_threads(nthreads),
+                                       std::max<int64_t>(1, std::min(out, M * nnz * gs / g_min_work))));
+  auto row_at = [&](int t) -> int64_t {
+    if (t <= 0) return 0;
+    if (t >= nt) return out;
+    return std::lower_bound(rp, rp + out + 1, nnz * t / nt) - rp;
+  };
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(nt)
 #endif
@@ -654,19 +735,10 @@ void sparse_qmm_core(uintptr_t tiles, int64_t ntiles, int64_t out, int64_t in, i
 #else
     const int t = 0;
 #endif
-    const int64_t t0 = ntiles * t / nt, t1 = ntiles * (t + 1) / nt;
-    float* yl = part.data() + t * M * out;
-    if (kern)
-      kern->sparse_tiles(g, a, tp, t0, t1, yl);
-    else
-      for (int64_t i = t0; i < t1; ++i) sparse_tile_scalar(g, a, tp + i * g.tile_bytes, yl);
-  }
-  for (int64_t r = 0; r < out; ++r) {
-    const float bb = bp ? bp[r] : 0.f;
-    for (int64_t m = 0; m < M; ++m) {
-      float v = bb;
-      for (int t = 0; t < nt; ++t) v += part[size_t(t * M * out + r * M + m)];
-      yp[m * out + r] = v;
+    const int64_t r0 = std::min(out, row_at(t)), r1 = std::min(out, row_at(t + 1));
+    if (r0 < r1) {
+      if (kern) kern->sparse_rows(g, a, buf, r0, r1, yp, bp);
+      else sparse_rows_scalar(g, a, buf, r0, r1, yp, bp);
     }
   }
 }
@@ -715,10 +787,10 @@ void dense_qmm(uintptr_t packed, int64_t out, int64_t in, int bits, int64_t gs, 
                uintptr_t x, int64_t M, uintptr_t y, uintptr_t bias, int mode, int nthreads) {
   released(dense_qmm_core, packed, out, in, bits, gs, pkind, x, M, y, bias, mode, nthreads);
 }
-void sparse_qmm(uintptr_t tiles, int64_t ntiles, int64_t out, int64_t in, int bits, int64_t gs,
+void sparse_qmm(uintptr_t packed, int64_t nnz, int64_t out, int64_t in, int bits, int64_t gs,
                 int pkind, uintptr_t x, int64_t M, uintptr_t y, uintptr_t bias, int mode,
                 int nthreads) {
-  released(sparse_qmm_core, tiles, ntiles, out, in, bits, gs, pkind, x, M, y, bias, mode,
+  released(sparse_qmm_core, packed, nnz, out, in, bits, gs, pkind, x, M, y, bias, mode,
            nthreads);
 }
 void half_linear(uintptr_t w, int bf16, int64_t out, int64_t in, uintptr_t x, int64_t M,
@@ -749,10 +821,10 @@ void dense_qmm_raw(const uint8_t* packed, int64_t out, int64_t in, int bits, int
   dense_qmm_core(uintptr_t(packed), out, in, bits, gs, pkind, uintptr_t(x), M, uintptr_t(y),
                  uintptr_t(bias), mode, nthreads);
 }
-void sparse_qmm_raw(const uint8_t* tiles, int64_t ntiles, int64_t out, int64_t in, int bits,
+void sparse_qmm_raw(const uint8_t* packed, int64_t nnz, int64_t out, int64_t in, int bits,
                     int64_t gs, int pkind, const float* x, int64_t M, float* y,
                     const float* bias, int mode, int nthreads) {
-  sparse_qmm_core(uintptr_t(tiles), ntiles, out, in, bits, gs, pkind, uintptr_t(x), M,
+  sparse_qmm_core(uintptr_t(packed), nnz, out, in, bits, gs, pkind, uintptr_t(x), M,
                   uintptr_t(y), uintptr_t(bias), mode, nthreads);
 }
 void half_linear_raw(const uint16_t* w, int bf16, int64_t out, int64_t in, const float* x,
@@ -785,12 +857,13 @@ void bitpress_register_qmm(py::module_& m) {
         py::arg("words"), py::arg("in_features"), py::arg("bits"), py::arg("group_size"),
         py::arg("scales_ptr"), py::arg("zeros_ptr"), py::arg("pkind"), py::arg("dst_ptr"),
         py::arg("nthreads") = 1, py::arg("layout") = 0);
-  m.def("qmm_sparse_tile_bytes", &sparse_tile_bytes, py::arg("bits"), py::arg("group_size"),
-        py::arg("pkind"));
+  m.def("qmm_sparse_packed_bytes", &sparse_packed_bytes, py::arg("nnz"), py::arg("out"),
+        py::arg("in_features"), py::arg("bits"), py::arg("group_size"), py::arg("pkind"),
+        "Bytes of the row-stream sparse layout (qmm.h) of a weight with nnz kept groups.");
   m.def("qmm_repack_sparse", &repack_sparse, py::arg("row_ptr_ptr"), py::arg("col_idx_ptr"),
         py::arg("qvalues_ptr"), py::arg("words"), py::arg("scales_ptr"), py::arg("zeros_ptr"),
         py::arg("pkind"), py::arg("out"), py::arg("in_features"), py::arg("bits"),
-        py::arg("group_size"), py::arg("tile_off_ptr"), py::arg("dst_ptr"));
+        py::arg("group_size"), py::arg("dst_ptr"));
   m.def("half_linear", &half_linear, py::arg("w_ptr"), py::arg("bf16"), py::arg("out"),
         py::arg("in_features"), py::arg("x_ptr"), py::arg("M"), py::arg("y_ptr"),
         py::arg("bias_ptr"), py::arg("nthreads"),
@@ -812,9 +885,9 @@ void bitpress_register_qmm(py::module_& m) {
         py::arg("pkind"), py::arg("in_features"), py::arg("bits"), py::arg("group_size"),
         py::arg("row0"), py::arg("row1"), py::arg("dst_ptr"), py::arg("nthreads") = 1,
         "fp32 rows [row0, row1) of a block-sparse-row weight, pruned groups 0.");
-  m.def("qmm_sparse", &sparse_qmm, py::arg("tiles_ptr"), py::arg("ntiles"), py::arg("out"),
+  m.def("qmm_sparse", &sparse_qmm, py::arg("packed_ptr"), py::arg("nnz"), py::arg("out"),
         py::arg("in_features"), py::arg("bits"), py::arg("group_size"), py::arg("pkind"),
         py::arg("x_ptr"), py::arg("m"), py::arg("y_ptr"), py::arg("bias_ptr"), py::arg("mode"),
         py::arg("nthreads") = 1,
-        "y[M,out] (fp32) from the column-tiled block-sparse weight, tiles split evenly over threads.");
+        "y[M,out] (fp32) from the row-stream block-sparse weight, rows split by kept groups over threads.");
 }

@@ -25,20 +25,32 @@
 // one low block and one high block. Columns past in_features hold code 0 and meet a zero
 // activation.
 //
-// ---- Sparse repacked layout ("column tiles") ----------------------------------------------
-// The kept groups are regrouped by column group: for each column group c, the rows that
-// keep c are cut into tiles of 8 (the last one padded with row -1, scale = zero = 0). A tile
-// is [int32 col][int32 rows[8]][scale[8], zero[8] as above][codes of one segment of gs
-// columns for the 8 lanes, in the dense layout]. All 8 lanes of a tile share the same
-// activations, so the dense kernels run unchanged and each lane's result is added to its
-// row. Threads take equal shares of tiles (i.e. of kept groups, whatever rows they are in:
-// task-centric splitting) and accumulate into private output rows summed at the end, so a
-// skewed row distribution cannot idle a core.
+// ---- Sparse repacked layout ("row streams") ------------------------------------------------
+// Rows in order, each listing its kept column groups by a bitmask, so a kernel walks a row's
+// kept groups, multiplies each by its activation segment and writes the row once: no row
+// indices and no scatter. Sections, each starting at a multiple of 64 bytes:
+//   rp     int64 [out + 1]      first kept group of each row (the BSR row_ptr), rp[out] = nnz
+//   mask   uint64 [out][nw]     bit c of row r set: column group c kept (nw = ceil(ng / 64))
+//   s, z   [nnz] + 64 bytes     scales, zeros in the source dtype, in BSR order (rows, then
+//                               ascending columns)
+//   codes  [nnz][gs / 16][rec]  a group is gs / 16 sub-blocks of 16 columns, `rec` bytes each:
+//            2-bit: 4 bytes, column k at bits 2k of the dword
+//            3-bit: 6 bytes, the low two bits as 2-bit, then a uint16 of the high bits (bit k)
+//            4-bit: 8 bytes, column k in dword k % 2 at bits 4 (k / 2)
+//            8-bit: 16 bytes, column k in byte k
+// Codes are unsigned (u = c + 2^(b-1)); columns past in_features hold 0. A kernel takes the
+// code of column k of a sub-block as u * 2^e(k) by masking alone (e(k) = 2k for 2/3-bit,
+// 4 (k / 2) for 4-bit, 0 for 8-bit) and multiplies it by x_k * 2^-e(k): the activations are
+// pre-scaled once per call, and the product is exact. Threads take row ranges of equal
+// kept-group counts (task-centric splitting: a skewed row distribution cannot idle a core).
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 namespace bitpress_cpu {
 // bytes ahead of the weight stream the AVX2 kernels prefetch (0 = off; qmm_set_prefetch)
@@ -63,10 +75,21 @@ struct DenseGeom {
 struct SparseGeom {
   int64_t out = 0, in = 0;
   int bits = 0, pkind = 0;
-  int64_t gs = 0, ng = 0, ntiles = 0;
-  int64_t code_bytes = 0;   // one segment of gs columns, 8 lanes
-  int64_t param_bytes = 0;  // 16 values
-  int64_t tile_bytes = 0;   // 36 + param_bytes + code_bytes
+  int64_t gs = 0, ng = 0, nnz = 0;
+  int64_t nw = 0;    // mask words per row
+  int64_t sub = 0;   // 16-column sub-blocks per group
+  int64_t rec = 0;   // code bytes per sub-block
+  int64_t off_mask = 0, off_s = 0, off_z = 0, off_codes = 0, bytes = 0;
+};
+
+// Activations of the sparse kernels: xq [M][stride] (the pre-scaled x, or in the int8 mode
+// the pre-scaled int8-rounded x), xs [M][ng] = sum of x per group, and in the int8 mode
+// xhs [M][ng] = sum of the rounded x per group (nullptr in the exact mode, where it is xs)
+struct SpAct {
+  int64_t M = 0, stride = 0, ng = 0;
+  const float* xq = nullptr;
+  const float* xs = nullptr;
+  const float* xhs = nullptr;
 };
 
 // Prepared activations, [M] rows of `stride` padded columns (segments of `seg`).
@@ -173,14 +196,25 @@ inline int64_t dense_seg_offset(const DenseGeom& g, int64_t s) {
 }
 
 
+inline int64_t sparse_rec_bytes(int bits) { return bits == 8 ? 16 : bits == 4 ? 8 : bits == 3 ? 6 : 4; }
+
+// e(k) of the row-stream layout: column k of a 16-column sub-block is decoded as u * 2^e(k)
+inline int sparse_exp(int bits, int k) { return bits == 8 ? 0 : bits == 4 ? 4 * (k / 2) : 2 * k; }
+
 inline SparseGeom make_sparse_geom(int64_t out, int64_t in, int bits, int64_t gs, int pkind,
-                                   int64_t ntiles) {
+                                   int64_t nnz) {
   SparseGeom g;
-  g.out = out; g.in = in; g.bits = bits; g.gs = gs; g.pkind = pkind; g.ntiles = ntiles;
+  g.out = out; g.in = in; g.bits = bits; g.gs = gs; g.pkind = pkind; g.nnz = nnz;
   g.ng = ceil_div(in, gs);
-  g.code_bytes = seg_code_bytes(bits, gs);
-  g.param_bytes = 16 * param_size(pkind);
-  g.tile_bytes = 36 + g.param_bytes + g.code_bytes;
+  g.nw = ceil_div(g.ng, 64);
+  g.sub = gs / 16;
+  g.rec = sparse_rec_bytes(bits);
+  const int64_t pbytes = round_up(nnz * param_size(pkind) + 64, 64);
+  g.off_mask = round_up(8 * (out + 1), 64);
+  g.off_s = g.off_mask + round_up(8 * out * g.nw, 64);
+  g.off_z = g.off_s + pbytes;
+  g.off_codes = g.off_z + pbytes;
+  g.bytes = g.off_codes + round_up(nnz * g.sub * g.rec + 64, 64);  // 64: loads past the end
   return g;
 }
 
@@ -210,9 +244,9 @@ inline SparseGeom make_sparse_geom(int64_t out, int64_t in, int bits, int64_t gs
   /* tables for the lut mode: x [M, in] fp32 -> lut [M][lstride] int8, dl [M * nseg] */          \
   void build_lut_##SFX(const float* x, int64_t M, int64_t in, int64_t seg, int64_t nseg,          \
                        int8_t* lut, int64_t lstride, float* dl, int lut_max);                      \
-  /* column tiles t0..t1 accumulated into ylocal[out][M] (which the caller zeroes) */            \
-  void sparse_tiles_##SFX(const SparseGeom& g, const Act& a, const uint8_t* tiles, int64_t t0,    \
-                          int64_t t1, float* ylocal);
+  /* rows r0..r1 of the row-stream sparse layout into y[M][out] (+ bias) */                      \
+  void sparse_rows_##SFX(const SparseGeom& g, const SpAct& a, const uint8_t* buf, int64_t r0,     \
+                         int64_t r1, float* y, const float* bias);
 
 namespace bitpress_cpu {
 BITPRESS_DECLARE_SIMD(avx2)
