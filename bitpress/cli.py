@@ -462,6 +462,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BitpressError as e:
         print(f"bitpress: error: {e}", file=sys.stderr)
         return 2
+    except ImportError as e:  # an optional dependency is not installed: name its extra
+        from .deps import from_import_error
+
+        if (err := from_import_error(e)) is None:
+            raise
+        print(f"bitpress: error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("bitpress: interrupted; no output was written", file=sys.stderr)
         return 130
