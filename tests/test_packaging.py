@@ -288,3 +288,18 @@ def test_setup_py_says_loudly_when_it_cannot_build(tmp_path):
     p = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True,
                        text=True, env=env, timeout=120)
     assert p.returncode != 0 and "BITPRESS_REQUIRE_EXT=1" in p.stderr
+
+
+@pytest.mark.parametrize("flag", ["0", "1"])
+def test_simde_is_a_build_requirement_only_when_asked(flag):
+    """tools/build_backend.py: setuptools' backend, plus simde-py with BITPRESS_SIMDE=1."""
+    code = ("import sys; sys.path.insert(0, 'tools'); import build_backend as b\n"
+            "print(b.get_requires_for_build_wheel(), b.get_requires_for_build_editable())")
+    env = {**os.environ, "BITPRESS_SIMDE": flag}
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    want = ["simde-py"] if flag == "1" else []
+    assert p.stdout.strip().splitlines()[-1] == f"{want} {want}"
+    assert PYPROJECT["build-system"]["build-backend"] == "build_backend"
+    assert PYPROJECT["build-system"]["backend-path"] == ["tools"]
