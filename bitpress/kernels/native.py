@@ -27,8 +27,8 @@ from ..formats.packing import check_bits, packed_words, unpack_codes as unpack_c
 REQUIRE_ENV = "BITPRESS_REQUIRE_NATIVE"
 _FIX = ("install a C++ compiler with OpenMP (Debian/Ubuntu: apt install g++; Fedora: dnf install "
         "gcc-c++; macOS: xcode-select --install) and reinstall bitpress "
-        "(pip install --force-reinstall --no-deps bitpress, or `python setup.py build_ext "
-        "--inplace` in a clone); docs/install.md")
+        "past pip's wheel cache (pip install --force-reinstall --no-deps --no-cache-dir bitpress,"
+        " or `python setup.py build_ext --inplace` in a clone); docs/install.md")
 _load_error: Optional[str] = None
 
 
