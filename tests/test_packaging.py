@@ -44,6 +44,13 @@ EXTRAS = {k: {_dist_name(r) for r in v}
           for k, v in PYPROJECT["project"]["optional-dependencies"].items()}
 
 
+def _block(monkeypatch, top: str) -> None:
+    """Make ``top`` and its submodules unimportable, as if not installed."""
+    for k in [k for k in sys.modules if k == top or k.startswith(top + ".")]:
+        monkeypatch.setitem(sys.modules, k, None)
+    monkeypatch.setitem(sys.modules, top, None)
+
+
 def _catches_import_error(handler: ast.ExceptHandler) -> bool:
     t = handler.type
     names = [t] if not isinstance(t, ast.Tuple) else list(t.elts) if t else []
@@ -147,7 +154,7 @@ def test_the_extra_table_matches_pyproject():
 
 
 def test_missing_error_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "scipy", None)  # as if not installed
+    _block(monkeypatch, "scipy")
     with pytest.raises(deps.MissingDependencyError, match=r"pip install 'bitpress\[diffusion\]'"):
         deps.require("scipy.linalg", what="the FID")
     e = deps.missing_error("transformers", "accelerate", what="loading models")
@@ -167,7 +174,7 @@ def test_cli_names_the_extra_of_a_lazy_import(monkeypatch, capsys):
     def run(args):
         import scipy.linalg  # noqa: F401  (a lazy import deep in some command)
 
-    monkeypatch.setitem(sys.modules, "scipy", None)
+    _block(monkeypatch, "scipy")
     monkeypatch.setattr(cli, "run", run)
     assert cli.main(["inspect", "x"]) == 2
     assert "bitpress: error: this needs the 'scipy' package: pip install 'bitpress[diffusion]'" \
