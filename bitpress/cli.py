@@ -400,7 +400,7 @@ def run(args) -> int:
     elif args.command == "eval":
         from .pipeline.evaluate import perplexity, read_text
 
-        from .kernels import cpu as kcpu
+        from .kernels import native as kcpu  # the CPU kernels' mode, or the fallback
 
         text = read_text(args.text)
         model, tok = _load_any(args.model)
@@ -412,7 +412,7 @@ def run(args) -> int:
     elif args.command == "generate":
         from .pipeline.evaluate import generate
 
-        from .kernels import cpu as kcpu
+        from .kernels import native as kcpu  # the CPU kernels' mode, or the fallback
 
         model, tok = _load_any(args.model)
         if args.fast:
@@ -420,6 +420,7 @@ def run(args) -> int:
         with kcpu.kernel_mode(args.kernel_mode):
             res = generate(model, tok, args.prompt, args.max_new_tokens, args.sample,
                            engine=not args.no_engine)
+        print(f"bitpress: {kcpu.describe(res['kernels'])}", file=sys.stderr)
         print(json.dumps(res))
     return 0
 
@@ -460,6 +461,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run(args)
     except BitpressError as e:
         print(f"bitpress: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # an optional dependency is not installed: name its extra
+        from .deps import from_import_error
+
+        if (err := from_import_error(e)) is None:
+            raise
+        print(f"bitpress: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bitpress: interrupted; no output was written", file=sys.stderr)

@@ -46,8 +46,8 @@ def design_matrix(codes_row: torch.Tensor, gs: int, ng: int, sym: bool) -> torch
 @pytest.mark.parametrize("n,gs,sym", [(64, 16, False), (72, 32, False), (40, -1, False),
                                       (48, 16, True)])
 def test_float_step_matches_least_squares_oracle(n: int, gs: int, sym: bool) -> None:
-    scipy_linalg = pytest.importorskip("scipy.linalg", reason="oracle needs scipy (solver extra)")
-    cp = pytest.importorskip("cvxpy", reason="oracle needs cvxpy (solver extra)")
+    scipy_linalg = pytest.importorskip("scipy.linalg", reason="oracle needs scipy (dev extra)")
+    cp = pytest.importorskip("cvxpy", reason="oracle needs cvxpy (dev extra)")
     import numpy as np
     bits = 2
     W, H = make_problem(6, n, seed=n + gs, dead=0)
@@ -125,7 +125,7 @@ def test_float_step_degenerate_groups() -> None:
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("gs", [16, -1])
 def test_pgd_box_qp_matches_cvxpy(gs: int) -> None:
-    cp = pytest.importorskip("cvxpy", reason="oracle needs cvxpy (solver extra)")
+    cp = pytest.importorskip("cvxpy", reason="oracle needs cvxpy (dev extra)")
     import numpy as np
     bits, n, out = 2, 32, 3
     W, H = make_problem(out, n, seed=11 + gs, dead=0)

@@ -42,7 +42,9 @@ def _unet_dir(src: Path) -> Path:
 def load_unet_and_scheduler(src: str | os.PathLike, scheduler: str = "ddim"):
     """The U-Net of a diffusers directory and a ``scheduler`` built from the directory's
     scheduler config (the training schedule: betas, timesteps) when it has one."""
-    import diffusers
+    from ..deps import require
+
+    diffusers = require("diffusers", what="loading a diffusers U-Net")
 
     src = Path(src)
     if not src.is_dir():
@@ -123,9 +125,10 @@ def sample(args: Any) -> dict[str, Any]:
     """``bitpress sample DIR --n N --out grid.png``."""
     import time
 
-    from PIL import Image
-
+    from ..deps import require
     from .plan import load_cachequant
+
+    Image = require("PIL.Image", what="bitpress sample (writes a PNG)")
 
     if args.n < 1:
         raise ConfigError("--n must be positive")

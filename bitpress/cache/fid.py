@@ -152,13 +152,15 @@ def gaussian_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (the FID formula)."""
-    import scipy.linalg
+    from ..deps import require
+
+    scipy_linalg = require("scipy.linalg", what="the FID (matrix square root)")
 
     diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    covmean = scipy_linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():  # singular product: regularise as in the TF-FID code
         eps = 1e-6 * np.eye(sigma1.shape[0])
-        covmean = scipy.linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))
+        covmean = scipy_linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))
     covmean = np.real(covmean)
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
 
@@ -205,7 +207,9 @@ def reference_stats(images: torch.Tensor | None = None, name: str = "fmnist-test
 def protocol_scheduler(scheduler_config: dict | None = None):
     """The protocol's sampler: diffusers ``DDIMScheduler`` (eta 0) built from the model's own
     scheduler config (training betas), e.g. ``pipe.scheduler.config``."""
-    from diffusers import DDIMScheduler
+    from ..deps import require
+
+    DDIMScheduler = require("diffusers", what="the FID protocol's sampler").DDIMScheduler
 
     if scheduler_config is None:
         return DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)

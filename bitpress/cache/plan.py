@@ -133,7 +133,9 @@ class CacheQuantModel:
     quant: Any = None  # QuantizedUNet | None
 
     def scheduler(self) -> Any:
-        import diffusers
+        from ..deps import require
+
+        diffusers = require("diffusers", what="the CacheQuant scheduler")
 
         if self.scheduler_class not in _SCHEDULERS:
             raise FormatError(f"unsupported scheduler {self.scheduler_class!r} (one of {_SCHEDULERS})")
@@ -184,8 +186,10 @@ def load_cachequant(path: str | os.PathLike) -> CacheQuantModel:
     """Load a directory written by :meth:`CacheQuantModel.save` (no pickle)."""
     from safetensors.torch import load_file
 
+    from ..deps import need
     from ..errors import SourceError
 
+    need("diffusers", what="loading a CacheQuant directory")
     path = Path(path)
     if not (path / CQ_META).is_file():
         raise SourceError(f"{path} is not a CacheQuant directory (no {CQ_META})")

@@ -16,7 +16,9 @@ from typing import Any
 
 def hflm(model_or_dir: Any, tokenizer: Any = None, **kwargs: Any):
     """lm-eval ``HFLM`` over a bitpress model or checkpoint directory (CPU by default)."""
-    from lm_eval.models.huggingface import HFLM
+    from ..deps import require
+
+    HFLM = require("lm_eval.models.huggingface", what="the lm-eval harness").HFLM
 
     kwargs.setdefault("device", "cpu")
     kwargs.setdefault("batch_size", 1)
@@ -33,7 +35,9 @@ def main() -> None:
     bitpress imported first (the ``lm_eval`` command parses ``quantization_config`` before
     any remote code runs, so ``trust_remote_code`` alone is not enough there)."""
     import bitpress  # noqa: F401  (registers the quantizer with transformers)
-    from lm_eval.__main__ import cli_evaluate
+    from bitpress.deps import require
+
+    cli_evaluate = require("lm_eval.__main__", what="the lm-eval harness").cli_evaluate
 
     cli_evaluate()
 

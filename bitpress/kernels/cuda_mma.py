@@ -42,6 +42,7 @@ import torch
 from . import gpu_layout as L
 from .gpu_emulate import Schedule, dense_schedule
 from .ops import register_impl
+from .sources import cuda_source_path, read_cuda_source
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +55,12 @@ M_I32 = [np.int32(m) for m in range(MAX_M + 1)]
 
 
 def source_path() -> str:
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc",
-                        "cuda", "qmma.cu")
+    return cuda_source_path("qmma.cu")
 
 
 @functools.lru_cache(maxsize=1)
 def _source() -> str:
-    with open(source_path()) as f:
-        return f.read()
+    return read_cuda_source("qmma.cu")
 
 
 def entry_name(kind: str, bits: int, xk: int, sk: int, nt: int) -> str:

@@ -12,13 +12,13 @@ codes per word (16 for W2, 8 for W4) or per-channel. Without CuPy or a GPU, impo
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
 
 from ..formats.packing import packed_words
 from .ops import register_impl
+from .sources import cuda_source_path, read_cuda_source
 
 MAX_M = 8
 _KIND = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
@@ -27,20 +27,14 @@ ROWS_PER_BLOCK = 8  # warps per 256-thread block, one output row each
 
 def source_path() -> str:
     # package data (bitpress/csrc/cuda/), so a non-editable install finds it too
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc",
-                        "cuda", "qgemv.cu")
-    if not os.path.exists(path):
-        raise ImportError(f"{path} not found (bitpress/csrc/cuda/*.cu ship as package data; "
-                          "reinstall bitpress)")
-    return path
+    return cuda_source_path("qgemv.cu")
 
 
 @functools.lru_cache(maxsize=None)
 def _module(device_index: int):
     import cupy
 
-    with open(source_path()) as f:
-        src = f.read()
+    src = read_cuda_source("qgemv.cu")
     with cupy.cuda.Device(device_index):
         return cupy.RawModule(code=src, options=("--std=c++14",))
 
@@ -100,7 +94,7 @@ def _register() -> None:
         raise ImportError("cupy is not installed (pip install cupy-cuda12x)") from e
     if not torch.cuda.is_available():
         raise ImportError("no CUDA device")
-    source_path()
+    read_cuda_source("qgemv.cu")  # a missing source says so here, not at the first call
     register_impl("dense_qmm", "cuda", "cuda_raw", cuda_raw_dense_qmm, 5, supports)
 
 

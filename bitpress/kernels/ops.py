@@ -31,7 +31,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from ..formats.packing import unpack_codes
-from . import reference
+from . import native, reference
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +96,14 @@ def select_impl(op: str, device_type: str, *args) -> tuple[str, Callable[..., to
     for i in impls:
         if i.supports is None or i.supports(*args):
             return i.name, i.fn
+    if device_type == "cpu":
+        native.require_if_asked(f"bitpress::{op} on cpu")
     if (op, device_type) not in _WARNED:
         _WARNED.add((op, device_type))
+        why = native.reason() if device_type == "cpu" else None
         warnings.warn(f"bitpress::{op}: no fast kernel for this call on {device_type}; using "
-                      f"the pure-torch reference (correct but slow)", RuntimeWarning, stacklevel=3)
+                      f"the pure-torch reference (correct but slow)"
+                      + (f": {why} (docs/install.md)" if why else ""), RuntimeWarning, stacklevel=3)
     return "reference", ref
 
 

@@ -375,11 +375,11 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu",
     The model carries the bitpress quantization config and quantizer (as
     ``AutoModelForCausalLM.from_pretrained`` sets them), so ``model.save_pretrained`` writes a
     bitpress checkpoint again."""
-    from accelerate import init_empty_weights
-
     from .source import _require_transformers
 
     tr = _require_transformers()
+    from accelerate import init_empty_weights
+
     d = Path(directory)
     config, qcfg = load_hf_config(d)
     files = SafetensorsDir(d)

@@ -124,6 +124,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32,
     prompt (prefill) and decode time."""
     if max_new_tokens <= 0:
         raise ConfigError("--max-new-tokens must be positive")
+    from ..kernels import native
     from ..runtime.engine import EngineUnsupported, engine_for, engine_support, make_sampler
 
     enc = tokenizer(prompt, return_tensors="pt")
@@ -156,16 +157,10 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32,
                              use_cache=True, pad_token_id=tokenizer.pad_token_id
                              if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
         dt = time.time() - t0
-        try:
-            from ..kernels import cpu as kcpu
-
-            mode = kcpu.describe_mode()
-        except ImportError:  # no native extension: the reference op
-            mode = "reference (no bitpress._C)"
-        path = f"transformers generate ({why}), kernel mode {mode}"
+        path = f"transformers generate ({why}), kernel mode {native.describe_mode()}"
         extra = {}
     new = out[0, ids.shape[1]:]
     return {"prompt": prompt, "text": tokenizer.decode(new, skip_special_tokens=True),
             "new_tokens": int(new.numel()), "seconds": round(dt, 3),
             "tokens_per_second": round(new.numel() / dt, 2) if dt > 0 else None,
-            "decode_path": path, **extra}
+            "decode_path": path, **extra, "kernels": native.status()}

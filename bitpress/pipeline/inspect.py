@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..formats import SafetensorsDir, effective_group_size
+from ..kernels import native
 from ..errors import FormatError
 from .checkpoint import load_hf_config, scheme_tensors
 
@@ -73,6 +74,7 @@ def inspect_checkpoint(directory: str | os.PathLike, histogram: bool = False) ->
         "bits_per_weight_overall": 8 * (q_bytes + other_bytes) / max(q_weights + other_params, 1),
         "fp16_equivalent_bytes": 2 * (q_weights + other_params),
         "layers": layers,
+        "kernels": native.status(),  # what would run these layers here (docs/install.md)
     }
 
 
@@ -100,8 +102,6 @@ def validate_packed_tensors(files: SafetensorsDir, qcfg: dict[str, Any]) -> None
 
 
 def _histogram(files: SafetensorsDir, name: str, scheme: dict, in_f: int) -> list[int]:
-    from ..kernels import native
-
     bits = scheme["bits"]
     if scheme["format"] == "dense":
         codes = native.unpack_codes(files.get(f"{name}.qweight"), bits, in_f)
@@ -123,6 +123,7 @@ def format_report(rep: dict[str, Any]) -> str:
         f"indices counted)",
         f"other        {rep['other_params']:,} params in {rep['other_tensors_bytes'] / mb:.2f} MiB "
         f"(embeddings, norms, biases); overall {rep['bits_per_weight_overall']:.3f} bits/weight",
+        *([native.describe(rep["kernels"], "kernels      ")] if "kernels" in rep else []),
         "",
         f"{'layer':48s} {'format':6s} {'bits':>4s} {'group':>6s} {'shape':>12s} {'bpw':>6s} "
         f"{'sparsity':>8s}",

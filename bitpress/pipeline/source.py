@@ -23,11 +23,10 @@ log = logging.getLogger(__name__)
 
 
 def _require_transformers():
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise SourceError("loading models needs transformers: pip install 'bitpress[hf]'") from None
-    return transformers
+    from ..deps import need, require
+
+    need("transformers", "accelerate", what="loading models")
+    return require("transformers")
 
 
 @dataclass

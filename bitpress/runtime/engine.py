@@ -46,6 +46,7 @@ class EngineUnsupported(ConfigError):
 def _native():
     from ..kernels import native
 
+    native.require_if_asked("the decode engine")
     mod = native._module()
     if mod is None or not hasattr(mod, "DecodeEngine"):
         raise EngineUnsupported("bitpress._C with the decode engine is not built (no C++ "
