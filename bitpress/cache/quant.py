@@ -137,6 +137,7 @@ from torch import nn
 
 from ..errors import ConfigError, FormatError, SourceError
 from ..formats.checkpoint import atomic_output_dir, write_json
+from ..quant.clip import clip_search
 
 log = logging.getLogger(__name__)
 
@@ -188,16 +189,11 @@ def quantize_weight(w: torch.Tensor, qmin: int, qmax: int, grid: int = 50,
         raise ConfigError(f"weight code range [{qmin}, {qmax}] must lie in int8 and contain 0")
     W = w.detach().reshape(w.shape[0], -1).double()
     amax = W.abs().amax(1).clamp_min(1e-12)
-    best_err = torch.full_like(amax, math.inf)
-    best_s = amax / qmax
-    for r in torch.linspace(min_ratio, 1.0, grid, dtype=torch.float64):
-        s = r * amax / qmax
-        q = torch.clamp(torch.round(W / s[:, None]), qmin, qmax)
-        err = ((q * s[:, None] - W) ** 2).sum(1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_s = torch.where(better, s, best_s)
-    best_s = best_s.float().double()  # the scale the kernel will see (fp32)
+    zero = torch.zeros_like(amax)
+    ratios = torch.linspace(min_ratio, 1.0, grid, dtype=torch.float64).tolist()
+    best = clip_search(W, qmin, qmax, ratios, lambda r: (r * amax / qmax, zero))
+    assert best is not None
+    best_s = best[0].float().double()  # the scale the kernel will see (fp32)
     codes = torch.clamp(torch.round(W / best_s[:, None]), qmin, qmax).to(torch.int8)
     return codes.reshape(w.shape), best_s.float()
 

@@ -74,6 +74,7 @@ from ..formats import (QuantizedWeight, check_bits, check_group_size, effective_
                        minmax_params, num_groups, qrange)
 from .gptq import (DEFAULT_CLIP_GRID, DEFAULT_DAMP, HessianFactor, _check_hessian,
                    _check_weight, gptq_round_fixed_grid, prepare_hessian)
+from .clip import clip_search
 from .spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -471,8 +472,8 @@ def _clip_search_grid(Wz: torch.Tensor, P: _Problem, bits: int, sym: bool,
     Wg = P.Wp.to(torch.float32).view(out, G, gs)
     ar = torch.arange(G, device=P.Hp.device)
     Hb = P.Hp.view(G, gs, G, gs)[ar, :, ar, :].to(torch.float32)        # [G, gs, gs]
-    best = best_s = best_z = None
-    for c in grid:
+
+    def params(c: float) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         if sym:
             s = amax * c / (-qmin)
             z = torch.zeros_like(s)
@@ -482,21 +483,17 @@ def _clip_search_grid(Wz: torch.Tensor, P: _Problem, bits: int, sym: bool,
         s = torch.where(s > tiny, s, torch.full_like(s, floor))
         s, z = s.to(param_dtype).float(), z.to(param_dtype).float()
         if not bool(torch.isfinite(s).all() & torch.isfinite(z).all()):
-            continue      # overflow in the parameter dtype: not a candidate
-        E = (torch.clamp(torch.round((Wg - z[..., None]) / s[..., None]), qmin, qmax)
-             * s[..., None] + z[..., None] - Wg)                            # [out, G, gs]
+            return None   # overflow in the parameter dtype: not a candidate
+        return s, z
+
+    def loss(E: torch.Tensor) -> torch.Tensor:                           # E [out, G, gs]
         Eg = E.transpose(0, 1)                                              # [G, out, gs]
-        loss = (torch.bmm(Eg, Hb) * Eg).sum(-1).T                            # [out, G]
-        if best is None:
-            best, best_s, best_z = loss, s, z
-        else:
-            better = loss < best
-            best = torch.where(better, loss, best)
-            best_s = torch.where(better, s, best_s)
-            best_z = torch.where(better, z, best_z)
-    if best_s is None or best_z is None:
+        return (torch.bmm(Eg, Hb) * Eg).sum(-1).T                            # [out, G]
+
+    best = clip_search(Wg, qmin, qmax, grid, params, loss)
+    if best is None:
         return minmax_params(Wz, bits, group_arg, sym=sym, param_dtype=param_dtype)
-    return best_s, best_z
+    return best
 
 
 # ---------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ import torch
 from ..errors import BitpressError, ConfigError, NumericalError  # noqa: F401 - re-exported
 from ..formats import (QuantizedWeight, check_bits, check_group_size, effective_group_size,
                        minmax_params, num_groups, qrange)
+from .clip import clip_search, hessian_block_error, schur_error
 from .feedback import feedback_round
 from .spec import QuantSpec
 
@@ -292,25 +293,15 @@ def _clip_search(Wg: torch.Tensor, M: torch.Tensor, bits: int, sym: bool,
     ``‖e M⁻¹‖²`` with ``M`` the group's block of ``U`` (the error left after later columns
     compensate optimally, as GPTQ does)."""
     qmin, qmax = qrange(bits)
-    best_loss = best_s = best_z = None
-    for c in grid:
+
+    def params(c: float) -> tuple[torch.Tensor, torch.Tensor]:
         s, z = minmax_params(Wg, bits, -1, sym=sym, clip=c, param_dtype=param_dtype)
-        q = torch.clamp(torch.round((Wg - z) / s), qmin, qmax)
-        E = q * s + z - Wg
-        if metric == "schur":
-            loss = torch.linalg.solve_triangular(M, E, upper=True, left=False).pow(2).sum(1)
-        else:
-            loss = ((E @ M) * E).sum(1)
-        s, z = s[:, 0], z[:, 0]
-        if best_loss is None:
-            best_loss, best_s, best_z = loss, s, z
-        else:
-            better = loss < best_loss
-            best_loss = torch.where(better, loss, best_loss)
-            best_s = torch.where(better, s, best_s)
-            best_z = torch.where(better, z, best_z)
-    assert best_s is not None and best_z is not None
-    return best_s, best_z
+        return s[:, 0], z[:, 0]
+
+    best = clip_search(Wg, qmin, qmax, grid, params,
+                       schur_error(M) if metric == "schur" else hessian_block_error(M))
+    assert best is not None
+    return best
 
 
 def _static_params(W: torch.Tensor, Hd: torch.Tensor, spec: QuantSpec, clip_grid: Optional[

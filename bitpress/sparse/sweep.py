@@ -22,6 +22,7 @@ import torch
 
 from ..formats import effective_group_size, minmax_params, num_groups, qrange
 from ..quant import HessianFactor
+from ..quant.clip import clip_search, schur_error, squared_error
 from ..quant.feedback import SelectFn, feedback_round
 
 
@@ -47,23 +48,11 @@ def _group_params(Wg: torch.Tensor, keep: torch.Tensor, Ug: Optional[torch.Tenso
     if not clip_grid:
         return _masked_params(Wg, keep, bits, sym, param_dtype, 1.0)
     qmin, qmax = qrange(bits)
-    kf = keep.to(Wg.dtype)
-    best = None
-    for c in clip_grid:
-        s, z = _masked_params(Wg, keep, bits, sym, param_dtype, float(c))
-        q = torch.clamp(torch.round((Wg - z[:, None]) / s[:, None]), qmin, qmax)
-        E = (q * s[:, None] + z[:, None] - Wg) * kf
-        if Ug is not None:
-            loss = torch.linalg.solve_triangular(Ug, E, upper=True, left=False).pow(2).sum(1)
-        else:
-            loss = E.pow(2).sum(1)
-        if best is None:
-            best = [loss, s, z]
-        else:
-            better = loss < best[0]
-            best = [torch.where(better, a, b) for a, b in zip((loss, s, z), best)]
+    best = clip_search(Wg, qmin, qmax, clip_grid,
+                       lambda c: _masked_params(Wg, keep, bits, sym, param_dtype, c),
+                       squared_error if Ug is None else schur_error(Ug), keep.to(Wg.dtype))
     assert best is not None
-    return best[1], best[2]
+    return best
 
 
 def prune_quantize_sweep(W: torch.Tensor, factor: Optional[HessianFactor], select: SelectFn,
