@@ -9,8 +9,7 @@ import torch
 from bitpress.errors import ConfigError
 from bitpress.formats import minmax_params, num_groups, qrange, round_to_grid
 from bitpress.quant import (PASSES, QuantSpec, box_relaxed_codes, decoupleq, decoupleq_solve,
-                            gptq, gptq_round_fixed_grid, hessian_loss, least_squares_params,
-                            prepare_hessian)
+                            gptq, gptq_round_fixed_grid, hessian_loss, least_squares_params)
 
 from test_gptq import make_problem
 

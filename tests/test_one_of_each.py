@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from bitpress.formats import QuantizedWeight, minmax_params, qrange
-from bitpress.quant import gptq_round_fixed_grid, prepare_hessian
+from bitpress.quant import gptq_round_fixed_grid
 from bitpress.quant.clip import clip_search, hessian_block_error
 from bitpress.quant.feedback import feedback_round
 from one_of_each_cases import problem
