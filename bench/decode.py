@@ -29,7 +29,6 @@ import copy
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -47,25 +46,9 @@ from bitpress.kernels import cpu as kcpu  # noqa: E402
 from bitpress.nn.fuse import pack_output_head  # noqa: E402
 from bitpress.pipeline.source import open_source, packaged_gguf  # noqa: E402
 from bitpress.runtime import DecodeEngine  # noqa: E402
+from _common import cpu_info  # noqa: E402
 
 WIKI = os.path.join(HERE, "..", "..", "shared", "data", "wikitext-2", "test.txt")
-
-
-def cpu_info() -> dict:
-    info = {"model": platform.processor(), "flags": []}
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                info["model"] = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                fl = line.split(":", 1)[1].split()
-                info["flags"] = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni",
-                                             "avx512_bf16", "amx_int8") if f in fl]
-                break
-    except OSError:
-        pass
-    info["cores"] = os.cpu_count()
-    return info
 
 
 def rss_mb() -> float:

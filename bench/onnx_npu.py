@@ -41,7 +41,8 @@ from bitpress.integrations.onnx_runtime import ExportedDecoder, perplexity  # no
 from bitpress.pipeline.checkpoint import load_tokenizer  # noqa: E402
 from bitpress.pipeline.data import find_wikitext  # noqa: E402
 from bitpress.pipeline.evaluate import perplexity as bp_perplexity, read_text  # noqa: E402
-from decode import PROMPT, cpu_model, generate  # noqa: E402
+from _common import cpu_model  # noqa: E402
+from decode import PROMPT, generate  # noqa: E402
 
 
 def main() -> None:
