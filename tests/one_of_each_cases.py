@@ -74,10 +74,7 @@ def outputs() -> dict[str, torch.Tensor]:
     _qw("sgpt24", semi_structured_24(W, H, QuantSpec(bits=4, group_size=32)), res)
     _qw("unstructured", unstructured(W2, H2, QuantSpec(bits=3, group_size=32, sparsity=0.6)),
         res)
-    try:
-        from bitpress.cache.quant import quantize_weight, search_act_range
-    except ImportError:  # pragma: no cover - moved
-        from bitpress.quant.clip import quantize_weight, search_act_range  # type: ignore
+    from bitpress.cache.quant import quantize_weight, search_act_range
     g = torch.Generator().manual_seed(5)
     wc = torch.randn(12, 8, 3, 3, generator=g) * torch.rand(12, 1, 1, 1, generator=g)
     for name, (qmin, qmax) in {"w8": (-64, 63), "w4": (-8, 7)}.items():
