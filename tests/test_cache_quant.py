@@ -582,3 +582,21 @@ def test_quant_error_dec_on_linear_layers(tiny_calib, w8: QuantizedUNet) -> None
             assert not torch.equal(a, torch.ones_like(a))
     finally:
         w8.remove_correction()
+
+
+def test_loads_checkpoint_of_format_v1() -> None:
+    """A CacheQuant directory (W4A8 int8 U-Net + DPS plan + both DEC halves of the tiny U-Net)
+    written by the code before the int8 layers moved to ``bitpress.nn.int8`` and the files to
+    ``bitpress.formats.diffusion`` still loads and samples the same images."""
+    from safetensors.torch import load_file
+
+    data = Path(__file__).parent / "data" / "diffusion_v1"
+    back = load_cachequant(data / "cq")
+    assert back.quant is not None and back.quant.correction is not None
+    assert back.plan.mask == [1, 1, 0, 0, 1, 0] and len(back.quant.layers) == 49
+    assert isinstance(back.unet.down_blocks[0].resnets[0].conv1, Int8Conv2d)
+    assert set(back.quant.float_layers) >= set(DEFAULT_FLOAT_LAYERS)
+    noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    assert rel(back.sample(noise), load_file(str(data / "sample.safetensors"))["x"]) < 1e-4
+    q = QuantizedUNet.load(data / "cq" / "unet")
+    assert q.wbits == 4 and set(q.layers) == set(back.quant.layers)
