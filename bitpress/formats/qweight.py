@@ -86,8 +86,21 @@ def dequantize_bsr(row_ptr: torch.Tensor, col_idx: torch.Tensor, qvalues: torch.
     return w.reshape(out, ng * group_size)[:, :in_features]
 
 
+class GroupedShape:
+    """``gs`` (columns per group) and ``n_groups`` of anything with ``group_size`` and
+    ``in_features``."""
+
+    @property
+    def gs(self) -> int:
+        return effective_group_size(self.group_size, self.in_features)
+
+    @property
+    def n_groups(self) -> int:
+        return num_groups(self.group_size, self.in_features)
+
+
 @dataclass
-class QuantizedWeight:
+class QuantizedWeight(GroupedShape):
     codes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
@@ -106,14 +119,6 @@ class QuantizedWeight:
     @property
     def in_features(self) -> int:
         return self.codes.shape[1]
-
-    @property
-    def gs(self) -> int:
-        return effective_group_size(self.group_size, self.in_features)
-
-    @property
-    def n_groups(self) -> int:
-        return num_groups(self.group_size, self.in_features)
 
     @property
     def sparsity(self) -> float:
