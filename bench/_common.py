@@ -132,3 +132,12 @@ def rand_bsr(out: int, inf: int, bits: int, gs: int, sparsity: float = 0.5,
     return {"row_ptr": row_ptr, "col_idx": cols.to(torch.int32).contiguous(), "qvalues": qv,
             "scales": sc, "zeros": zr,
             "bytes": qv.numel() * 4 + nnz * (2 * sc.element_size() + 4) + (out + 1) * 4}
+
+
+def write_json(path: str, obj: object, indent: int = 1, **kwargs: object) -> None:
+    """Write a benchmark's JSON record to ``path``, creating its folder."""
+    import json
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=indent, **kwargs)

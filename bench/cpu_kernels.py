@@ -26,7 +26,6 @@ its weight (packed codes + fp16 scales/zeros for bitpress; indices too for spars
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import cpu_model, rand_bsr, rand_dense, timeit  # noqa: E402
+from _common import cpu_model, rand_bsr, rand_dense, timeit, write_json  # noqa: E402
 from bitpress.kernels import cpu  # noqa: E402
 
 LLAMA = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -225,9 +224,7 @@ def main() -> None:
     summary = summarize(rows, bw)
     for line in summary:
         print(line)
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as fh:
-        json.dump({"machine": info, "rows": rows, "summary": summary}, fh, indent=1)
+    write_json(args.json, {"machine": info, "rows": rows, "summary": summary})
     print(f"wrote {args.json}")
 
 
@@ -309,9 +306,7 @@ def compare_w2(shapes, batches, g, bw: float, info: dict, path: str, rounds: int
             print(f"{out:>5}x{inf:<6} {mb:>3} {tl * 1e6:>9.1f} {ti * 1e6:>9.1f} {ti / tl:>8.2f} "
                   f"{100 * gbs / bw:>8.1f}", flush=True)
         cpu.clear_cache()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as fh:
-        json.dump({"machine": info, "rows": rows}, fh, indent=1)
+    write_json(path, {"machine": info, "rows": rows})
     print(f"wrote {path}")
 
 

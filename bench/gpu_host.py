@@ -13,7 +13,6 @@ On a GPU machine ``--device cuda`` times the same plan with the real CuPy launch
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -21,7 +20,7 @@ import torch
 
 from bitpress.formats import quantize_rtn
 from bitpress.kernels import cuda_mma
-from _common import cpu_model, median_time
+from _common import cpu_model, median_time, write_json
 
 
 def _stub(fn, grid, args):
@@ -86,9 +85,7 @@ def main() -> None:
            "note": "shared machine (2 cores, several agents): numbers are upper bounds",
            "target_us": 5.0, "torch_empty_us": empty_us, "torch_empty_cpu_us": empty_cpu,
            "load_avg": os.getloadavg(), "rows": rows}
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=1)
+    write_json(a.out, res)
     print(f"wrote {a.out}")
 
 

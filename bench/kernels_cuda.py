@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -38,6 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bitpress.formats.packing import packed_words  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
+from _common import write_json  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 BATCHES = [1, 16, 64, 256]
@@ -173,9 +173,7 @@ def run(shapes, batches, methods, json_path: Optional[str]) -> None:
         del w16, dense, sparse
         torch.cuda.empty_cache()
     if json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path, "w") as fh:
-            json.dump({"machine": info, "rows": rows}, fh, indent=1)
+        write_json(json_path, {"machine": info, "rows": rows})
         print(f"wrote {json_path}")
 
 

@@ -17,7 +17,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from _common import cpu_model
+from _common import cpu_model, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WIKI = os.path.join(HERE, "..", "..", "shared", "data", "wikitext-2", "test.txt")
@@ -67,9 +67,7 @@ def main() -> None:
             meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes"),
                     "cpu": cpu_model(), "text": args.text, "seqlen": args.seqlen,
                     "windows": args.windows, "command": "bench/mode_ppl.py " + " ".join(sys.argv[1:])}
-            os.makedirs(os.path.dirname(args.out), exist_ok=True)
-            with open(args.out, "w") as f:
-                json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            write_json(args.out, {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":
