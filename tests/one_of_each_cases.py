@@ -49,6 +49,8 @@ def outputs() -> dict[str, torch.Tensor]:
         "gptq_act_clip_sym": QuantSpec(bits=4, group_size=32, sym=True,
                                        options={"act_order": True, "clip_search": True}),
         "gptq_bs16": QuantSpec(bits=2, group_size=16, options={"block_size": 40}),
+        # float32 parameters: no fp16 rounding hides last-ulp differences of the grids
+        "gptq_g32_fp32": QuantSpec(bits=3, group_size=32, param_dtype="float32"),
     }.items():
         _qw(name, gptq(W, H, spec), res)
     q = gptq(W2, H2, QuantSpec(bits=4, group_size=32))
@@ -61,12 +63,15 @@ def outputs() -> dict[str, torch.Tensor]:
         "dq_g32_sym_pgd": QuantSpec(bits=2, group_size=32, sym=True,
                                     options={"iters": 1, "int_step": "pgd", "pgd_steps": 5}),
         "dq_g64_bs16": QuantSpec(bits=4, group_size=64, options={"iters": 1, "block_size": 16}),
+        "dq_g32_fp32": QuantSpec(bits=2, group_size=32, param_dtype="float32",
+                                 options={"iters": 2}),
     }.items():
         _qw(name, decoupleq(W, H, spec), res)
     for name, spec in {
         "gqsa": QuantSpec(bits=4, group_size=16, sparsity=0.5),
         "gqsa_clip": QuantSpec(bits=3, group_size=16, sparsity=0.4,
                                options={"clip_search": True, "mask": "global"}),
+        "gqsa_fp32": QuantSpec(bits=4, group_size=16, sparsity=0.5, param_dtype="float32"),
         "gqsa_nocomp": QuantSpec(bits=4, group_size=32, sparsity=0.5,
                                  options={"compensate": False, "clip_search": True}),
     }.items():
