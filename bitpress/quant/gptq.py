@@ -43,7 +43,7 @@ from ..formats import (QuantizedWeight, check_bits, check_group_size, effective_
                        minmax_params, num_groups, qrange)
 from .clip import clip_search, hessian_block_error, schur_error
 from .feedback import feedback_round
-from .spec import QuantSpec
+from .spec import Options, QuantSpec
 
 log = logging.getLogger(__name__)
 
@@ -327,30 +327,11 @@ def _static_params(W: torch.Tensor, Hd: torch.Tensor, spec: QuantSpec, clip_grid
 # the pass
 # ---------------------------------------------------------------------------------------
 def _options(spec: QuantSpec) -> dict[str, Any]:
-    opts = dict(spec.options or {})
-    unknown = set(opts) - _KNOWN_OPTIONS
-    if unknown:
-        raise ConfigError(f"unknown GPTQ option(s) {sorted(unknown)}; known: "
-                          f"{sorted(_KNOWN_OPTIONS)}")
-    damp = opts.get("damp", DEFAULT_DAMP)
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0:
-        raise ConfigError(f"GPTQ option 'damp' must be a non-negative number, got {damp!r}")
-    bs = opts.get("block_size", DEFAULT_BLOCK_SIZE)
-    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
-        raise ConfigError(f"GPTQ option 'block_size' must be a positive integer, got {bs!r}")
-    for key in ("act_order", "clip_search"):
-        if not isinstance(opts.get(key, False), bool):
-            raise ConfigError(f"GPTQ option {key!r} must be true or false, got {opts[key]!r}")
-    grid = opts.get("clip_grid", DEFAULT_CLIP_GRID)
-    try:
-        grid = tuple(float(c) for c in grid)
-    except (TypeError, ValueError):
-        raise ConfigError(f"GPTQ option 'clip_grid' must be a list of numbers, got {grid!r}") from None
-    if not grid or not all(0.0 < c <= 1.0 for c in grid):
-        raise ConfigError(f"GPTQ option 'clip_grid' must be non-empty with factors in (0, 1], "
-                          f"got {grid!r}")
-    return {"damp": float(damp), "block_size": bs, "act_order": opts.get("act_order", False),
-            "clip_search": opts.get("clip_search", False), "clip_grid": grid}
+    o = Options(spec, "GPTQ", _KNOWN_OPTIONS)
+    return {"damp": o.number("damp", DEFAULT_DAMP),
+            "block_size": o.integer("block_size", DEFAULT_BLOCK_SIZE),
+            "act_order": o.flag("act_order", False), "clip_search": o.flag("clip_search", False),
+            "clip_grid": o.factors("clip_grid", DEFAULT_CLIP_GRID)}
 
 
 def gptq(W: torch.Tensor, H: Optional[torch.Tensor], spec: QuantSpec) -> QuantizedWeight:
