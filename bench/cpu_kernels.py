@@ -26,19 +26,17 @@ its weight (packed codes + fp16 scales/zeros for bitpress; indices too for spars
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bitpress.formats.packing import packed_words  # noqa: E402
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import cpu_model, rand_bsr, rand_dense, timeit, write_json  # noqa: E402
 from bitpress.kernels import cpu  # noqa: E402
 
 LLAMA = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -61,16 +59,6 @@ def llc_bytes() -> int:
     return LLC_BYTES
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def read_bandwidth(reps: int = 7) -> float:
     """GB/s of a multi-threaded sum over a 512 MiB fp32 array (best of ``reps``)."""
     x = torch.ones(128 << 20, dtype=torch.float32)
@@ -82,58 +70,8 @@ def read_bandwidth(reps: int = 7) -> float:
     return x.numel() * 4 / best / 1e9
 
 
-def timeit(fns: list[Callable[[], object]], min_time: float = 0.25, passes: int = 5) -> float:
-    """Seconds per call: calls cycle through ``fns`` (rotating weight copies); the median
-    over ``passes`` of the mean call time of one pass."""
-    for f in fns:
-        f()
-    t = time.perf_counter()
-    fns[0]()
-    one = max(time.perf_counter() - t, 1e-6)
-    if one > 0.2:
-        passes = 3
-    n = max(len(fns), int(min_time / passes / one))
-    n = (n + len(fns) - 1) // len(fns) * len(fns)
-    res = []
-    for _ in range(passes):
-        t = time.perf_counter()
-        for i in range(n):
-            fns[i % len(fns)]()
-        res.append((time.perf_counter() - t) / n)
-    return statistics.median(res)
-
-
 def copies(nbytes: int) -> int:
     return max(2, -(-3 * llc_bytes() // max(nbytes, 1)))
-
-
-def dense_q(out: int, inf: int, bits: int, gs: int, g: torch.Generator) -> dict:
-    ng = -(-inf // gs)
-    qw = torch.randint(-2**31, 2**31 - 1, (out, packed_words(inf, bits)), dtype=torch.int32,
-                       generator=g)
-    if bits == 3:  # canonical 3-bit words use 30 bits
-        qw &= (1 << 30) - 1
-    sc = (torch.rand(out, ng, generator=g) * 0.02 + 0.001).half()
-    zr = (torch.randn(out, ng, generator=g) * 0.01).half()
-    return {"qweight": qw, "scales": sc, "zeros": zr,
-            "bytes": qw.numel() * 4 + sc.numel() * 2 + zr.numel() * 2}
-
-
-def sparse_q(out: int, inf: int, bits: int, gs: int, sparsity: float,
-             g: torch.Generator) -> dict:
-    ng = -(-inf // gs)
-    keep = torch.rand(out, ng, generator=g) >= sparsity
-    rows, cols = keep.nonzero(as_tuple=True)
-    row_ptr = torch.zeros(out + 1, dtype=torch.int32)
-    row_ptr[1:] = keep.sum(1).cumsum(0).to(torch.int32)
-    nnz = cols.numel()
-    qv = torch.randint(-2**31, 2**31 - 1, (nnz, packed_words(gs, bits)), dtype=torch.int32,
-                       generator=g)
-    sc = (torch.rand(nnz, generator=g) * 0.02 + 0.001).half()
-    zr = (torch.randn(nnz, generator=g) * 0.01).half()
-    return {"row_ptr": row_ptr, "col_idx": cols.to(torch.int32).contiguous(), "qvalues": qv,
-            "scales": sc, "zeros": zr,
-            "bytes": qv.numel() * 4 + nnz * (2 + 2 + 4) + (out + 1) * 4}
 
 
 def _lean(fast, slow):
@@ -153,7 +91,7 @@ def methods(out: int, inf: int, g: torch.Generator, skip: set[str]) -> dict:
     # checked dense_qmm_cpu / sparse_qmm_cpu functions)
     def add_dense(name, bits, gs, mode):
         def build():
-            w = dense_q(out, inf, bits, gs, g)
+            w = rand_dense(out, inf, bits, gs, g)
             fast = cpu.dense_plan((torch.zeros(1, inf), w["qweight"], w["scales"], w["zeros"],
                                    None, bits, gs, inf), mode=mode)
             return w["bytes"], _lean(fast, lambda x: cpu.dense_qmm_cpu(
@@ -175,7 +113,7 @@ def methods(out: int, inf: int, g: torch.Generator, skip: set[str]) -> dict:
 
     def add_sparse(name, gs, sparsity, mode):
         def build():
-            w = sparse_q(out, inf, 4, gs, sparsity, g)
+            w = rand_bsr(out, inf, 4, gs, sparsity, g)
             fast = cpu.sparse_plan((torch.zeros(1, inf), w["row_ptr"], w["col_idx"],
                                     w["qvalues"], w["scales"], w["zeros"], None, 4, gs, inf),
                                    mode=mode)
@@ -286,9 +224,7 @@ def main() -> None:
     summary = summarize(rows, bw)
     for line in summary:
         print(line)
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as fh:
-        json.dump({"machine": info, "rows": rows, "summary": summary}, fh, indent=1)
+    write_json(args.json, {"machine": info, "rows": rows, "summary": summary})
     print(f"wrote {args.json}")
 
 
@@ -350,9 +286,9 @@ def compare_w2(shapes, batches, g, bw: float, info: dict, path: str, rounds: int
     print(f"{'shape':>12} {'M':>3} {'lut us':>9} {'int8 us':>9} {'int8/lut':>8} {'lut %BW':>8}")
     for out, inf in shapes:
         ws = []
-        nbytes = dense_q(out, inf, 2, 64, g)["bytes"]
+        nbytes = rand_dense(out, inf, 2, 64, g)["bytes"]
         for _ in range(copies(nbytes)):
-            ws.append(dense_q(out, inf, 2, 64, g))
+            ws.append(rand_dense(out, inf, 2, 64, g))
         for mb in batches:
             x = torch.randn(mb, inf, generator=g)
             fns = {mode: [lambda w=w, mode=mode: cpu.dense_qmm_cpu(
@@ -370,9 +306,7 @@ def compare_w2(shapes, batches, g, bw: float, info: dict, path: str, rounds: int
             print(f"{out:>5}x{inf:<6} {mb:>3} {tl * 1e6:>9.1f} {ti * 1e6:>9.1f} {ti / tl:>8.2f} "
                   f"{100 * gbs / bw:>8.1f}", flush=True)
         cpu.clear_cache()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as fh:
-        json.dump({"machine": info, "rows": rows}, fh, indent=1)
+    write_json(path, {"machine": info, "rows": rows})
     print(f"wrote {path}")
 
 

@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -47,25 +45,9 @@ from bitpress.kernels import cpu as kcpu  # noqa: E402
 from bitpress.nn.fuse import pack_output_head  # noqa: E402
 from bitpress.pipeline.source import open_source, packaged_gguf  # noqa: E402
 from bitpress.runtime import DecodeEngine  # noqa: E402
+from _common import cpu_info, write_json  # noqa: E402
 
 WIKI = os.path.join(HERE, "..", "..", "shared", "data", "wikitext-2", "test.txt")
-
-
-def cpu_info() -> dict:
-    info = {"model": platform.processor(), "flags": []}
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                info["model"] = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                fl = line.split(":", 1)[1].split()
-                info["flags"] = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni",
-                                             "avx512_bf16", "amx_int8") if f in fl]
-                break
-    except OSError:
-        pass
-    info["cores"] = os.cpu_count()
-    return info
 
 
 def rss_mb() -> float:
@@ -314,9 +296,7 @@ def main() -> None:  # noqa: C901 - one benchmark, all its runners
             "git": subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"],
                                   capture_output=True, text=True).stdout.strip(),
             "command": "bench/decode.py " + " ".join(sys.argv[1:])}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1)
+    write_json(args.out, {"meta": meta, "results": results})
     print(f"\nwrote {args.out}")
 
 

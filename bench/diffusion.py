@@ -34,7 +34,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -48,6 +47,7 @@ from bitpress.cache import (calibrate_cache, collect_calibration, collect_featur
                             fit_quant_correction, quantize_unet, sample_loop, schedule_macs)
 from bitpress.cache.fid import PROTOCOL, protocol_noise, protocol_scheduler  # noqa: E402
 from bitpress.cache.quant import DEFAULT_FLOAT_LAYERS  # noqa: E402
+from _common import cpu_flags, cpu_model  # noqa: E402
 
 ROWS = ("fp", "uniform", "dps", "dps+dec", "dps+dec+w8a8", "w8a8", "w4a8", "dps+dec+w4a8")
 
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         fid_s = f"{r['fid']:8.2f}" if "fid" in r else f"{'-':>8}"
         print(f"{r['row']:<14} {fid_s} {r['images_per_s']:8.2f} {sp:9.2f} {r['macs_per_image'] / 1e9:9.3f} "
               f"{r['mac_speedup']:6.2f}")
-    meta = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    meta = {"machine": {"cpu": cpu_model(), "flags": cpu_flags(), "cores": os.cpu_count(),
                         "torch": torch.__version__},
             "protocol": proto, "calibration_s": None if args.score_only else calib_s, "rows": results}
     write_json(out / "results.json", meta)

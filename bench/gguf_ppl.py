@@ -18,7 +18,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -38,17 +37,12 @@ _spec.loader.exec_module(_llamacpp)
 perplexity_llamacpp = _llamacpp.perplexity_llamacpp
 import bitpress  # noqa: E402
 from bitpress.cli import main as cli  # noqa: E402
+sys.path.append(_HERE)  # after site-packages: nothing in bench/ shadows a package
+from _common import cpu_model  # noqa: E402
 from bitpress.pipeline.checkpoint import load_tokenizer  # noqa: E402
 from bitpress.pipeline.data import find_wikitext  # noqa: E402
 from bitpress.pipeline.evaluate import make_windows, perplexity, read_text, tokenize_text  # noqa: E402
 from bitpress.pipeline.source import packaged_gguf  # noqa: E402
-
-
-def cpu_model() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main() -> int:

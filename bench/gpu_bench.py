@@ -27,6 +27,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from _common import rand_dense
+
 os.environ.setdefault("BITPRESS_TRITON_TUNE", "0")   # no autotuning inside graph capture
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]     # (N = out, K = in)
@@ -110,16 +112,6 @@ def calibrate() -> dict:
 
 
 # ---- kernels ---------------------------------------------------------------------------------
-def _rand_dense(n: int, k: int, bits: int, gs: int, dtype=torch.float16):
-    from bitpress.formats.packing import packed_words
-    kw = packed_words(k, bits)
-    qweight = torch.randint(-2 ** 31, 2 ** 31 - 1, (n, kw), dtype=torch.int32, device="cuda")
-    ng = -(-k // gs)
-    scales = (torch.rand(n, ng, device="cuda") * 0.02 + 0.001).to(dtype)
-    zeros = (torch.randn(n, ng, device="cuda") * 0.01).to(dtype)
-    return qweight, scales, zeros
-
-
 def _spec(name: str) -> tuple[int, int]:
     m = re.search(r"_w(\d)g(\d+)", name)
     return int(m[1]), int(m[2])
@@ -155,7 +147,8 @@ def make_kernel(name: str, n: int, k: int) -> tuple[Callable[[torch.Tensor, int]
                             for _ in range(copies_for(nbytes) - 1)]
             plans = [cuda_mma.sparse_plan_from_layout(p, None) for p in lays]
         else:
-            qweight, scales, zeros = _rand_dense(n, k, bits, gs)
+            w = rand_dense(n, k, bits, gs, device="cuda")
+            qweight, scales, zeros = w["qweight"], w["scales"], w["zeros"]
             lay = gpu_layout.dense_to_gpu(qweight, scales, zeros, bits, gs, k)
             nbytes = lay.nbytes()
             lays = [lay] + [gpu_layout.GpuDense(lay.qw.clone(), None if lay.q1 is None else
@@ -166,7 +159,8 @@ def make_kernel(name: str, n: int, k: int) -> tuple[Callable[[torch.Tensor, int]
         return (lambda x, i: plans[i % len(plans)](x)), nbytes
     if name.startswith("triton_"):
         from bitpress.kernels.triton import triton_dense_qmm
-        one = _rand_dense(n, k, bits, gs)
+        w = rand_dense(n, k, bits, gs, device="cuda")
+        one = (w["qweight"], w["scales"], w["zeros"])
         nbytes = sum(t.numel() * t.element_size() for t in one)
         ws = [one] + [tuple(t.clone() for t in one) for _ in range(copies_for(nbytes) - 1)]
         return (lambda x, i: triton_dense_qmm(x, *ws[i % len(ws)], None, bits, gs, k)), nbytes

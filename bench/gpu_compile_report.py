@@ -6,13 +6,13 @@ shared memory, compiled with nvcc for one architecture, as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
 import subprocess
 import tempfile
 
+from _common import write_json
 from bitpress.kernels import cuda_mma
 
 
@@ -50,11 +50,9 @@ def main() -> None:
         print(f"{r['entry']:40s} regs {r['registers']:3d}  smem {r['smem_bytes']:6d}  "
               f"spills {r['spill_store_bytes']}/{r['spill_load_bytes']}")
     out = a.out or f"bench/results/gpu/ptxas_{a.arch}.json"
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"arch": a.arch, "nvcc": subprocess.run([nvcc, "--version"], capture_output=True,
-                                                          text=True).stdout.splitlines()[-1],
-                   "entries": rows}, f, indent=1)
+    nvcc_version = subprocess.run([nvcc, "--version"], capture_output=True,
+                                  text=True).stdout.splitlines()[-1]
+    write_json(out, {"arch": a.arch, "nvcc": nvcc_version, "entries": rows})
     print(f"{len(rows)} entry points, {sum(r['spill_store_bytes'] > 0 for r in rows)} spilling;"
           f" wrote {out}")
 

@@ -24,8 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
+
+from _common import write_json
 
 DEVICES = {  # nominal HBM bandwidth, SMs, boost clock
     "h100": {"bw_GBps": 3350.0, "sms": 132, "ghz": 1.755},
@@ -147,12 +148,10 @@ def main() -> None:
                 print(f"| {kern} | {n}×{k} | " + " | ".join(cells) + " |")
         print("\n(µs; 'measured / predicted' where measured)")
     out = a.out or f"bench/results/gpu/costmodel_{a.device}.json"
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"device": a.device, "params": {**dev, "eta": a.eta, "t_fixed_us": t_fixed,
-                                                  "bandwidth_source": source},
-                   "model": "t = max(bytes/(eta*BW), warp_instr/issue_rate) + t_fixed",
-                   "rows": rows}, f, indent=1)
+    write_json(out, {"device": a.device, "params": {**dev, "eta": a.eta, "t_fixed_us": t_fixed,
+                                                    "bandwidth_source": source},
+                     "model": "t = max(bytes/(eta*BW), warp_instr/issue_rate) + t_fixed",
+                     "rows": rows})
     print(f"wrote {out}")
 
 

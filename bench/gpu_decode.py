@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -27,6 +26,8 @@ import torch  # noqa: E402
 
 import bitpress.nn as bnn  # noqa: E402
 from bitpress.pipeline.source import open_source, packaged_gguf  # noqa: E402
+sys.path.append(_here)  # after site-packages: nothing in bench/ shadows a package
+from _common import write_json  # noqa: E402
 
 PROMPT = "The history of the printing press begins"
 
@@ -88,9 +89,7 @@ def main() -> None:
     res = {"source": str(a.source or "packaged SmolLM2-135M"), "device": str(dev),
            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
            "dtype": str(dtype), "new_tokens": a.new_tokens, "rows": rows}
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=1)
+    write_json(a.out, res)
     print(f"wrote {a.out}")
 
 

@@ -13,16 +13,14 @@ On a GPU machine ``--device cuda`` times the same plan with the real CuPy launch
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
 import time
 
 import torch
 
 from bitpress.formats import quantize_rtn
 from bitpress.kernels import cuda_mma
+from _common import cpu_model, median_time, write_json
 
 
 def _stub(fn, grid, args):
@@ -37,19 +35,8 @@ def _time(fast, x, reps: int, rounds: int = 7, clock=time.perf_counter) -> float
     """Median over rounds of µs per call; ``clock=time.process_time`` counts only this
     process's CPU time (on a shared, oversubscribed machine wall time also counts the time
     other processes hold the core)."""
-    for _ in range(200):
-        fast(x)
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    best = []
-    for _ in range(rounds):
-        t0 = clock()
-        for _ in range(reps):
-            fast(x)
-        best.append((clock() - t0) / reps * 1e6)
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    return statistics.median(best)
+    sync = torch.cuda.synchronize if x.is_cuda else None
+    return median_time(lambda: fast(x), reps, rounds, warmup=200, clock=clock, sync=sync) * 1e6
 
 
 def main() -> None:
@@ -93,14 +80,12 @@ def main() -> None:
           f"{empty_cpu:.2f} us CPU time")
     res = {"what": "launch-plan host time per call (stub launcher)" if a.device == "cpu"
            else "launch-plan eager time per call (real launches, no sync)",
-           "device": a.device, "cpu": platform.processor() or platform.machine(),
+           "device": a.device, "cpu": cpu_model(),
            "threads": torch.get_num_threads(), "torch": torch.__version__,
            "note": "shared machine (2 cores, several agents): numbers are upper bounds",
            "target_us": 5.0, "torch_empty_us": empty_us, "torch_empty_cpu_us": empty_cpu,
            "load_avg": os.getloadavg(), "rows": rows}
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=1)
+    write_json(a.out, res)
     print(f"wrote {a.out}")
 
 

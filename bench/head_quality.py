@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 
 import torch
+
+from _common import write_json
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bitpress.nn.fuse import pack_output_head  # noqa: E402
@@ -66,9 +67,7 @@ def main() -> None:
             res[name] = {"ppl": p, "head_MB": nb / 1e6}
             print(f"{name}: {p:.3f} ({100 * (p / res['fp32'] - 1):+.1f} %), "
                   f"{nb / 1e6:.1f} MB", flush=True)
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as fh:
-        json.dump(res, fh, indent=1)
+    write_json(args.json, res)
     print(f"wrote {args.json}")
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -35,7 +34,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bitpress.formats.packing import pack_codes, packed_words  # noqa: E402
+from bitpress.formats.packing import packed_words  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+from _common import write_json  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 BATCHES = [1, 16, 64, 256]
@@ -74,31 +76,15 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
 
 
 def rand_dense(out: int, inf: int, bits: int, gs: int, g: torch.Generator):
-    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1))
-    codes = torch.randint(lo, hi, (out, inf), generator=g, device="cuda", dtype=torch.int8)
-    ng = (inf + gs - 1) // gs
-    s = (torch.rand(out, ng, generator=g, device="cuda") * 0.02 + 1e-3).half()
-    z = (torch.randn(out, ng, generator=g, device="cuda") * 0.01).half()
-    return pack_codes(codes, bits), s, z
+    """``(qweight, scales, zeros)`` of a random dense weight on the GPU."""
+    w = _common.rand_dense(out, inf, bits, gs, g, device="cuda")
+    return w["qweight"], w["scales"], w["zeros"]
 
 
 def rand_bsr(out: int, inf: int, bits: int, gs: int, skew: bool, g: torch.Generator):
-    ng = (inf + gs - 1) // gs
-    if skew:  # a tenth of the rows keep 90% of their groups, the rest ~45.5% (50% overall)
-        p = torch.full((out, 1), 0.4556, device="cuda")
-        p[: out // 10] = 0.9
-    else:
-        p = torch.full((out, 1), 0.5, device="cuda")
-    keep = torch.rand(out, ng, generator=g, device="cuda") < p
-    rows, cols = keep.nonzero(as_tuple=True)
-    nnz = rows.numel()
-    row_ptr = torch.zeros(out + 1, dtype=torch.int32, device="cuda")
-    row_ptr[1:] = keep.sum(1).cumsum(0).to(torch.int32)
-    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1))
-    codes = torch.randint(lo, hi, (nnz, gs), generator=g, device="cuda", dtype=torch.int8)
-    s = (torch.rand(nnz, generator=g, device="cuda") * 0.02 + 1e-3).half()
-    z = (torch.randn(nnz, generator=g, device="cuda") * 0.01).half()
-    return row_ptr, cols.to(torch.int32).contiguous(), pack_codes(codes, bits), s, z
+    """``(row_ptr, col_idx, qvalues, scales, zeros)`` of a random 50 %-sparse weight."""
+    w = _common.rand_bsr(out, inf, bits, gs, 0.5, g, device="cuda", skew=skew)
+    return w["row_ptr"], w["col_idx"], w["qvalues"], w["scales"], w["zeros"]
 
 
 def run(shapes, batches, methods, json_path: Optional[str]) -> None:
@@ -187,9 +173,7 @@ def run(shapes, batches, methods, json_path: Optional[str]) -> None:
         del w16, dense, sparse
         torch.cuda.empty_cache()
     if json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path, "w") as fh:
-            json.dump({"machine": info, "rows": rows}, fh, indent=1)
+        write_json(json_path, {"machine": info, "rows": rows})
         print(f"wrote {json_path}")
 
 

@@ -17,6 +17,8 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+from _common import cpu_model, write_json
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 WIKI = os.path.join(HERE, "..", "..", "shared", "data", "wikitext-2", "test.txt")
 
@@ -63,12 +65,9 @@ def main() -> None:
             print(f"{r['name']:<24} {r['mode']:<6} ppl {r['perplexity']:.3f}  ({r['kernel_mode']})",
                   flush=True)
             meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes"),
-                    "cpu": open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0]
-                    .split(":", 1)[1].strip(), "text": args.text, "seqlen": args.seqlen,
+                    "cpu": cpu_model(), "text": args.text, "seqlen": args.seqlen,
                     "windows": args.windows, "command": "bench/mode_ppl.py " + " ".join(sys.argv[1:])}
-            os.makedirs(os.path.dirname(args.out), exist_ok=True)
-            with open(args.out, "w") as f:
-                json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            write_json(args.out, {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

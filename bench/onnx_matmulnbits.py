@@ -7,11 +7,10 @@ on a SmolLM2-sized 576 -> 1536 linear, batch 1, one thread, random codes.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import time
 
 import numpy as np
+
+from _common import median_time, write_json
 
 
 def session(bits, bs, k, n, zp_kind, acc):
@@ -68,18 +67,13 @@ def main() -> None:
                         rows.append(r)
                         continue
                     a = np.random.default_rng(1).random((1, k)).astype(np.float32)
-                    s.run(None, {"A": a})
-                    t0 = time.perf_counter()
-                    for _ in range(args.reps):
-                        s.run(None, {"A": a})
-                    r["us_per_gemv"] = round((time.perf_counter() - t0) / args.reps * 1e6, 1)
+                    us = median_time(lambda: s.run(None, {"A": a}), args.reps, rounds=1) * 1e6
+                    r["us_per_gemv"] = round(us, 1)
                     rows.append(r)
                     print(r, flush=True)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"onnxruntime": ort.__version__, "K": k, "N": n, "threads": 1,
-                   "machine_note": "shared 2-core machine under load: indicative",
-                   "rows": rows}, f, indent=2)
+    write_json(args.out, {"onnxruntime": ort.__version__, "K": k, "N": n, "threads": 1,
+                          "machine_note": "shared 2-core machine under load: indicative",
+                          "rows": rows}, indent=2)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ from bitpress.integrations.onnx_runtime import ExportedDecoder, perplexity  # no
 from bitpress.pipeline.checkpoint import load_tokenizer  # noqa: E402
 from bitpress.pipeline.data import find_wikitext  # noqa: E402
 from bitpress.pipeline.evaluate import perplexity as bp_perplexity, read_text  # noqa: E402
-from decode import PROMPT, cpu_model, generate  # noqa: E402
+from _common import cpu_model, write_json  # noqa: E402
+from decode import PROMPT, generate  # noqa: E402
 
 
 def main() -> None:
@@ -127,9 +128,7 @@ def main() -> None:
            "text": str(text_path), "seqlen": args.seqlen, "windows": args.windows,
            "threads": args.threads, "new_tokens": args.new_tokens, "prompt": PROMPT,
            "rows": rows}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=2, default=str)
+    write_json(args.out, res, indent=2, default=str)
     for r in rows:
         for name, p in r["perplexity"].items():
             d = r["decode"][name]

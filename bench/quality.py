@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -33,8 +32,10 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parent))
 
 import bitpress  # noqa: E402
+from _common import cpu_model  # noqa: E402
 from bitpress.pipeline.checkpoint import load_tokenizer  # noqa: E402
 from bitpress.pipeline.compress import SIMULATED_METHODS  # noqa: E402
 from bitpress.pipeline.data import builtin_text, find_wikitext  # noqa: E402
@@ -174,16 +175,6 @@ def _e2e_key(e2e: Optional[dict]) -> Optional[tuple]:
         return None
     return (e2e["lr"], e2e["nsamples"], e2e.get("steps_requested", e2e.get("steps")),
             e2e.get("schedule", "constant"))
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import cpu_model
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -66,12 +68,7 @@ def _dir_bytes(p: Path) -> int:
 
 
 def machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     mem = 0
     try:
         mem = int(next(line.split()[1] for line in open("/proc/meminfo")

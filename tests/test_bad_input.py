@@ -281,7 +281,7 @@ def test_output_moved_aside_by_a_killed_swap_is_restored(tmp_path):
 _SIGTERM_SCRIPT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    import bitpress.pipeline.streamout as so
+    import bitpress.pipeline.checkpoint as so   # write_model_files writes config.json
     real = so.write_json
     def slow(path, obj, *a, **k):
         real(path, obj, *a, **k)

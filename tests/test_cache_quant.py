@@ -16,8 +16,8 @@ from diffusers import DDIMPipeline, DDIMScheduler, UNet2DConditionModel, UNet2DM
 
 from bitpress.cache.plan import CacheQuantModel, cachequant, load_cachequant  # noqa: E402
 
-from bitpress.cache.quant import (DEFAULT_FLOAT_LAYERS, EXCLUDED, QuantConv2d, QuantCorrection,  # noqa: E402
-                                  QuantizedUNet, QuantLinear,
+from bitpress.cache.quant import (DEFAULT_FLOAT_LAYERS, EXCLUDED, Int8Conv2d, QuantCorrection,  # noqa: E402
+                                  QuantizedUNet, Int8Linear,
                                   collect_calibration, consumer_layers, fit_quant_correction, get_quant,
                                   kernel_available, quant_ranges, quantize_unet, quantize_weight,
                                   search_act_range)
@@ -130,16 +130,16 @@ def test_search_act_range() -> None:
 # ---- the int8 layers against the float64 reference of the same math ----------------------------
 
 def _random_layer(kind: str, parts, w_q, a_qmax: int, g: torch.Generator, adversarial: bool = False,
-                  kernel: str = "onednn", **geo) -> QuantConv2d | QuantLinear:
+                  kernel: str = "onednn", **geo) -> Int8Conv2d | Int8Linear:
     T = 2
     if kind == "conv":
         cin, cout = geo["cin"], geo["cout"]
-        lay: QuantConv2d | QuantLinear = QuantConv2d(cin, cout, geo["k"], geo["stride"], geo["pad"], (1, 1), 1, T,
+        lay: Int8Conv2d | Int8Linear = Int8Conv2d(cin, cout, geo["k"], geo["stride"], geo["pad"], (1, 1), 1, T,
                                                      parts, w_q[0], w_q[1], a_qmax, True, step_fn=lambda: 1,
                                                      kernel=kernel)
     else:
         cin, cout = geo["cin"], geo["cout"]
-        lay = QuantLinear(cin, cout, T, parts, w_q[0], w_q[1], a_qmax, True, step_fn=lambda: 1, kernel=kernel)
+        lay = Int8Linear(cin, cout, T, parts, w_q[0], w_q[1], a_qmax, True, step_fn=lambda: 1, kernel=kernel)
     shape = lay.codes.shape
     if adversarial:
         lay.codes.fill_(w_q[0])
@@ -226,8 +226,8 @@ def test_quantize_unet_structure_and_caller_untouched(tiny_calib, w8: QuantizedU
     assert all(type(m) in (nn.Conv2d, nn.Linear) for n, m in unet.named_modules() if n.endswith(("conv1", "to_q")))
     assert get_quant(unet) is None and get_quant(w8.unet) is w8
     q = w8.unet
-    assert isinstance(q.conv_in, QuantConv2d) and isinstance(q.conv_out, QuantConv2d)
-    assert isinstance(q.mid_block.attentions[0].to_q, QuantLinear)
+    assert isinstance(q.conv_in, Int8Conv2d) and isinstance(q.conv_out, Int8Conv2d)
+    assert isinstance(q.mid_block.attentions[0].to_q, Int8Linear)
     # time embedding stays float
     assert type(q.time_embedding.linear_1) is nn.Linear and type(q.down_blocks[0].resnets[0].time_emb_proj) is nn.Linear
     assert "time_embedding.linear_1" in w8.float_layers
@@ -237,7 +237,7 @@ def test_quantize_unet_structure_and_caller_untouched(tiny_calib, w8: QuantizedU
             assert len(r.conv1.parts) == 2, (j, i)
             a, b = r.conv1.parts
             assert a[0] == 0 and a[1] == b[0] and b[1] == r.conv1.in_ch
-            if isinstance(r.conv_shortcut, QuantConv2d):
+            if isinstance(r.conv_shortcut, Int8Conv2d):
                 assert r.conv_shortcut.parts == r.conv1.parts
     # the split point is where the skip activation starts: up block 1, resnet 0 gets [h(16), skip(16)]
     assert q.up_blocks[1].resnets[0].conv1.parts == [(0, 16), (16, 32)]
@@ -422,7 +422,7 @@ def test_inplace_replaces_callers_modules(tiny_calib) -> None:
     _, calib = tiny_calib
     unet = tiny_unet()
     q = quantize_unet(unet, calib, inplace=True)
-    assert q.unet is unet and isinstance(unet.down_blocks[0].resnets[0].conv1, QuantConv2d)
+    assert q.unet is unet and isinstance(unet.down_blocks[0].resnets[0].conv1, Int8Conv2d)
     assert type(unet.conv_in) is nn.Conv2d  # DEFAULT_FLOAT_LAYERS
 
 
@@ -582,3 +582,21 @@ def test_quant_error_dec_on_linear_layers(tiny_calib, w8: QuantizedUNet) -> None
             assert not torch.equal(a, torch.ones_like(a))
     finally:
         w8.remove_correction()
+
+
+def test_loads_checkpoint_of_format_v1() -> None:
+    """A CacheQuant directory (W4A8 int8 U-Net + DPS plan + both DEC halves of the tiny U-Net)
+    written by the code before the int8 layers moved to ``bitpress.nn.int8`` and the files to
+    ``bitpress.formats.diffusion`` still loads and samples the same images."""
+    from safetensors.torch import load_file
+
+    data = Path(__file__).parent / "data" / "diffusion_v1"
+    back = load_cachequant(data / "cq")
+    assert back.quant is not None and back.quant.correction is not None
+    assert back.plan.mask == [1, 1, 0, 0, 1, 0] and len(back.quant.layers) == 49
+    assert isinstance(back.unet.down_blocks[0].resnets[0].conv1, Int8Conv2d)
+    assert set(back.quant.float_layers) >= set(DEFAULT_FLOAT_LAYERS)
+    noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    assert rel(back.sample(noise), load_file(str(data / "sample.safetensors"))["x"]) < 1e-4
+    q = QuantizedUNet.load(data / "cq" / "unet")
+    assert q.wbits == 4 and set(q.layers) == set(back.quant.layers)

@@ -26,7 +26,7 @@ from .features import collect_features, feature_distance_matrix
 from .runtime import (PipelineCache, UNetCache, as_schedule, count_macs, enable_cache,
                       enable_pipeline_cache, get_cache, max_depth, n_evaluations, sample_loop,
                       schedule_macs)
-from .quant import (QuantConv2d, QuantCorrection, QuantizedUNet, QuantLinear, collect_calibration,
+from .quant import (Int8Conv2d, Int8Linear, QuantCorrection, QuantizedUNet, collect_calibration,
                     consumer_layers, fit_quant_correction, get_quant, quantize_unet)
 from .schedule import (DPSResult, brute_force_schedule, deepcache_nonuniform, dps, n_refresh,
                        refresh_steps, schedule_cost, segment_costs, uniform)
@@ -36,6 +36,6 @@ __all__ = ["CachePlan", "calibrate_cache", "CacheCorrection", "fit_cache_correct
            "enable_cache", "enable_pipeline_cache", "get_cache", "max_depth", "n_evaluations",
            "sample_loop", "schedule_macs", "DPSResult", "brute_force_schedule",
            "deepcache_nonuniform", "dps", "n_refresh", "refresh_steps", "schedule_cost",
-           "segment_costs", "uniform", "QuantConv2d", "QuantLinear", "QuantizedUNet",
+           "segment_costs", "uniform", "Int8Conv2d", "Int8Linear", "QuantizedUNet",
            "collect_calibration", "get_quant", "quantize_unet", "QuantCorrection", "consumer_layers",
            "fit_quant_correction", "CacheQuantModel", "cachequant", "load_cachequant"]

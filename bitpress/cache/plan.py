@@ -108,10 +108,6 @@ def calibrate_cache(unet: nn.Module, scheduler: Any, noise: torch.Tensor, num_in
 # CacheQuant as one model: plan + (optionally quantized) U-Net, one call, one directory
 # --------------------------------------------------------------------------------------------
 
-CQ_FORMAT = "bitpress-cachequant"
-CQ_VERSION = 1
-CQ_META = "cachequant.json"
-CQ_PLAN = "plan.safetensors"
 _SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler")
 
 
@@ -164,39 +160,31 @@ class CacheQuantModel:
         return pc
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
-        from safetensors.torch import save_file
-
-        from ..formats.checkpoint import atomic_output_dir, write_json
+        from ..formats.checkpoint import atomic_output_dir
+        from ..formats.diffusion import write_cachequant_files
 
         with atomic_output_dir(path, overwrite=overwrite) as tmp:
             if self.quant is not None:
                 self.quant.save(tmp / "unet")
             else:
                 self.unet.save_pretrained(tmp / "unet", safe_serialization=True)
-            save_file({k: v.contiguous() for k, v in self.plan.tensors().items()}, str(tmp / CQ_PLAN))
-            write_json(tmp / CQ_META, {"format": CQ_FORMAT, "format_version": CQ_VERSION,
-                                       "plan": self.plan.meta(), "quantized": self.quant is not None,
-                                       "scheduler_class": self.scheduler_class,
-                                       "scheduler_config": json.loads(json.dumps(dict(self.scheduler_config))),
-                                       "num_inference_steps": self.num_inference_steps})
+            write_cachequant_files(tmp, self.plan.tensors(), {
+                "plan": self.plan.meta(), "quantized": self.quant is not None,
+                "scheduler_class": self.scheduler_class,
+                "scheduler_config": json.loads(json.dumps(dict(self.scheduler_config))),
+                "num_inference_steps": self.num_inference_steps})
         return Path(path)
 
 
 def load_cachequant(path: str | os.PathLike) -> CacheQuantModel:
     """Load a directory written by :meth:`CacheQuantModel.save` (no pickle)."""
-    from safetensors.torch import load_file
-
     from ..deps import need
-    from ..errors import SourceError
+    from ..formats.diffusion import read_cachequant_files
 
     need("diffusers", what="loading a CacheQuant directory")
     path = Path(path)
-    if not (path / CQ_META).is_file():
-        raise SourceError(f"{path} is not a CacheQuant directory (no {CQ_META})")
-    from .quant import read_format_json
-
-    meta = read_format_json(path / CQ_META, CQ_FORMAT, CQ_VERSION)
-    plan = CachePlan.from_meta(meta["plan"], load_file(str(path / CQ_PLAN)) if (path / CQ_PLAN).is_file() else {})
+    meta, plan_tensors = read_cachequant_files(path)
+    plan = CachePlan.from_meta(meta["plan"], plan_tensors)
     quant = None
     if meta.get("quantized"):
         from .quant import QuantizedUNet

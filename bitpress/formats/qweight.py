@@ -50,8 +50,57 @@ def expand_groups(t: torch.Tensor, group_size: int, in_features: int) -> torch.T
     return t.repeat_interleave(gs, dim=-1)[..., :in_features]
 
 
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                     group_size: int, in_features: int,
+                     keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The dequantizer: float32 ``W[r, k] = scale[r, g(k)]·codes[r, k] + zero[r, g(k)]``,
+    times ``keep[r, g(k)]`` where a group keep mask is given (pruned groups are 0)."""
+    s = expand_groups(scale.float(), group_size, in_features)
+    z = expand_groups(zero.float(), group_size, in_features)
+    w = s * codes.float() + z
+    if keep is not None:
+        w = w * expand_groups(keep.float(), group_size, in_features)
+    return w
+
+
+def dequantize_dense(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     bits: int, group_size: int, in_features: int) -> torch.Tensor:
+    """Dequantised float32 ``[out, in]`` weight of the canonical dense packed layout
+    (:meth:`QuantizedWeight.pack_dense`)."""
+    return dequantize_codes(unpack_codes(qweight, bits, in_features), scales, zeros,
+                            group_size, in_features)
+
+
+def dequantize_bsr(row_ptr: torch.Tensor, col_idx: torch.Tensor, qvalues: torch.Tensor,
+                   scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+                   in_features: int) -> torch.Tensor:
+    """Dequantised float32 ``[out, in]`` weight of the block-sparse-row layout
+    (:meth:`QuantizedWeight.pack_bsr`; ``group_size`` effective); pruned groups are 0. Not
+    validated: see :func:`validate_bsr`."""
+    out = row_ptr.numel() - 1
+    ng = (in_features + group_size - 1) // group_size
+    vals = unpack_codes(qvalues, bits, group_size).float() * scales.float()[:, None] \
+        + zeros.float()[:, None]
+    w = torch.zeros(out, ng, group_size, dtype=torch.float32, device=qvalues.device)
+    w[_bsr_rows(row_ptr).to(qvalues.device), col_idx.long()] = vals
+    return w.reshape(out, ng * group_size)[:, :in_features]
+
+
+class GroupedShape:
+    """``gs`` (columns per group) and ``n_groups`` of anything with ``group_size`` and
+    ``in_features``."""
+
+    @property
+    def gs(self) -> int:
+        return effective_group_size(self.group_size, self.in_features)
+
+    @property
+    def n_groups(self) -> int:
+        return num_groups(self.group_size, self.in_features)
+
+
 @dataclass
-class QuantizedWeight:
+class QuantizedWeight(GroupedShape):
     codes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
@@ -70,14 +119,6 @@ class QuantizedWeight:
     @property
     def in_features(self) -> int:
         return self.codes.shape[1]
-
-    @property
-    def gs(self) -> int:
-        return effective_group_size(self.group_size, self.in_features)
-
-    @property
-    def n_groups(self) -> int:
-        return num_groups(self.group_size, self.in_features)
 
     @property
     def sparsity(self) -> float:
@@ -115,12 +156,8 @@ class QuantizedWeight:
 
     # ---- maths ---------------------------------------------------------------------
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        s = expand_groups(self.scale.float(), self.group_size, self.in_features)
-        z = expand_groups(self.zero.float(), self.group_size, self.in_features)
-        w = s * self.codes.float() + z
-        if self.keep is not None:
-            w = w * expand_groups(self.keep.float(), self.group_size, self.in_features)
-        return w.to(dtype)
+        return dequantize_codes(self.codes, self.scale, self.zero, self.group_size,
+                                self.in_features, self.keep).to(dtype)
 
     # ---- packed forms --------------------------------------------------------------
     def pack_dense(self, param_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:

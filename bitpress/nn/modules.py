@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..formats import (QuantizedWeight, check_bits, check_group_size, effective_group_size,
-                       magnitude_keep_mask, num_groups, packed_words, quantize_rtn)
+from ..formats.qweight import GroupedShape
+from ..formats import (QuantizedWeight, check_bits, check_group_size, magnitude_keep_mask,
+                       packed_words, quantize_rtn)
 from ..kernels import dense_qmm, ops, sparse_qmm
 
 _PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -38,7 +39,7 @@ def _linear_weight(linear: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tens
     return w.float(), b
 
 
-class _PackedLinear(nn.Module):
+class _PackedLinear(nn.Module, GroupedShape):
     #: the buffers that hold the weight (with ``bias``: what a kernel plan binds)
     _WEIGHT_TENSORS: tuple[str, ...] = ()
     bits: int
@@ -62,14 +63,6 @@ class _PackedLinear(nn.Module):
                                                      device=device))
         else:
             self.bias = None
-
-    @property
-    def gs(self) -> int:
-        return effective_group_size(self.group_size, self.in_features)
-
-    @property
-    def n_groups(self) -> int:
-        return num_groups(self.group_size, self.in_features)
 
     def float_parts_trainable(self, trainable: bool = True) -> list[nn.Parameter]:
         """Turn ``scales``/``zeros`` (and ``bias``) into float32 parameters (or back into

@@ -103,6 +103,23 @@ def quantization_config_of(model: nn.Module,
         **{k: v for k, v in q.items() if k not in ("modules", "quant_method", "format_version")})
 
 
+def write_model_files(directory: Path, config: dict[str, Any], generation_config: Any = None,
+                      tokenizer: Any = None) -> None:
+    """The files of a checkpoint directory besides its tensors: the remote-code loader (so
+    transformers loads it without ``import bitpress``), ``config.json`` (``config`` is not
+    modified), the generation config (optional: a failure is logged) and the tokenizer."""
+    config = dict(config)
+    write_remote_code(directory, config)
+    write_json(directory / "config.json", config)
+    if generation_config is not None:
+        try:
+            generation_config.save_pretrained(directory)
+        except Exception as e:  # noqa: BLE001 - optional file
+            log.warning("generation config not saved: %s", e)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
 def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None,
          quantization_config: Optional[dict[str, Any]] = None, overwrite: bool = False,
          max_shard_bytes: int = DEFAULT_SHARD_BYTES,
@@ -124,16 +141,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None,
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         write_shards(disk_state_dict(model, dtype), tmp, max_shard_bytes,
                      metadata={"bitpress_format_version": str(qcfg["format_version"])})
-        write_remote_code(tmp, config)
-        write_json(tmp / "config.json", config)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            try:
-                gen.save_pretrained(tmp)
-            except Exception as e:  # noqa: BLE001 - optional file
-                log.warning("generation config not saved: %s", e)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        write_model_files(tmp, config, getattr(model, "generation_config", None), tokenizer)
         for name, obj in (extra_files or {}).items():
             write_json(tmp / name, obj)
     return Path(out_dir)

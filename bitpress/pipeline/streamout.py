@@ -267,18 +267,9 @@ class StreamOutput:
                     weight_map.update({k: name for k, _ in _in_data_order(h)})
                 write_json(tmp / INDEX_FILE, {"metadata": {"total_size": data},
                                               "weight_map": weight_map})
-            from .checkpoint import write_remote_code
+            from .checkpoint import write_model_files
 
-            config = dict(config)
-            write_remote_code(tmp, config)  # loadable by transformers without `import bitpress`
-            write_json(tmp / "config.json", config)
-            if generation_config is not None:
-                try:
-                    generation_config.save_pretrained(tmp)
-                except Exception as e:  # noqa: BLE001 - optional file
-                    log.warning("generation config not saved: %s", e)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
+            write_model_files(tmp, config, generation_config, tokenizer)
             summary["size_on_disk_bytes"] = sum(f.stat().st_size for f in tmp.iterdir()
                                                 if f.is_file())
             write_json(tmp / "bitpress_summary.json", summary)

@@ -74,6 +74,7 @@ from ..formats import (QuantizedWeight, check_bits, check_group_size, effective_
                        minmax_params, num_groups, qrange)
 from .gptq import (DEFAULT_CLIP_GRID, DEFAULT_DAMP, HessianFactor, _check_hessian,
                    _check_weight, gptq_round_fixed_grid, prepare_hessian)
+from .clip import clip_search
 from .spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -401,46 +402,12 @@ def _expand(t: torch.Tensor, gs: int, n: int) -> torch.Tensor:
 def feedback_round_t(W: torch.Tensor, factor: HessianFactor, scale: torch.Tensor,
                      zero: torch.Tensor, bits: int, group_size: int,
                      block_size: int = FEEDBACK_BLOCK) -> torch.Tensor:
-    """GPTQ error-feedback rounding onto a fixed grid: the algorithm of
-    :func:`bitpress.quant.gptq_round_fixed_grid` (same inputs, natural column order), laid
-    out for speed. The weight is transposed to ``[in, out]`` so every per-column read and
-    rank-1 update touches contiguous memory, and each lazy-update block lies inside one
-    group and is worked in normalised coordinates ``(w − z) / s``, where rounding is
-    ``round`` + ``clamp`` and the error feedback is one rank-1 update with the row-scaled
-    factor ``U / diag U`` (five small ops per column instead of ten). Codes agree with the
-    reference up to floating-point ties. Returns codes int8 ``[out, in]``."""
-    if factor.perm is not None:   # act-order factors: use the reference implementation
-        return gptq_round_fixed_grid(W, factor, scale, zero, bits, group_size)
-    qmin, qmax = qrange(bits)
-    out, n = W.shape
-    gs = effective_group_size(group_size, n)
-    dev = W.device
-    U = factor.U.to(dev)
-    Ud = U / torch.diagonal(U)[:, None]                        # row-scaled: U[i, :] / U[i, i]
-    Wt = W.detach().to(torch.float32).T.contiguous()          # [in, out]
-    Wt[factor.dead.to(dev)] = 0.0
-    st = scale.detach().float().T.contiguous()                 # [G, out]
-    zt = zero.detach().float().T.contiguous()
-    codes = torch.empty(n, out, dtype=torch.float32, device=dev)
-    cuts = sorted(set(range(0, n, block_size)) | set(range(0, n, gs)) | {n})
-    for i1, i2 in zip(cuts[:-1], cuts[1:]):
-        g = i1 // gs
-        s_g, z_g = st[g], zt[g]
-        cnt = i2 - i1
-        Wn = (Wt[i1:i2] - z_g).div_(s_g)                       # normalised block [cnt, out]
-        Q1 = codes[i1:i2]
-        E1 = torch.empty(cnt, out, dtype=torch.float32, device=dev)
-        wrows, qrows, erows = Wn.unbind(0), Q1.unbind(0), E1.unbind(0)
-        Ub = Ud[i1:i2, i1:i2]
-        for i in range(cnt):
-            q = qrows[i]
-            torch.round(wrows[i], out=q).clamp_(qmin, qmax)
-            torch.sub(wrows[i], q, out=erows[i])
-            if i + 1 < cnt:
-                Wn[i + 1:].addr_(Ub[i, i + 1:], erows[i], alpha=-1.0)
-        if i2 < n:
-            Wt[i2:].addmm_(Ud[i1:i2, i2:].T, E1.mul_(s_g), alpha=-1.0)
-    return codes.T.to(torch.int8).contiguous()
+    """The integer step: GPTQ error-feedback rounding onto the fixed grid ``scale``/``zero``
+    (:func:`bitpress.quant.gptq_round_fixed_grid`, the shared loop of
+    :mod:`bitpress.quant.feedback`) with decoupleQ's lazy-update block. Returns codes int8
+    ``[out, in]``."""
+    return gptq_round_fixed_grid(W, factor, scale, zero, bits, group_size,
+                                 block_size=block_size)
 
 
 def box_relaxed_codes(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -505,8 +472,8 @@ def _clip_search_grid(Wz: torch.Tensor, P: _Problem, bits: int, sym: bool,
     Wg = P.Wp.to(torch.float32).view(out, G, gs)
     ar = torch.arange(G, device=P.Hp.device)
     Hb = P.Hp.view(G, gs, G, gs)[ar, :, ar, :].to(torch.float32)        # [G, gs, gs]
-    best = best_s = best_z = None
-    for c in grid:
+
+    def params(c: float) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         if sym:
             s = amax * c / (-qmin)
             z = torch.zeros_like(s)
@@ -516,21 +483,17 @@ def _clip_search_grid(Wz: torch.Tensor, P: _Problem, bits: int, sym: bool,
         s = torch.where(s > tiny, s, torch.full_like(s, floor))
         s, z = s.to(param_dtype).float(), z.to(param_dtype).float()
         if not bool(torch.isfinite(s).all() & torch.isfinite(z).all()):
-            continue      # overflow in the parameter dtype: not a candidate
-        E = (torch.clamp(torch.round((Wg - z[..., None]) / s[..., None]), qmin, qmax)
-             * s[..., None] + z[..., None] - Wg)                            # [out, G, gs]
+            return None   # overflow in the parameter dtype: not a candidate
+        return s, z
+
+    def loss(E: torch.Tensor) -> torch.Tensor:                           # E [out, G, gs]
         Eg = E.transpose(0, 1)                                              # [G, out, gs]
-        loss = (torch.bmm(Eg, Hb) * Eg).sum(-1).T                            # [out, G]
-        if best is None:
-            best, best_s, best_z = loss, s, z
-        else:
-            better = loss < best
-            best = torch.where(better, loss, best)
-            best_s = torch.where(better, s, best_s)
-            best_z = torch.where(better, z, best_z)
-    if best_s is None or best_z is None:
+        return (torch.bmm(Eg, Hb) * Eg).sum(-1).T                            # [out, G]
+
+    best = clip_search(Wg, qmin, qmax, grid, params, loss)
+    if best is None:
         return minmax_params(Wz, bits, group_arg, sym=sym, param_dtype=param_dtype)
-    return best_s, best_z
+    return best
 
 
 # ---------------------------------------------------------------------------------------

@@ -34,14 +34,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
 from ..errors import BitpressError, ConfigError, NumericalError  # noqa: F401 - re-exported
 from ..formats import (QuantizedWeight, check_bits, check_group_size, effective_group_size,
                        minmax_params, num_groups, qrange)
-from .spec import QuantSpec
+from .clip import clip_search, hessian_block_error, schur_error
+from .feedback import feedback_round
+from .spec import Options, QuantSpec
 
 log = logging.getLogger(__name__)
 
@@ -225,65 +227,6 @@ def hessian_loss(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor) -> torch.
 # ---------------------------------------------------------------------------------------
 # the error-feedback loop
 # ---------------------------------------------------------------------------------------
-# called when the first column of a dynamic group is reached:
-# hook(group index, updated weights of the group's columns [out, glen], U block [glen, glen])
-_GroupHook = Callable[[int, torch.Tensor, torch.Tensor], None]
-
-
-def _feedback_round(W: torch.Tensor, U: torch.Tensor, bits: int, col_group: torch.Tensor,
-                    scale_t: torch.Tensor, zero_t: torch.Tensor, block_size: int,
-                    group_starts: Optional[dict[int, int]] = None,
-                    hook: Optional[_GroupHook] = None) -> torch.Tensor:
-    """Core GPTQ loop over columns in processing order.
-
-    ``W`` float32 ``[out, in]`` (processing order) is a working copy and is overwritten.
-    ``scale_t``/``zero_t`` are ``[n_groups, out]`` (transposed for contiguous per-column
-    access); ``col_group[j]`` is the group of processed column ``j``. With ``hook`` and
-    ``group_starts`` (``{first column: group length}``), the hook fills ``scale_t/zero_t``
-    for a group when its first column is reached; callers guarantee that blocks never cut a
-    dynamic group. Returns codes int8 ``[out, in]`` in processing order.
-    """
-    qmin, qmax = qrange(bits)
-    out, n = W.shape
-    codes = torch.empty(out, n, dtype=torch.int8, device=W.device)
-    groups = col_group.tolist()
-    for i1 in range(0, n, block_size):
-        i2 = min(i1 + block_size, n)
-        cnt = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.empty(out, cnt, dtype=W.dtype, device=W.device)
-        Q1 = torch.empty(out, cnt, dtype=W.dtype, device=W.device)
-        U1 = U[i1:i2, i1:i2]
-        d = torch.diagonal(U1).tolist()
-        for i in range(cnt):
-            j = i1 + i
-            if hook is not None and group_starts is not None and j in group_starts:
-                glen = group_starts[j]
-                if i + glen > cnt:
-                    raise AssertionError("internal: a dynamic group straddles two blocks")
-                hook(groups[j], W1[:, i:i + glen], U1[i:i + glen, i:i + glen])
-            g = groups[j]
-            s, z = scale_t[g], zero_t[g]
-            w = W1[:, i]
-            q = torch.clamp(torch.round((w - z) / s), qmin, qmax)
-            Q1[:, i] = q
-            err = (w - (q * s + z)) / d[i]
-            Err1[:, i] = err
-            if i + 1 < cnt:
-                W1[:, i + 1:].addr_(err, U1[i, i + 1:], alpha=-1.0)
-        codes[:, i1:i2] = Q1.to(torch.int8)
-        if i2 < n:
-            W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
-    return codes
-
-
-def _aligned_block_size(block_size: int, gs: int, grouped_dynamic: bool) -> int:
-    """Block size rounded so that dynamic groups never straddle two blocks."""
-    if not grouped_dynamic:
-        return block_size
-    return max(gs, (block_size // gs) * gs)
-
-
 def _as_factor(H: Union[torch.Tensor, HessianFactor], in_features: int,
                damp: float) -> HessianFactor:
     if isinstance(H, HessianFactor):
@@ -325,15 +268,15 @@ def gptq_round_fixed_grid(W: torch.Tensor, H: Union[torch.Tensor, HessianFactor]
         raise ConfigError(f"block_size must be positive, got {block_size}")
     factor = _as_factor(H, n, damp)
     gs = effective_group_size(group_size, n)
-    Wf = W.detach().to(torch.float32).clone()
-    Wf[:, factor.dead] = 0.0
+    Wt = W.detach().to(torch.float32).T.contiguous()
+    Wt[factor.dead] = 0.0
     col_group = torch.arange(n, device=W.device) // gs
     if factor.perm is not None:
-        Wf = Wf[:, factor.perm]
+        Wt = Wt[factor.perm.to(W.device)]
         col_group = col_group[factor.perm.to(W.device)]
-    codes = _feedback_round(Wf, factor.U.to(W.device), bits, col_group,
-                            scale.detach().float().T.contiguous(),
-                            zero.detach().float().T.contiguous(), block_size)
+    codes, _ = feedback_round(Wt, factor.U.to(W.device), bits, col_group,
+                              scale.detach().float().T.contiguous(),
+                              zero.detach().float().T.contiguous(), block_size)
     if factor.perm is not None:
         codes = codes[:, torch.argsort(factor.perm.to(W.device))]
     return codes
@@ -350,25 +293,15 @@ def _clip_search(Wg: torch.Tensor, M: torch.Tensor, bits: int, sym: bool,
     ``‖e M⁻¹‖²`` with ``M`` the group's block of ``U`` (the error left after later columns
     compensate optimally, as GPTQ does)."""
     qmin, qmax = qrange(bits)
-    best_loss = best_s = best_z = None
-    for c in grid:
+
+    def params(c: float) -> tuple[torch.Tensor, torch.Tensor]:
         s, z = minmax_params(Wg, bits, -1, sym=sym, clip=c, param_dtype=param_dtype)
-        q = torch.clamp(torch.round((Wg - z) / s), qmin, qmax)
-        E = q * s + z - Wg
-        if metric == "schur":
-            loss = torch.linalg.solve_triangular(M, E, upper=True, left=False).pow(2).sum(1)
-        else:
-            loss = ((E @ M) * E).sum(1)
-        s, z = s[:, 0], z[:, 0]
-        if best_loss is None:
-            best_loss, best_s, best_z = loss, s, z
-        else:
-            better = loss < best_loss
-            best_loss = torch.where(better, loss, best_loss)
-            best_s = torch.where(better, s, best_s)
-            best_z = torch.where(better, z, best_z)
-    assert best_s is not None and best_z is not None
-    return best_s, best_z
+        return s[:, 0], z[:, 0]
+
+    best = clip_search(Wg, qmin, qmax, grid, params,
+                       schur_error(M) if metric == "schur" else hessian_block_error(M))
+    assert best is not None
+    return best
 
 
 def _static_params(W: torch.Tensor, Hd: torch.Tensor, spec: QuantSpec, clip_grid: Optional[
@@ -394,30 +327,11 @@ def _static_params(W: torch.Tensor, Hd: torch.Tensor, spec: QuantSpec, clip_grid
 # the pass
 # ---------------------------------------------------------------------------------------
 def _options(spec: QuantSpec) -> dict[str, Any]:
-    opts = dict(spec.options or {})
-    unknown = set(opts) - _KNOWN_OPTIONS
-    if unknown:
-        raise ConfigError(f"unknown GPTQ option(s) {sorted(unknown)}; known: "
-                          f"{sorted(_KNOWN_OPTIONS)}")
-    damp = opts.get("damp", DEFAULT_DAMP)
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0:
-        raise ConfigError(f"GPTQ option 'damp' must be a non-negative number, got {damp!r}")
-    bs = opts.get("block_size", DEFAULT_BLOCK_SIZE)
-    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
-        raise ConfigError(f"GPTQ option 'block_size' must be a positive integer, got {bs!r}")
-    for key in ("act_order", "clip_search"):
-        if not isinstance(opts.get(key, False), bool):
-            raise ConfigError(f"GPTQ option {key!r} must be true or false, got {opts[key]!r}")
-    grid = opts.get("clip_grid", DEFAULT_CLIP_GRID)
-    try:
-        grid = tuple(float(c) for c in grid)
-    except (TypeError, ValueError):
-        raise ConfigError(f"GPTQ option 'clip_grid' must be a list of numbers, got {grid!r}") from None
-    if not grid or not all(0.0 < c <= 1.0 for c in grid):
-        raise ConfigError(f"GPTQ option 'clip_grid' must be non-empty with factors in (0, 1], "
-                          f"got {grid!r}")
-    return {"damp": float(damp), "block_size": bs, "act_order": opts.get("act_order", False),
-            "clip_search": opts.get("clip_search", False), "clip_grid": grid}
+    o = Options(spec, "GPTQ", _KNOWN_OPTIONS)
+    return {"damp": o.number("damp", DEFAULT_DAMP),
+            "block_size": o.integer("block_size", DEFAULT_BLOCK_SIZE),
+            "act_order": o.flag("act_order", False), "clip_search": o.flag("clip_search", False),
+            "clip_grid": o.factors("clip_grid", DEFAULT_CLIP_GRID)}
 
 
 def gptq(W: torch.Tensor, H: Optional[torch.Tensor], spec: QuantSpec) -> QuantizedWeight:
@@ -455,20 +369,22 @@ def gptq(W: torch.Tensor, H: Optional[torch.Tensor], spec: QuantSpec) -> Quantiz
         Hd = H.detach().float().clone()
         Hd[factor.dead, factor.dead] = 1.0
         scale, zero = _static_params(Wf, Hd, spec, clip_grid)
+        Wt = Wf.T.contiguous()
         if factor.perm is not None:
-            Wf = Wf[:, factor.perm]
+            Wt = Wt[factor.perm]
             col_group = col_group[factor.perm]
-        codes = _feedback_round(Wf, U, bits, col_group, scale.T.contiguous(),
-                                zero.T.contiguous(), opts["block_size"])
+        codes, _ = feedback_round(Wt, U, bits, col_group, scale.T.contiguous(),
+                                  zero.T.contiguous(), opts["block_size"])
         if factor.perm is not None:
             codes = codes[:, torch.argsort(factor.perm)]
         return QuantizedWeight(codes, scale, zero, bits, group_size)
 
     scale_t = torch.empty(ng, out, dtype=torch.float32, device=dev)
     zero_t = torch.empty(ng, out, dtype=torch.float32, device=dev)
-    starts = {k0: min(gs, n - k0) for k0 in range(0, n, gs)}
 
-    def hook(g: int, Wg: torch.Tensor, Ug: torch.Tensor) -> None:
+    def hook(g: int, k0: int, k1: int, Wg: torch.Tensor, Ug: Optional[torch.Tensor],
+             _keep: Optional[torch.Tensor]) -> None:
+        Wg = Wg.T
         if clip_grid is None:
             s, z = minmax_params(Wg, bits, -1, sym=spec.sym, param_dtype=spec.torch_param_dtype)
             s, z = s[:, 0], z[:, 0]
@@ -478,7 +394,7 @@ def gptq(W: torch.Tensor, H: Optional[torch.Tensor], spec: QuantSpec) -> Quantiz
         scale_t[g] = s
         zero_t[g] = z
 
-    block = _aligned_block_size(opts["block_size"], gs, True)
-    codes = _feedback_round(Wf, U, bits, col_group, scale_t, zero_t, block, starts, hook)
+    codes, _ = feedback_round(Wf.T.contiguous(), U, bits, col_group, scale_t, zero_t,
+                              opts["block_size"], group_len=gs, group_hook=hook)
     return QuantizedWeight(codes, scale_t.T.contiguous(), zero_t.T.contiguous(), bits,
                            group_size)

@@ -30,6 +30,7 @@ import torch
 from ..errors import ConfigError
 from ..formats import QuantizedWeight, check_bits, check_group_size, packed_words
 from ..quant import QuantSpec, prepare_hessian
+from ..quant.spec import Options
 from ..quant.gptq import DEFAULT_DAMP, _check_hessian, _check_weight
 from .sweep import prune_quantize_sweep
 
@@ -100,16 +101,9 @@ def _prepare(W: torch.Tensor, H: Optional[torch.Tensor], spec: QuantSpec, name: 
         raise ConfigError(f"{name} needs the layer Hessian H = XᵀX/n (calibration data)")
     _check_weight(W)
     _check_hessian(H, W.shape[1])
-    opts = dict(spec.options or {})
-    unknown = set(opts) - _KNOWN
-    if unknown:
-        raise ConfigError(f"unknown {name} option(s) {sorted(unknown)}; known: {sorted(_KNOWN)}")
-    damp = opts.get("damp", DEFAULT_DAMP)
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0:
-        raise ConfigError(f"{name} option 'damp' must be a non-negative number, got {damp!r}")
-    bs = opts.get("block_size", 128)
-    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 4:
-        raise ConfigError(f"{name} option 'block_size' must be an integer >= 4, got {bs!r}")
+    o = Options(spec, name, _KNOWN)
+    damp = o.number("damp", DEFAULT_DAMP)
+    bs = o.integer("block_size", 128, lo=4)
     factor = prepare_hessian(H.to(W.device), damp=float(damp))
     return factor, bs
 

@@ -69,6 +69,7 @@ from ..formats import (QuantizedWeight, check_bits, check_group_size, effective_
                        keep_mask_from_scores, num_groups)
 from ..formats.quantize import grouped
 from ..quant import HessianFactor, QuantSpec, prepare_hessian
+from ..quant.spec import Options
 from ..quant.gptq import DEFAULT_CLIP_GRID, DEFAULT_DAMP, _check_hessian, _check_weight
 from .lsq import MaskedLeastSquares
 from .sweep import prune_quantize_sweep
@@ -90,38 +91,14 @@ def gqsa_spec(bits: int = 4, sparsity: float = DEFAULT_SPARSITY,
 
 
 def _options(spec: QuantSpec) -> dict[str, Any]:
-    opts = dict(spec.options or {})
-    unknown = set(opts) - _KNOWN
-    if unknown:
-        raise ConfigError(f"unknown GQSA option(s) {sorted(unknown)}; known: {sorted(_KNOWN)}")
-    score = opts.get("score", "obs_seq")
-    if score not in SCORES:
-        raise ConfigError(f"GQSA option 'score' must be one of {SCORES}, got {score!r}")
-    mask = opts.get("mask", "adaptive")
-    if mask not in MASK_MODES:
-        raise ConfigError(f"GQSA option 'mask' must be one of {MASK_MODES}, got {mask!r}")
-    for key in ("balanced_rows", "clip_search", "refine", "compensate"):
-        if key in opts and not isinstance(opts[key], bool):
-            raise ConfigError(f"GQSA option {key!r} must be true or false, got {opts[key]!r}")
-    damp = opts.get("damp", DEFAULT_DAMP)
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp >= 0:
-        raise ConfigError(f"GQSA option 'damp' must be a non-negative number, got {damp!r}")
-    bs = opts.get("block_size", 128)
-    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
-        raise ConfigError(f"GQSA option 'block_size' must be a positive integer, got {bs!r}")
-    rc = opts.get("row_chunk")
-    if rc is not None and (isinstance(rc, bool) or not isinstance(rc, int) or rc < 1):
-        raise ConfigError(f"GQSA option 'row_chunk' must be a positive integer, got {rc!r}")
-    try:
-        grid = tuple(float(c) for c in opts.get("clip_grid", DEFAULT_CLIP_GRID))
-    except (TypeError, ValueError):
-        raise ConfigError("GQSA option 'clip_grid' must be a list of numbers") from None
-    if not grid or not all(0.0 < c <= 1.0 for c in grid):
-        raise ConfigError(f"GQSA option 'clip_grid' needs factors in (0, 1], got {grid!r}")
-    return {"score": score, "mask": mask, "balanced_rows": opts.get("balanced_rows", False),
-            "damp": float(damp), "block_size": bs, "row_chunk": rc,
-            "clip_grid": grid if opts.get("clip_search", False) else None,
-            "refine": opts.get("refine", True), "compensate": opts.get("compensate", True)}
+    o = Options(spec, "GQSA", _KNOWN)
+    grid = o.factors("clip_grid", DEFAULT_CLIP_GRID)
+    return {"score": o.choice("score", "obs_seq", SCORES),
+            "mask": o.choice("mask", "adaptive", MASK_MODES),
+            "balanced_rows": o.flag("balanced_rows", False), "damp": o.number("damp", DEFAULT_DAMP),
+            "block_size": o.integer("block_size", 128), "row_chunk": o.integer("row_chunk", None),
+            "clip_grid": grid if o.flag("clip_search", False) else None,
+            "refine": o.flag("refine", True), "compensate": o.flag("compensate", True)}
 
 
 def _check_group(group_size: int) -> None:

@@ -16,15 +16,15 @@ masked round-to-nearest): the ablation of the error feedback.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from ..formats import effective_group_size, minmax_params, num_groups, qrange
 from ..quant import HessianFactor
+from ..quant.clip import clip_search, schur_error, squared_error
+from ..quant.feedback import SelectFn, feedback_round
 
-# select(i1, i2, Wb [cnt, out] updated weights (transposed), Ub [cnt, cnt] or None) -> keep
-SelectFn = Callable[[int, int, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
 
 def _masked_params(Wg: torch.Tensor, keep: torch.Tensor, bits: int, sym: bool,
@@ -48,23 +48,11 @@ def _group_params(Wg: torch.Tensor, keep: torch.Tensor, Ug: Optional[torch.Tenso
     if not clip_grid:
         return _masked_params(Wg, keep, bits, sym, param_dtype, 1.0)
     qmin, qmax = qrange(bits)
-    kf = keep.to(Wg.dtype)
-    best = None
-    for c in clip_grid:
-        s, z = _masked_params(Wg, keep, bits, sym, param_dtype, float(c))
-        q = torch.clamp(torch.round((Wg - z[:, None]) / s[:, None]), qmin, qmax)
-        E = (q * s[:, None] + z[:, None] - Wg) * kf
-        if Ug is not None:
-            loss = torch.linalg.solve_triangular(Ug, E, upper=True, left=False).pow(2).sum(1)
-        else:
-            loss = E.pow(2).sum(1)
-        if best is None:
-            best = [loss, s, z]
-        else:
-            better = loss < best[0]
-            best = [torch.where(better, a, b) for a, b in zip((loss, s, z), best)]
+    best = clip_search(Wg, qmin, qmax, clip_grid,
+                       lambda c: _masked_params(Wg, keep, bits, sym, param_dtype, c),
+                       squared_error if Ug is None else schur_error(Ug), keep.to(Wg.dtype))
     assert best is not None
-    return best[1], best[2]
+    return best
 
 
 def prune_quantize_sweep(W: torch.Tensor, factor: Optional[HessianFactor], select: SelectFn,
@@ -83,42 +71,20 @@ def prune_quantize_sweep(W: torch.Tensor, factor: Optional[HessianFactor], selec
     gs = effective_group_size(group_size, n)
     G = num_groups(group_size, n)
     dev = W.device
-    qmin, qmax = qrange(bits)
     Wt = W.detach().to(torch.float32).T.contiguous()            # [in, out]
-    U = Ud = None
+    U = None
     if factor is not None:
         if factor.perm is not None:
             raise ValueError("prune_quantize_sweep needs a natural-order Hessian factor")
         U = factor.U.to(dev)
-        Ud = U / torch.diagonal(U)[:, None]                      # row-scaled U[i, :] / U[i, i]
         Wt[factor.dead.to(dev)] = 0.0
-    codes = torch.zeros(n, out, dtype=torch.float32, device=dev)
-    keep_t = torch.zeros(n, out, dtype=torch.bool, device=dev)
     scale = torch.empty(G, out, dtype=torch.float32, device=dev)
     zero = torch.empty(G, out, dtype=torch.float32, device=dev)
-    bsz = max(gs, (block_size // gs) * gs)
-    for i1 in range(0, n, bsz):
-        i2 = min(i1 + bsz, n)
-        cnt = i2 - i1
-        kb = select(i1, i2, Wt[i1:i2], None if U is None else U[i1:i2, i1:i2])
-        keep_t[i1:i2] = kb
-        E = torch.empty(cnt, out, dtype=torch.float32, device=dev)
-        for k0 in range(i1, i2, gs):
-            k1 = min(k0 + gs, i2)
-            g = k0 // gs
-            kg = kb[k0 - i1:k1 - i1]
-            s, z = _group_params(Wt[k0:k1].T, kg.T, None if U is None else U[k0:k1, k0:k1],
-                                 bits, sym, param_dtype, clip_grid)
-            scale[g], zero[g] = s, z
-            for i in range(k0, k1):
-                w = Wt[i]
-                kf = kb[i - i1].to(torch.float32)
-                q = torch.clamp(torch.round((w - z) / s), qmin, qmax).mul_(kf)
-                codes[i] = q
-                e = torch.sub(w, (q * s + z).mul_(kf), out=E[i - i1])
-                if Ud is not None and i + 1 < i2:
-                    Wt[i + 1:i2].addr_(Ud[i, i + 1:i2], e, alpha=-1.0)
-        if Ud is not None and i2 < n:
-            Wt[i2:].addmm_(Ud[i1:i2, i2:].T, E, alpha=-1.0)
-    return (codes.T.to(torch.int8).contiguous(), scale.T.contiguous(), zero.T.contiguous(),
-            keep_t.T.contiguous())
+
+    def hook(g: int, k0: int, k1: int, Wg: torch.Tensor, Ug: Optional[torch.Tensor],
+             kg: Optional[torch.Tensor]) -> None:
+        scale[g], zero[g] = _group_params(Wg.T, kg.T, Ug, bits, sym, param_dtype, clip_grid)
+
+    codes, keep = feedback_round(Wt, U, bits, torch.arange(n) // gs, scale, zero, block_size,
+                                 group_len=gs, group_hook=hook, select=select)
+    return codes, scale.T.contiguous(), zero.T.contiguous(), keep
