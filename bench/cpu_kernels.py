@@ -37,7 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import cpu_model, rand_bsr, rand_dense, timeit, write_json  # noqa: E402
-from bitpress.kernels import cpu  # noqa: E402
+from bitpress.kernels import cpu, native  # noqa: E402
 
 LLAMA = [(4096, 4096), (11008, 4096), (4096, 11008)]
 SMOL = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
@@ -117,7 +117,10 @@ def methods(out: int, inf: int, g: torch.Generator, skip: set[str]) -> dict:
             fast = cpu.sparse_plan((torch.zeros(1, inf), w["row_ptr"], w["col_idx"],
                                     w["qvalues"], w["scales"], w["zeros"], None, 4, gs, inf),
                                    mode=mode)
-            return w["bytes"], _lean(fast, lambda x: cpu.sparse_qmm_cpu(
+            # what the CPU kernel reads: its row-stream layout (codes, fp16 params, row masks)
+            nbytes = native._module().qmm_sparse_packed_bytes(w["col_idx"].numel(), out, inf, 4,
+                                                              gs, 0)
+            return nbytes, _lean(fast, lambda x: cpu.sparse_qmm_cpu(
                 x, w["row_ptr"], w["col_idx"], w["qvalues"], w["scales"], w["zeros"], None, 4,
                 gs, inf, mode=mode))
         m[name] = build

@@ -507,7 +507,8 @@ void prepare_act(ActBuf& ab, const float* x, int64_t M, int64_t in, int64_t seg,
 // int8 mode rounds a segment (same scale, same rounding) and xq, xhs are those of d * q.
 struct SpActBuf {
   SpAct a;
-  std::vector<float> xq, xs, xhs;
+  std::vector<float> xq, xs, xhs, d;
+  std::vector<int8_t> q;
 };
 
 void prepare_sparse_act(SpActBuf& sb, const float* x, int64_t M, int64_t in, int64_t gs,
@@ -517,7 +518,11 @@ void prepare_sparse_act(SpActBuf& sb, const float* x, int64_t M, int64_t in, int
   sb.xq.assign(size_t(M * a.stride), 0.f);
   sb.xs.assign(size_t(M * ng), 0.f);
   const bool i8 = mode == MODE_INT8;
-  if (i8) sb.xhs.assign(size_t(M * ng), 0.f);
+  if (i8) {
+    sb.xhs.assign(size_t(M * ng), 0.f);
+    sb.d.assign(size_t(M * ng), 0.f);
+    sb.q.assign(size_t(M * a.stride), 0);
+  }
   float pre[16];
   for (int k = 0; k < 16; ++k) pre[k] = std::ldexp(1.f, -sparse_exp(bits, k));
 #if defined(_OPENMP)
@@ -536,19 +541,30 @@ void prepare_sparse_act(SpActBuf& sb, const float* x, int64_t M, int64_t in, int
       if (i8) {
         const float dd = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
         float hs = 0.f;
+        int8_t* qr = sb.q.data() + m * a.stride;
         for (int64_t k = k0; k < k1; ++k) {  // round half away from zero, as prepare_act
           const float v = xr[k] * id;
-          const float xh = float(int(v + (v >= 0.f ? 0.5f : -0.5f))) * dd;
+          const int qi = int(v + (v >= 0.f ? 0.5f : -0.5f));
+          const float xh = float(qi) * dd;
           hs += xh;
           xq[k] = xh * pre[k % 16];
+          qr[k] = int8_t(qi);
+        }
+        // each 16 columns in the VNNI kernel's unpacking order (SP_Q4_PERM)
+        for (int64_t k = k0; k + 16 <= c * gs + gs; k += 16) {
+          int8_t t[16];
+          for (int p = 0; p < 16; ++p) t[p] = qr[k + SP_Q4_PERM[p]];
+          std::memcpy(qr + k, t, 16);
         }
         sb.xhs[size_t(m * ng + c)] = hs;
+        sb.d[size_t(m * ng + c)] = dd;
       } else {
         for (int64_t k = k0; k < k1; ++k) xq[k] = xr[k] * pre[k % 16];
       }
     }
   }
   a.xq = sb.xq.data(); a.xs = sb.xs.data(); a.xhs = i8 ? sb.xhs.data() : nullptr;
+  a.q = i8 ? sb.q.data() : nullptr; a.d = i8 ? sb.d.data() : nullptr;
 }
 
 // ---- scalar kernels ---------------------------------------------------------------------------

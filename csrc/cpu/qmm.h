@@ -85,12 +85,19 @@ struct SparseGeom {
 // Activations of the sparse kernels: xq [M][stride] (the pre-scaled x, or in the int8 mode
 // the pre-scaled int8-rounded x), xs [M][ng] = sum of x per group, and in the int8 mode
 // xhs [M][ng] = sum of the rounded x per group (nullptr in the exact mode, where it is xs)
+// In the int8 mode also q [M][stride] (the int8 values, each group of 16 in the order
+// SP_Q4_PERM, the order in which the VNNI kernel unpacks a 4-bit sub-block) and d [M][ng]
+// (the group's activation scale, x ~ d q).
 struct SpAct {
   int64_t M = 0, stride = 0, ng = 0;
   const float* xq = nullptr;
   const float* xs = nullptr;
   const float* xhs = nullptr;
+  const int8_t* q = nullptr;
+  const float* d = nullptr;
 };
+// column of unpacked byte p of a 4-bit sub-block: low nibbles of its 8 bytes, then the high ones
+constexpr int SP_Q4_PERM[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
 
 // Prepared activations, [M] rows of `stride` padded columns (segments of `seg`).
 //  int8 mode:  q (int8), d[m*nseg+s] = scale of segment s, b = d*off*sum(q), xs = sum(x)
