@@ -267,7 +267,8 @@ def _open(src, recipe: Recipe, calibrate: bool, calib, nsamples: int, seqlen: in
     calibration windows (``None`` without calibration) -- shared by compress and simulate."""
     from .calib import calibration_text, calibration_windows
     from .evaluate import model_context
-    from .stream import GGUFStore, SafetensorsStore, build_skeleton
+    from .skeleton import build_skeleton
+    from .tensorstore import GGUFStore, SafetensorsStore
 
     source = open_source(src)
     if source.kind == "bitpress":
