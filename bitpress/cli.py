@@ -91,7 +91,7 @@ def _finetune_check(args):
     from .errors import ConfigError
     from .formats.checkpoint import check_output_path
     from .pipeline.evaluate import read_text
-    from .quant.finetune import DEFAULT_LR
+    from .pipeline.finetune import DEFAULT_LR
 
     d = Path(args.dir)
     if args.out is not None:
@@ -139,7 +139,7 @@ def _finetune_train(args, d, model, tok, text: str, teacher, lr: float) -> dict:
     """Train on windows of ``text``; returns the run's record."""
     from .pipeline.calib import calibration_windows
     from .pipeline.evaluate import model_context
-    from .quant.finetune import finetune_float_parts
+    from .pipeline.finetune import finetune_float_parts
 
     ids = calibration_windows(tok, text, args.nsamples, args.seqlen, args.seed,
                               context=model_context(model))
@@ -154,7 +154,7 @@ def _finetune_train(args, d, model, tok, text: str, teacher, lr: float) -> dict:
 
 def _finetune_write(args, d, model, res: dict) -> dict:
     """Write the trained float parts (atomically) and add the output to the record."""
-    from .quant.finetune import write_float_parts
+    from .pipeline.finetune import write_float_parts
 
     out = write_float_parts(model, d, args.out, overwrite=args.force,
                             norms=not args.no_norms, record=res)

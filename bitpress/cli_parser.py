@@ -12,7 +12,7 @@ def _group_size(v: str) -> int:
         raise argparse.ArgumentTypeError(f"group size must be an integer, got {v!r}") from None
 
 
-#: ``bitpress.quant.finetune.SCHEDULES``, restated so that building the parser (``--help``)
+#: ``bitpress.pipeline.finetune.SCHEDULES``, restated so that building the parser (``--help``)
 #: does not import torch; tests/test_finetune.py keeps the two equal
 _SCHEDULES = ("constant", "cosine")
 

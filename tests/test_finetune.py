@@ -13,7 +13,8 @@ import bitpress
 from bitpress.errors import ConfigError
 from bitpress.nn import Recipe
 from bitpress.pipeline.compress import compress
-from bitpress.quant import finetune_float_parts, lm_loss, norm_parameters, write_float_parts
+from bitpress.pipeline.blocktune import norm_parameters
+from bitpress.pipeline.finetune import finetune_float_parts, lm_loss, write_float_parts
 
 from conftest import TEXT
 
@@ -197,7 +198,7 @@ def _kl(model, teacher, data):
 
 def test_kd_loss_matches_the_kl_formula(packed_dirs, tiny_llama_dir):
     from bitpress.pipeline.source import open_source
-    from bitpress.quant.finetune import _kd_loss
+    from bitpress.pipeline.finetune import _kd_loss
 
     teacher = open_source(tiny_llama_dir).load_model()
     model = bitpress.load(packed_dirs["dense"])
@@ -311,7 +312,7 @@ def test_kd_loss_ignores_tokens_the_teacher_rules_out():
     """Logits masked to -inf by the teacher (padded vocabularies) add 0, not NaN."""
     from types import SimpleNamespace
 
-    from bitpress.quant.finetune import _kd_loss
+    from bitpress.pipeline.finetune import _kd_loss
 
     class Fixed(torch.nn.Module):
         def __init__(self, logits):
@@ -336,7 +337,7 @@ def test_cli_offers_exactly_the_schedules():
     """``bitpress finetune --schedule`` restates SCHEDULES (the parser must not import
     torch); the two lists stay one."""
     from bitpress.cli import _SCHEDULES, build_parser
-    from bitpress.quant.finetune import SCHEDULES
+    from bitpress.pipeline.finetune import SCHEDULES
 
     assert tuple(_SCHEDULES) == tuple(SCHEDULES)
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["finetune"]

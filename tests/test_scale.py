@@ -231,7 +231,7 @@ def test_device_plumbing(synth6, tmp_path, calib_file, monkeypatch, capsys):
     there and poisons the result), the packed output is the same bytes as a plain run."""
     import bitpress.pipeline.capture as S
     import bitpress.quant as Q
-    import bitpress.quant.blocktune as BT
+    import bitpress.pipeline.blocktune as BT
     import bitpress.sparse as SP
 
     def on_meta(fn):
