@@ -248,8 +248,9 @@ def _decode_helpers(model) -> None:
     import torch
 
     from .nn.fuse import fuse_linears, fuse_norms, pack_output_head
+    from .pipeline.arch import fused_projections
 
-    n_lin, n_norm = fuse_linears(model), fuse_norms(model)
+    n_lin, n_norm = fuse_linears(model, fused_projections(model)), fuse_norms(model)
     head = getattr(model, "get_output_embeddings", lambda: None)()
     fp32_head = isinstance(head, torch.nn.Linear) and head.weight.dtype == torch.float32
     if fp32_head:
