@@ -8,6 +8,17 @@ from typing import Optional
 from torch import nn
 
 
+def accounted_bytes(memory: dict[str, int], float_path: bool) -> int:
+    """What the process should need at most: what it held on entry (libraries, tokenizer,
+    calibration ids) + the tensors outside the blocks + one block's float weights + the
+    block inputs and outputs (and the float model's, ``float_path``) + the paused forwards +
+    the packed output."""
+    return (memory["rss_at_start_bytes"] + memory["nonblock_bytes"]
+            + memory["block_float_bytes"]
+            + (3 if float_path else 2) * memory["activation_bytes"]
+            + memory["stash_estimate_bytes"] + memory["packed_bytes"])
+
+
 def _tensor_bytes(m: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers())
                if t.device.type != "meta")

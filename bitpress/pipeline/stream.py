@@ -46,7 +46,7 @@ from ..formats import QuantizedWeight
 from .capture import (BlockInputs, Hessian, _first_inputs, _group_hessian,  # noqa: F401
                       capture_inputs, sequential_groups)
 from .memory import (_mem_available, _peak_rss, _return_big_frees_to_os,  # noqa: F401
-                     _rss_now, _tensor_bytes, _trim_heap)
+                     _rss_now, _tensor_bytes, _trim_heap, accounted_bytes)
 from .skeleton import (block_linears, build_skeleton, find_blocks, linear_weight,  # noqa: F401
                        materialize, set_linear_weight)
 from .stash import stash_bytes_estimate, stash_forward  # noqa: F401
@@ -107,6 +107,73 @@ def _hessian_rel_error(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor) -> 
 
 def _weight_rel_error(W: torch.Tensor, What: torch.Tensor) -> float:
     return float((What - W).pow(2).sum() / W.pow(2).sum().clamp_min(1e-30))
+
+
+def _check_source(sd: dict[str, torch.Tensor], keys: list[str], store: TensorStore,
+                  tie: bool) -> None:
+    """Every tensor the model needs is in the source, with the shape the config expects
+    (read from the headers: a mismatch fails before any long work)."""
+    missing = [k for k in keys if sd[k].device.type == "meta" and k not in store
+               and not (tie and k.endswith("lm_head.weight"))]
+    if missing:
+        raise FormatError(f"the source has no tensor for {', '.join(missing[:3])}"
+                          + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+                          + "; the weights and the config do not belong together")
+    for k in keys:
+        shp = store.shape(k) if k in store else None
+        if shp is not None and tuple(shp) != tuple(sd[k].shape):
+            raise FormatError(f"tensor {k!r} has shape {tuple(shp)} in the source, the model "
+                              f"in config.json expects {tuple(sd[k].shape)}; the weights and "
+                              f"the config do not belong together")
+
+
+def _materialize_outside(model: nn.Module, sd: dict[str, torch.Tensor], keys: list[str],
+                         store: TensorStore, block_prefix: str, tie: bool,
+                         device: torch.device, streamed: bool, calibrated: bool) -> list[str]:
+    """Read the tensors outside the blocks (with a streamed output only the input side, and
+    only to calibrate: the writer copies the rest from the store) and move computed buffers
+    to ``device``; returns the names read."""
+    outer = [k for k in keys if not k.startswith(block_prefix) and sd[k].device.type == "meta"
+             and k in store]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_w = getattr(head, "weight", None)
+    if streamed:
+        # the writer copies the tensors outside the blocks from the store; the forward
+        # needs only the input side (embeddings, position tables), and only to calibrate
+        outer = [k for k in outer if calibrated and sd[k] is not head_w]
+    materialize(model, outer, store, device=device)
+    if tie and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    left = [n for n, t in model.state_dict(keep_vars=True).items()
+            if not n.startswith(block_prefix) and t.device.type == "meta"
+            and (not streamed or n in outer)]
+    if left:
+        raise FormatError(f"tensors {left[:3]} could not be read from the source")
+    for mod in model.modules():  # computed buffers (rotary tables) follow the device
+        for bn, buf in list(mod.named_buffers(recurse=False)):
+            if buf.device.type not in ("meta", device.type):
+                mod._buffers[bn] = buf.to(device)
+    return outer
+
+
+def _block_targets(blocks: nn.ModuleList, blocks_name: str, recipe,
+                   block_range: Optional[tuple[int, int]]) -> list[list[str]]:
+    """Per block, the relative names of the linears the recipe compresses (none outside
+    ``block_range``)."""
+    targets_by_block = []
+    for i, b in enumerate(blocks):
+        pre = f"{blocks_name}.{i}."
+        targets_by_block.append([n for n in block_linears(b) if recipe.matches(pre + n)])
+    if block_range is not None:
+        a, b = block_range
+        if not (0 <= a < b <= len(blocks)):
+            raise ConfigError(f"--blocks {a}:{b} is outside the model's {len(blocks)} blocks; "
+                              f"give A:B with 0 <= A < B <= {len(blocks)}")
+        targets_by_block = [t if a <= i < b else [] for i, t in enumerate(targets_by_block)]
+    if not any(targets_by_block):
+        raise ConfigError("the recipe selects no linear layer inside the decoder blocks; check "
+                          "--targets / --ignore")
+    return targets_by_block
 
 
 @dataclass
@@ -185,56 +252,15 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
     keys = list(sd)
     block_prefix = blocks_name + "."
     tie = bool(getattr(model.config, "tie_word_embeddings", False))
-    missing = [k for k in keys if sd[k].device.type == "meta" and k not in store
-               and not (tie and k.endswith("lm_head.weight"))]
-    if missing:
-        raise FormatError(f"the source has no tensor for {', '.join(missing[:3])}"
-                          + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-                          + "; the weights and the config do not belong together")
-    for k in keys:  # shapes from the headers: a mismatch fails before any long work
-        shp = store.shape(k) if k in store else None
-        if shp is not None and tuple(shp) != tuple(sd[k].shape):
-            raise FormatError(f"tensor {k!r} has shape {tuple(shp)} in the source, the model "
-                              f"in config.json expects {tuple(sd[k].shape)}; the weights and "
-                              f"the config do not belong together")
-    outer = [k for k in keys if not k.startswith(block_prefix) and sd[k].device.type == "meta"
-             and k in store]
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head_w = getattr(head, "weight", None)
-    if writer is not None:
-        # the writer copies the tensors outside the blocks from the store; the forward
-        # needs only the input side (embeddings, position tables), and only to calibrate
-        outer = [k for k in outer if calib_ids is not None and sd[k] is not head_w]
-    materialize(model, outer, store, device=device)
-    if tie and hasattr(model, "tie_weights"):
-        model.tie_weights()
-    left = [n for n, t in model.state_dict(keep_vars=True).items()
-            if not n.startswith(block_prefix) and t.device.type == "meta"
-            and (writer is None or n in outer)]
-    if left:
-        raise FormatError(f"tensors {left[:3]} could not be read from the source")
-    for mod in model.modules():  # computed buffers (rotary tables) follow the device
-        for bn, buf in list(mod.named_buffers(recurse=False)):
-            if buf.device.type not in ("meta", device.type):
-                mod._buffers[bn] = buf.to(device)
+    _check_source(sd, keys, store, tie)
+    outer = _materialize_outside(model, sd, keys, store, block_prefix, tie, device,
+                                 writer is not None, calib_ids is not None)
     if calib_ids is not None:
         calib_ids = calib_ids.to(device)
     memory = {"rss_at_start_bytes": rss_at_start, "nonblock_bytes": _tensor_bytes(model),
               "block_float_bytes": 0, "activation_bytes": 0, "stash_estimate_bytes": 0}
 
-    targets_by_block = []
-    for i, b in enumerate(blocks):
-        pre = f"{blocks_name}.{i}."
-        targets_by_block.append([n for n in block_linears(b) if recipe.matches(pre + n)])
-    if block_range is not None:
-        a, b = block_range
-        if not (0 <= a < b <= len(blocks)):
-            raise ConfigError(f"--blocks {a}:{b} is outside the model's {len(blocks)} blocks; "
-                              f"give A:B with 0 <= A < B <= {len(blocks)}")
-        targets_by_block = [t if a <= i < b else [] for i, t in enumerate(targets_by_block)]
-    if not any(targets_by_block):
-        raise ConfigError("the recipe selects no linear layer inside the decoder blocks; check "
-                          "--targets / --ignore")
+    targets_by_block = _block_targets(blocks, blocks_name, recipe, block_range)
     last_target = max(i for i, t in enumerate(targets_by_block) if t)
 
     schemes: dict[str, dict[str, Any]] = {}
@@ -442,13 +468,7 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
         bar.update(1)
     bar.close()
     memory["packed_bytes"] = sum(_tensor_bytes(b) for b in blocks)
-    # what the process should need at most: what it held on entry (libraries, tokenizer,
-    # calibration ids) + the tensors outside the blocks + one block's float weights + the
-    # block inputs and outputs + the paused forwards + the packed output
-    memory["accounted_bytes"] = (memory["rss_at_start_bytes"] + memory["nonblock_bytes"]
-                                 + memory["block_float_bytes"]
-                                 + (3 if float_path else 2) * memory["activation_bytes"]
-                                 + memory["stash_estimate_bytes"] + memory["packed_bytes"])
+    memory["accounted_bytes"] = accounted_bytes(memory, float_path)
     memory["peak_rss_bytes"] = _peak_rss()
     return StreamResult(model, schemes, errors, "hessian" if calib_ids is not None else "weight",
                         all_groups, memory, time.time() - t0, reads_per_block,
