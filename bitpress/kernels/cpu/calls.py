@@ -11,7 +11,6 @@ from . import config as _cfg
 from .config import _C, _MODES, _PKIND
 from .gemm import _dense_gemm_fill, _panel_gemm, _sparse_gemm_fill
 from .repack import _check_dense, _check_sparse, _dense_packed, _sparse_packed
-from .support import dense_supports, sparse_supports
 
 
 def _prep_x(x: torch.Tensor, in_features: int) -> tuple[torch.Tensor, int]:
