@@ -41,8 +41,8 @@ from bitpress.pipeline.compress import SIMULATED_METHODS  # noqa: E402
 from bitpress.pipeline.data import builtin_text, find_wikitext  # noqa: E402
 from bitpress.pipeline.evaluate import perplexity, read_text  # noqa: E402
 from bitpress.formats import FORMAT_VERSION  # noqa: E402
-from bitpress.quant.blocktune import DEFAULT_TARGET  # noqa: E402
-from bitpress.quant.finetune import SCHEDULES  # noqa: E402
+from bitpress.pipeline.blocktune import DEFAULT_TARGET  # noqa: E402
+from bitpress.pipeline.finetune import SCHEDULES  # noqa: E402
 from bitpress.pipeline.source import open_source, packaged_gguf  # noqa: E402
 
 

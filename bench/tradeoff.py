@@ -62,7 +62,7 @@ def linear_shapes(src) -> list[tuple[int, int]]:
     """``(out, in)`` of every linear inside the decoder blocks of ``src`` (GGUF or HF
     directory), from its config alone (a meta-device skeleton)."""
     from bitpress.pipeline.source import open_source
-    from bitpress.pipeline.stream import block_linears, build_skeleton, find_blocks
+    from bitpress.pipeline.skeleton import block_linears, build_skeleton, find_blocks
 
     _, blocks = find_blocks(build_skeleton(open_source(src).load_config()))
     return [(m.out_features, m.in_features) for b in blocks for m in block_linears(b).values()]

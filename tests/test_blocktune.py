@@ -12,7 +12,7 @@ import bitpress
 from bitpress.errors import ConfigError
 from bitpress.nn import Recipe
 from bitpress.pipeline.compress import compress
-from bitpress.quant.blocktune import block_output_loss, make_block_tuner, norm_parameters
+from bitpress.pipeline.blocktune import block_output_loss, make_block_tuner, norm_parameters
 
 
 FAST = dict(nsamples=8, seqlen=48, batch_size=4, progress=False, dtype=torch.float32)
@@ -258,7 +258,7 @@ def test_relative_parameters_start_at_the_grid_and_scale_with_it():
     """``relative=True`` trains δ, ε with s = s0·(1+δ), z = z0 + s0·ε: at δ = ε = 0 the block is
     exactly the untuned one, and the same step moves a group's scale in proportion to it."""
     from bitpress.formats import quantize_rtn
-    from bitpress.quant.blocktune import _TunedLinear
+    from bitpress.quant.tunable import TunedLinear as _TunedLinear
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(6, 64, generator=g) * torch.tensor([1e-3, 1e-2, 1e-1, 1.0, 1.0, 1.0])[:, None]
@@ -281,7 +281,7 @@ def test_token_loss_weighs_every_token_by_its_own_norm():
     """``loss="token"``: each token's ‖e‖²/‖y‖², averaged over tokens — a token with a
     massive target (SmolLM2's first token) counts like any other at the same relative error;
     sums and counts of batches add up to the whole-set value."""
-    from bitpress.quant.blocktune import _loss_terms
+    from bitpress.pipeline.blocktune import _loss_terms
 
     g = torch.Generator().manual_seed(0)
     y = torch.randn(2, 5, 8, generator=g)

@@ -517,7 +517,7 @@ def test_sparse_gemm_path_is_the_reference_bit_for_bit(bits):
 def test_gemm_path_in_panels_and_threads(monkeypatch):
     # a weight larger than one panel is multiplied panel by panel (ragged last panel); the
     # dequantisation threads over rows; both must give the reference (up to BLAS blocking)
-    monkeypatch.setattr(cpu, "GEMM_PANEL_BYTES", 4 * 96 * 24)   # 24 rows of 96 columns
+    monkeypatch.setattr(cpu.gemm, "GEMM_PANEL_BYTES", 4 * 96 * 24)   # 24 rows of 96 columns
     torch.set_num_threads(2)
     qw = _weight(100, 96, 3, 32)
     p = qw.pack_dense()
@@ -533,7 +533,7 @@ def test_gemm_path_in_panels_and_threads(monkeypatch):
     torch.testing.assert_close(cpu.sparse_qmm_cpu(*sargs, mode="blas"),
                                reference.sparse_qmm_ref(*sargs), atol=1e-5, rtol=1e-5)
     # one panel, enough rows x columns for the dequantisation to split over both threads
-    monkeypatch.setattr(cpu, "GEMM_PANEL_BYTES", 8 << 20)
+    monkeypatch.setattr(cpu.gemm, "GEMM_PANEL_BYTES", 8 << 20)
     w = torch.randn(320, 304)
     x = torch.randn(12, 304)
     p = quantize_rtn(w, 2, 16).pack_dense()

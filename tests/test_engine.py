@@ -225,9 +225,10 @@ def test_engine_after_the_fuse_helpers():
     # generate --fast: fused q/k/v and gate/up, torch.nn.RMSNorm, fp16 head; the engine binds
     # the members' own buffers and reads the fused norms' epsilon
     from bitpress.nn.fuse import fuse_linears, fuse_norms, pack_output_head
+    from bitpress.pipeline.arch import fused_projections
 
     m = _model("llama", "w4g16")
-    assert fuse_linears(m) > 0 and fuse_norms(m) > 0
+    assert fuse_linears(m, fused_projections(m)) > 0 and fuse_norms(m) > 0
     pack_output_head(m, bits=16)
     ids = torch.randint(0, 211, (1, 6))
     with kcpu.kernel_mode("exact"), torch.no_grad():

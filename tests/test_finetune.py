@@ -13,7 +13,8 @@ import bitpress
 from bitpress.errors import ConfigError
 from bitpress.nn import Recipe
 from bitpress.pipeline.compress import compress
-from bitpress.quant import finetune_float_parts, lm_loss, norm_parameters, write_float_parts
+from bitpress.pipeline.blocktune import norm_parameters
+from bitpress.pipeline.finetune import finetune_float_parts, lm_loss, write_float_parts
 
 from conftest import TEXT
 
@@ -197,7 +198,7 @@ def _kl(model, teacher, data):
 
 def test_kd_loss_matches_the_kl_formula(packed_dirs, tiny_llama_dir):
     from bitpress.pipeline.source import open_source
-    from bitpress.quant.finetune import _kd_loss
+    from bitpress.pipeline.finetune import _kd_loss
 
     teacher = open_source(tiny_llama_dir).load_model()
     model = bitpress.load(packed_dirs["dense"])
@@ -311,7 +312,7 @@ def test_kd_loss_ignores_tokens_the_teacher_rules_out():
     """Logits masked to -inf by the teacher (padded vocabularies) add 0, not NaN."""
     from types import SimpleNamespace
 
-    from bitpress.quant.finetune import _kd_loss
+    from bitpress.pipeline.finetune import _kd_loss
 
     class Fixed(torch.nn.Module):
         def __init__(self, logits):
@@ -336,9 +337,38 @@ def test_cli_offers_exactly_the_schedules():
     """``bitpress finetune --schedule`` restates SCHEDULES (the parser must not import
     torch); the two lists stay one."""
     from bitpress.cli import _SCHEDULES, build_parser
-    from bitpress.quant.finetune import SCHEDULES
+    from bitpress.pipeline.finetune import SCHEDULES
 
     assert tuple(_SCHEDULES) == tuple(SCHEDULES)
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["finetune"]
     act = next(a for a in sub._actions if a.dest == "schedule")
     assert tuple(act.choices) == tuple(SCHEDULES)
+
+
+def test_perplexity_and_the_training_loss_share_one_evaluator():
+    """perplexity (``pipeline.evaluate``) and fine-tuning's loss (``lm_loss``) both go through
+    ``next_token_loss``: on the same windows they give the same mean negative log-likelihood,
+    and the training loss is that evaluator's value exactly."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bitpress.pipeline.evaluate import make_windows, next_token_loss, perplexity
+    from bitpress.pipeline.finetune import _lm_loss
+
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=1, num_attention_heads=4,
+                                     num_key_value_heads=2)).eval()
+
+    class Tok:
+        def __call__(self, text, **kw):
+            return {"input_ids": [ord(c) % 300 for c in text]}
+
+    text = "a stream of characters to score, " * 20
+    res = perplexity(m, Tok(), text, seqlen=32, batch_size=2, progress=False)
+    win = make_windows(torch.tensor([ord(c) % 300 for c in text]), 32)
+    assert lm_loss(m, win, batch_size=3) == pytest.approx(res["nll"], rel=1e-6)
+    with torch.no_grad():
+        s, logits = next_token_loss(m, win[:2], reduction="sum")
+        assert torch.equal(_lm_loss(m, win[:2]), next_token_loss(m, win[:2])[0])
+    assert logits.dtype == torch.float32 and logits.shape[:2] == win[:2].shape
+    assert float(s) / win[:2, 1:].numel() == pytest.approx(float(_lm_loss(m, win[:2])), rel=1e-6)

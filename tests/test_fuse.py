@@ -10,6 +10,9 @@ from bitpress.errors import ConfigError
 from bitpress.kernels import use_impl
 from bitpress.nn import GroupSparseLinear, HalfLinear, QuantLinear, Recipe, replace_linears
 from bitpress.nn.fuse import fuse_linears, fuse_norms, pack_output_head, unfuse_linears
+from bitpress.pipeline.arch import FUSED_PROJECTIONS
+
+QKV_GATE_UP = FUSED_PROJECTIONS["llama"]
 
 cpu = pytest.importorskip("bitpress.kernels.cpu", reason="bitpress._C CPU kernels not built")
 
@@ -48,7 +51,7 @@ def test_fused_equals_unfused_bit_for_bit(mode, bits, bias):
             xs = [torch.randn(1, 96), torch.randn(1, 1, 96), torch.randn(3, 5, 96)]
             ref = [m(x) for x in xs]
             parts = [(m.q_proj(x), m.k_proj(x), m.v_proj(x)) for x in xs]
-            assert fuse_linears(m) == 2
+            assert fuse_linears(m, QKV_GATE_UP) == 2
             for x, r, p in zip(xs, ref, parts):
                 assert torch.equal(m(x), r)
                 got = (m.q_proj(x), m.k_proj(x), m.v_proj(x))
@@ -66,7 +69,7 @@ def test_fused_equals_unfused_bit_for_bit(mode, bits, bias):
 def test_fused_state_dict_unchanged_and_unfuse():
     m = _model()
     keys = {k: v.clone() for k, v in m.state_dict().items()}
-    fuse_linears(m)
+    fuse_linears(m, QKV_GATE_UP)
     with torch.no_grad():
         m(torch.randn(2, 96))
     assert set(m.state_dict()) == set(keys)
@@ -76,7 +79,7 @@ def test_fused_state_dict_unchanged_and_unfuse():
 
 def test_fused_group_sees_weight_updates_and_new_inputs():
     m = _model(bits=2)
-    fuse_linears(m)
+    fuse_linears(m, QKV_GATE_UP)
     x = torch.randn(1, 96)
     with torch.no_grad():
         m(x)
@@ -85,7 +88,7 @@ def test_fused_group_sees_weight_updates_and_new_inputs():
         unfuse_linears(m)
         want = m.q_proj(x), m.k_proj(x), m.v_proj(x)
         assert all(torch.equal(a, b) for a, b in zip(got, want))
-        fuse_linears(m)
+        fuse_linears(m, QKV_GATE_UP)
         m.q_proj(x)
         x.mul_(3)  # same tensor, new version: no stale hand-out
         assert torch.equal(m.k_proj(x), want[1] * 0 + m.k_proj.__dict__["_fused"]._fused(x)[:, 96:128])
@@ -95,7 +98,7 @@ def test_fused_group_sees_weight_updates_and_new_inputs():
 
 def test_fused_falls_back_for_autograd_reference_and_other_dtypes():
     m = _model(bits=4)
-    fuse_linears(m)
+    fuse_linears(m, QKV_GATE_UP)
     x = torch.randn(2, 96, requires_grad=True)
     with use_impl("reference"):
         y = m(x)  # autograd through the op

@@ -16,8 +16,10 @@ from bitpress.pipeline.calib import calibration_windows
 from bitpress.pipeline.compress import compress
 from bitpress.pipeline.evaluate import perplexity
 from bitpress.pipeline.source import open_source
-from bitpress.pipeline.stream import (Hessian, SafetensorsStore, build_skeleton, find_blocks,
-                                      stream_quantize)
+from bitpress.pipeline.capture import Hessian
+from bitpress.pipeline.skeleton import build_skeleton, find_blocks
+from bitpress.pipeline.stream import stream_quantize
+from bitpress.pipeline.tensorstore import SafetensorsStore
 
 from conftest import TEXT
 
@@ -342,7 +344,7 @@ def test_stash_forward_propagates_errors_and_releases_threads(tiny_llama_dir):
     """A failing solve aborts every paused forward: no thread is left behind."""
     import threading
 
-    from bitpress.pipeline.stream import stash_forward
+    from bitpress.pipeline.stash import stash_forward
 
     fm = _float_model(tiny_llama_dir)
     blk = fm.model.layers[0]
@@ -380,7 +382,7 @@ def test_simulated_baselines_stream(tiny_llama_dir, calib_file, method, sparsity
     """The 2:4 / unstructured baselines run through the same streaming pipeline and
     calibration and come back as a float model with exactly the promised masks."""
     from bitpress.pipeline.compress import simulate
-    from bitpress.pipeline.stream import block_linears
+    from bitpress.pipeline.skeleton import block_linears
     from bitpress.sparse import bits_per_weight_24, bits_per_weight_unstructured
 
     before = {p.name: p.read_bytes() for p in tiny_llama_dir.iterdir() if p.is_file()}

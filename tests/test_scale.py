@@ -229,9 +229,9 @@ def test_device_plumbing(synth6, tmp_path, calib_file, monkeypatch, capsys):
     """Every tensor the passes create follows the given device: with the default device
     set to ``meta`` inside the passes (any tensor made without an explicit device lands
     there and poisons the result), the packed output is the same bytes as a plain run."""
-    import bitpress.pipeline.stream as S
+    import bitpress.pipeline.capture as S
     import bitpress.quant as Q
-    import bitpress.quant.blocktune as BT
+    import bitpress.pipeline.blocktune as BT
     import bitpress.sparse as SP
 
     def on_meta(fn):

@@ -2,7 +2,9 @@
 and a packed copy of a (tied) output head.
 
 :func:`fuse_linears` groups sibling :class:`QuantLinear` modules that read the same input
-(``q_proj``/``k_proj``/``v_proj`` and ``gate_proj``/``up_proj`` by default) so that the first
+(names given by the caller: the pipeline's architecture table,
+:func:`bitpress.pipeline.arch.fused_projections`, knows them per family — ``q_proj``/
+``k_proj``/``v_proj`` and ``gate_proj``/``up_proj`` for Llama-style models) so that the first
 member called runs **one** packed GEMV over the concatenated rows and the other members
 pick up their slice of it. The modules, their buffers and the state dict are unchanged (the
 checkpoint format does not move); the group keeps a concatenated copy of the packed tensors
@@ -32,12 +34,6 @@ from torch import nn
 
 from ..errors import ConfigError
 from .modules import HalfLinear, QuantLinear
-
-DEFAULT_GROUPS: tuple[tuple[str, ...], ...] = (
-    ("q_proj", "k_proj", "v_proj"),  # Llama, Qwen2, Mistral, ... attention
-    ("gate_proj", "up_proj"),        # gated MLPs
-)
-
 
 class FusedGroup:
     """Sibling :class:`QuantLinear` modules computed by one packed call (see module doc)."""
@@ -143,10 +139,10 @@ class FusedGroup:
         return mine
 
 
-def fuse_linears(model: nn.Module,
-                 groups: Iterable[Sequence[str]] = DEFAULT_GROUPS) -> int:
+def fuse_linears(model: nn.Module, groups: Iterable[Sequence[str]]) -> int:
     """Make sibling :class:`QuantLinear` children that share an input (names in one of
-    ``groups``, under the same parent) run as one packed call at inference. Only members
+    ``groups``, under the same parent; for a transformers model
+    ``bitpress.pipeline.arch.fused_projections(model)``) run as one packed call at inference. Only members
     with the same ``in_features``, bits, group size, parameter dtype and bias presence are
     fused. Returns the number of groups formed; :func:`unfuse_linears` undoes it."""
     n = 0

@@ -31,7 +31,7 @@ SPARSE_METHODS = {"gqsa": 0.5}
 #: SparseGPT-style 2:4 and unstructured pruning, each + group quantization
 SIMULATED_METHODS = ("sparsegpt24", "unstructured")
 
-#: block tuning (see :mod:`bitpress.quant.blocktune`) each method runs unless told otherwise
+#: block tuning (see :mod:`bitpress.pipeline.blocktune`) each method runs unless told otherwise
 BLOCK_TUNE_MODES = ("none", "float_parts", "bqpo")
 BLOCK_TUNE_DEFAULTS: dict[str, str] = {"decoupleq": "float_parts", "gqsa": "bqpo"}
 
@@ -267,7 +267,8 @@ def _open(src, recipe: Recipe, calibrate: bool, calib, nsamples: int, seqlen: in
     calibration windows (``None`` without calibration) -- shared by compress and simulate."""
     from .calib import calibration_text, calibration_windows
     from .evaluate import model_context
-    from .stream import GGUFStore, SafetensorsStore, build_skeleton
+    from .skeleton import build_skeleton
+    from .tensorstore import GGUFStore, SafetensorsStore
 
     source = open_source(src)
     if source.kind == "bitpress":
@@ -355,8 +356,8 @@ def simulate(src: str | os.PathLike, recipe: Recipe, progress: bool = True,
 def _block_tuner(recipe: Recipe, block_tune: Optional[str], epochs: Optional[int],
                  lr: Optional[float], options: Optional[dict[str, Any]],
                  block_hook: Optional[BlockHook], progress: bool):
-    """The :class:`~bitpress.quant.blocktune.BlockTuner` asked for (``None``: no tuning)."""
-    from ..quant.blocktune import DEFAULT_EPOCHS, DEFAULT_LR, make_block_tuner
+    """The :class:`~bitpress.pipeline.blocktune.BlockTuner` asked for (``None``: no tuning)."""
+    from .blocktune import DEFAULT_EPOCHS, DEFAULT_LR, make_block_tuner
 
     if block_tune is not None and block_tune not in BLOCK_TUNE_MODES:
         raise ConfigError(f"unknown block tuning {block_tune!r}; choose one of "

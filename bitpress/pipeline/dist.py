@@ -65,7 +65,7 @@ class Dist:
             self.td.barrier()
 
     def reduce_hessian(self, acc) -> None:
-        """Sum a :class:`~bitpress.pipeline.stream.Hessian` over the ranks (in place)."""
+        """Sum a :class:`~bitpress.pipeline.capture.Hessian` over the ranks (in place)."""
         if not self.active:
             return
         flag = self._dev(torch.tensor([1 if acc._upper else 0], dtype=torch.int64))

@@ -72,6 +72,19 @@ def make_windows(ids: torch.Tensor, seqlen: int, windows: Optional[int] = None) 
     return ids[: n * seqlen].view(n, seqlen)
 
 
+def next_token_loss(model, ids: torch.Tensor, reduction: str = "mean"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The causal-LM loss of ``model`` on windows ``ids`` ``[b, L]``: every token but the
+    first predicted from its prefix, cross-entropy in float32, ``reduction`` as torch's
+    (``"mean"`` over the ``b·(L−1)`` predictions, or ``"sum"``). Returns the loss and the
+    float32 logits. The one next-token evaluator of perplexity and of fine-tuning."""
+    logits = model(input_ids=ids, use_cache=False).logits.float()
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+        reduction=reduction)
+    return loss, logits
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str, seqlen: int = 1024, windows: Optional[int] = None,
                batch_size: int = 1, progress: bool = True) -> dict[str, Any]:
@@ -89,10 +102,7 @@ def perplexity(model, tokenizer, text: str, seqlen: int = 1024, windows: Optiona
                disable=not progress, leave=False)
     for i in bar:
         batch = win[i:i + batch_size]
-        logits = model(batch, use_cache=False).logits.float()
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-            reduction="sum")
+        loss, logits = next_token_loss(model, batch, reduction="sum")
         if not math.isfinite(float(loss)):
             what = "NaN" if bool(torch.isnan(logits).any()) else "Inf" \
                 if not bool(torch.isfinite(logits).all()) else "an infinite loss"

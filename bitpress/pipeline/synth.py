@@ -95,7 +95,7 @@ def write_synthetic(out: str | os.PathLike, config: Optional[dict[str, Any]] = N
     sd = skel.state_dict()
     tie = bool(getattr(cfg, "tie_word_embeddings", False))
     keys = [k for k in sd if not (tie and k.endswith("lm_head.weight"))]
-    from .stream import find_blocks
+    from .skeleton import find_blocks
 
     bname, blocks = find_blocks(skel)
     shards: list[list[str]] = [[k for k in keys if k.startswith(f"{bname}.{i}.")]

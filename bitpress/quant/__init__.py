@@ -1,7 +1,8 @@
-"""Quantization passes over matrices: RTN, GPTQ, decoupleQ; and the float-part recovery
-shared by decoupleQ and GQSA: block-wise minimisation (:func:`make_block_tuner`, a block hook
-of the streaming pipeline) and end-to-end float-part fine-tuning
-(:func:`finetune_float_parts`, :func:`write_float_parts`).
+"""Quantization passes over matrices: RTN, GPTQ, decoupleQ; and the trainable stand-in of one
+quantized linear (:mod:`~bitpress.quant.tunable`) that float-part recovery trains. The
+model-level recovery stages live with the pipeline: block-wise minimisation
+(:mod:`bitpress.pipeline.blocktune`) and end-to-end float-part fine-tuning
+(:mod:`bitpress.pipeline.finetune`).
 
 ``PASSES`` maps a method name (``--method``) to its pass function ``(W, H, spec) ->
 QuantizedWeight``.
@@ -16,8 +17,6 @@ from .gptq import (HessianFactor, NumericalError, gptq, gptq_round_fixed_grid, h
 from .decoupleq import (DecoupleQReport, box_relaxed_codes, decoupleq, decoupleq_solve,
                         least_squares_params)
 from .rtn import rtn
-from .blocktune import BlockTuner, BlockTuneRecord, block_output_loss, make_block_tuner, norm_parameters
-from .finetune import finetune_float_parts, float_part_names, lm_loss, write_float_parts
 from .spec import QuantSpec
 
 PassFn = Callable[[torch.Tensor, Optional[torch.Tensor], QuantSpec], QuantizedWeight]
@@ -26,7 +25,4 @@ PASSES: dict[str, PassFn] = {"rtn": rtn, "gptq": gptq, "decoupleq": decoupleq}
 
 __all__ = ["QuantSpec", "rtn", "gptq", "PASSES", "PassFn", "HessianFactor", "NumericalError",
            "prepare_hessian", "gptq_round_fixed_grid", "hessian_loss", "decoupleq",
-           "decoupleq_solve", "DecoupleQReport", "box_relaxed_codes", "least_squares_params",
-           "make_block_tuner", "BlockTuner", "BlockTuneRecord", "block_output_loss",
-           "norm_parameters", "finetune_float_parts", "write_float_parts", "float_part_names",
-           "lm_loss"]
+           "decoupleq_solve", "DecoupleQReport", "box_relaxed_codes", "least_squares_params"]

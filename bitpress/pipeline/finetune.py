@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import ConfigError, FormatError
 from .blocktune import norm_parameters
+from .evaluate import next_token_loss
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,7 @@ def _windows(data: Any, seqlen: Optional[int]) -> torch.Tensor:
 
 
 def _lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=batch, use_cache=False).logits
-    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                       batch[:, 1:].reshape(-1))
+    return next_token_loss(model, batch)[0]
 
 
 def _vocab(model: nn.Module) -> Optional[int]:
