@@ -24,9 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
+import sys
 
-from _common import write_json
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when a test imports it
+from _common import write_json  # noqa: E402
 
 DEVICES = {  # nominal HBM bandwidth, SMs, boost clock
     "h100": {"bw_GBps": 3350.0, "sms": 132, "ghz": 1.755},
