@@ -12,8 +12,12 @@ Design choices, and why:
   parameters. The shallowest level is deliberately thin (16 channels) so that the
   DeepCache shallow branch (conv_in, first down block, last up block, head) costs about
   9 % of a full step -- caching can then actually pay off, as it does on real U-Nets.
-  On one busy core it trains at ~15 images/s, so ~100 minutes sees ~1.5 epochs; a
-  bigger model would see less data and be worse at this budget.
+  One core trains ~30 images/s on a quiet machine (``--bench-iters 5``: 32 img/s at batch 32,
+  30 at batch 64) and 8-11 under a load average of 10-15, so a CPU hour sees 0.5-1.8
+  epochs; a bigger model would see less data and be worse at this budget.
+* Batch 32, lr 5e-4 (the defaults) on CPU: per-image throughput is flat from 32 to 64, so
+  the smaller batch gives twice the optimizer steps in a fixed budget; a GPU run uses
+  ``--batch-size 128`` (and ``--ema-decay 0.999``, its many more steps).
 * AdamW with a short warm-up and constant learning rate, EMA of the weights (the EMA
   weights are what gets saved as the model).
 * Deterministic: data order is a seeded permutation per epoch and the noise of step s
@@ -37,9 +41,17 @@ Usage::
     OMP_NUM_THREADS=1 python bench/ddpm_train.py --minutes 30 --resume    # continue
     python bench/ddpm_train.py --bench-iters 5                            # throughput only
     python bench/ddpm_train.py --device cuda --batch-size 128 --minutes 5 # on a GPU
+    python bench/ddpm_train.py --export bench/testbed/ddpm-fmnist         # ship the EMA weights
 
-The checkpoint in bench/RESULTS.md ("DDPM testbed") was trained on a GPU with the last
-line; the model and its samples are the same kind of object whichever device trained it.
+``--export DIR`` trains nothing: it turns the checkpoint in ``--out`` into the compact folder
+that is committed to git (:func:`export_testbed`): the EMA U-Net in float16 safetensors
+(~5 MB), its config, the scheduler config, ``train_state.json`` (steps, images seen,
+seconds, the commands of every run; the optimizer state stays behind) and a ``SHA256SUMS``
+that the loader (:mod:`bitpress.cache.testbed`) checks before it upcasts to float32.
+
+The shipped testbed ``bench/testbed/ddpm-fmnist`` was trained on CPU (its
+``train_state.json`` holds the commands); the earlier GPU-trained weights that
+bench/RESULTS.md's older diffusion rows used were never committed and are gone.
 """
 from __future__ import annotations
 
@@ -141,6 +153,79 @@ def save_checkpoint(out: Path, ema, model, opt, sched, state: dict) -> None:
         raise
 
 
+def export_testbed(src: Path, dst: Path, commands: list[str] | None = None) -> dict:
+    """Write the compact, checksummed copy of the training checkpoint ``src`` to ``dst``.
+
+    float16 EMA weights + configs + ``train_state.json`` (``commands`` added when the runs did
+    not record theirs) + ``SHA256SUMS``; written to a temp folder beside ``dst``, then renamed.
+    Returns the export record stored under ``train_state.json["export"]``.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from bitpress.cache.testbed import sha256_file, write_checksums
+
+    wpath = src / "unet" / "diffusion_pytorch_model.safetensors"
+    for f in (wpath, src / "unet" / "config.json", src / "scheduler" / "scheduler_config.json",
+              src / "model_index.json", src / "train_state.json"):
+        if not f.is_file():
+            raise SystemExit(f"--export: {f} is missing; train first (--out {src})")
+    w32 = load_file(str(wpath))
+    bad = [k for k, v in w32.items() if not torch.isfinite(v).all() or v.abs().max() > 65504]
+    if bad:
+        raise SystemExit(f"--export: tensors not representable in float16: {bad[:5]}")
+    w16 = {k: v.to(torch.float16).contiguous() for k, v in w32.items()}
+    err = max(float((v.float() - w32[k]).abs().max()) for k, v in w16.items())
+    state = json.loads((src / "train_state.json").read_text())
+    runs = state.get("runs", [])
+    if commands:
+        state["commands"] = list(commands)
+    elif all("command" in r for r in runs):
+        state["commands"] = [r["command"] for r in runs]
+    else:
+        raise SystemExit("--export: the runs did not record their commands; pass them with --command")
+    # what the fp16 rounding does to one U-Net evaluation (seeded input, mid-trajectory step)
+    unet32 = build_unet()
+    unet32.load_state_dict(w32)
+    unet16 = build_unet()
+    unet16.load_state_dict({k: v.float() for k, v in w16.items()})
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(4, 1, 28, 28, generator=g), torch.tensor([999, 500, 100, 10])
+    with torch.no_grad():
+        y32, y16 = unet32.eval()(x, t).sample, unet16.eval()(x, t).sample
+    rel = float((y16 - y32).norm() / y32.norm())
+    export = {"dtype": "float16", "source_sha256_fp32": sha256_file(wpath),
+              "max_abs_rounding": err, "rel_output_change": rel,
+              "params": sum(v.numel() for v in w32.values()),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    state["export"] = export
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        (tmp / "unet").mkdir()
+        (tmp / "scheduler").mkdir()
+        save_file(w16, str(tmp / "unet" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+        shutil.copyfile(src / "unet" / "config.json", tmp / "unet" / "config.json")
+        shutil.copyfile(src / "scheduler" / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json")
+        shutil.copyfile(src / "model_index.json", tmp / "model_index.json")
+        (tmp / "train_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        files = [str(p.relative_to(tmp)) for p in sorted(tmp.rglob("*")) if p.is_file()]
+        write_checksums(tmp, files)
+        for p in tmp.rglob("*"):
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        old = None
+        if dst.exists():
+            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+            dst.rename(old)
+        tmp.rename(dst)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return export
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -160,7 +245,19 @@ def main(argv: list[str] | None = None) -> int:
                          "on CPU, so a run is the same sequence on any device up to rounding")
     ap.add_argument("--data", type=Path, default=None,
                     help="folder with train-images-idx3-ubyte.gz (default: the Debian package's)")
+    ap.add_argument("--export", type=Path, default=None, metavar="DIR",
+                    help="train nothing: write --out's EMA weights as the compact, checksummed "
+                         "float16 folder DIR (e.g. bench/testbed/ddpm-fmnist)")
+    ap.add_argument("--command", action="append", default=None,
+                    help="with --export: the training command(s) to record, for runs that did not "
+                         "record their own (repeat for each run)")
     args = ap.parse_args(argv)
+    if args.export is not None:
+        rec = export_testbed(args.out, args.export, args.command)
+        print(json.dumps(rec), flush=True)
+        return 0
+    command = "OMP_NUM_THREADS={} python bench/ddpm_train.py {}".format(
+        os.environ.get("OMP_NUM_THREADS", ""), " ".join(sys.argv[1:] if argv is None else argv))
 
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "1"))
     torch.set_num_threads(threads)
@@ -292,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     state["runs"] = list(state.get("runs", [])) + [{
         "steps": state["step"] - run_step0, "seconds": round(now - run_t0, 1),
         "images_per_s": round((state["images"] - run_img0) / max(1e-9, now - run_t0), 2),
+        "command": command,
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev)}]
     state["epochs_seen"] = round(state["images"] / n, 3)
     save_checkpoint(args.out, ema, model, opt, sched, state)

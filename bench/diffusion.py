@@ -23,7 +23,14 @@ rows can be sampled by several single-threaded processes at once (``--rows`` sub
 threads, recorded with the load average around it; MACs are per image over the whole
 trajectory (``count_macs``).
 
-    .venv/bin/python bench/diffusion.py --model bench/models/ddpm-fmnist             # full
+The model defaults to the committed testbed ``bench/testbed/ddpm-fmnist`` (float16 on disk,
+checked against its ``SHA256SUMS`` and upcast to float32 at load; any diffusers pipeline
+folder works with ``--model``), the output to ``bench/results/diffusion-cpu``. On a CPU the
+full protocol costs hours; ``--n`` (samples per row), ``--steps`` and ``--n-reference``
+(Fashion-MNIST test images behind the reference statistics) shrink it, and every row records
+the values it was made with (``protocol``; ``full_protocol`` is true only at 500/100/5000).
+
+    .venv/bin/python bench/diffusion.py                                              # full
     .venv/bin/python bench/diffusion.py --rows fp,uniform --no-fid                   # sample some rows
     .venv/bin/python bench/diffusion.py --score-only                                 # then score
     .venv/bin/python bench/diffusion.py --n 8 --steps 10 --calib-n 4 --no-fid --out /tmp/d  # smoke
@@ -45,7 +52,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bitpress.cache import (calibrate_cache, collect_calibration, collect_features, count_macs,  # noqa: E402
                             fit_quant_correction, quantize_unet, sample_loop, schedule_macs)
+from bitpress.cache.cli import load_unet_and_scheduler  # noqa: E402
 from bitpress.cache.fid import PROTOCOL, protocol_noise, protocol_scheduler  # noqa: E402
+from bitpress.errors import BitpressError  # noqa: E402
 from bitpress.cache.quant import DEFAULT_FLOAT_LAYERS  # noqa: E402
 from _common import cpu_flags, cpu_model  # noqa: E402
 
@@ -101,10 +110,13 @@ def model_id(model_dir: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=str(Path(__file__).resolve().parent / "models" / "ddpm-fmnist"))
+    ap.add_argument("--model", default=str(Path(__file__).resolve().parent / "testbed" / "ddpm-fmnist"),
+                    help="diffusers pipeline folder (default: the committed testbed)")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {ROWS}")
     ap.add_argument("--n", type=int, default=PROTOCOL.n_samples, help="samples per row")
     ap.add_argument("--steps", type=int, default=PROTOCOL.num_inference_steps)
+    ap.add_argument("--n-reference", type=int, default=PROTOCOL.n_reference,
+                    help="first N Fashion-MNIST test images for the reference statistics")
     ap.add_argument("--interval", type=int, default=5, help="N: refresh budget K = ceil(T/N)")
     ap.add_argument("--depth", type=int, default=1)
     ap.add_argument("--batch", type=int, default=PROTOCOL.batch_size)
@@ -117,17 +129,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-fid", action="store_true", help="sample and time only")
     ap.add_argument("--score-only", action="store_true",
                     help="skip sampling: compute FID of the rows' saved samples in --out")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "diffusion"))
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "diffusion-cpu"))
     args = ap.parse_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     bad = [r for r in rows if r not in ROWS]
     if bad:
         ap.error(f"unknown rows {bad}; choose from {ROWS}")
     torch.set_num_threads(args.threads)
-    from diffusers import UNet2DModel
-
     model_dir = Path(args.model)
-    unet = UNet2DModel.from_pretrained(model_dir / "unet").eval()
+    try:  # checksum (when the folder ships SHA256SUMS), then float16 -> float32
+        unet, _ = load_unet_and_scheduler(model_dir)
+    except BitpressError as e:
+        print(f"diffusion.py: error: {e}", file=sys.stderr)
+        return 2
     sched_cfg = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
     sched = protocol_scheduler(sched_cfg)
     T = args.steps  # DDIM: one U-Net evaluation per step
@@ -162,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     rows_dir.mkdir(exist_ok=True)
     samples_dir.mkdir(exist_ok=True)
     proto = {"model": model_id(model_dir), "n": args.n, "steps": T, "interval": args.interval, "depth": args.depth, "calib_n": args.calib_n,
-             "calib_seed": args.calib_seed, "batch": args.batch,
-             "full_protocol": args.n == PROTOCOL.n_samples and T == PROTOCOL.num_inference_steps}
+             "calib_seed": args.calib_seed, "batch": args.batch, "n_reference": args.n_reference,
+             "full_protocol": (args.n == PROTOCOL.n_samples and T == PROTOCOL.num_inference_steps
+                               and args.n_reference == PROTOCOL.n_reference)}
 
     for row in ([] if args.score_only else rows):
         model, plan, qh = unet, None, None
@@ -208,10 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_fid:
         # FID after all sampling (the reference statistics are computed once and cached), from
         # the saved 8-bit samples -- the protocol rounds to 8 bits anyway, so this is lossless.
-        from bitpress.cache.fid import InceptionFeatures, fid, reference_stats
+        from bitpress.cache.fid import InceptionFeatures, fid, load_fashion_mnist, reference_stats
 
         extractor = InceptionFeatures()
-        fid_ref = reference_stats(extractor=extractor)
+        fid_ref = reference_stats(load_fashion_mnist("test")[:args.n_reference], extractor=extractor)
         for row in rows:
             name = row.replace("+", "_")
             rp = rows_dir / f"{name}.json"

@@ -41,20 +41,26 @@ def _unet_dir(src: Path) -> Path:
 
 def load_unet_and_scheduler(src: str | os.PathLike, scheduler: str = "ddim"):
     """The U-Net of a diffusers directory and a ``scheduler`` built from the directory's
-    scheduler config (the training schedule: betas, timesteps) when it has one."""
+    scheduler config (the training schedule: betas, timesteps) when it has one.
+
+    A folder with a ``SHA256SUMS`` file (the shipped testbed) is checked against it first;
+    float16 weights are upcast to float32 (:mod:`bitpress.cache.testbed`)."""
     from ..deps import require
 
     diffusers = require("diffusers", what="loading a diffusers U-Net")
+
+    from .testbed import upcast_, verify_checksums
 
     src = Path(src)
     if not src.is_dir():
         raise SourceError(f"{src} is not a directory")
     if scheduler not in SCHEDULERS:
         raise ConfigError(f"--scheduler must be one of {sorted(SCHEDULERS)}, got {scheduler!r}")
+    verify_checksums(src)
     ud = _unet_dir(src)
     cls = json.loads((ud / "config.json").read_text())["_class_name"]
     try:
-        unet = getattr(diffusers, cls).from_pretrained(ud).eval()
+        unet = upcast_(getattr(diffusers, cls).from_pretrained(ud)).eval()
     except Exception as e:  # noqa: BLE001 - diffusers raises many types
         raise SourceError(f"cannot load the U-Net in {ud}: {e}") from None
     sched_cls = getattr(diffusers, SCHEDULERS[scheduler])
