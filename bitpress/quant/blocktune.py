@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, FormatError
-from ..formats import QuantizedWeight, qrange
+from ..formats import QuantizedWeight, integer_zero_params, qrange, zero_points
 
 if TYPE_CHECKING:  # the pipeline owns the context; nothing here imports it at run time
     from ..pipeline.stream import BlockContext
@@ -224,8 +224,12 @@ class _TunedLinear(nn.Module):
     master copies of the group parameters; stands in for one linear during tuning."""
 
     def __init__(self, qw: QuantizedWeight, bias: Optional[torch.Tensor], mode: str,
-                 train_zero: bool, latent: str = "code", relative: bool = False) -> None:
+                 train_zero: bool, latent: str = "code", relative: bool = False,
+                 zp: Optional[torch.Tensor] = None) -> None:
         super().__init__()
+        # integer zero points: the offsets stay tied to the scales, z = -zp·s (zp frozen)
+        self.register_buffer("zp", None if zp is None else zp.float())
+        train_zero = train_zero and zp is None
         self.mode, self.bits, self.latent_kind = mode, qw.bits, latent
         self.gs, self.ng, self.n = qw.gs, qw.n_groups, qw.in_features
         self.qmin, self.qmax = qrange(qw.bits)
@@ -259,6 +263,8 @@ class _TunedLinear(nn.Module):
         return self.s0 * (1 + self.d_scale) if self.relative else self.scale
 
     def z(self) -> torch.Tensor:
+        if self.zp is not None:
+            return -self.zp * self.s()
         if self.relative:
             return self.z0 + self.s0 * self.d_zero if self.d_zero is not None else self.z0
         return self.zero if self.zero is not None else self.zero_fixed
@@ -303,8 +309,14 @@ class _TunedLinear(nn.Module):
             return t.to(param_dtype).float() if param_dtype is not None else t.float()
 
         kept = old.keep if old.keep is not None else torch.ones_like(old.scale, dtype=torch.bool)
-        scale = torch.where(kept, rnd(self.s()), old.scale.float())
-        zero = torch.where(kept, rnd(self.z()), old.zero.float())
+        if self.zp is not None:  # s and zp·s exact in the storage dtype
+            s_int, z_int = integer_zero_params(self.s(), self.z(), self.bits, param_dtype,
+                                               zp=self.zp)
+            scale = torch.where(kept, s_int, old.scale.float())
+            zero = torch.where(kept, z_int, old.zero.float())
+        else:
+            scale = torch.where(kept, rnd(self.s()), old.scale.float())
+            zero = torch.where(kept, rnd(self.z()), old.zero.float())
         codes = old.codes
         if self.mode == "bqpo":
             ok = kept & (scale.abs() > 1e-12)
@@ -360,6 +372,7 @@ class BlockTuner:
     loss: str = "mse"
     target: str = "block"
     records: list[BlockTuneRecord] = field(default_factory=list)
+    integer_zeros: bool = False
 
     @property
     def seconds(self) -> float:
@@ -372,6 +385,7 @@ class BlockTuner:
                 "latent_lr": self._latent_lr() if self.mode == "bqpo" else None,
                 "micro_batch": self.micro_batch, "steps": self.steps,
                 "train_norms": self.train_norms, "target": self.target,
+                **({"integer_zeros": True} if self.integer_zeros else {}),
                 "param_dtype": str(self.param_dtype).replace("torch.", "")}
 
     def _norm_lr(self) -> float:
@@ -410,7 +424,10 @@ class BlockTuner:
             m = originals[n]
             bias = m.bias if getattr(m, "bias", None) is not None else None
             train_zero = bool((qw.zero != 0).any())  # a symmetric grid keeps zero = 0
-            tuned[n] = _TunedLinear(qw, bias, self.mode, train_zero, self.latent, self.relative)
+            zp = zero_points(qw.scale, qw.zero, qw.bits) if self.integer_zeros and train_zero \
+                else None
+            tuned[n] = _TunedLinear(qw, bias, self.mode, train_zero, self.latent, self.relative,
+                                    zp)
         steps = 0
         try:
             for p in block.parameters():
@@ -520,7 +537,8 @@ def make_block_tuner(mode: str = "float_parts", *, epochs: int = DEFAULT_EPOCHS,
                      param_dtype: Optional[torch.dtype | str] = torch.float16,
                      seed: int = 0, progress: bool = True,
                      steps: Optional[int] = None, relative: bool = False,
-                     loss: Optional[str] = None, target: Optional[str] = None) -> BlockTuner:
+                     loss: Optional[str] = None, target: Optional[str] = None,
+                     integer_zeros: bool = False) -> BlockTuner:
     """A block hook for :func:`~bitpress.pipeline.stream.stream_quantize` (``block_hook=``).
 
     ``mode``: ``"float_parts"`` (codes frozen; scales, zeros, norms trained) or ``"bqpo"``
@@ -553,7 +571,10 @@ def make_block_tuner(mode: str = "float_parts", *, epochs: int = DEFAULT_EPOCHS,
     block, so the block also learns to undo the error the quantized blocks before it left
     (one more float forward per block; the pipeline carries the float model's hidden states
     alongside the quantized ones). ``None`` takes :data:`DEFAULT_TARGET` of the mode
-    (``bqpo``: model, ``float_parts``: block).
+    (``bqpo``: model, ``float_parts``: block). ``integer_zeros``: keep every offset tied to its
+    scale, ``z = -zp·s`` with the solver's integer zero point ``zp`` frozen (only ``s`` is
+    trained), and store ``s`` with ``zp·s`` exact in ``param_dtype``, so the block stays
+    exportable to compressed-tensors without rounding.
     The returned hook keeps per-block
     :class:`BlockTuneRecord`\\ s in ``.records``.
     """
@@ -587,4 +608,4 @@ def make_block_tuner(mode: str = "float_parts", *, epochs: int = DEFAULT_EPOCHS,
         param_dtype = getattr(torch, param_dtype)
     return BlockTuner(mode, epochs, float(lr), norm_lr, latent_lr, latent, micro_batch,
                       train_norms, param_dtype, seed, progress, steps, bool(relative), loss,
-                      target)
+                      target, integer_zeros=bool(integer_zeros))
