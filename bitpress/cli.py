@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'*.down_proj=0.2' (repeatable; the first match wins, the rest take "
                         "--sparsity)")
     c.add_argument("--sym", action="store_true", help="symmetric grid (zero point 0)")
+    c.add_argument("--integer-zeros", action="store_true", help="zeros on the integer grid "
+                   "(-zp·scale, integer zp in the code range): exports to compressed-tensors "
+                   "exactly (rtn, gptq, decoupleq and its tuning; docs/interop.md)")
     c.add_argument("--param-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of scales/zeros on disk (default float16)")
     c.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
@@ -169,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     f.add_argument("--seed", type=int, default=0, help="seed of windows and order (default 0)")
     f.add_argument("--no-norms", action="store_true", help="train only scales/zeros")
+    f.add_argument("--integer-zeros", action="store_true", help="keep zeros on the integer "
+                   "grid, tied to the scales (default: as the checkpoint was compressed)")
     f.add_argument("--schedule", choices=list(_SCHEDULES), default="constant",
                    help="learning-rate schedule: constant (default) or cosine decay to 0")
     f.add_argument("--teacher", default=None,
@@ -251,7 +256,8 @@ def _recipe(args):
     group = args.group_size if args.group_size is not None else (16 if sparse_default else 128)
     sparsity = args.sparsity if args.sparsity is not None else sparse_default
     kw = dict(method=args.method, bits=args.bits, group_size=group, sparsity=sparsity,
-              sym=args.sym, param_dtype=args.param_dtype, options=opts)
+              sym=args.sym, param_dtype=args.param_dtype, options=opts,
+              integer_zeros=args.integer_zeros)
     if args.ignore is not None:
         kw["ignore"] = args.ignore
     if args.targets is not None:
@@ -294,7 +300,7 @@ def _finetune(args) -> dict:
     from .errors import ConfigError
     from .formats.checkpoint import check_output_path
     from .pipeline.calib import calibration_windows
-    from .pipeline.checkpoint import load, load_tokenizer
+    from .pipeline.checkpoint import load, load_hf_config, load_tokenizer
     from .pipeline.evaluate import model_context, read_text
     from .quant.finetune import DEFAULT_LR, finetune_float_parts, write_float_parts
 
@@ -335,7 +341,9 @@ def _finetune(args) -> dict:
     res = finetune_float_parts(model, ids, steps=args.steps, epochs=args.epochs, lr=lr,
                                norm_lr=args.norm_lr, batch_size=args.batch_size,
                                train_norms=not args.no_norms, seed=args.seed,
-                               schedule=args.schedule, teacher=teacher, progress=True)
+                               schedule=args.schedule, teacher=teacher, progress=True,
+                               integer_zeros=args.integer_zeros or bool(
+                                   load_hf_config(d)[1].get("integer_zeros")))
     res.update({"source": str(d), "text": str(args.text), "nsamples": args.nsamples,
                 "seed": args.seed, "teacher": args.teacher})
     out = write_float_parts(model, d, args.out, overwrite=args.force, norms=not args.no_norms,
