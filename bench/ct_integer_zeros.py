@@ -129,7 +129,7 @@ def main() -> int:
             if not ck.exists():
                 _cli(["compress", str(src), "--out", str(ck), "--recipe", str(rfile),
                       "--calib", a.calib, "--nsamples", str(a.nsamples), "--seqlen",
-                      str(a.calib_seqlen), "--block-tune", a.block_tune])
+                      str(a.calib_seqlen), "--block-tune", a.block_tune, "--force"])
             secs = round(time.time() - t0, 1)
             summ = json.loads((ck / "bitpress_summary.json").read_text())
             t1 = time.time()
