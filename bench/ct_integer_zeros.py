@@ -91,6 +91,17 @@ def library_check(ck: Path, work: Path) -> dict:
             "library_equal_linears": equal, "linears": n, "library_max_abs_diff": max_diff}
 
 
+def settings(ck: Path) -> dict:
+    """What the checkpoint was made with, from its own summary (per row: the pairs may
+    differ from each other, never within a pair)."""
+    summ = json.loads((ck / "bitpress_summary.json").read_text())
+    bt = summ.get("block_tune") or {}
+    return {"calibration": summ.get("calibration"), "solver_options": summ.get("options"),
+            "block_tune": {k: bt.get(k) for k in ("mode", "epochs", "steps", "lr", "loss",
+                                                   "target", "integer_zeros")} if bt else None,
+            "seconds_total": summ.get("seconds_total")}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", required=True)
@@ -114,6 +125,10 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     out_json = Path(a.json)
     rows = json.loads(out_json.read_text())["rows"] if out_json.exists() else []
+    for r in rows:  # rows written before the per-row settings were recorded
+        ck = work / f"decoupleq_w{r['config'][1:].replace(' g', 'g')}_{r['variant']}"
+        if "settings" not in r and (ck / "bitpress_summary.json").exists():
+            r["settings"] = settings(ck)
     for cfg in a.configs:
         bits, group = (int(x) for x in cfg.split(":"))
         for variant in a.variants:
@@ -141,7 +156,7 @@ def main() -> int:
                    "seconds_eval": round(time.time() - t1, 1),
                    "block_tune_accepted": sum(r["accepted"] for r in
                                               summ.get("block_tune_losses") or []),
-                   "load_average": os.getloadavg()[0]}
+                   "load_average": os.getloadavg()[0], "settings": settings(ck)}
             if variant == "integer":
                 if 576 % group:
                     row["compressed_tensors"] = (
@@ -170,10 +185,8 @@ def _write(a, rows) -> None:
            "machine": platform.processor() or platform.machine(),
            "note": "2 shared CPU cores, heavily loaded (timings not comparable)",
            "model": "SmolLM2-135M-Instruct (packaged Q4_1 GGUF, dequantized)",
-           "calibration": f"WikiText-2 valid, {a.nsamples} windows x {a.calib_seqlen} tokens, "
-                          f"seed 0",
-           "solver": f"decoupleQ, {a.iters} alternation(s), block tuning {a.block_tune} "
-                     f"(defaults: 1 epoch, lr 1e-3, mse)",
+           "calibration": "WikiText-2 valid (per row: 'settings')",
+           "solver": "decoupleQ; per row: 'settings' (from each checkpoint's summary)",
            "eval": f"WikiText-2 test, first {a.windows} windows x {a.seqlen} tokens",
            "command": "python " + " ".join(sys.argv), "rows": rows}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)

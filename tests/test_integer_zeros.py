@@ -239,3 +239,22 @@ def test_finetune_keeps_zeros_tied(tiny_llama_dir, tmp_path, calib_file):
     (x @ wt.T).pow(2).sum().backward()
     torch.testing.assert_close(tied, s.grad, rtol=1e-4, atol=1e-5)
     mod.float_parts_trainable(False)
+
+
+def test_cli_finetune_follows_the_checkpoint(tiny_llama_dir, tmp_path, calib_file, capsys):
+    """`bitpress finetune` keeps the zeros tied on its own for a checkpoint compressed with
+    integer zeros (its quantization_config says so)."""
+    from bitpress.cli import main
+
+    ck = tmp_path / "q"
+    assert main(["compress", str(tiny_llama_dir), "--out", str(ck), "--bits", "2",
+                 "--group-size", "32", "--integer-zeros"]) == 0
+    out = tmp_path / "ft"
+    assert main(["finetune", str(ck), "--text", str(calib_file), "--out", str(out),
+                 "--steps", "3", "--nsamples", "4", "--seqlen", "32", "--lr", "3e-3"]) == 0
+    assert '"integer_zeros": true' in capsys.readouterr().out
+    model = bitpress.load(out)
+    for m in packed_modules(model).values():
+        assert _on_grid(m.scales.float(), m.zeros.float(), 2)
+    assert any(not torch.equal(a.scales, b.scales) for a, b in
+               zip(packed_modules(model).values(), packed_modules(bitpress.load(ck)).values()))
