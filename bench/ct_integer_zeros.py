@@ -156,7 +156,8 @@ def main() -> int:
                    "seconds_eval": round(time.time() - t1, 1),
                    "block_tune_accepted": sum(r["accepted"] for r in
                                               summ.get("block_tune_losses") or []),
-                   "load_average": os.getloadavg()[0], "settings": settings(ck)}
+                   "load_average": os.getloadavg()[0], "settings": settings(ck),
+                   "command": "python " + " ".join(sys.argv)}
             if variant == "integer":
                 if 576 % group:
                     row["compressed_tensors"] = (
