@@ -38,7 +38,8 @@ def _recipe(args):
     group = args.group_size if args.group_size is not None else (16 if sparse_default else 128)
     sparsity = args.sparsity if args.sparsity is not None else sparse_default
     kw = dict(method=args.method, bits=args.bits, group_size=group, sparsity=sparsity,
-              sym=args.sym, param_dtype=args.param_dtype, options=opts)
+              sym=args.sym, param_dtype=args.param_dtype, options=opts,
+              integer_zeros=args.integer_zeros)
     if args.ignore is not None:
         kw["ignore"] = args.ignore
     if args.targets is not None:
@@ -138,6 +139,7 @@ def _finetune_load(d, tsrc):
 def _finetune_train(args, d, model, tok, text: str, teacher, lr: float) -> dict:
     """Train on windows of ``text``; returns the run's record."""
     from .pipeline.calib import calibration_windows
+    from .pipeline.checkpoint import load_hf_config
     from .pipeline.evaluate import model_context
     from .pipeline.finetune import finetune_float_parts
 
@@ -146,7 +148,9 @@ def _finetune_train(args, d, model, tok, text: str, teacher, lr: float) -> dict:
     res = finetune_float_parts(model, ids, steps=args.steps, epochs=args.epochs, lr=lr,
                                norm_lr=args.norm_lr, batch_size=args.batch_size,
                                train_norms=not args.no_norms, seed=args.seed,
-                               schedule=args.schedule, teacher=teacher, progress=True)
+                               schedule=args.schedule, teacher=teacher, progress=True,
+                               integer_zeros=args.integer_zeros or bool(
+                                   load_hf_config(d)[1].get("integer_zeros")))
     res.update({"source": str(d), "text": str(args.text), "nsamples": args.nsamples,
                 "seed": args.seed, "teacher": args.teacher})
     return res

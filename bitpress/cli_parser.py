@@ -69,6 +69,9 @@ def _add_compress(sub) -> None:
                         "'*.down_proj=0.2' (repeatable; the first match wins, the rest take "
                         "--sparsity)")
     c.add_argument("--sym", action="store_true", help="symmetric grid (zero point 0)")
+    c.add_argument("--integer-zeros", action="store_true", help="zeros on the integer grid "
+                   "(-zp·scale, integer zp in the code range): exports to compressed-tensors "
+                   "exactly (rtn, gptq, decoupleq and its tuning; docs/interop.md)")
     c.add_argument("--param-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of scales/zeros on disk (default float16)")
     c.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
@@ -168,6 +171,8 @@ def _add_finetune(sub) -> None:
     f.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     f.add_argument("--seed", type=int, default=0, help="seed of windows and order (default 0)")
     f.add_argument("--no-norms", action="store_true", help="train only scales/zeros")
+    f.add_argument("--integer-zeros", action="store_true", help="keep zeros on the integer "
+                   "grid, tied to the scales (default: as the checkpoint was compressed)")
     f.add_argument("--schedule", choices=list(_SCHEDULES), default="constant",
                    help="learning-rate schedule: constant (default) or cosine decay to 0")
     f.add_argument("--teacher", default=None,

@@ -177,7 +177,7 @@ def export_compressed_tensors(src: str | os.PathLike, out_dir: str | os.PathLike
         raise ConfigError(f"{msg}, more than the allowed {max_zero_error:g} steps; the "
                           f"checkpoint's zeros are free floats (decoupleQ / fine-tuned). Pass "
                           f"--allow-rounding to export the rounded weights anyway, or "
-                          f"compress with integer zero points")
+                          f"compress with integer zero points (--integer-zeros)")
     config_groups = {}
     for i, ((bits, gs, sym), names) in enumerate(sorted(groups.items())):
         config_groups[f"group_{i}"] = {

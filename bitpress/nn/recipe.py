@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..formats import QuantizedWeight, check_bits, check_group_size, magnitude_keep_mask, quantize_rtn
+from ..formats import (QuantizedWeight, check_bits, check_group_size, check_integer_zeros,
+                       magnitude_keep_mask, quantize_rtn)
 from .modules import GroupSparseLinear, QuantLinear, _linear_weight
 
 DEFAULT_IGNORE = ["lm_head", "*embed*", "*wte", "*wpe"]
@@ -46,6 +47,9 @@ class Recipe:
     ignore: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORE))
     options: dict[str, Any] = field(default_factory=dict)
     sparsity_rules: dict[str, float] = field(default_factory=dict)
+    #: zeros on the integer grid (``zero = -zp·scale``, integer ``zp`` in the code range,
+    #: exact in ``param_dtype``): exportable to compressed-tensors without rounding
+    integer_zeros: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -63,6 +67,10 @@ class Recipe:
                               f"{self.sparsity_rules!r}")
         if self.sparsity_rules and not self.sparse:
             raise ConfigError("sparsity_rules need a group-sparse recipe (a base sparsity > 0)")
+        if not isinstance(self.integer_zeros, bool):
+            raise ConfigError(f"integer_zeros must be true or false, got {self.integer_zeros!r}")
+        if self.integer_zeros and not self.sym:
+            check_integer_zeros(self.bits, self.torch_param_dtype)
         for pat, v in self.sparsity_rules.items():
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
                 raise ConfigError(f"sparsity rule {pat!r}: sparsity must lie in [0, 1), got {v!r}")
@@ -85,7 +93,10 @@ class Recipe:
         return bool(self.sparsity)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not d["integer_zeros"]:  # recorded only when set (older recipes stay the same)
+            del d["integer_zeros"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Recipe":
@@ -148,7 +159,8 @@ def rtn_quantize_linear(w: torch.Tensor, recipe: Recipe,
     keep = magnitude_keep_mask(w, recipe.group_size, recipe.sparsity_for(name)) \
         if recipe.sparse else None
     return quantize_rtn(w, recipe.bits, recipe.group_size, sym=recipe.sym,
-                        param_dtype=recipe.torch_param_dtype, keep=keep)
+                        param_dtype=recipe.torch_param_dtype, keep=keep,
+                        integer_zero=recipe.integer_zeros)
 
 
 def replace_linears(model: nn.Module, recipe: Recipe,

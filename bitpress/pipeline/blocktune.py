@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, FormatError
-from ..formats import QuantizedWeight
+from ..formats import QuantizedWeight, zero_points
 
 from ..quant.tunable import TunedLinear
 
@@ -246,6 +246,7 @@ class BlockTuner:
     loss: str = "mse"
     target: str = "block"
     records: list[BlockTuneRecord] = field(default_factory=list)
+    integer_zeros: bool = False
 
     @property
     def seconds(self) -> float:
@@ -258,6 +259,7 @@ class BlockTuner:
                 "latent_lr": self._latent_lr() if self.mode == "bqpo" else None,
                 "micro_batch": self.micro_batch, "steps": self.steps,
                 "train_norms": self.train_norms, "target": self.target,
+                **({"integer_zeros": True} if self.integer_zeros else {}),
                 "param_dtype": str(self.param_dtype).replace("torch.", "")}
 
     def _norm_lr(self) -> float:
@@ -296,7 +298,10 @@ class BlockTuner:
             m = originals[n]
             bias = m.bias if getattr(m, "bias", None) is not None else None
             train_zero = bool((qw.zero != 0).any())  # a symmetric grid keeps zero = 0
-            tuned[n] = TunedLinear(qw, bias, self.mode, train_zero, self.latent, self.relative)
+            zp = zero_points(qw.scale, qw.zero, qw.bits) if self.integer_zeros and train_zero \
+                else None
+            tuned[n] = TunedLinear(qw, bias, self.mode, train_zero, self.latent, self.relative,
+                                   zp)
         steps = 0
         try:
             for p in block.parameters():
@@ -406,7 +411,8 @@ def make_block_tuner(mode: str = "float_parts", *, epochs: int = DEFAULT_EPOCHS,
                      param_dtype: Optional[torch.dtype | str] = torch.float16,
                      seed: int = 0, progress: bool = True,
                      steps: Optional[int] = None, relative: bool = False,
-                     loss: Optional[str] = None, target: Optional[str] = None) -> BlockTuner:
+                     loss: Optional[str] = None, target: Optional[str] = None,
+                     integer_zeros: bool = False) -> BlockTuner:
     """A block hook for :func:`~bitpress.pipeline.stream.stream_quantize` (``block_hook=``).
 
     ``mode``: ``"float_parts"`` (codes frozen; scales, zeros, norms trained) or ``"bqpo"``
@@ -439,7 +445,10 @@ def make_block_tuner(mode: str = "float_parts", *, epochs: int = DEFAULT_EPOCHS,
     block, so the block also learns to undo the error the quantized blocks before it left
     (one more float forward per block; the pipeline carries the float model's hidden states
     alongside the quantized ones). ``None`` takes :data:`DEFAULT_TARGET` of the mode
-    (``bqpo``: model, ``float_parts``: block).
+    (``bqpo``: model, ``float_parts``: block). ``integer_zeros``: keep every offset tied to its
+    scale, ``z = -zp·s`` with the solver's integer zero point ``zp`` frozen (only ``s`` is
+    trained), and store ``s`` with ``zp·s`` exact in ``param_dtype``, so the block stays
+    exportable to compressed-tensors without rounding.
     The returned hook keeps per-block
     :class:`BlockTuneRecord`\\ s in ``.records``.
     """
@@ -473,4 +482,4 @@ def make_block_tuner(mode: str = "float_parts", *, epochs: int = DEFAULT_EPOCHS,
         param_dtype = getattr(torch, param_dtype)
     return BlockTuner(mode, epochs, float(lr), norm_lr, latent_lr, latent, micro_batch,
                       train_norms, param_dtype, seed, progress, steps, bool(relative), loss,
-                      target)
+                      target, integer_zeros=bool(integer_zeros))

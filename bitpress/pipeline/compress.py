@@ -49,6 +49,10 @@ def _solver(recipe: Recipe):
     from ..quant import PASSES, QuantSpec
     from ..sparse import SPARSE_PASSES
 
+    if recipe.integer_zeros and recipe.method not in ("rtn", "gptq", "decoupleq"):
+        raise ConfigError(f"integer zero points (--integer-zeros) are implemented for rtn, gptq "
+                          f"and decoupleq, not {recipe.method!r} (group-sparse checkpoints do "
+                          f"not export to compressed-tensors anyway)")
     if recipe.method == "rtn":
         return lambda name, W, H: rtn_quantize_linear(W, recipe, name)
     if recipe.method in SIMULATED_METHODS:
@@ -70,7 +74,8 @@ def _solver(recipe: Recipe):
         opts.update(recipe.options or {})
         fn = PASSES[recipe.method]
     spec = QuantSpec(bits=recipe.bits, group_size=recipe.group_size, sym=recipe.sym,
-                     param_dtype=recipe.param_dtype, sparsity=recipe.sparsity, options=opts)
+                     param_dtype=recipe.param_dtype, sparsity=recipe.sparsity, options=opts,
+                     integer_zeros=recipe.integer_zeros)
 
     def solve(name: str, W: torch.Tensor, H: Optional[torch.Tensor]):
         if H is None:  # linears outside the block stack (e.g. a targeted head): data-free
@@ -178,6 +183,8 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
     qcfg = {"method": recipe.method, "bits": recipe.bits, "group_size": recipe.group_size,
             "sparsity": recipe.sparsity, "ignore": recipe.ignore,
             "param_dtype": recipe.param_dtype}
+    if recipe.integer_zeros:
+        qcfg["integer_zeros"] = True
     summary["relative_weight_error"] = res.errors
     summary["peak_rss_bytes"] = peak_rss_bytes()
     summary["seconds_total"] = round(time.time() - t0, 2)
@@ -379,6 +386,8 @@ def _block_tuner(recipe: Recipe, block_tune: Optional[str], epochs: Optional[int
     opts = dict(options or {})
     opts.setdefault("param_dtype", recipe.torch_param_dtype)
     opts.setdefault("progress", progress)
+    if recipe.integer_zeros:
+        opts.setdefault("integer_zeros", True)
     return make_block_tuner(mode, epochs=epochs if epochs is not None else DEFAULT_EPOCHS,
                             lr=lr if lr is not None else DEFAULT_LR, **opts)
 

@@ -127,7 +127,8 @@ def finetune_float_parts(model: nn.Module, data: Any, *, steps: Optional[int] = 
                          norm_lr: Optional[float] = None, seed: int = 0,
                          schedule: str = "constant", loss: Optional[str] = None,
                          teacher: Optional[nn.Module] = None,
-                         evaluate: bool = False, progress: bool = True) -> dict[str, Any]:
+                         evaluate: bool = False, progress: bool = True,
+                         integer_zeros: bool = False) -> dict[str, Any]:
     """Train only the scales/zeros of every packed module of ``model`` (and its norm weights
     when ``train_norms``) with Adam on the causal-LM loss of ``data`` (cross-entropy, or
     distillation from ``teacher``); in place.
@@ -141,6 +142,11 @@ def finetune_float_parts(model: nn.Module, data: Any, *, steps: Optional[int] = 
     of ``data``; ``teacher`` is the full-precision model, run without gradients); default
     ``"kd"`` when a teacher is given, else ``"ce"``. ``evaluate``: also measure the
     cross-entropy over all of ``data`` before and after (two extra forward passes).
+    ``integer_zeros``: every offset stays tied to its scale, ``z = -zp·s`` with the integer
+    zero point ``zp = clamp(round(-z/s))`` of the loaded model frozen (the gradient of ``z``
+    flows into ``s``); at the end ``s`` is snapped so that ``zp·s`` is exact in the storage
+    dtype, and the model stays exportable to compressed-tensors without rounding (a model
+    whose zeros were off the grid is moved onto it first).
 
     Codes and masks never change; scales/zeros end in their original storage dtype (the
     model is ready for :func:`write_float_parts`). Returns a JSON-able summary (losses per
@@ -200,6 +206,9 @@ def finetune_float_parts(model: nn.Module, data: Any, *, steps: Optional[int] = 
                               "windows": int(win.shape[0]), "steps": total,
                               "epochs": round(total / per_epoch, 3), "train_norms": train_norms,
                               "packed_modules": len(mods), "norm_tensors": len(norms)}
+    if integer_zeros:
+        result["integer_zeros"] = True
+    tied: dict[str, torch.Tensor] = {}  # module name -> frozen integer zero points
     if evaluate:
         result["loss_before"] = lm_loss(model, win, batch_size)
     sz: list[nn.Parameter] = []
@@ -214,8 +223,17 @@ def finetune_float_parts(model: nn.Module, data: Any, *, steps: Optional[int] = 
             for p in m.float_parts_trainable(True):
                 p.requires_grad_(False)
             sz += [m.scales, m.zeros]
+        if integer_zeros:
+            for name, m in mods.items():
+                zp = _integer_zero_points(m)
+                if zp is not None:
+                    tied[name] = zp
+                    m.zeros.data.copy_(-zp * m.scales.data)
+                    sz = [p for p in sz if p is not m.zeros]  # z follows s: not trained
         for p in sz:
             p.requires_grad_(True)
+        for name in tied:
+            mods[name].zeros.requires_grad_(True)  # its gradient is chained into s
         for p in norms.values():
             p.requires_grad_(True)
         result["trainable_parameters"] = sum(p.numel() for p in sz) + \
@@ -245,7 +263,9 @@ def finetune_float_parts(model: nn.Module, data: Any, *, steps: Optional[int] = 
                     raise FloatingPointError("the fine-tuning loss is not finite; lower --lr")
                 opt.zero_grad(set_to_none=True)
                 value.backward()
+                _tie_gradients(mods, tied)
                 opt.step()
+                _tie_zeros(mods, tied)
                 if sched is not None:
                     sched.step()
                 losses.append(float(value.detach()))
@@ -253,6 +273,7 @@ def finetune_float_parts(model: nn.Module, data: Any, *, steps: Optional[int] = 
                 bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
         bar.close()
     finally:
+        _snap_tied(mods, tied)
         for m in mods.values():
             m.float_parts_trainable(False)  # back to buffers in their storage dtype
             m.__dict__.pop("_impl_cache", None)
@@ -271,6 +292,47 @@ def finetune_float_parts(model: nn.Module, data: Any, *, steps: Optional[int] = 
     log.info("float-part fine-tuning: %d steps, loss %.4f -> %.4f (%.1f s)", total,
              result["loss_first"], result["loss_last"], result["seconds"])
     return result
+
+
+def _integer_zero_points(m: nn.Module) -> Optional[torch.Tensor]:
+    """Frozen integer zero points of a packed module (float32), ``None`` if symmetric."""
+    from ..formats import zero_points
+
+    if not bool((m.zeros != 0).any()):
+        return None
+    return zero_points(m.scales, m.zeros, m.bits).float()
+
+
+@torch.no_grad()
+def _tie_gradients(mods: dict[str, nn.Module], tied: dict[str, torch.Tensor]) -> None:
+    """``z = -zp·s``: ``dL/ds += -zp·dL/dz`` (the chain rule of the tied offsets)."""
+    for name, zp in tied.items():
+        m = mods[name]
+        if m.zeros.grad is not None:
+            if m.scales.grad is None:
+                m.scales.grad = torch.zeros_like(m.scales)
+            m.scales.grad.add_(-zp * m.zeros.grad)
+            m.zeros.grad = None
+
+
+@torch.no_grad()
+def _tie_zeros(mods: dict[str, nn.Module], tied: dict[str, torch.Tensor]) -> None:
+    for name, zp in tied.items():
+        m = mods[name]
+        m.zeros.copy_(-zp * m.scales)
+
+
+@torch.no_grad()
+def _snap_tied(mods: dict[str, nn.Module], tied: dict[str, torch.Tensor]) -> None:
+    """Scales with ``s`` and ``zp·s`` exact in the storage dtype, zeros ``-zp·s``."""
+    from ..formats import integer_zero_params
+
+    for name, zp in tied.items():
+        m = mods[name]
+        dt = getattr(m, "_orig_dtypes", {}).get("scales", m.scales.dtype)
+        s, z = integer_zero_params(m.scales, m.zeros, m.bits, dt, zp=zp)
+        m.scales.copy_(s)
+        m.zeros.copy_(z)
 
 
 def float_part_names(model: nn.Module, norms: bool = True) -> list[str]:

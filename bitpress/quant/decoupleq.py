@@ -41,6 +41,13 @@ minimises, per row, ``L_r = (Ŵ_r − W_r) H (Ŵ_r − W_r)ᵀ`` by alternating:
   step would see the same grid and return the same codes), so later alternations only
   visit the rows still improving.
 
+Integer zero points (``spec.integer_zeros``): every offset is ``z = -zp·s`` with an integer
+``zp`` in the code range and ``s``, ``zp·s`` exact in the parameter dtype, so the checkpoint
+exports to compressed-tensors without rounding. The initial grid's zero points are rounded
+into the code range, and the float step solves for the scales only, for the rounded zero
+point of the unconstrained optimum and for the current one (see ``_Problem._integer_params``);
+the integer step is unchanged (it rounds onto whatever grid it is given).
+
 Initialisation: per group and row an H-weighted clipping search over min/max grids
 (shrink factors ``options["clip_grid"]``, error ``e H_gg eᵀ`` on the group's diagonal
 block), then both round-to-nearest and GPTQ rounding on that grid; the float step is run
@@ -71,7 +78,8 @@ import torch
 
 from ..errors import ConfigError
 from ..formats import (QuantizedWeight, check_bits, check_group_size, effective_group_size,
-                       minmax_params, num_groups, qrange)
+                       integer_zero_params, integer_zero_scale, minmax_params, num_groups,
+                       qrange, zero_points)
 from .gptq import (DEFAULT_CLIP_GRID, DEFAULT_DAMP, HessianFactor, _check_hessian,
                    _check_weight, gptq_round_fixed_grid, prepare_hessian)
 from .clip import clip_search
@@ -196,11 +204,13 @@ class _Problem:
     of the normal equations."""
 
     def __init__(self, W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, sym: bool,
-                 param_dtype: Optional[torch.dtype], row_chunk: Optional[int]) -> None:
+                 param_dtype: Optional[torch.dtype], row_chunk: Optional[int],
+                 integer_zeros: bool = False) -> None:
         grouped_normal_pieces(self, W, H, group_size)
         out, G, N = self.out, self.G, self.N
         self.bits = bits
         self.sym = sym
+        self.integer_zeros = integer_zeros and not sym
         self.param_dtype = param_dtype
         self.tiny = _tiny(param_dtype)
         # offsets given scales: (Zz + ridge) z = bz − M_szᵀ s, one factorisation for all rows
@@ -320,6 +330,9 @@ class _Problem:
         delta, ok = self._solve(M, rhs)
         theta = theta0 + delta
         s = theta[:, :G]
+        if self.integer_zeros:
+            return self._integer_params(Q, rows, ss, sz, bs, bz, s, theta[:, G:], s0, z0, ok,
+                                        loss0)
         tiny = self.tiny
         if self.sym:
             # a negative scale is representable exactly only by Q → −Q, i.e. when the group
@@ -355,6 +368,47 @@ class _Problem:
                 codes = torch.where(fx, -Q.to(torch.int16) - 1, Q.to(torch.int16)).to(torch.int8)
         bad = ~ok | ~torch.isfinite(loss) | ~torch.isfinite(s_st).all(1) | ~torch.isfinite(z_st).all(1)
         loss = torch.where(bad, torch.full_like(loss, math.inf), loss)
+        return codes, s_st, z_st, loss, loss0
+
+    def _integer_params(self, Q, rows, ss, sz, bs, bz, s_ls, z_ls, s0, z0, ok, loss0):
+        """The float step with integer zero points (``spec.integer_zeros``): ``z = -zp·s``,
+        ``zp`` an integer in the code range. Two candidates per group: the rounded zero
+        point of the unconstrained least squares ``(s_ls, z_ls)`` and the current one
+        (from ``s0, z0``); for each, the scales are the exact least-squares optimum of
+        ``Ŵ_r = Σ_g s_g (Q_g − zp_g)`` (a ``G × G`` system per row, from the same normal
+        pieces), then snapped so that ``s`` and ``zp·s`` are exact in the parameter dtype
+        (:func:`~bitpress.formats.integer_zero_scale`); each row keeps the candidate with
+        the smaller exact loss. A negative scale is stored by flipping the group's codes
+        (``Q' = −Q − 1``, ``zp' = −zp − 1``, still in the code range)."""
+        G, R = self.G, Q.shape[0]
+        best = None
+        for zp in (zero_points(s_ls, z_ls, self.bits), zero_points(s0, z0, self.bits)):
+            M = (ss - sz * zp[:, None, :] - sz.transpose(1, 2) * zp[:, :, None]
+                 + zp[:, :, None] * zp[:, None, :] * self.Zz)
+            rhs = bs - zp * bz - torch.einsum("rgh,rh->rg", M, s0)
+            d, okc = self._solve(M, rhs)
+            s = s0 + d
+            flip = s < 0
+            sigma = torch.where(flip, -1.0, 1.0).to(torch.float64)
+            zp_st = torch.where(flip, -zp - 1, zp)
+            s_st = integer_zero_scale(s.abs(), zp_st, self.param_dtype)
+            z_st = -zp_st * s_st
+            z_st = torch.where(z_st == 0, torch.zeros_like(z_st), z_st)
+            s_or = sigma * s_st
+            loss = self.loss(ss, sz, bs, rows, s_or, -s_or * zp)
+            bad = ~ok | ~okc | ~torch.isfinite(loss)
+            loss = torch.where(bad, torch.full_like(loss, math.inf), loss)
+            if best is None:
+                best = [flip, s_st, z_st, loss]
+            else:
+                b = loss < best[3]
+                for i, t in enumerate((flip, s_st, z_st, loss)):
+                    best[i] = torch.where(b[:, None] if t.dim() == 2 else b, t, best[i])
+        flip, s_st, z_st, loss = best
+        codes = Q
+        if bool(flip.any()):
+            fx = flip.repeat_interleave(self.gs, dim=1)[:, :self.n]
+            codes = torch.where(fx, -Q.to(torch.int16) - 1, Q.to(torch.int16)).to(torch.int8)
         return codes, s_st, z_st, loss, loss0
 
 
@@ -528,7 +582,7 @@ def decoupleq_solve(W: torch.Tensor, H: Optional[torch.Tensor], spec: QuantSpec,
     dead = factor.dead.to(dev)
     Wz = W.detach().to(torch.float32).clone()
     Wz[:, dead] = 0.0          # dead inputs: any weight is lossless; 0 keeps grids tight
-    P = _Problem(Wz, H, bits, group_size, sym, pdt, opts["row_chunk"])
+    P = _Problem(Wz, H, bits, group_size, sym, pdt, opts["row_chunk"], spec.integer_zeros)
     gs, G = P.gs, P.G
     group_arg = gs if G > 1 else -1
     rep.seconds["setup"] = time.perf_counter() - t0
@@ -541,6 +595,8 @@ def decoupleq_solve(W: torch.Tensor, H: Optional[torch.Tensor], spec: QuantSpec,
         # the default grid is coarser there (the float step refits s, z anyway)
         grid = DEFAULT_CLIP_GRID if G > 1 else COARSE_CLIP_GRID
     s0, z0 = _clip_search_grid(Wz, P, bits, sym, pdt, grid)
+    if P.integer_zeros:  # the initial grid with its zero point rounded into the code range
+        s0, z0 = integer_zero_params(s0, z0, bits, pdt)
     sx, zx = _expand(s0, gs, n), _expand(z0, gs, n)
     q_rtn = torch.clamp(torch.round((Wz - zx) / sx), qmin, qmax).to(torch.int8)
     q_gptq = feedback_round_t(Wz, factor, s0, z0, bits, group_arg,

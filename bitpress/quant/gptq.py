@@ -40,7 +40,7 @@ import torch
 
 from ..errors import BitpressError, ConfigError, NumericalError  # noqa: F401 - re-exported
 from ..formats import (QuantizedWeight, check_bits, check_group_size, effective_group_size,
-                       minmax_params, num_groups, qrange)
+                       integer_zero_params, minmax_params, num_groups, qrange)
 from .clip import clip_search, hessian_block_error, schur_error
 from .feedback import feedback_round
 from .spec import Options, QuantSpec
@@ -369,6 +369,8 @@ def gptq(W: torch.Tensor, H: Optional[torch.Tensor], spec: QuantSpec) -> Quantiz
         Hd = H.detach().float().clone()
         Hd[factor.dead, factor.dead] = 1.0
         scale, zero = _static_params(Wf, Hd, spec, clip_grid)
+        if spec.integer_zeros and not spec.sym:
+            scale, zero = integer_zero_params(scale, zero, bits, spec.torch_param_dtype)
         Wt = Wf.T.contiguous()
         if factor.perm is not None:
             Wt = Wt[factor.perm]
@@ -391,6 +393,8 @@ def gptq(W: torch.Tensor, H: Optional[torch.Tensor], spec: QuantSpec) -> Quantiz
         else:
             s, z = _clip_search(Wg, Ug, bits, spec.sym, spec.torch_param_dtype, clip_grid,
                                 "schur")
+        if spec.integer_zeros and not spec.sym:
+            s, z = integer_zero_params(s, z, bits, spec.torch_param_dtype)
         scale_t[g] = s
         zero_t[g] = z
 

@@ -12,4 +12,4 @@ from .spec import QuantSpec
 def rtn(W: torch.Tensor, H: Optional[torch.Tensor], spec: QuantSpec) -> QuantizedWeight:
     """Min/max round-to-nearest per group (``H`` is ignored)."""
     return quantize_rtn(W.detach(), spec.bits, spec.group_size, sym=spec.sym,
-                        param_dtype=spec.torch_param_dtype)
+                        param_dtype=spec.torch_param_dtype, integer_zero=spec.integer_zeros)

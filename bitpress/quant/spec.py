@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import ConfigError
-from ..formats import check_bits, check_group_size
+from ..formats import check_bits, check_group_size, check_integer_zeros
 
 _PARAM_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -26,6 +26,7 @@ class QuantSpec:
     param_dtype: str = "float16"   # dtype of scales/zeros on disk; codes are fitted to it
     sparsity: Optional[float] = None  # share of groups pruned (group-sparse passes)
     options: dict[str, Any] = field(default_factory=dict)  # method-specific knobs
+    integer_zeros: bool = False    # zero = -zp·scale with integer zp in the code range
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -35,6 +36,10 @@ class QuantSpec:
                               f"{sorted(_PARAM_DTYPES)}")
         if self.sparsity is not None and not (0.0 <= self.sparsity < 1.0):
             raise ConfigError(f"sparsity must lie in [0, 1), got {self.sparsity}")
+        if not isinstance(self.integer_zeros, bool):
+            raise ConfigError(f"integer_zeros must be true or false, got {self.integer_zeros!r}")
+        if self.integer_zeros and not self.sym:
+            check_integer_zeros(self.bits, self.torch_param_dtype)
 
     @property
     def torch_param_dtype(self) -> torch.dtype:

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..formats import QuantizedWeight, qrange
+from ..formats import QuantizedWeight, integer_zero_params, qrange
 
 
 def _grouped(t: torch.Tensor, gs: int, ng: int) -> torch.Tensor:
@@ -30,8 +30,12 @@ class TunedLinear(nn.Module):
     master copies of the group parameters; stands in for one linear during tuning."""
 
     def __init__(self, qw: QuantizedWeight, bias: Optional[torch.Tensor], mode: str,
-                 train_zero: bool, latent: str = "code", relative: bool = False) -> None:
+                 train_zero: bool, latent: str = "code", relative: bool = False,
+                 zp: Optional[torch.Tensor] = None) -> None:
         super().__init__()
+        # integer zero points: the offsets stay tied to the scales, z = -zp·s (zp frozen)
+        self.register_buffer("zp", None if zp is None else zp.float())
+        train_zero = train_zero and zp is None
         self.mode, self.bits, self.latent_kind = mode, qw.bits, latent
         self.gs, self.ng, self.n = qw.gs, qw.n_groups, qw.in_features
         self.qmin, self.qmax = qrange(qw.bits)
@@ -65,6 +69,8 @@ class TunedLinear(nn.Module):
         return self.s0 * (1 + self.d_scale) if self.relative else self.scale
 
     def z(self) -> torch.Tensor:
+        if self.zp is not None:
+            return -self.zp * self.s()
         if self.relative:
             return self.z0 + self.s0 * self.d_zero if self.d_zero is not None else self.z0
         return self.zero if self.zero is not None else self.zero_fixed
@@ -109,8 +115,14 @@ class TunedLinear(nn.Module):
             return t.to(param_dtype).float() if param_dtype is not None else t.float()
 
         kept = old.keep if old.keep is not None else torch.ones_like(old.scale, dtype=torch.bool)
-        scale = torch.where(kept, rnd(self.s()), old.scale.float())
-        zero = torch.where(kept, rnd(self.z()), old.zero.float())
+        if self.zp is not None:  # s and zp·s exact in the storage dtype
+            s_int, z_int = integer_zero_params(self.s(), self.z(), self.bits, param_dtype,
+                                               zp=self.zp)
+            scale = torch.where(kept, s_int, old.scale.float())
+            zero = torch.where(kept, z_int, old.zero.float())
+        else:
+            scale = torch.where(kept, rnd(self.s()), old.scale.float())
+            zero = torch.where(kept, rnd(self.z()), old.zero.float())
         codes = old.codes
         if self.mode == "bqpo":
             ok = kept & (scale.abs() > 1e-12)
