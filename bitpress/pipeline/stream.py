@@ -494,10 +494,9 @@ def _prefix_keys(keys: list[str], prefix: str) -> list[str]:
 
 
 def _hessian_rel_error(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor) -> float:
-    Hd = H.double()
-    E = What.double() - W.double()
-    num = ((E @ Hd) * E).sum()
-    den = ((W.double() @ Hd) * W.double()).sum()
+    from ..quant.gptq import hessian_error_terms  # chunked: no n² float64 copy of H
+
+    num, den = hessian_error_terms(W, What, H)
     return float(num / den.clamp_min(1e-300))
 
 
@@ -765,7 +764,7 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
                                            else _weight_rel_error(W, What))
                         set_linear_weight(m, What)
                         qweights[n] = qw
-                        if H is not None:
+                        if H is not None and block_hook is not None:  # only hooks read them
                             hessians[n] = H
 
                 if stash is None and dist.world > 1:
@@ -1036,7 +1035,7 @@ def stash_forward(block: nn.Module, groups: list[list[str]], hid: list[torch.Ten
             if reduce is not None:
                 reduce(acc)
             H = acc.H if acc.n else None
-            accs[gi] = None  # the float64 sum is freed before the solve
+            accs[gi] = acc = None  # the float64 sum is freed before the solve
             solve_group(group, H)
             del H
             done_groups.add(gi)
