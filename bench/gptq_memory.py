@@ -58,6 +58,9 @@ def child(a) -> dict:
     import torch
 
     torch.set_num_threads(1)
+    from bitpress.pipeline.stream import _return_big_frees_to_os
+
+    _return_big_frees_to_os()  # as the streamed pipeline does: large buffers are mmap-ed
     g = importlib.import_module("bitpress.quant.gptq")
     from bitpress.quant import QuantSpec
 

@@ -85,7 +85,7 @@ def _check_hessian(H: torch.Tensor, in_features: Optional[int] = None) -> None:
                           f"pass the Hessian of this layer's inputs")
     if not H.is_floating_point():
         raise ConfigError(f"H must be floating point, got {H.dtype}")
-    if not bool(torch.isfinite(H).all()):
+    if not _all_finite(H):
         raise ConfigError("H contains NaN or Inf: this layer's inputs are not finite (the "
                           "activations overflowed in an earlier layer, or a weight before it, "
                           "e.g. a norm, holds NaN/Inf)")
@@ -97,7 +97,7 @@ def _check_weight(W: torch.Tensor) -> None:
         raise ConfigError(f"expected a 2-D weight [out, in], got {shape}")
     if not W.is_floating_point():
         raise ConfigError(f"weight must be floating point, got {W.dtype}")
-    if not bool(torch.isfinite(W).all()):
+    if not _all_finite(W):
         raise ConfigError("weight contains NaN or Inf")
 
 
@@ -157,7 +157,7 @@ def prepare_hessian(H: torch.Tensor, damp: float = DEFAULT_DAMP, act_order: bool
         if int(info) == 0:
             _invert_lower_(L)
             U = _flip_to_float(L)
-            if bool(torch.isfinite(U).all()) and bool((torch.diagonal(U) > 0).all()):
+            if _all_finite(U) and bool((torch.diagonal(U) > 0).all()):
                 return HessianFactor(U, perm, dead.to(H.device), absdamp)
             del U
         new_rel = max(rel * 10.0, 1e-6)
@@ -196,7 +196,7 @@ def _fill_permuted_(A: torch.Tensor, H: torch.Tensor, perm: Optional[torch.Tenso
         A[d, d] = 1.0
 
 
-def _reverse_(v: torch.Tensor, chunk: int = 1 << 20) -> None:
+def _reverse_(v: torch.Tensor, chunk: int = 1 << 18) -> None:
     """Reverse a contiguous 1-D tensor in place (for a row-major matrix: flip both axes),
     swapping slabs from both ends."""
     N = v.numel()
@@ -240,6 +240,12 @@ def _invert_lower_(L: torch.Tensor) -> None:
         L[:, c:c + k] = xs
 
 
+def _all_finite(X: torch.Tensor) -> bool:
+    """``isfinite(X).all()`` a slab of rows at a time (``isfinite`` of a whole n² float
+    matrix makes n² temporaries: |X| and three bool masks, 1.3 GB at n = 13824)."""
+    return all(bool(torch.isfinite(X[r:r + _SLAB]).all()) for r in range(0, X.shape[0], _SLAB))
+
+
 def _flip_to_float(X: torch.Tensor) -> torch.Tensor:
     """``flip(X)`` (both axes) as a row-major float32 matrix, a slab of rows at a time."""
     n = X.shape[0]
@@ -269,7 +275,7 @@ def hessian_loss(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor) -> torch.
 
 
 def hessian_error_terms(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor,
-                        chunk: int = _CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+                        chunk: int = _SLAB) -> tuple[torch.Tensor, torch.Tensor]:
     """``tr(E H Eᵀ)`` and ``tr(W H Wᵀ)`` with ``E = Ŵ − W``, float64 scalars, for the
     H-weighted relative error of a whole layer.
 
