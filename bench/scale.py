@@ -80,7 +80,7 @@ def machine() -> dict:
 
 
 def run(src: str, out: Path, args: list[str], nproc: int = 1, threads: int = 1,
-        on_tick=None) -> dict:
+        on_tick=None, stop_after_parts: int = 0) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = str(HERE.parent) + os.pathsep + env.get("PYTHONPATH", "")
     base = [sys.executable]
@@ -97,6 +97,7 @@ def run(src: str, out: Path, args: list[str], nproc: int = 1, threads: int = 1,
     peak: dict[int, int] = {}
     timeline, parts = [], {}
     last_tick = t0
+    stopped = None
     while p.poll() is None:
         if on_tick is not None and time.time() - last_tick > 30:
             last_tick = time.time()
@@ -115,6 +116,9 @@ def run(src: str, out: Path, args: list[str], nproc: int = 1, threads: int = 1,
         if partial.exists():
             for f in partial.glob("block-*.safetensors"):
                 parts.setdefault(f.name, round(time.time() - t0, 1))
+        if stop_after_parts and len(parts) >= stop_after_parts and stopped is None:
+            stopped = round(time.time() - t0, 1)  # e.g. the disk cannot hold the whole output
+            p.terminate()
         time.sleep(0.2)
     stdout, stderr = p.communicate()
     wall = time.time() - t0
@@ -131,6 +135,7 @@ def run(src: str, out: Path, args: list[str], nproc: int = 1, threads: int = 1,
             "peak_rss_bytes_max": max(peak.values(), default=0),
             "parts_first_seen_seconds": dict(sorted(parts.items())),
             "out_bytes": _dir_bytes(out), "summary": summary,
+            "stopped_after_parts": stop_after_parts or None, "stopped_at_seconds": stopped,
             "rss_timeline": timeline[::step], "stderr_tail": stderr[-3000:]}
 
 
@@ -149,6 +154,10 @@ def main() -> int:
     ap.add_argument("--compare-single", action="store_true",
                     help="with --nproc > 1: also run 1 process and compare the outputs")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--stop-after-parts", type=int, default=0,
+                    help="stop the run (SIGTERM) once this many block parts are written, e.g. "
+                         "when the disk cannot hold the whole output; the partial output is "
+                         "deleted unless --keep")
     a = ap.parse_args(argv)
     src = Path(a.src)
     work = Path(a.work) if a.work else src.parent
@@ -170,7 +179,8 @@ def main() -> int:
             (dest / f"{a.name}.json").write_text(json.dumps(
                 dict(rec, runs=rec.get("runs", []) + [partial]), indent=1) + "\n")
 
-        r = run(str(src), out, rest, nproc, threads, on_tick=tick)
+        r = run(str(src), out, rest, nproc, threads, on_tick=tick,
+                stop_after_parts=a.stop_after_parts)
         rec.setdefault("runs", []).append(r)
         outs.append(out)
         print(json.dumps({k: v for k, v in r.items() if k not in ("rss_timeline", "summary",
@@ -188,9 +198,11 @@ def main() -> int:
     rec["machine"]["loadavg_end"] = os.getloadavg()
     (dest / f"{a.name}.json").write_text(json.dumps(rec, indent=1) + "\n")
     if not a.keep:
-        for o in outs:
+        for o, r in zip(outs, rec["runs"]):
             shutil.rmtree(o, ignore_errors=True)
-    return 0 if all(r["rc"] == 0 for r in rec["runs"]) else 1
+            if r["stopped_at_seconds"]:  # (a failed run keeps its partial for --resume)
+                shutil.rmtree(o.parent / f".{o.name}.partial", ignore_errors=True)
+    return 0 if all(r["rc"] == 0 or r["stopped_at_seconds"] for r in rec["runs"]) else 1
 
 
 if __name__ == "__main__":

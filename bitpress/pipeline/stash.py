@@ -114,7 +114,7 @@ def stash_forward(block: nn.Module, groups: list[list[str]], hid: list[torch.Ten
             if reduce is not None:
                 reduce(acc)
             H = acc.H if acc.n else None
-            accs[gi] = None  # the float64 sum is freed before the solve
+            accs[gi] = acc = None  # the float64 sum is freed before the solve (both names)
             solve_group(group, H)
             del H
             done_groups.add(gi)

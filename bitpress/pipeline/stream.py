@@ -98,10 +98,9 @@ def _prefix_keys(keys: list[str], prefix: str) -> list[str]:
 
 
 def _hessian_rel_error(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor) -> float:
-    Hd = H.double()
-    E = What.double() - W.double()
-    num = ((E @ Hd) * E).sum()
-    den = ((W.double() @ Hd) * W.double()).sum()
+    from ..quant.gptq import hessian_error_terms  # chunked: no n² float64 copy of H
+
+    num, den = hessian_error_terms(W, What, H)
     return float(num / den.clamp_min(1e-300))
 
 
@@ -390,7 +389,7 @@ def stream_quantize(model: nn.Module, store: TensorStore, recipe, solve: Callabl
                                            else _weight_rel_error(W, What))
                         set_linear_weight(m, What)
                         qweights[n] = qw
-                        if H is not None:
+                        if H is not None and block_hook is not None:  # only hooks read them
                             hessians[n] = H
 
                 if stash is None and dist.world > 1:
