@@ -85,6 +85,7 @@ def prune_quantize_sweep(W: torch.Tensor, factor: Optional[HessianFactor], selec
              kg: Optional[torch.Tensor]) -> None:
         scale[g], zero[g] = _group_params(Wg.T, kg.T, Ug, bits, sym, param_dtype, clip_grid)
 
-    codes, keep = feedback_round(Wt, U, bits, torch.arange(n) // gs, scale, zero, block_size,
+    col_group = torch.arange(n, device="cpu") // gs  # host-side indices (also under a meta default device)
+    codes, keep = feedback_round(Wt, U, bits, col_group, scale, zero, block_size,
                                  group_len=gs, group_hook=hook, select=select)
     return codes, scale.T.contiguous(), zero.T.contiguous(), keep
