@@ -70,8 +70,14 @@ def read_bandwidth(reps: int = 7) -> float:
     return x.numel() * 4 / best / 1e9
 
 
+#: the cache size the weight rotation must exceed (--llc-mib overrides the sysfs figure: some
+#: VMs report the host's whole L3, hundreds of MiB, which would need GBs of copies per method)
+_LLC = {"bytes": None}
+
+
 def copies(nbytes: int) -> int:
-    return max(2, -(-3 * llc_bytes() // max(nbytes, 1)))
+    llc = _LLC["bytes"] or llc_bytes()
+    return max(2, -(-3 * llc // max(nbytes, 1)))
 
 
 def _lean(fast, slow):
@@ -158,6 +164,9 @@ def methods(out: int, inf: int, g: torch.Generator, skip: set[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--llc-mib", type=int, default=None,
+                    help="rotate weight copies over 3x this many MiB (default: the L3 size "
+                         "sysfs reports)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--methods", default=None,
                     help="comma list of method names to run (default: all)")
@@ -176,6 +185,8 @@ def main() -> None:
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results",
                                                    "kernels.json"))
     args = ap.parse_args()
+    if args.llc_mib:
+        _LLC["bytes"] = args.llc_mib << 20
     if args.threads:
         torch.set_num_threads(args.threads)
     cpu.set_isa(args.isa)

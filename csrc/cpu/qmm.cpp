@@ -310,16 +310,19 @@ void repack_sparse(uintptr_t row_ptr, uintptr_t col_idx, uintptr_t qvalues, int6
   auto* rpo = reinterpret_cast<int64_t*>(d);
   auto* mk = reinterpret_cast<uint64_t*>(d + g.off_mask);
   for (int64_t r = 0; r <= out; ++r) rpo[r] = rp[r];
-  std::memcpy(d + g.off_s, sc, size_t(nnz * ps));
-  std::memcpy(d + g.off_z, zr, size_t(nnz * ps));
   const int64_t grp = g.sub * g.rec;
   for (int64_t r = 0; r < out; ++r) {
-    for (int64_t e = rp[r]; e < rp[r + 1]; ++e) {
+    const int64_t e0 = rp[r], n = rp[r + 1] - e0;
+    uint8_t* base = d + g.off_data + e0 * g.per;  // [s n][z n][codes n]
+    std::memcpy(base, sc + e0 * ps, size_t(n * ps));
+    std::memcpy(base + n * ps, zr + e0 * ps, size_t(n * ps));
+    for (int64_t e = e0; e < e0 + n; ++e) {
       const int64_t c = ci[e];
       mk[r * g.nw + c / 64] |= uint64_t(1) << (c % 64);
       const int64_t valid = std::min<int64_t>(gs, in - c * gs);
+      uint8_t* cp = base + 2 * n * ps + (e - e0) * grp;
       for (int64_t k = 0; k < valid; ++k)
-        put_sparse_code(d + g.off_codes + e * grp, bits, k, canon_code(qv + e * words, bits, k));
+        put_sparse_code(cp, bits, k, canon_code(qv + e * words, bits, k));
     }
   }
 }
@@ -507,8 +510,7 @@ void prepare_act(ActBuf& ab, const float* x, int64_t M, int64_t in, int64_t seg,
 // int8 mode rounds a segment (same scale, same rounding) and xq, xhs are those of d * q.
 struct SpActBuf {
   SpAct a;
-  std::vector<float> xq, xs, xhs, d;
-  std::vector<int8_t> q;
+  std::vector<float> xq, xs, xhs;
 };
 
 void prepare_sparse_act(SpActBuf& sb, const float* x, int64_t M, int64_t in, int64_t gs,
@@ -518,11 +520,7 @@ void prepare_sparse_act(SpActBuf& sb, const float* x, int64_t M, int64_t in, int
   sb.xq.assign(size_t(M * a.stride), 0.f);
   sb.xs.assign(size_t(M * ng), 0.f);
   const bool i8 = mode == MODE_INT8;
-  if (i8) {
-    sb.xhs.assign(size_t(M * ng), 0.f);
-    sb.d.assign(size_t(M * ng), 0.f);
-    sb.q.assign(size_t(M * a.stride), 0);
-  }
+  if (i8) sb.xhs.assign(size_t(M * ng), 0.f);
   float pre[16];
   for (int k = 0; k < 16; ++k) pre[k] = std::ldexp(1.f, -sparse_exp(bits, k));
 #if defined(_OPENMP)
@@ -541,30 +539,19 @@ void prepare_sparse_act(SpActBuf& sb, const float* x, int64_t M, int64_t in, int
       if (i8) {
         const float dd = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
         float hs = 0.f;
-        int8_t* qr = sb.q.data() + m * a.stride;
         for (int64_t k = k0; k < k1; ++k) {  // round half away from zero, as prepare_act
           const float v = xr[k] * id;
-          const int qi = int(v + (v >= 0.f ? 0.5f : -0.5f));
-          const float xh = float(qi) * dd;
+          const float xh = float(int(v + (v >= 0.f ? 0.5f : -0.5f))) * dd;
           hs += xh;
           xq[k] = xh * pre[k % 16];
-          qr[k] = int8_t(qi);
-        }
-        // each 16 columns in the VNNI kernel's unpacking order (SP_Q4_PERM)
-        for (int64_t k = k0; k + 16 <= c * gs + gs; k += 16) {
-          int8_t t[16];
-          for (int p = 0; p < 16; ++p) t[p] = qr[k + SP_Q4_PERM[p]];
-          std::memcpy(qr + k, t, 16);
         }
         sb.xhs[size_t(m * ng + c)] = hs;
-        sb.d[size_t(m * ng + c)] = dd;
       } else {
         for (int64_t k = k0; k < k1; ++k) xq[k] = xr[k] * pre[k % 16];
       }
     }
   }
   a.xq = sb.xq.data(); a.xs = sb.xs.data(); a.xhs = i8 ? sb.xhs.data() : nullptr;
-  a.q = i8 ? sb.q.data() : nullptr; a.d = i8 ? sb.d.data() : nullptr;
 }
 
 // ---- scalar kernels ---------------------------------------------------------------------------
@@ -607,8 +594,8 @@ void dense_tile_scalar(const DenseGeom& g, const Act& a, const uint8_t* tp, int6
 void sparse_rows_scalar(const SparseGeom& g, const SpAct& a, const uint8_t* buf, int64_t r0,
                         int64_t r1, float* y, const float* bias) {
   const auto* rp = reinterpret_cast<const int64_t*>(buf);
-  const uint8_t* codes = buf + g.off_codes;
   const auto* mask = reinterpret_cast<const uint64_t*>(buf + g.off_mask);
+  const int ps = param_size(g.pkind);
   const int64_t grp = g.sub * g.rec;
   const float off = float(1 << (g.bits - 1));
   float pw[16];
@@ -616,12 +603,15 @@ void sparse_rows_scalar(const SparseGeom& g, const SpAct& a, const uint8_t* buf,
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t m = 0; m < a.M; ++m) {
       float acc = 0.f, zacc = 0.f;
-      int64_t e = rp[r];
+      const int64_t n = rp[r + 1] - rp[r];
+      const uint8_t* base = buf + g.off_data + rp[r] * g.per;
+      const uint8_t* codes = base + 2 * n * ps;
+      int64_t e = 0;  // kept group of the row
       for (int64_t w = 0; w < g.nw; ++w)
         for (uint64_t bits = mask[r * g.nw + w]; bits; bits &= bits - 1, ++e) {
           const int64_t c = w * 64 + __builtin_ctzll(bits);
-          const float s = load_param(buf + g.off_s, g.pkind, e);
-          const float z = load_param(buf + g.off_z, g.pkind, e);
+          const float s = load_param(base, g.pkind, e);
+          const float z = load_param(base + n * ps, g.pkind, e);
           const float* xq = a.xq + m * a.stride + c * g.gs;
           float t = 0.f;
           for (int64_t k = 0; k < g.gs; ++k)

@@ -31,9 +31,10 @@
 // indices and no scatter. Sections, each starting at a multiple of 64 bytes:
 //   rp     int64 [out + 1]      first kept group of each row (the BSR row_ptr), rp[out] = nnz
 //   mask   uint64 [out][nw]     bit c of row r set: column group c kept (nw = ceil(ng / 64))
-//   s, z   [nnz] + 64 bytes     scales, zeros in the source dtype, in BSR order (rows, then
-//                               ascending columns)
-//   codes  [nnz][gs / 16][rec]  a group is gs / 16 sub-blocks of 16 columns, `rec` bytes each:
+//   data   per row, at data + rp[r] * (2 ps + grp) (ps: parameter bytes, grp: code bytes of a
+//          group): the row's n scales, its n zeros (source dtype, BSR order: ascending
+//          columns), then its n groups' codes, so the kernel reads one sequential stream
+//          a group's codes: gs / 16 sub-blocks of 16 columns, `rec` bytes each:
 //            2-bit: 4 bytes, column k at bits 2k of the dword
 //            3-bit: 6 bytes, the low two bits as 2-bit, then a uint16 of the high bits (bit k)
 //            4-bit: 8 bytes, column k in dword k % 2 at bits 4 (k / 2)
@@ -79,25 +80,19 @@ struct SparseGeom {
   int64_t nw = 0;    // mask words per row
   int64_t sub = 0;   // 16-column sub-blocks per group
   int64_t rec = 0;   // code bytes per sub-block
-  int64_t off_mask = 0, off_s = 0, off_z = 0, off_codes = 0, bytes = 0;
+  int64_t per = 0;  // data bytes per kept group: 2 parameters + codes
+  int64_t off_mask = 0, off_data = 0, bytes = 0;
 };
 
 // Activations of the sparse kernels: xq [M][stride] (the pre-scaled x, or in the int8 mode
 // the pre-scaled int8-rounded x), xs [M][ng] = sum of x per group, and in the int8 mode
 // xhs [M][ng] = sum of the rounded x per group (nullptr in the exact mode, where it is xs)
-// In the int8 mode also q [M][stride] (the int8 values, each group of 16 in the order
-// SP_Q4_PERM, the order in which the VNNI kernel unpacks a 4-bit sub-block) and d [M][ng]
-// (the group's activation scale, x ~ d q).
 struct SpAct {
   int64_t M = 0, stride = 0, ng = 0;
   const float* xq = nullptr;
   const float* xs = nullptr;
   const float* xhs = nullptr;
-  const int8_t* q = nullptr;
-  const float* d = nullptr;
 };
-// column of unpacked byte p of a 4-bit sub-block: low nibbles of its 8 bytes, then the high ones
-constexpr int SP_Q4_PERM[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
 
 // Prepared activations, [M] rows of `stride` padded columns (segments of `seg`).
 //  int8 mode:  q (int8), d[m*nseg+s] = scale of segment s, b = d*off*sum(q), xs = sum(x)
@@ -216,12 +211,10 @@ inline SparseGeom make_sparse_geom(int64_t out, int64_t in, int bits, int64_t gs
   g.nw = ceil_div(g.ng, 64);
   g.sub = gs / 16;
   g.rec = sparse_rec_bytes(bits);
-  const int64_t pbytes = round_up(nnz * param_size(pkind) + 64, 64);
+  g.per = 2 * param_size(pkind) + g.sub * g.rec;
   g.off_mask = round_up(8 * (out + 1), 64);
-  g.off_s = g.off_mask + round_up(8 * out * g.nw, 64);
-  g.off_z = g.off_s + pbytes;
-  g.off_codes = g.off_z + pbytes;
-  g.bytes = g.off_codes + round_up(nnz * g.sub * g.rec + 64, 64);  // 64: loads past the end
+  g.off_data = g.off_mask + round_up(8 * out * g.nw, 64);
+  g.bytes = g.off_data + round_up(nnz * g.per + 64, 64);  // 64: vector loads past the end
   return g;
 }
 
