@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 # bench/ holds a kernels.py that would shadow the `kernels` package transformers imports
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 sys.path.insert(0, str(REPO))
-DATA = REPO.parent.parent / "shared/data/wikitext-2"
+DATA = REPO.parent / "shared/data/wikitext-2"
 
 
 def _cli(args: list[str], capture: bool = False) -> subprocess.CompletedProcess:
@@ -182,16 +181,14 @@ def main() -> int:
 
 
 def _write(a, rows) -> None:
-    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "machine": platform.processor() or platform.machine(),
-           "note": "2 shared CPU cores, heavily loaded (timings not comparable)",
-           "model": "SmolLM2-135M-Instruct (packaged Q4_1 GGUF, dequantized)",
-           "calibration": "WikiText-2 valid (per row: 'settings')",
-           "solver": "decoupleQ; per row: 'settings' (from each checkpoint's summary)",
-           "eval": f"WikiText-2 test, first {a.windows} windows x {a.seqlen} tokens",
-           "command": "python " + " ".join(sys.argv), "rows": rows}
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+    import importlib.util  # (bench/ is off sys.path here: load the sibling by its path)
+
+    spec = importlib.util.spec_from_file_location("ct_zero_rounding",
+                                                  REPO / "bench" / "ct_zero_rounding.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod._write(a, rows, calibration="WikiText-2 valid (per row: 'settings')",
+              solver="decoupleQ; per row: 'settings' (from each checkpoint's summary)")
 
 
 if __name__ == "__main__":

@@ -87,11 +87,12 @@ def main() -> int:
     return 0
 
 
-def _write(a, rows) -> None:
+def _write(a, rows, **extra) -> None:
+    """The JSON of a run (also bench/ct_integer_zeros.py's, with its ``extra`` fields)."""
     out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "machine": platform.processor() or platform.machine(),
            "note": "2 shared CPU cores, heavily loaded (timings not comparable)",
-           "model": "SmolLM2-135M-Instruct (packaged Q4_1 GGUF, dequantized)",
+           "model": "SmolLM2-135M-Instruct (packaged Q4_1 GGUF, dequantized)", **extra,
            "eval": f"WikiText-2 test, first {a.windows} windows x {a.seqlen} tokens",
            "command": "python " + " ".join(sys.argv), "rows": rows}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
