@@ -206,34 +206,20 @@ def dense_plan(args: tuple, *, n_sm: Optional[int] = None, launcher=None, loader
                                   launcher=launcher, loader=loader, ctas_per_sm=ctas_per_sm)
 
 
-def dense_plan_from_layout(p: L.GpuDense, bias: Optional[torch.Tensor], *, watch=(),
-                           n_sm: Optional[int] = None, launcher=None, loader=None,
-                           ctas_per_sm: int = 2):
-    """:func:`dense_plan` on an already repacked weight (``watch``: tensors whose in-place
-    update makes ``fast`` decline)."""
-    bits, gs, k = p.bits, p.gs, p.k
-    dev = p.qw.device
-    if n_sm is None:
-        n_sm = torch.cuda.get_device_properties(dev).multi_processor_count
-    unit_bytes = 512 + (256 if bits == 3 else 0)
-    sch = dense_schedule(p.n_tiles, p.n_chunks, n_sm, ctas_per_sm, unit_bytes)
-    launcher, loader = _defaults(dev, launcher, loader)
-    b32 = None if bias is None else bias.detach().reshape(-1).float().contiguous()
-    counters = torch.zeros(p.n_tiles, dtype=torch.int32, device=dev)
+def _bound_call(kind: str, bits: int, sk: int, k: int, n: int, dev, grid: int, ws_rows: int,
+                head: tuple, tail: tuple, tail2: tuple, changed, b32, counters, launcher,
+                loader):
+    """``fast(x)`` of a plan: the launch of the ``kind`` ("dense" / "sparse") entry point for
+    x's dtype and batch bucket (compiled at first use), with the weight's arguments bound;
+    ``None`` for an x it does not take or after an in-place change of a watched tensor.
+    ``fast.state`` holds the split-K workspace (``ws_rows`` rows per CTA per 8 batch rows)."""
     state: dict = {"ws": None, "mp": 0}
     fns: dict = {}
-    n, sk = p.n, _sz_kind(p.sz.dtype)
-    gsteps = np.int32(gs // 16 if gs < k else 1 << 30)
-    head = (_ptr(p.qw), _ptr(p.q1), _ptr(p.sz))
-    tail = (np.int32(n), np.int32(k))
-    tail2 = (gsteps, np.int32(p.n_groups), np.int32(p.n_chunks))
-    changed = _versions(watch)
-    grid = sch.ctas
     empty, kinds, nt_of, m32 = torch.empty, XKIND, NT_OF, M_I32
     bptr, cptr = _ptr(b32), _ptr(counters)
 
     def grow(mp: int) -> None:   # at most once per batch bucket over the plan's life
-        state["ws"] = torch.empty(grid * 2 * 16 * mp, dtype=torch.float32, device=dev)
+        state["ws"] = torch.empty(grid * 2 * ws_rows * mp, dtype=torch.float32, device=dev)
         state["mp"] = mp
         state["wsp"] = _ptr(state["ws"])
 
@@ -248,7 +234,7 @@ def dense_plan_from_layout(p: L.GpuDense, bias: Optional[torch.Tensor], *, watch
         nt = nt_of[m]
         fn = fns.get((xk, nt))
         if fn is None:
-            fn = fns[(xk, nt)] = loader("dense", bits, xk, sk, nt)
+            fn = fns[(xk, nt)] = loader(kind, bits, xk, sk, nt)
         if state["mp"] < 8 * nt:
             grow(8 * nt)
         y = empty(*x.shape[:-1], n, dtype=x.dtype, device=dev)
@@ -256,7 +242,32 @@ def dense_plan_from_layout(p: L.GpuDense, bias: Optional[torch.Tensor], *, watch
                  + tail + (m32[m],) + tail2)
         return y
 
-    fast.keep = (p, b32, counters, state)   # the bound buffers live as long as the plan
+    fast.state = state
+    return fast
+
+
+def dense_plan_from_layout(p: L.GpuDense, bias: Optional[torch.Tensor], *, watch=(),
+                           n_sm: Optional[int] = None, launcher=None, loader=None,
+                           ctas_per_sm: int = 2):
+    """:func:`dense_plan` on an already repacked weight (``watch``: tensors whose in-place
+    update makes ``fast`` decline)."""
+    bits, gs, k = p.bits, p.gs, p.k
+    dev = p.qw.device
+    if n_sm is None:
+        n_sm = torch.cuda.get_device_properties(dev).multi_processor_count
+    unit_bytes = 512 + (256 if bits == 3 else 0)
+    sch = dense_schedule(p.n_tiles, p.n_chunks, n_sm, ctas_per_sm, unit_bytes)
+    launcher, loader = _defaults(dev, launcher, loader)
+    b32 = None if bias is None else bias.detach().reshape(-1).float().contiguous()
+    counters = torch.zeros(p.n_tiles, dtype=torch.int32, device=dev)
+    n, sk = p.n, _sz_kind(p.sz.dtype)
+    gsteps = np.int32(gs // 16 if gs < k else 1 << 30)
+    head = (_ptr(p.qw), _ptr(p.q1), _ptr(p.sz))
+    tail = (np.int32(n), np.int32(k))
+    tail2 = (gsteps, np.int32(p.n_groups), np.int32(p.n_chunks))
+    fast = _bound_call("dense", bits, sk, k, n, dev, sch.ctas, 16, head, tail, tail2,
+                       _versions(watch), b32, counters, launcher, loader)
+    fast.keep = (p, b32, counters, fast.state)   # the bound buffers live as long as the plan
     fast.layout = p
     fast.schedule = sch
     return fast
@@ -307,43 +318,13 @@ def sparse_plan_from_layout(p: L.GpuSparse, bias: Optional[torch.Tensor], *, wat
     b32 = None if bias is None else bias.detach().reshape(-1).float().contiguous()
     n_blocks = p.block_ptr.numel() - 1
     counters = torch.zeros(max(n_blocks, 1), dtype=torch.int32, device=dev)
-    state: dict = {"ws": None, "mp": 0}
-    fns: dict = {}
     sk = _sz_kind(p.sz.dtype)
     head = (_ptr(p.qw), _ptr(p.q1), _ptr(p.sz), _ptr(p.rows), _ptr(p.cols), _ptr(p.block_ptr))
     tail = (np.int32(p.n), np.int32(k))
     tail2 = (np.int32(gs), np.int32(n_chunks), np.int32(p.n_tiles), np.int32(n_blocks))
-    changed = _versions(watch)
-    grid, n = sch.ctas, p.n
-    empty, kinds, nt_of, m32 = torch.empty, XKIND, NT_OF, M_I32
-    bptr, cptr = _ptr(b32), _ptr(counters)
-
-    def grow(mp: int) -> None:
-        state["ws"] = torch.empty(grid * 2 * L.SPARSE_ROW_BLOCK * mp, dtype=torch.float32,
-                                  device=dev)
-        state["mp"] = mp
-        state["wsp"] = _ptr(state["ws"])
-
-    def fast(x: torch.Tensor) -> Optional[torch.Tensor]:
-        xk = kinds.get(x.dtype)
-        if xk is None or x.shape[-1] != k or x.device != dev or not x.is_contiguous() \
-                or x.data_ptr() & 7 or changed():
-            return None
-        m = x.numel() // k
-        if m > MAX_M or m == 0:
-            return None
-        nt = nt_of[m]
-        fn = fns.get((xk, nt))
-        if fn is None:
-            fn = fns[(xk, nt)] = loader("sparse", bits, xk, sk, nt)
-        if state["mp"] < 8 * nt:
-            grow(8 * nt)
-        y = empty(*x.shape[:-1], n, dtype=x.dtype, device=dev)
-        launcher(fn, grid, head + (x.data_ptr(), bptr, y.data_ptr(), state["wsp"], cptr)
-                 + tail + (m32[m],) + tail2)
-        return y
-
-    fast.keep = (p, b32, counters, state)
+    fast = _bound_call("sparse", bits, sk, k, p.n, dev, sch.ctas, L.SPARSE_ROW_BLOCK, head,
+                       tail, tail2, _versions(watch), b32, counters, launcher, loader)
+    fast.keep = (p, b32, counters, fast.state)
     fast.layout = p
     fast.schedule = sch
     return fast
