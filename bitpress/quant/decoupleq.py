@@ -81,7 +81,7 @@ from ..formats import (QuantizedWeight, check_bits, check_group_size, effective_
                        integer_zero_params, integer_zero_scale, minmax_params, num_groups,
                        qrange, zero_points)
 from .gptq import (DEFAULT_CLIP_GRID, DEFAULT_DAMP, HessianFactor, _check_hessian,
-                   _check_weight, gptq_round_fixed_grid, prepare_hessian)
+                   _check_weight, checked_layer, gptq_round_fixed_grid, prepare_hessian)
 from .clip import clip_search
 from .spec import QuantSpec
 
@@ -557,18 +557,13 @@ def decoupleq_solve(W: torch.Tensor, H: Optional[torch.Tensor], spec: QuantSpec,
                     log_fn: Optional[LogFn] = None
                     ) -> tuple[QuantizedWeight, DecoupleQReport]:
     """The decoupleQ layer solver with its :class:`DecoupleQReport` (see the module doc)."""
-    if H is None:
-        raise ConfigError("decoupleQ needs the layer Hessian H = XᵀX/n (calibration data); "
-                          "use method 'rtn' for data-free quantization")
-    _check_weight(W)
+    H = checked_layer(W, H, "decoupleQ")
     out, n = W.shape
-    _check_hessian(H, n)
     opts = _options(spec)
     bits, group_size, sym = spec.bits, spec.group_size, spec.sym
     pdt = spec.torch_param_dtype
     qmin, qmax = qrange(bits)
     dev = W.device
-    H = H.to(dev)
     rep = DecoupleQReport()
     t_all = time.perf_counter()
 

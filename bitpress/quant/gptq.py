@@ -93,6 +93,17 @@ def _check_hessian(H: torch.Tensor, in_features: Optional[int] = None) -> None:
                           "e.g. a norm, holds NaN/Inf)")
 
 
+def checked_layer(W: torch.Tensor, H: Optional[torch.Tensor], solver: str) -> torch.Tensor:
+    """The layer's Hessian on W's device, after checking W and H (the preamble of every
+    Hessian-based layer solver; ``solver`` names it in the error)."""
+    if H is None:
+        raise ConfigError(f"{solver} needs the layer Hessian H = XᵀX/n (calibration data); use "
+                          "method 'rtn' for data-free quantization")
+    _check_weight(W)
+    _check_hessian(H, W.shape[1])
+    return H.to(W.device)
+
+
 def _check_weight(W: torch.Tensor) -> None:
     if not isinstance(W, torch.Tensor) or W.dim() != 2:
         shape = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
@@ -421,18 +432,13 @@ def gptq(W: torch.Tensor, H: Optional[torch.Tensor], spec: QuantSpec) -> Quantiz
     Returns a :class:`QuantizedWeight` in natural column order whose parameters are exact
     in ``spec.param_dtype``.
     """
-    if H is None:
-        raise ConfigError("GPTQ needs the layer Hessian H = XᵀX/n (calibration data); use "
-                          "method 'rtn' for data-free quantization")
-    _check_weight(W)
+    H = checked_layer(W, H, "GPTQ")
     out, n = W.shape
-    _check_hessian(H, n)
     opts = _options(spec)
     bits, group_size = spec.bits, spec.group_size
     gs = effective_group_size(group_size, n)
     ng = num_groups(group_size, n)
     dev = W.device
-    H = H.to(dev)
 
     factor = prepare_hessian(H, damp=opts["damp"], act_order=opts["act_order"])
     Wf = W.detach().to(torch.float32).clone()
