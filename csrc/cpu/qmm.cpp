@@ -313,6 +313,7 @@ void repack_sparse(uintptr_t row_ptr, uintptr_t col_idx, uintptr_t qvalues, int6
   const int64_t grp = g.sub * g.rec;
   for (int64_t r = 0; r < out; ++r) {
     const int64_t e0 = rp[r], n = rp[r + 1] - e0;
+    if (n == 0) continue;  // (an all-pruned weight may pass null parameter pointers)
     uint8_t* base = d + g.off_data + e0 * g.per;  // [s n][z n][codes n]
     std::memcpy(base, sc + e0 * ps, size_t(n * ps));
     std::memcpy(base + n * ps, zr + e0 * ps, size_t(n * ps));
