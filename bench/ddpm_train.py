@@ -61,13 +61,13 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from bitpress.cache.fid import load_fashion_mnist  # the one Fashion-MNIST loader (also used by FID)
+from bitpress.formats.checkpoint import atomic_output_dir  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "models" / "ddpm-fmnist"
 
@@ -129,10 +129,7 @@ def save_checkpoint(out: Path, ema, model, opt, sched, state: dict) -> None:
     from diffusers import DDPMPipeline
     from safetensors.torch import save_file
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-    try:
+    with atomic_output_dir(out, overwrite=True) as tmp:
         ema_cpu = copy.deepcopy(ema).cpu() if next(ema.parameters()).device.type != "cpu" else ema
         DDPMPipeline(unet=ema_cpu, scheduler=sched).save_pretrained(tmp, safe_serialization=True)
         names = [n for n, _ in model.named_parameters()]
@@ -141,16 +138,6 @@ def save_checkpoint(out: Path, ema, model, opt, sched, state: dict) -> None:
         tensors = {k: v.cpu() for k, v in tensors.items()}
         save_file(tensors, str(tmp / "train_state.safetensors"))
         (tmp / "train_state.json").write_text(json.dumps(state, indent=2) + "\n")
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def export_testbed(src: Path, dst: Path, commands: list[str] | None = None) -> dict:
@@ -198,10 +185,7 @@ def export_testbed(src: Path, dst: Path, commands: list[str] | None = None) -> d
               "params": sum(v.numel() for v in w32.values()),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     state["export"] = export
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    with atomic_output_dir(dst, overwrite=True) as tmp:
         (tmp / "unet").mkdir()
         (tmp / "scheduler").mkdir()
         save_file(w16, str(tmp / "unet" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
@@ -213,16 +197,6 @@ def export_testbed(src: Path, dst: Path, commands: list[str] | None = None) -> d
         write_checksums(tmp, files)
         for p in tmp.rglob("*"):
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
-        old = None
-        if dst.exists():
-            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-            dst.rename(old)
-        tmp.rename(dst)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return export
 
 
