@@ -1,7 +1,7 @@
 # Two entry points for a fresh clone (README): `make demo` and `make test`.
 PY ?= python3
 VENV := .venv
-EXTRAS ?= hf,solver,diffusion,dev
+EXTRAS ?= hf,diffusion,dev
 
 .PHONY: setup demo test
 setup:

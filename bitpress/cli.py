@@ -186,7 +186,8 @@ def run(args) -> int:
                            batch_size=args.calib_batch_size, block_tune=args.block_tune,
                            tune_epochs=args.tune_epochs, tune_lr=args.tune_lr,
                            tune_options=_tune_options(args), resume=args.resume,
-                           blocks=args.blocks, device=args.device)
+                           blocks=args.blocks, device=args.device,
+                           sequential=args.sequential)
         if summary.get("world_size", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
             return 0  # one report per distributed run
         print(json.dumps({k: v for k, v in summary.items()

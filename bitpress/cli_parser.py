@@ -98,6 +98,13 @@ def _add_compress(sub) -> None:
     k.add_argument("--seed", type=int, default=0, help="seed of the window positions (default 0)")
     k.add_argument("--calib-batch-size", type=int, default=8,
                    help="windows per block forward (default 8)")
+    k.add_argument("--sequential", choices=("auto", "stash", "recompute"), default="auto",
+                   help="how each linear group's inputs are made once the earlier groups "
+                        "are quantized: 'stash' runs each batch through the block once, "
+                        "paused at every group (fastest, holds the paused activations), "
+                        "'recompute' re-runs the block up to each group (~2.3x the forward "
+                        "work, least memory), 'auto' stashes when that fits in a quarter of "
+                        "the free memory. A resumed run keeps its first run's choice")
     k.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="GPTQ: quantize columns by decreasing Hessian diagonal, static groups "
                         "(default on)")

