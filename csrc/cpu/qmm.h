@@ -198,7 +198,7 @@ inline int64_t dense_seg_offset(const DenseGeom& g, int64_t s) {
 }
 
 
-inline int64_t sparse_rec_bytes(int bits) { return bits == 8 ? 16 : bits == 4 ? 8 : bits == 3 ? 6 : 4; }
+constexpr int64_t sparse_rec_bytes(int bits) { return bits == 8 ? 16 : bits == 4 ? 8 : bits == 3 ? 6 : 4; }
 
 // e(k) of the row-stream layout: column k of a 16-column sub-block is decoded as u * 2^e(k)
 inline int sparse_exp(int bits, int k) { return bits == 8 ? 0 : bits == 4 ? 4 * (k / 2) : 2 * k; }
