@@ -61,6 +61,83 @@ def _k_index(kw0, K, PF: tl.constexpr, PF_PAD: tl.constexpr, BLOCK_KW: tl.conste
     return (tl.reshape(k, (BLOCK_KW * PF_PAD,)), tl.reshape(ok, (BLOCK_KW * PF_PAD,)))
 
 
+# ---- dense: the parts both dense kernels share ---------------------------------------------------
+@triton.jit
+def _dense_program(pid_m, pid_n, pid_k, M, N, KW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Program ``(pid_m, pid_n, pid_k)``: its rows of x and outputs with their masks, the K tiles
+    ``[t0, t1)`` it reduces (split-K slice ``pid_k`` of ``SPLIT_K``) and a zeroed fp32
+    ``[BLOCK_M, BLOCK_N]`` accumulator."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_tiles = tl.cdiv(KW, BLOCK_KW)
+    per = tl.cdiv(k_tiles, SPLIT_K)
+    t0 = pid_k * per
+    return offs_m, m_mask, offs_n, n_mask, t0, tl.minimum(t0 + per, k_tiles), acc
+
+
+@triton.jit
+def _word_codes(qw_ptr, t, offs_n, n_mask, N, KW, BITS: tl.constexpr, PF: tl.constexpr,
+                PF_PAD: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """K tile ``t`` of the weight: its ``[BLOCK_KW, BLOCK_N]`` packed words, each loaded once
+    (coalesced along N), unpacked in registers to int32 codes ``[BLOCK_KW * PF_PAD, BLOCK_N]``
+    (see :func:`_unpack_tile`)."""
+    offs_kw = t * BLOCK_KW + tl.arange(0, BLOCK_KW)
+    w = tl.load(qw_ptr + offs_kw[:, None] * N + offs_n[None, :],
+                mask=(offs_kw < KW)[:, None] & n_mask[None, :], other=0)   # once per word
+    return _unpack_tile(w, BITS, PF, PF_PAD, BLOCK_KW, BLOCK_N)
+
+
+@triton.jit
+def _x_tile(x_ptr, t, offs_m, m_mask, K, stride_xm, PF: tl.constexpr, PF_PAD: tl.constexpr,
+            BLOCK_KW: tl.constexpr):
+    """K tile ``t`` of the activations, ``[BLOCK_M, BLOCK_KW * PF_PAD]`` in x's dtype, in the
+    row order of :func:`_word_codes` (padded slots and inputs past K load 0), with the input
+    index ``offs_k`` and validity ``k_ok`` of each column."""
+    offs_k, k_ok = _k_index(t * BLOCK_KW, K, PF, PF_PAD, BLOCK_KW)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                mask=m_mask[:, None] & k_ok[None, :], other=0.0)
+    return x, offs_k, k_ok
+
+
+@triton.jit
+def _tile_group_params(s_ptr, z_ptr, t, offs_n, n_mask, N, GS, PF: tl.constexpr,
+                       BLOCK_KW: tl.constexpr):
+    """``GROUP_TILE``: the one (scale, zero) per output of K tile ``t``'s group (fp32 ``[BN]``)."""
+    g = (t * BLOCK_KW * PF) // GS
+    s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    return s, z
+
+
+@triton.jit
+def _element_group_params(s_ptr, z_ptr, offs_k, k_ok, offs_n, n_mask, N, GS):
+    """Not ``GROUP_TILE``: the (scale, zero) of every element of the tile (fp32 ``[BK, BN]``)."""
+    gp = (offs_k // GS)[:, None] * N + offs_n[None, :]
+    pm = k_ok[:, None] & n_mask[None, :]
+    s = tl.load(s_ptr + gp, mask=pm, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + gp, mask=pm, other=0.0).to(tl.float32)
+    return s, z
+
+
+@triton.jit
+def _dense_store(acc, y_ptr, b_ptr, offs_m, m_mask, offs_n, n_mask, stride_ym,
+                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Store the fp32 ``[BM, BN]`` sums: (+ bias) in y's dtype, or with ``SPLIT_K > 1`` added
+    to the fp32 ``y`` with atomics (the caller adds the bias)."""
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    o_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=o_mask)
+
+
 # ---- dense: batch-1 / tiny-batch GEMV (CUDA cores, split-K) ------------------------------------
 @triton.jit
 def dense_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
@@ -79,44 +156,22 @@ def dense_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_mask = offs_n < N
-    m_mask = offs_m < M
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_tiles = tl.cdiv(KW, BLOCK_KW)
-    per = tl.cdiv(k_tiles, SPLIT_K)
-    t0 = pid_k * per
-    t1 = tl.minimum(t0 + per, k_tiles)
+    offs_m, m_mask, offs_n, n_mask, t0, t1, acc = _dense_program(
+        pid_m, pid_n, pid_k, M, N, KW, BLOCK_M, BLOCK_N, BLOCK_KW, SPLIT_K)
     for t in range(t0, t1):
-        offs_kw = t * BLOCK_KW + tl.arange(0, BLOCK_KW)
-        w = tl.load(qw_ptr + offs_kw[:, None] * N + offs_n[None, :],
-                    mask=(offs_kw < KW)[:, None] & n_mask[None, :], other=0)   # once per word
-        q = _unpack_tile(w, BITS, PF, PF_PAD, BLOCK_KW, BLOCK_N).to(tl.float32)  # [BK, BN]
-        offs_k, k_ok = _k_index(t * BLOCK_KW, K, PF, PF_PAD, BLOCK_KW)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=m_mask[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # [BM, BK]
+        q = _word_codes(qw_ptr, t, offs_n, n_mask, N, KW, BITS, PF, PF_PAD, BLOCK_KW,
+                        BLOCK_N).to(tl.float32)                                 # [BK, BN]
+        x, offs_k, k_ok = _x_tile(x_ptr, t, offs_m, m_mask, K, stride_xm, PF, PF_PAD, BLOCK_KW)
+        x = x.to(tl.float32)                                                    # [BM, BK]
         if GROUP_TILE:
-            g = (t * BLOCK_KW * PF) // GS
-            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            s, z = _tile_group_params(s_ptr, z_ptr, t, offs_n, n_mask, N, GS, PF, BLOCK_KW)
             xq = tl.sum(x[:, :, None] * q[None, :, :], axis=1)                 # [BM, BN]
             xs = tl.sum(x, axis=1)                                              # [BM]
             acc += xq * s[None, :] + xs[:, None] * z[None, :]
         else:
-            gp = (offs_k // GS)[:, None] * N + offs_n[None, :]
-            pm = k_ok[:, None] & n_mask[None, :]
-            s = tl.load(s_ptr + gp, mask=pm, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + gp, mask=pm, other=0.0).to(tl.float32)
+            s, z = _element_group_params(s_ptr, z_ptr, offs_k, k_ok, offs_n, n_mask, N, GS)
             acc += tl.sum(x[:, :, None] * (q * s + z)[None, :, :], axis=1)
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    o_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=o_mask)
-    else:
-        tl.atomic_add(y_ptrs, acc, mask=o_mask)
+    _dense_store(acc, y_ptr, b_ptr, offs_m, m_mask, offs_n, n_mask, stride_ym, SPLIT_K, HAS_BIAS)
 
 
 # ---- dense: tl.dot GEMM (tensor cores; small batches with split-K) ---------------------------
@@ -140,27 +195,13 @@ def dense_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     num_m = tl.cdiv(M, BLOCK_M)
     pid_m = pid % num_m
     pid_n = pid // num_m
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_tiles = tl.cdiv(KW, BLOCK_KW)
-    per = tl.cdiv(k_tiles, SPLIT_K)
-    t0 = pid_k * per
-    t1 = tl.minimum(t0 + per, k_tiles)
+    offs_m, m_mask, offs_n, n_mask, t0, t1, acc = _dense_program(
+        pid_m, pid_n, pid_k, M, N, KW, BLOCK_M, BLOCK_N, BLOCK_KW, SPLIT_K)
     for t in range(t0, t1):
-        offs_kw = t * BLOCK_KW + tl.arange(0, BLOCK_KW)
-        w = tl.load(qw_ptr + offs_kw[:, None] * N + offs_n[None, :],
-                    mask=(offs_kw < KW)[:, None] & n_mask[None, :], other=0)
-        q = _unpack_tile(w, BITS, PF, PF_PAD, BLOCK_KW, BLOCK_N)
-        offs_k, k_ok = _k_index(t * BLOCK_KW, K, PF, PF_PAD, BLOCK_KW)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=m_mask[:, None] & k_ok[None, :], other=0.0)
+        q = _word_codes(qw_ptr, t, offs_n, n_mask, N, KW, BITS, PF, PF_PAD, BLOCK_KW, BLOCK_N)
+        x, offs_k, k_ok = _x_tile(x_ptr, t, offs_m, m_mask, K, stride_xm, PF, PF_PAD, BLOCK_KW)
         if GROUP_TILE:
-            g = (t * BLOCK_KW * PF) // GS
-            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            s, z = _tile_group_params(s_ptr, z_ptr, t, offs_n, n_mask, N, GS, PF, BLOCK_KW)
             if DOT_F32:
                 xq = tl.dot(x.to(tl.float32), q.to(tl.float32), input_precision="ieee")
             else:
@@ -168,23 +209,31 @@ def dense_mm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
             xs = tl.sum(x.to(tl.float32), axis=1)
             acc += xq * s[None, :] + xs[:, None] * z[None, :]
         else:
-            gp = (offs_k // GS)[:, None] * N + offs_n[None, :]
-            wm = k_ok[:, None] & n_mask[None, :]
-            s = tl.load(s_ptr + gp, mask=wm, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + gp, mask=wm, other=0.0).to(tl.float32)
+            s, z = _element_group_params(s_ptr, z_ptr, offs_k, k_ok, offs_n, n_mask, N, GS)
             wf = q.to(tl.float32) * s + z
             if DOT_F32:
                 acc += tl.dot(x.to(tl.float32), wf, input_precision="ieee")
             else:
                 acc += tl.dot(x, wf.to(x.dtype))
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    o_mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=o_mask)
-    else:
-        tl.atomic_add(y_ptrs, acc, mask=o_mask)
+    _dense_store(acc, y_ptr, b_ptr, offs_m, m_mask, offs_n, n_mask, stride_ym, SPLIT_K, HAS_BIAS)
+
+
+# ---- group-sparse: the part both sparse kernels share ------------------------------------------
+@triton.jit
+def _sparse_groups(cols_ptr, qv_ptr, s_ptr, z_ptr, offs_g, gm, offs_k, k_in, sh, K, GS, WPG,
+                   BITS: tl.constexpr, PF: tl.constexpr):
+    """Kept groups ``offs_g`` (valid where ``gm``): their codes ``q [BLOCK_G, GS_PAD]`` (fp32,
+    one word gather per element), scale and zero (fp32 ``[BLOCK_G]``), and the x columns
+    ``xcol`` and mask ``xm`` the codes multiply."""
+    col = tl.load(cols_ptr + offs_g, mask=gm, other=0)
+    s = tl.load(s_ptr + offs_g, mask=gm, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + offs_g, mask=gm, other=0.0).to(tl.float32)
+    w = tl.load(qv_ptr + offs_g[:, None] * WPG + (offs_k // PF)[None, :],
+                mask=gm[:, None] & k_in[None, :], other=0)
+    q = _codes(w, sh, BITS).to(tl.float32)
+    xcol = col[:, None] * GS + offs_k[None, :]
+    xm = gm[:, None] & k_in[None, :] & (xcol < K)
+    return q, s, z, xcol, xm
 
 
 # ---- group-sparse: task-centric GEMV -------------------------------------------------------
@@ -209,14 +258,8 @@ def sparse_task_kernel(x_ptr, rows_ptr, cols_ptr, qv_ptr, s_ptr, z_ptr, y_ptr,
         offs_g = g0 + tl.arange(0, BLOCK_G)
         gm = offs_g < end
         row = tl.load(rows_ptr + offs_g, mask=gm, other=0)
-        col = tl.load(cols_ptr + offs_g, mask=gm, other=0)
-        s = tl.load(s_ptr + offs_g, mask=gm, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + offs_g, mask=gm, other=0.0).to(tl.float32)
-        w = tl.load(qv_ptr + offs_g[:, None] * WPG + (offs_k // PF)[None, :],
-                    mask=gm[:, None] & k_in[None, :], other=0)
-        q = _codes(w, sh, BITS).to(tl.float32)                                  # [BG, GS_PAD]
-        xcol = col[:, None] * GS + offs_k[None, :]
-        xm = gm[:, None] & k_in[None, :] & (xcol < K)
+        q, s, z, xcol, xm = _sparse_groups(cols_ptr, qv_ptr, s_ptr, z_ptr, offs_g, gm, offs_k,
+                                           k_in, sh, K, GS, WPG, BITS, PF)     # q [BG, GS_PAD]
         for m in range(0, M):
             x = tl.load(x_ptr + m * stride_xm + xcol, mask=xm, other=0.0).to(tl.float32)
             part = tl.sum(x * q, axis=1) * s + tl.sum(x, axis=1) * z
@@ -244,14 +287,8 @@ def sparse_row_kernel(x_ptr, rp_ptr, cols_ptr, qv_ptr, s_ptr, z_ptr, b_ptr, y_pt
     for g0 in range(lo, hi, BLOCK_G):
         offs_g = g0 + tl.arange(0, BLOCK_G)
         gm = offs_g < hi
-        col = tl.load(cols_ptr + offs_g, mask=gm, other=0)
-        s = tl.load(s_ptr + offs_g, mask=gm, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + offs_g, mask=gm, other=0.0).to(tl.float32)
-        w = tl.load(qv_ptr + offs_g[:, None] * WPG + (offs_k // PF)[None, :],
-                    mask=gm[:, None] & k_in[None, :], other=0)
-        q = _codes(w, sh, BITS).to(tl.float32)
-        xcol = col[:, None] * GS + offs_k[None, :]
-        xm = gm[:, None] & k_in[None, :] & (xcol < K)
+        q, s, z, xcol, xm = _sparse_groups(cols_ptr, qv_ptr, s_ptr, z_ptr, offs_g, gm, offs_k,
+                                           k_in, sh, K, GS, WPG, BITS, PF)
         x = tl.load(x_ptr + m * stride_xm + xcol, mask=xm, other=0.0).to(tl.float32)
         acc += tl.sum(x * q, axis=1) * s + tl.sum(x, axis=1) * z
     out = tl.sum(acc, axis=0)
