@@ -197,6 +197,87 @@ struct Split {  // the stream-K partition of `units` over gridDim.x CTAs
     }
 };
 
+// A warp's private ring of STAGES weight chunks in shared memory, filled by cp.async (L2
+// evict_first): a slot holds each lane's 16-byte A vector (`v`; W3: and its 8-byte high-bit
+// plane, `p`). The kernel's producer `issue(slot)` fetches its next chunk (if any) into the
+// slot and commits; the consumer takes the chunks in that order, item 0, 1, ...
+template <int BITS, int STAGES> struct WarpRing {
+    u32 (&v)[STAGES][32][4];
+    u32 (&p)[STAGES][32][2];
+    int lane;
+    unsigned long long pol;
+    int item;  // the consumer's next chunk
+
+    // the prologue: the first STAGES - 1 chunks in flight
+    template <class Issue> __device__ __forceinline__ void prime(Issue&& issue) const {
+#pragma unroll
+        for (int i = 0; i < STAGES - 1; ++i) issue(i);
+    }
+    // start copying chunk `unit` (qw / q1 in the layout's unit order) into `slot`
+    __device__ __forceinline__ void fetch(int slot, const u32* __restrict__ qw,
+                                          const u32* __restrict__ q1, long unit) const {
+        cp_async16(&v[slot][lane][0], qw + (unit * 32 + lane) * 4, pol);
+        if constexpr (BITS == 3) cp_async8(&p[slot][lane][0], q1 + (unit * 32 + lane) * 2);
+    }
+    // the consumer's next chunk: refill the slot STAGES - 1 items ahead, wait for the chunk's
+    // copy and read the lane's words (then `release` it once its words are used)
+    template <class Issue>
+    __device__ __forceinline__ void take(Issue&& issue, u32 (&w)[4], u32 (&hp)[2]) {
+        issue((item + STAGES - 1) % STAGES);
+        cp_wait<STAGES - 1>();
+        const int slot = item % STAGES;
+        const uint4 a = *reinterpret_cast<const uint4*>(&v[slot][lane][0]);
+        w[0] = a.x; w[1] = a.y; w[2] = a.z; w[3] = a.w;
+        hp[0] = hp[1] = 0u;
+        if constexpr (BITS == 3) {
+            const uint2 b = *reinterpret_cast<const uint2*>(&p[slot][lane][0]);
+            hp[0] = b.x; hp[1] = b.y;
+        }
+    }
+    // the consumer is done with the chunk it took (at the end of the chunk's work)
+    __device__ __forceinline__ void release() { ++item; }
+};
+// warp `warp`'s ring in the kernel's shared ring storage (`p`: one dummy warp unless W3)
+template <int BITS, int STAGES, int PW>
+__device__ __forceinline__ WarpRing<BITS, STAGES> warp_ring(
+    u32 (&v)[BP_WARPS][STAGES][32][4], u32 (&p)[PW][STAGES][32][2], int warp, int lane) {
+    return {v[warp], p[BITS == 3 ? warp : 0], lane, evict_first_policy(), 0};
+}
+
+// the D (codes times x) and X (sum of x) fragments of NT batch tiles, zeroed
+template <int NT> __device__ __forceinline__ void zero_frags(float (&d)[NT][4],
+                                                             float (&xs)[NT][4]) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) d[j][e] = xs[j][e] = 0.f;
+}
+
+// one k16 step at input k of the lane's (dequantised) A fragment against every batch tile j:
+// D[j] += A x^T and X[j] += ones x^T (inputs at or past klim read as 0)
+template <int XT, int NT>
+__device__ __forceinline__ void mma_step(const u32 (&a)[4], const u16* __restrict__ x, int M,
+                                         int K, int k, int klim, int g, int tq,
+                                         float (&d)[NT][4], float (&xs)[NT][4]) {
+    using Mg = Magic<XT>;
+    const u32 ones[4] = {Mg::ONE, Mg::ONE, Mg::ONE, Mg::ONE};
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        u32 b0, b1;
+        load_b<(NT >= 4)>(x, 8 * j + g, M, K, k, klim, tq, b0, b1);
+        mma<XT>(d[j], a, b0, b1);
+        mma<XT>(xs[j], ones, b0, b1);
+    }
+}
+
+// f(IC<0>{}) .. f(IC<STEPS - 1>{}): the k16 steps of a chunk, unrolled with S a constant
+template <int STEPS, class F> __device__ __forceinline__ void each_step(F&& f) {
+    f(IC<0>{}); f(IC<1>{}); f(IC<2>{}); f(IC<3>{});
+    if constexpr (STEPS == 8) {
+        f(IC<4>{}); f(IC<5>{}); f(IC<6>{}); f(IC<7>{});
+    }
+}
+
 // write rows [row0, row0 + nrows) of y from an fp32 [rows][MP] tile in shared memory
 template <int XT, int MP>
 __device__ __forceinline__ void store_rows(const float* tsum, int row0, int nrows,
@@ -261,8 +342,8 @@ __device__ __forceinline__ void dense_kernel(const u32* __restrict__ qw,
     constexpr int STEPS = BITS == 4 ? 4 : 8;
     constexpr int STAGES = NT == 8 ? 3 : 4;
     constexpr int MP = 8 * NT;
-    __shared__ __align__(16) u32 ring[BP_WARPS][STAGES][32][4];
-    __shared__ __align__(16) u32 ring1[BITS == 3 ? BP_WARPS : 1][STAGES][32][2];
+    __shared__ __align__(16) u32 ring_v[BP_WARPS][STAGES][32][4];
+    __shared__ __align__(16) u32 ring_p[BITS == 3 ? BP_WARPS : 1][STAGES][32][2];
     __shared__ float tsum[16 * MP];
     __shared__ int s_last;
 
@@ -272,7 +353,7 @@ __device__ __forceinline__ void dense_kernel(const u32* __restrict__ qw,
     const int u0 = sp.lo(blockIdx.x), u1 = sp.hi(blockIdx.x);
     if (u1 <= u0) return;
     const int t_first = u0 / nc, t_last = (u1 - 1) / nc;
-    const unsigned long long pol = evict_first_policy();
+    auto ring = warp_ring<BITS>(ring_v, ring_p, warp, lane);
     auto lo = [&](int t) { return max(u0, t * nc) - t * nc; };
     auto hi = [&](int t) { return min(u1, (t + 1) * nc) - t * nc; };
 
@@ -287,20 +368,14 @@ __device__ __forceinline__ void dense_kernel(const u32* __restrict__ qw,
     norm();
     auto issue = [&](int slot) {
         if (pt <= t_last) {
-            const long unit = (long)pt * nc + pc;
-            cp_async16(&ring[warp][slot][lane][0], qw + (unit * 32 + lane) * 4, pol);
-            if constexpr (BITS == 3) cp_async8(&ring1[warp][slot][lane][0], q1 + (unit * 32 + lane) * 2);
+            ring.fetch(slot, qw, q1, (long)pt * nc + pc);
             pc += BP_WARPS;
             norm();
         }
         cp_commit();
     };
-#pragma unroll
-    for (int i = 0; i < STAGES - 1; ++i) issue(i);
+    ring.prime(issue);
 
-    using Mg = Magic<XT>;
-    const u32 ones[4] = {Mg::ONE, Mg::ONE, Mg::ONE, Mg::ONE};
-    int item = 0;
     for (int t = t_first; t <= t_last; ++t) {
         float acc[NT][4];
 #pragma unroll
@@ -308,37 +383,18 @@ __device__ __forceinline__ void dense_kernel(const u32* __restrict__ qw,
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
         const int c0 = lo(t), c1 = hi(t);
-        for (int c = c0 + warp; c < c1; c += BP_WARPS, ++item) {
-            issue((item + STAGES - 1) % STAGES);
-            cp_wait<STAGES - 1>();
-            const int slot = item % STAGES;
-            u32 v[4], p[2] = {0u, 0u};
-            {
-                const uint4 w = *reinterpret_cast<const uint4*>(&ring[warp][slot][lane][0]);
-                v[0] = w.x; v[1] = w.y; v[2] = w.z; v[3] = w.w;
-                if constexpr (BITS == 3) {
-                    const uint2 w1 = *reinterpret_cast<const uint2*>(&ring1[warp][slot][lane][0]);
-                    p[0] = w1.x; p[1] = w1.y;
-                }
-            }
+        for (int c = c0 + warp; c < c1; c += BP_WARPS, ring.release()) {
+            u32 v[4], p[2];
+            ring.take(issue, v, p);
             float d[NT][4], xs[NT][4];
-#pragma unroll
-            for (int j = 0; j < NT; ++j)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) d[j][e] = xs[j][e] = 0.f;
+            zero_frags(d, xs);
             const int kstep0 = c * STEPS;
-            auto step = [&](auto S_) {
+            each_step<STEPS>([&](auto S_) {
                 constexpr int S = decltype(S_)::value;
                 u32 a[4];
                 dequant<BITS, XT, S>(v, p, a);
-                const int kstep = kstep0 + S, k = kstep * 16;
-#pragma unroll
-                for (int j = 0; j < NT; ++j) {
-                    u32 b0, b1;
-                    load_b<(NT >= 4)>(x, 8 * j + g, M, K, k, K, tq, b0, b1);
-                    mma<XT>(d[j], a, b0, b1);
-                    mma<XT>(xs[j], ones, b0, b1);
-                }
+                const int kstep = kstep0 + S;
+                mma_step<XT>(a, x, M, K, kstep * 16, K, g, tq, d, xs);
                 const int grp = kstep / gsteps;
                 if (S == STEPS - 1 || (kstep + 1) / gsteps != grp) {
                     const int gg = min(grp, n_groups - 1);
@@ -356,11 +412,7 @@ __device__ __forceinline__ void dense_kernel(const u32* __restrict__ qw,
                         for (int e = 0; e < 4; ++e) d[j][e] = xs[j][e] = 0.f;
                     }
                 }
-            };
-            step(IC<0>{}); step(IC<1>{}); step(IC<2>{}); step(IC<3>{});
-            if constexpr (STEPS == 8) {
-                step(IC<4>{}); step(IC<5>{}); step(IC<6>{}); step(IC<7>{});
-            }
+            });
         }
         // warp sums into shared memory, in warp order (deterministic)
         for (int i = threadIdx.x; i < 16 * MP; i += BP_THREADS) tsum[i] = 0.f;
@@ -404,8 +456,8 @@ __device__ __forceinline__ void sparse_kernel(const u32* __restrict__ qw,
     constexpr int CH = STEPS * 16;
     constexpr int STAGES = NT == 8 ? 2 : 4;
     constexpr int MP = 8 * NT;
-    __shared__ __align__(16) u32 ring[BP_WARPS][STAGES][32][4];
-    __shared__ __align__(16) u32 ring1[BITS == 3 ? BP_WARPS : 1][STAGES][32][2];
+    __shared__ __align__(16) u32 ring_v[BP_WARPS][STAGES][32][4];
+    __shared__ __align__(16) u32 ring_p[BITS == 3 ? BP_WARPS : 1][STAGES][32][2];
     __shared__ float bsum[BP_ROW_BLOCK * MP];
     __shared__ int s_last;
 
@@ -434,7 +486,7 @@ __device__ __forceinline__ void sparse_kernel(const u32* __restrict__ qw,
     const int b_first = block_of(t0), b_last = block_of(t1 - 1);
     auto blo = [&](int b) { return max(t0, __ldg(block_ptr + b)); };
     auto bhi = [&](int b) { return min(t1, __ldg(block_ptr + b + 1)); };
-    const unsigned long long pol = evict_first_policy();
+    auto ring = warp_ring<BITS>(ring_v, ring_p, warp, lane);
 
     // producer cursor over (block, tile, chunk): this warp's tiles are lo + warp + 8i
     int pb = b_first, ptile = blo(b_first) + warp, pc = 0;
@@ -447,9 +499,7 @@ __device__ __forceinline__ void sparse_kernel(const u32* __restrict__ qw,
     norm();
     auto issue = [&](int slot) {
         if (pb <= b_last) {
-            const long unit = (long)ptile * n_chunks + pc;
-            cp_async16(&ring[warp][slot][lane][0], qw + (unit * 32 + lane) * 4, pol);
-            if constexpr (BITS == 3) cp_async8(&ring1[warp][slot][lane][0], q1 + (unit * 32 + lane) * 2);
+            ring.fetch(slot, qw, q1, (long)ptile * n_chunks + pc);
             if (++pc == n_chunks) {
                 pc = 0;
                 ptile += BP_WARPS;
@@ -458,12 +508,8 @@ __device__ __forceinline__ void sparse_kernel(const u32* __restrict__ qw,
         }
         cp_commit();
     };
-#pragma unroll
-    for (int i = 0; i < STAGES - 1; ++i) issue(i);
+    ring.prime(issue);
 
-    using Mg = Magic<XT>;
-    const u32 ones[4] = {Mg::ONE, Mg::ONE, Mg::ONE, Mg::ONE};
-    int item = 0;
     for (int b = b_first; b <= b_last; ++b) {
         const int lo_t = blo(b), hi_t = bhi(b);
         if (lo_t >= hi_t) continue;  // uniform across the CTA
@@ -474,44 +520,20 @@ __device__ __forceinline__ void sparse_kernel(const u32* __restrict__ qw,
         for (int round0 = lo_t; round0 < hi_t; round0 += BP_WARPS) {
             const int tile = round0 + warp;
             float d[NT][4], xs[NT][4];
-#pragma unroll
-            for (int j = 0; j < NT; ++j)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) d[j][e] = xs[j][e] = 0.f;
+            zero_frags(d, xs);
             int r0 = -1, r1 = -1;
             if (tile < hi_t) {
                 const int base = __ldg(cols + tile) * gs, klim = min(base + gs, K);
-                for (int c = 0; c < n_chunks; ++c, ++item) {
-                    issue((item + STAGES - 1) % STAGES);
-                    cp_wait<STAGES - 1>();
-                    const int slot = item % STAGES;
-                    u32 v[4], p[2] = {0u, 0u};
-                    {
-                        const uint4 w = *reinterpret_cast<const uint4*>(&ring[warp][slot][lane][0]);
-                        v[0] = w.x; v[1] = w.y; v[2] = w.z; v[3] = w.w;
-                        if constexpr (BITS == 3) {
-                            const uint2 w1 =
-                                *reinterpret_cast<const uint2*>(&ring1[warp][slot][lane][0]);
-                            p[0] = w1.x; p[1] = w1.y;
-                        }
-                    }
+                for (int c = 0; c < n_chunks; ++c, ring.release()) {
+                    u32 v[4], p[2];
+                    ring.take(issue, v, p);
                     const int kc = base + c * CH;
-                    auto step = [&](auto S_) {
+                    each_step<STEPS>([&](auto S_) {
                         constexpr int S = decltype(S_)::value;
                         u32 a[4];
                         dequant<BITS, XT, S>(v, p, a);
-#pragma unroll
-                        for (int j = 0; j < NT; ++j) {
-                            u32 b0, b1;
-                            load_b<(NT >= 4)>(x, 8 * j + g, M, K, kc + 16 * S, klim, tq, b0, b1);
-                            mma<XT>(d[j], a, b0, b1);
-                            mma<XT>(xs[j], ones, b0, b1);
-                        }
-                    };
-                    step(IC<0>{}); step(IC<1>{}); step(IC<2>{}); step(IC<3>{});
-                    if constexpr (STEPS == 8) {
-                        step(IC<4>{}); step(IC<5>{}); step(IC<6>{}); step(IC<7>{});
-                    }
+                        mma_step<XT>(a, x, M, K, kc + 16 * S, klim, g, tq, d, xs);
+                    });
                 }
                 float s0, z0, s1, z1;
                 load_sz<ST>(sz, (long)tile * 16 + g, s0, z0);
