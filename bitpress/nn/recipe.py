@@ -27,12 +27,11 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..formats import (QuantizedWeight, check_bits, check_group_size, check_integer_zeros,
-                       magnitude_keep_mask, quantize_rtn)
+from ..formats import QuantizedWeight, magnitude_keep_mask, quantize_rtn
+from ..quant.spec import PARAM_DTYPES, check_grid_fields
 from .modules import GroupSparseLinear, QuantLinear, _linear_weight
 
 DEFAULT_IGNORE = ["lm_head", "*embed*", "*wte", "*wpe"]
-_PARAM_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -52,25 +51,15 @@ class Recipe:
     integer_zeros: bool = False
 
     def __post_init__(self) -> None:
-        check_bits(self.bits)
-        check_group_size(self.group_size)
-        if self.param_dtype not in _PARAM_DTYPES:
-            raise ConfigError(f"param_dtype {self.param_dtype!r} not supported; choose one of "
-                              f"{sorted(_PARAM_DTYPES)}")
-        if self.sparsity is not None:
-            if not (0.0 <= self.sparsity < 1.0):
-                raise ConfigError(f"sparsity must lie in [0, 1), got {self.sparsity}")
-            if self.group_size == -1:
-                raise ConfigError("group sparsity needs a group size (got per-channel)")
+        check_grid_fields(self.bits, self.group_size, self.sym, self.param_dtype, self.sparsity,
+                          self.integer_zeros)
+        if self.sparsity is not None and self.group_size == -1:
+            raise ConfigError("group sparsity needs a group size (got per-channel)")
         if not isinstance(self.sparsity_rules, dict):
             raise ConfigError(f"sparsity_rules must map module patterns to sparsities, got "
                               f"{self.sparsity_rules!r}")
         if self.sparsity_rules and not self.sparse:
             raise ConfigError("sparsity_rules need a group-sparse recipe (a base sparsity > 0)")
-        if not isinstance(self.integer_zeros, bool):
-            raise ConfigError(f"integer_zeros must be true or false, got {self.integer_zeros!r}")
-        if self.integer_zeros and not self.sym:
-            check_integer_zeros(self.bits, self.torch_param_dtype)
         for pat, v in self.sparsity_rules.items():
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
                 raise ConfigError(f"sparsity rule {pat!r}: sparsity must lie in [0, 1), got {v!r}")
@@ -86,7 +75,7 @@ class Recipe:
 
     @property
     def torch_param_dtype(self) -> torch.dtype:
-        return _PARAM_DTYPES[self.param_dtype]
+        return PARAM_DTYPES[self.param_dtype]
 
     @property
     def sparse(self) -> bool:

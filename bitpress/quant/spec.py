@@ -15,7 +15,24 @@ import torch
 from ..errors import ConfigError
 from ..formats import check_bits, check_group_size, check_integer_zeros
 
-_PARAM_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+PARAM_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def check_grid_fields(bits: int, group_size: int, sym: bool, param_dtype: str,
+                      sparsity: Optional[float], integer_zeros: bool) -> None:
+    """The checks a :class:`QuantSpec` and a :class:`bitpress.nn.Recipe` share: bits, group
+    size, parameter dtype, sparsity in [0, 1), integer zeros representable."""
+    check_bits(bits)
+    check_group_size(group_size)
+    if param_dtype not in PARAM_DTYPES:
+        raise ConfigError(f"param_dtype {param_dtype!r} not supported; choose one of "
+                          f"{sorted(PARAM_DTYPES)}")
+    if sparsity is not None and not (0.0 <= sparsity < 1.0):
+        raise ConfigError(f"sparsity must lie in [0, 1), got {sparsity}")
+    if not isinstance(integer_zeros, bool):
+        raise ConfigError(f"integer_zeros must be true or false, got {integer_zeros!r}")
+    if integer_zeros and not sym:
+        check_integer_zeros(bits, PARAM_DTYPES[param_dtype])
 
 
 @dataclass
@@ -29,21 +46,12 @@ class QuantSpec:
     integer_zeros: bool = False    # zero = -zp·scale with integer zp in the code range
 
     def __post_init__(self) -> None:
-        check_bits(self.bits)
-        check_group_size(self.group_size)
-        if self.param_dtype not in _PARAM_DTYPES:
-            raise ConfigError(f"param dtype {self.param_dtype!r} not supported; choose one of "
-                              f"{sorted(_PARAM_DTYPES)}")
-        if self.sparsity is not None and not (0.0 <= self.sparsity < 1.0):
-            raise ConfigError(f"sparsity must lie in [0, 1), got {self.sparsity}")
-        if not isinstance(self.integer_zeros, bool):
-            raise ConfigError(f"integer_zeros must be true or false, got {self.integer_zeros!r}")
-        if self.integer_zeros and not self.sym:
-            check_integer_zeros(self.bits, self.torch_param_dtype)
+        check_grid_fields(self.bits, self.group_size, self.sym, self.param_dtype, self.sparsity,
+                          self.integer_zeros)
 
     @property
     def torch_param_dtype(self) -> torch.dtype:
-        return _PARAM_DTYPES[self.param_dtype]
+        return PARAM_DTYPES[self.param_dtype]
 
 
 class Options:
