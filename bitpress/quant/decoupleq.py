@@ -81,7 +81,8 @@ from ..formats import (QuantizedWeight, check_bits, check_group_size, effective_
                        integer_zero_params, integer_zero_scale, minmax_params, num_groups,
                        qrange, zero_points)
 from .gptq import (DEFAULT_CLIP_GRID, DEFAULT_DAMP, HessianFactor, _check_hessian,
-                   _check_weight, checked_layer, gptq_round_fixed_grid, prepare_hessian)
+                   _check_weight, _symmetrize_, checked_layer, gptq_round_fixed_grid,
+                   prepare_hessian)
 from .clip import clip_search
 from .spec import QuantSpec
 
@@ -188,7 +189,9 @@ def grouped_normal_pieces(obj: Any, W: torch.Tensor, H: torch.Tensor, group_size
     obj.N = N = G * gs
     pad = N - n
     Hd = H.detach().to(torch.float64)
-    Hd = (Hd + Hd.T) * 0.5
+    if Hd is H or Hd.data_ptr() == H.data_ptr():
+        Hd = Hd.clone()  # a float64 H: symmetrised on a copy, the caller's is left as given
+    _symmetrize_(Hd)  # (Hd + Hdᵀ)/2 in place, tile by tile: the same numbers, no n² temporaries
     obj.Hp = torch.nn.functional.pad(Hd, (0, pad, 0, pad)) if pad else Hd
     obj.B = obj.Hp.view(N, G, gs).sum(-1)
     obj.Zz = obj.B.view(G, gs, G).sum(1)
