@@ -286,3 +286,23 @@ def test_registered_and_options() -> None:
     a = decoupleq(W, H, QuantSpec(bits=3, group_size=32, options={"row_chunk": 3}))
     b = decoupleq(W, H, QuantSpec(bits=3, group_size=32))
     torch.testing.assert_close(row_loss(W, a, H), row_loss(W, b, H), rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_normal_pieces_symmetrise_in_place_and_leave_h_alone(dtype):
+    """``Hp`` is (H + Hᵀ)/2 bit for bit (made tile by tile in place), and a float64 ``H`` the
+    caller passes is not modified."""
+    from types import SimpleNamespace
+
+    from bitpress.quant.decoupleq import grouped_normal_pieces
+
+    g = torch.Generator().manual_seed(3)
+    n = 2100  # more than one 2048-wide tile
+    H = torch.randn(n, n, generator=g, dtype=dtype)
+    before = H.clone()
+    obj = SimpleNamespace()
+    grouped_normal_pieces(obj, torch.randn(8, n, generator=g), H, 64)
+    Hd = before.double()
+    want = (Hd + Hd.T) * 0.5
+    assert torch.equal(obj.Hp[:n, :n], want)
+    assert torch.equal(H, before)
