@@ -178,10 +178,11 @@ def _tiny(dtype: Optional[torch.dtype]) -> float:
 
 def grouped_normal_pieces(obj: Any, W: torch.Tensor, H: torch.Tensor, group_size: int) -> None:
     """Set on ``obj`` the layer-wide pieces of the per-row least-squares problems over the
-    group parameters (used by decoupleQ's float step and GQSA's masked refit): ``W`` and the
-    symmetrised ``H`` padded to ``N = G·gs`` columns in float64 (``Wp``, ``Hp``), the group
-    sums ``B = H E`` [N, G] and ``Zz = Eᵀ H E`` [G, G], ``WH = W H`` [out, N], ``c = wᵀHw``
-    [out] and ``bz = W H E`` [out, G]; plus ``out, n, gs, G, N``."""
+    group parameters (used by decoupleQ's float step and GQSA's masked refit): the
+    symmetrised ``H`` padded to ``N = G·gs`` columns in float64 (``Hp``), the group sums
+    ``B = H E`` [N, G] and ``Zz = Eᵀ H E`` [G, G], ``WH = W H`` [out, N], ``c = wᵀHw`` [out]
+    and ``bz = W H E`` [out, G] (``W`` padded to float64 only while these are made); plus
+    ``out, n, gs, G, N``."""
     out, n = W.shape
     obj.out, obj.n = out, n
     obj.gs = gs = effective_group_size(group_size, n)
@@ -195,10 +196,10 @@ def grouped_normal_pieces(obj: Any, W: torch.Tensor, H: torch.Tensor, group_size
     obj.Hp = torch.nn.functional.pad(Hd, (0, pad, 0, pad)) if pad else Hd
     obj.B = obj.Hp.view(N, G, gs).sum(-1)
     obj.Zz = obj.B.view(G, gs, G).sum(1)
-    Wp = W.detach().to(torch.float64)
-    obj.Wp = torch.nn.functional.pad(Wp, (0, pad)) if pad else Wp
-    obj.WH = obj.Wp @ obj.Hp
-    obj.c = (obj.Wp * obj.WH).sum(1)
+    Wp = W.detach().to(torch.float64)  # [out, N] float64: made for WH and c, then dropped
+    Wp = torch.nn.functional.pad(Wp, (0, pad)) if pad else Wp
+    obj.WH = Wp @ obj.Hp
+    obj.c = (Wp * obj.WH).sum(1)
     obj.bz = obj.WH.view(out, G, gs).sum(-1)
 
 
@@ -526,7 +527,8 @@ def _clip_search_grid(Wz: torch.Tensor, P: _Problem, bits: int, sym: bool,
         hi = lo + s1 * (qmax - qmin)
     tiny = torch.finfo(torch.float16).tiny if param_dtype == torch.float16 else 1e-12
     floor = max(tiny, 1e-8)
-    Wg = P.Wp.to(torch.float32).view(out, G, gs)
+    Wg = (torch.nn.functional.pad(Wz.float(), (0, P.N - n)) if P.N > n else Wz.float()
+          ).view(out, G, gs)
     ar = torch.arange(G, device=P.Hp.device)
     Hb = P.Hp.view(G, gs, G, gs)[ar, :, ar, :].to(torch.float32)        # [G, gs, gs]
 
