@@ -117,6 +117,22 @@ def test_fused_falls_back_for_autograd_reference_and_other_dtypes():
         assert m.k_proj.__dict__["_fused"].fused() is None
 
 
+def _check_mode_and_impl_reroute(q, x, y0):
+    """A bound kernel plan follows the activation mode and a forced implementation: the
+    ``exact`` mode is F.linear over the dequantised weight, back in the previous mode the
+    plan gives ``y0`` again, and the reference implementation is F.linear."""
+    prev = cpu.get_act_mode()
+    try:
+        cpu.set_act_mode("exact")
+        torch.testing.assert_close(q(x), nn.functional.linear(x, q.dequantize(), q.bias),
+                                   rtol=1e-5, atol=1e-5)
+    finally:
+        cpu.set_act_mode(prev)
+    assert torch.equal(q(x), y0)
+    with use_impl("reference"):
+        torch.testing.assert_close(q(x), nn.functional.linear(x, q.dequantize(), q.bias))
+
+
 def test_fast_path_revalidates():
     """The bound kernel plan of a module: same numbers as the regular path; mode, forced
     implementation, in-place updates and replaced buffers all re-route the call."""
@@ -128,16 +144,7 @@ def test_fast_path_revalidates():
         assert "_fast" in q.__dict__
         assert torch.equal(q(x), cpu.dense_qmm_cpu(x, q.qweight, q.scales, q.zeros, q.bias, 2,
                                                     64, 128))
-        prev = cpu.get_act_mode()
-        try:
-            cpu.set_act_mode("exact")
-            torch.testing.assert_close(q(x), nn.functional.linear(x, q.dequantize(), q.bias),
-                                       rtol=1e-5, atol=1e-5)
-        finally:
-            cpu.set_act_mode(prev)
-        assert torch.equal(q(x), y0)
-        with use_impl("reference"):
-            torch.testing.assert_close(q(x), nn.functional.linear(x, q.dequantize(), q.bias))
+        _check_mode_and_impl_reroute(q, x, y0)
         q.zeros.add_(0.01)
         torch.testing.assert_close(q(x), cpu.dense_qmm_cpu(x, q.qweight, q.scales, q.zeros,
                                                            q.bias, 2, 64, 128))
@@ -162,16 +169,7 @@ def test_sparse_fast_path_revalidates(bits):
         y0 = q(x)
         assert "_fast" in q.__dict__
         assert torch.equal(y0, cpu.sparse_qmm_cpu(x, *args()))
-        prev = cpu.get_act_mode()
-        try:
-            cpu.set_act_mode("exact")
-            torch.testing.assert_close(q(x), nn.functional.linear(x, q.dequantize(), q.bias),
-                                       rtol=1e-5, atol=1e-5)
-        finally:
-            cpu.set_act_mode(prev)
-        assert torch.equal(q(x), y0)
-        with use_impl("reference"):
-            torch.testing.assert_close(q(x), nn.functional.linear(x, q.dequantize(), q.bias))
+        _check_mode_and_impl_reroute(q, x, y0)
         q.zeros.add_(0.01)
         torch.testing.assert_close(q(x), cpu.sparse_qmm_cpu(x, *args()))
         q.bias = torch.zeros(44)
