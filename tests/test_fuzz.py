@@ -10,6 +10,7 @@ against an AddressSanitizer + UBSan build of the extension.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -290,6 +291,23 @@ def _bound(mode, bits, isa, x, codes, scale, gs_eff):
     return cpu.int8_error_bound(x, codes, scale, gs_eff)
 
 
+@contextlib.contextmanager
+def _kernel_settings(isa: str, threads: int, split_tiny: bool):
+    """The block runs on ``isa`` with ``threads`` threads (the module's fixture restores the
+    count after the test); ``split_tiny``: the packed kernels split even the tiniest weight
+    across the threads (a minimum work of 1 instead of the default 65536)."""
+    cpu.set_isa(isa)
+    torch.set_num_threads(threads)
+    if split_tiny:
+        cpu._C.qmm_set_min_work(1)
+    try:
+        yield
+    finally:
+        if split_tiny:
+            cpu._C.qmm_set_min_work(65536)
+        cpu.set_isa("auto")
+
+
 KERNEL = dict(bits=st.sampled_from([2, 3, 4]), gs=GROUPS, out=st.integers(1, 40),
               inf=st.integers(1, 600), batch=st.integers(1, 9),
               isa=st.sampled_from(ISAS), mode=st.sampled_from(["exact", "int8", "lut", "lut63",
@@ -311,14 +329,8 @@ def test_dense_qmm_matches_reference(bits, gs, out, inf, batch, isa, mode, x_dty
     x = torch.randn(batch, inf, generator=g).to(x_dtype)
     b = torch.randn(out, generator=g) if bias else None
     args = (x, p["qweight"], p["scales"], p["zeros"], b, bits, gs_eff, inf)
-    cpu.set_isa(isa)
-    torch.set_num_threads(threads)
-    cpu._C.qmm_set_min_work(1)
-    try:
+    with _kernel_settings(isa, threads, split_tiny=True):
         y = cpu.dense_qmm_cpu(*args, mode=mode)
-    finally:
-        cpu._C.qmm_set_min_work(65536)
-        cpu.set_isa("auto")
     ref = reference.dense_qmm_ref(*args)
     w = reference.dense_weight(p["qweight"], p["scales"], p["zeros"], bits, gs_eff, inf)
     mag = x.float().abs() @ w.abs().t()
@@ -349,14 +361,8 @@ def test_sparse_qmm_matches_reference(bits, gs, out, inf, batch, isa, mode, x_dt
     b = torch.randn(out, generator=g) if bias else None
     args = (x, p["row_ptr"], p["col_idx"], p["qvalues"], p["scales"], p["zeros"], b, bits, gs,
             inf)
-    cpu.set_isa(isa)
-    torch.set_num_threads(threads)
-    cpu._C.qmm_set_min_work(1)
-    try:
+    with _kernel_settings(isa, threads, split_tiny=True):
         y = cpu.sparse_qmm_cpu(*args, mode=mode)
-    finally:
-        cpu._C.qmm_set_min_work(65536)
-        cpu.set_isa("auto")
     ref = reference.sparse_qmm_ref(*args)
     w = reference.sparse_weight(*args[1:6], bits, gs, inf)
     mag = x.float().abs() @ w.abs().t()
@@ -377,12 +383,8 @@ def test_half_linear_matches_fp32_linear(out, inf, batch, wdtype, x_dtype, isa, 
     w = torch.randn(out, inf, generator=g).to(wdtype)
     x = torch.randn(batch, inf, generator=g).to(x_dtype)
     b = torch.randn(out, generator=g) if bias else None
-    cpu.set_isa(isa)
-    torch.set_num_threads(threads)
-    try:
+    with _kernel_settings(isa, threads, split_tiny=False):
         y = cpu.half_linear_cpu(x, w, b)
-    finally:
-        cpu.set_isa("auto")
     ref = torch.nn.functional.linear(x.float(), w.float(), b).to(x_dtype)
     mag = x.float().abs() @ w.float().abs().t()
     _tol(y, ref, mag, 0.0, x_dtype)
