@@ -3,6 +3,7 @@
 as a downloaded model without any network access."""
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -83,15 +84,33 @@ def tiny_qwen2_dir(tmp_path_factory):
     return build_tiny(tmp_path_factory, "qwen2")
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to ``n`` in the block, the previous one after it."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from threads, and on a busy machine the thread pool's
     synchronisation makes each forward many times slower: modules that use this run
     single-threaded (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture
+def one_thread_per_test():
+    """``one_thread`` for modules whose tests raise the thread count on purpose (the CPU
+    kernels' thread sweeps): every test starts single-threaded, whatever the one before
+    it set (``pytestmark = pytest.mark.usefixtures("one_thread_per_test")``)."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture

@@ -26,14 +26,9 @@ cpu = pytest.importorskip("bitpress.kernels.cpu", reason="bitpress._C CPU kernel
 ISAS = cpu.available_isas()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the kernels' results do not depend on the thread count (the sparse tests vary it on
-    # purpose); one thread keeps this file fast on a small shared machine
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+# the kernels' results do not depend on the thread count (the sparse tests vary it on
+# purpose); one thread keeps this file fast on a small shared machine
+pytestmark = pytest.mark.usefixtures("one_thread_per_test")
 
 
 @pytest.fixture(params=ISAS)

@@ -38,12 +38,7 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
 GROUPS = st.sampled_from([16 * k for k in range(1, 17)] + [-1])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread_per_test")
 
 
 def _gen(seed: int) -> torch.Generator:
