@@ -84,6 +84,51 @@ def tiny_qwen2_dir(tmp_path_factory):
     return build_tiny(tmp_path_factory, "qwen2")
 
 
+def tiny_unet(seed: int = 0, skip: bool = False, layers: int = 1):
+    """A random three-level diffusers ``UNet2DModel`` on 16 x 16 images with attention at the
+    lowest level; ``skip``: score-sde style skip-sample blocks (the output of an up block is
+    a tuple; they hard-code RGB and 32 groups)."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    if skip:
+        down = ("SkipDownBlock2D", "SkipDownBlock2D", "AttnSkipDownBlock2D")
+        up = ("AttnSkipUpBlock2D", "SkipUpBlock2D", "SkipUpBlock2D")
+    else:
+        down = ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D")
+        up = ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D")
+    ch, io = ((32, 32, 32), 3) if skip else ((8, 16, 16), 1)
+    m = UNet2DModel(sample_size=16, in_channels=io, out_channels=io, block_out_channels=ch,
+                    layers_per_block=layers, down_block_types=down, up_block_types=up,
+                    norm_num_groups=4, attention_head_dim=8)
+    return m.eval()
+
+
+def tiny_plain_unet(sample_size: int = 8, seed: int = 0):
+    """A random two-level diffusers ``UNet2DModel`` (one channel, widths 8 and 16, no
+    attention): the smallest U-Net the cache passes run on."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=sample_size, in_channels=1, out_channels=1,
+                       block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
+
+
+def tiny_cond_unet(seed: int = 0):
+    """A random text-conditioned diffusers ``UNet2DConditionModel`` (8 x 8 latents of 4
+    channels, cross-attention over 12-wide encoder states)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    m = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                             layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12,
+                             norm_num_groups=4, attention_head_dim=4)
+    return m.eval()
+
+
 @contextlib.contextmanager
 def torch_threads(n: int):
     """torch's intra-op thread count set to ``n`` in the block, the previous one after it."""

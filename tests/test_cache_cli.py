@@ -9,12 +9,13 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffusers import DDPMScheduler, UNet2DModel  # noqa: E402
+from diffusers import DDPMScheduler  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bitpress.cache.cli import image_grid  # noqa: E402
 from bitpress.cache.quant import DEFAULT_FLOAT_LAYERS  # noqa: E402
 from bitpress.cli import main  # noqa: E402
+from conftest import tiny_plain_unet  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,11 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def pipe_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("ddpm")
-    torch.manual_seed(0)
-    UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4
-                ).save_pretrained(d / "unet")
+    tiny_plain_unet(sample_size=16).save_pretrained(d / "unet")
     DDPMScheduler(num_train_timesteps=100).save_pretrained(d / "scheduler")
     return d
 

@@ -8,6 +8,7 @@ import torch
 
 from bitpress.cache.dec import CacheCorrection, fit_cache_correction, fit_channel_affine
 from bitpress.errors import ConfigError, FormatError
+from conftest import tiny_plain_unet
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,16 +59,13 @@ def test_fit_cache_correction_identity_on_refresh_steps_and_roundtrip() -> None:
 
 def test_dec_on_tiny_unet_brings_cached_feature_closer() -> None:
     pytest.importorskip("diffusers")
-    from diffusers import DDIMScheduler, UNet2DModel
+    from diffusers import DDIMScheduler
 
     from bitpress.cache.features import collect_features
     from bitpress.cache.runtime import enable_cache, sample_loop
     from bitpress.cache.schedule import uniform
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
+    unet = tiny_plain_unet()
     T = 12
     sched = DDIMScheduler(num_train_timesteps=1000)
     mask = uniform(T, 4)
@@ -106,15 +104,12 @@ def test_dec_on_tiny_unet_brings_cached_feature_closer() -> None:
 
 def test_calibrate_cache_plans() -> None:
     pytest.importorskip("diffusers")
-    from diffusers import DDIMScheduler, UNet2DModel
+    from diffusers import DDIMScheduler
 
     from bitpress.cache.features import collect_features
     from bitpress.cache.plan import CachePlan, calibrate_cache
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
+    unet = tiny_plain_unet()
     sched = DDIMScheduler(num_train_timesteps=1000)
     noise = torch.randn(4, 1, 8, 8)
     feats = collect_features(unet, sched, noise, 10)

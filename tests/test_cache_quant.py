@@ -12,7 +12,7 @@ from torch import nn
 
 pytest.importorskip("diffusers")
 
-from diffusers import DDIMPipeline, DDIMScheduler, UNet2DConditionModel, UNet2DModel  # noqa: E402
+from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel  # noqa: E402
 
 from bitpress.cache.plan import CacheQuantModel, cachequant, load_cachequant  # noqa: E402
 
@@ -23,6 +23,7 @@ from bitpress.cache.quant import (DEFAULT_FLOAT_LAYERS, EXCLUDED, Int8Conv2d, Qu
                                   search_act_range)
 from bitpress.cache.runtime import enable_cache, sample_loop  # noqa: E402
 from bitpress.errors import ConfigError, FormatError, OutputExistsError, SourceError  # noqa: E402
+from conftest import tiny_cond_unet, tiny_unet  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 needs_fbgemm = pytest.mark.skipif(not kernel_available("fbgemm"), reason="fbgemm int8 engine not available")
@@ -30,22 +31,6 @@ needs_onednn = pytest.mark.skipif(not kernel_available("onednn"), reason="onednn
 KERNELS = [pytest.param("onednn", marks=needs_onednn), pytest.param("fbgemm", marks=needs_fbgemm)]
 TESTBED = Path(os.environ.get("BITPRESS_DDPM_TESTBED",
                               Path(__file__).resolve().parents[1] / "bench" / "models" / "ddpm-fmnist"))
-
-
-def tiny_unet(seed: int = 0) -> UNet2DModel:
-    torch.manual_seed(seed)
-    return UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16, 16),
-                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=4,
-                       attention_head_dim=8).eval()
-
-
-def tiny_cond_unet(seed: int = 0) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12,
-                                norm_num_groups=4, attention_head_dim=4).eval()
 
 
 def ddim(T: int = 4) -> DDIMScheduler:

@@ -6,39 +6,15 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from diffusers import (DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, PNDMScheduler,  # noqa: E402
-                       UNet2DConditionModel, UNet2DModel)
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, PNDMScheduler  # noqa: E402
 
 from bitpress.cache.runtime import (as_schedule, count_macs, enable_cache, enable_pipeline_cache,  # noqa: E402
                                     get_cache, n_evaluations, sample_loop, schedule_macs)
 from bitpress.errors import ConfigError  # noqa: E402
+from conftest import tiny_cond_unet, tiny_unet  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_unet(seed: int = 0, skip: bool = False, layers: int = 1) -> UNet2DModel:
-    torch.manual_seed(seed)
-    if skip:  # score-sde style skip-sample blocks: the output of an up block is a tuple
-        down = ("SkipDownBlock2D", "SkipDownBlock2D", "AttnSkipDownBlock2D")
-        up = ("AttnSkipUpBlock2D", "SkipUpBlock2D", "SkipUpBlock2D")
-    else:
-        down = ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D")
-        up = ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D")
-    ch, io = ((32, 32, 32), 3) if skip else ((8, 16, 16), 1)  # skip blocks hard-code RGB and 32 groups
-    m = UNet2DModel(sample_size=16, in_channels=io, out_channels=io, block_out_channels=ch,
-                    layers_per_block=layers, down_block_types=down, up_block_types=up,
-                    norm_num_groups=4, attention_head_dim=8)
-    return m.eval()
-
-
-def tiny_cond_unet(seed: int = 0) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    m = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-                             layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12,
-                             norm_num_groups=4, attention_head_dim=4)
-    return m.eval()
 
 
 @pytest.mark.parametrize("skip,layers", [(False, 1), (False, 2), (True, 1)])

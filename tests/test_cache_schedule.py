@@ -11,6 +11,7 @@ import torch
 from bitpress.cache.schedule import (brute_force_schedule, deepcache_nonuniform, dps, n_refresh,
                                      refresh_steps, schedule_cost, segment_costs, uniform)
 from bitpress.errors import ConfigError
+from conftest import tiny_cond_unet, tiny_plain_unet
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -94,14 +95,11 @@ def test_dps_fast_for_100_steps() -> None:
 
 def test_dps_on_real_features_from_tiny_unet() -> None:
     pytest.importorskip("diffusers")
-    from diffusers import DDIMScheduler, UNet2DModel
+    from diffusers import DDIMScheduler
 
     from bitpress.cache.features import collect_features, feature_distance_matrix
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
+    unet = tiny_plain_unet()
     T = 10
     feats = collect_features(unet, DDIMScheduler(num_train_timesteps=1000), torch.randn(2, 1, 8, 8), T)
     assert feats.shape == (T, 2, 16, 8, 8)  # output of up block 0 (upsampled), input of the last
@@ -124,15 +122,11 @@ def test_bad_inputs() -> None:
 
 def test_collect_features_cfg_batch() -> None:
     pytest.importorskip("diffusers")
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler
 
     from bitpress.cache.features import collect_features
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12,
-                                norm_num_groups=4, attention_head_dim=4).eval()
+    unet = tiny_cond_unet()
     emb = torch.randn(4, 5, 12)
     F = collect_features(unet, DDIMScheduler(num_train_timesteps=1000), torch.randn(2, 4, 8, 8), 3,
                          guidance_scale=5.0, unet_kwargs={"encoder_hidden_states": emb}, dtype=torch.float16)
