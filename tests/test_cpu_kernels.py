@@ -45,7 +45,9 @@ def _weight(out: int, inf: int, bits: int, gs: int, param_dtype=torch.float16, k
     return quantize_rtn(w, bits, gs, param_dtype=param_dtype, keep=keep)
 
 
-def _check(y, ref, mag, bound, dtype):
+def assert_within_bound(y, ref, mag, bound, dtype):
+    """``y`` within the module docstring's tolerance of ``ref``: ``bound`` (the mode's error
+    bound, 0 when exact) + 2e-5 * ``mag`` + 1e-6, plus 2^-7 |ref| for 16-bit activations."""
     tol = bound + 2e-5 * mag + 1e-6
     if dtype != torch.float32:
         tol = tol + ref.float().abs() * 2.0 ** -7
@@ -64,7 +66,7 @@ def _dense_case(qw, bits, gs_eff, x, bias, mode, param_dtype=torch.float16):
     mag = x.float().abs() @ w.abs().t()
     bound = cpu.int8_error_bound(x, qw.codes, p["scales"].float(), gs_eff) if mode == "int8" \
         else torch.zeros_like(mag)
-    _check(y, ref, mag, bound, x.dtype)
+    assert_within_bound(y, ref, mag, bound, x.dtype)
 
 
 # (out, in, group_size): ragged last groups, per-channel (one and several segments),
@@ -143,7 +145,7 @@ def test_sparse_matches_reference(isa, mode, bits, shape):
             mag = x.abs() @ w.abs().t()
             sc = (qw.scale * keep).to(torch.float16).float()
             bound = cpu.int8_error_bound(x, qw.codes, sc, gs) if mode == "int8" else 0 * mag
-            _check(y, ref, mag, bound, x.dtype)
+            assert_within_bound(y, ref, mag, bound, x.dtype)
     finally:
         torch.set_num_threads(prev)
         cpu._C.qmm_set_min_work(65536)
@@ -182,7 +184,7 @@ def test_sparse_large_balanced_split_bf16(isa):
     w = reference.sparse_weight(*args[1:6], bits, gs, inf)
     mag = x.float().abs() @ w.abs().t()
     sc = (qw.scale * keep).to(torch.float16).float()
-    _check(y, ref, mag, cpu.int8_error_bound(x, qw.codes, sc, gs), x.dtype)
+    assert_within_bound(y, ref, mag, cpu.int8_error_bound(x, qw.codes, sc, gs), x.dtype)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -415,7 +417,7 @@ def _lut_case(qw, gs_eff, x, bias, param_dtype=torch.float16):
         else:  # the scalar ISA has no lut kernel: int8 runs instead
             bound = cpu.int8_error_bound(x, qw.codes, sc, gs_eff)
             torch.testing.assert_close(y, cpu.dense_qmm_cpu(*args, mode="int8"), rtol=0, atol=0)
-        _check(y, ref, mag, bound, x.dtype)
+        assert_within_bound(y, ref, mag, bound, x.dtype)
 
 
 @pytest.mark.parametrize("shape", LUT_SHAPES, ids=lambda s: "x".join(map(str, s)))

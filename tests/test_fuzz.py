@@ -266,16 +266,7 @@ def test_quantized_weight_rejects_inconsistent(bits, gs, out, inf, ng):
 # ---- CPU kernels against the reference op --------------------------------------------------
 cpu = pytest.importorskip("bitpress.kernels.cpu", reason="bitpress._C CPU kernels not built")
 ISAS = cpu.available_isas()
-
-
-def _tol(y, ref, mag, bound, x_dtype):
-    tol = bound + 2e-5 * mag + 1e-6
-    if x_dtype != torch.float32:
-        tol = tol + ref.float().abs() * 2.0 ** -7
-    err = (y.float() - ref.float()).abs()
-    assert y.dtype == ref.dtype and y.shape == ref.shape
-    assert bool((err <= tol).all()), \
-        f"max err {err.max():.3g}, worst excess {(err - tol).max():.3g}"
+from test_cpu_kernels import assert_within_bound  # noqa: E402  (the kernels' tolerance)
 
 
 def _bound(mode, bits, isa, x, codes, scale, gs_eff):
@@ -329,7 +320,8 @@ def test_dense_qmm_matches_reference(bits, gs, out, inf, batch, isa, mode, x_dty
     ref = reference.dense_qmm_ref(*args)
     w = reference.dense_weight(p["qweight"], p["scales"], p["zeros"], bits, gs_eff, inf)
     mag = x.float().abs() @ w.abs().t()
-    _tol(y, ref, mag, _bound(mode, bits, isa, x, qw.codes, p["scales"].float(), gs_eff), x_dtype)
+    assert_within_bound(y, ref, mag,
+                        _bound(mode, bits, isa, x, qw.codes, p["scales"].float(), gs_eff), x_dtype)
 
 
 @FUZZ
@@ -363,7 +355,7 @@ def test_sparse_qmm_matches_reference(bits, gs, out, inf, batch, isa, mode, x_dt
     mag = x.float().abs() @ w.abs().t()
     sc = (qw.scale * keep).to(param_dtype).float()
     sparse_mode = "int8" if mode in ("lut", "lut63") else mode  # no lut kernel for sparse
-    _tol(y, ref, mag, _bound(sparse_mode, bits, isa, x, qw.codes, sc, gs), x_dtype)
+    assert_within_bound(y, ref, mag, _bound(sparse_mode, bits, isa, x, qw.codes, sc, gs), x_dtype)
 
 
 @FUZZ
@@ -382,7 +374,7 @@ def test_half_linear_matches_fp32_linear(out, inf, batch, wdtype, x_dtype, isa, 
         y = cpu.half_linear_cpu(x, w, b)
     ref = torch.nn.functional.linear(x.float(), w.float(), b).to(x_dtype)
     mag = x.float().abs() @ w.float().abs().t()
-    _tol(y, ref, mag, 0.0, x_dtype)
+    assert_within_bound(y, ref, mag, 0.0, x_dtype)
 
 
 @pytest.mark.parametrize("bits,gs,inf", [(3, 16, 129), (3, 32, 129), (3, 16, 121), (3, 48, 97),
