@@ -4,6 +4,7 @@ as a downloaded model without any network access."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import warnings
 
@@ -127,6 +128,16 @@ def tiny_cond_unet(seed: int = 0):
                              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12,
                              norm_num_groups=4, attention_head_dim=4)
     return m.eval()
+
+
+def dir_digest(d) -> str:
+    """SHA-256 over the names and bytes of every file below ``d`` (sorted): equal before and
+    after a command means the command left the directory as it was."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in d.rglob("*") if p.is_file()):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 @contextlib.contextmanager

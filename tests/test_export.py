@@ -1,7 +1,6 @@
 """``bitpress export``: packed checkpoints back to plain float Hugging Face directories."""
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
@@ -11,16 +10,9 @@ import bitpress
 from bitpress.cli import main
 from bitpress.kernels.ops import use_impl
 from bitpress.nn.modules import GroupSparseLinear, QuantLinear
+from conftest import dir_digest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _digest(d):
-    h = hashlib.sha256()
-    for f in sorted(p for p in d.rglob("*") if p.is_file()):
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.mark.parametrize("arch,extra,cls", [
@@ -34,11 +26,11 @@ def test_export_is_the_packed_model_in_float(request, tmp_path, arch, extra, cls
     src = request.getfixturevalue(f"tiny_{arch}_dir")
     ckpt, out = tmp_path / "q", tmp_path / "f"
     assert main(["compress", str(src), "--out", str(ckpt), "--method", "rtn", *extra]) == 0
-    before = _digest(ckpt)
+    before = dir_digest(ckpt)
     capsys.readouterr()
     assert main(["export", str(ckpt), "--out", str(out)]) == 0
     rep = json.loads(capsys.readouterr().out)
-    assert _digest(ckpt) == before  # the input is only read
+    assert dir_digest(ckpt) == before  # the input is only read
     packed = bitpress.load(ckpt)
     mods = {n: m for n, m in packed.named_modules() if isinstance(m, cls)}
     assert rep["linears"] == len(mods) > 0

@@ -4,7 +4,6 @@ differences are ~5e-7), their KV-cache decode equals their full forward, and wha
 cannot represent is refused with a clear error."""
 from __future__ import annotations
 
-import hashlib
 import json
 
 import numpy as np
@@ -20,17 +19,10 @@ from bitpress.formats.qweight import QuantizedWeight  # noqa: E402
 from bitpress.integrations import onnx_export as ox  # noqa: E402
 from bitpress.kernels.ops import use_impl  # noqa: E402
 from bitpress.nn.modules import GroupSparseLinear, QuantLinear  # noqa: E402
+from conftest import dir_digest  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = dict(rtol=1e-4, atol=1e-4)
-
-
-def _digest(d):
-    h = hashlib.sha256()
-    for f in sorted(p for p in d.rglob("*") if p.is_file()):
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 def _float_zeros(ckpt, out, seed=0):
@@ -85,12 +77,12 @@ def test_onnx_logits_equal_reference_and_cache(ckpts, tmp_path, arch, bits, gs, 
     from bitpress.integrations.onnx_runtime import ExportedDecoder
 
     ck = ckpts(arch, bits, gs, sp)
-    before = _digest(ck)
+    before = dir_digest(ck)
     out = tmp_path / "onnx"
     capsys.readouterr()
     assert main(["export", str(ck), "--out", str(out), "--format", "onnx"]) == 0
     rep = json.loads(capsys.readouterr().out)
-    assert _digest(ck) == before and rep["linears"] == 14
+    assert dir_digest(ck) == before and rep["linears"] == 14
     assert {"model.onnx", "genai_config.json", "config.json", "tokenizer.json"} <= \
         {p.name for p in out.iterdir()}
     import onnx
