@@ -51,6 +51,29 @@ def _exact_grid(src, dst):
     return dst
 
 
+def assert_library_dequantizes_exactly(out, ref, zero_points: bool = False) -> None:
+    """Every packed module of ``ref``, read back from the compressed-tensors directory ``out``
+    by the library itself (its unpacking and dequantization), equals bitpress's dequantize
+    exactly; ``zero_points``: every module must be asymmetric (a packed zero point)."""
+    from safetensors import safe_open
+
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        for name, m in packed_modules(ref).items():
+            (grp,) = [g for g in cfg["config_groups"].values()
+                      if f"re:^{name.replace('.', '[.]')}$" in g["targets"]]
+            args = QuantizationArgs(**grp["weights"])
+            assert not (zero_points and args.symmetric), name
+            shape = torch.Size(f.get_tensor(f"{name}.weight_shape").tolist())
+            codes = unpack_from_int32(f.get_tensor(f"{name}.weight_packed"), m.bits, shape)
+            scale = f.get_tensor(f"{name}.weight_scale")
+            zp = None
+            if not args.symmetric:
+                zp = unpack_from_int32(f.get_tensor(f"{name}.weight_zero_point"), m.bits,
+                                       torch.Size([shape[0], scale.shape[1]]), packed_dim=0)
+            assert torch.equal(dequantize(codes, scale, zp, args=args), m.dequantize()), name
+
+
 @pytest.mark.parametrize("bits,group", [(4, 32), (2, 16), (8, -1), (3, 32)])
 def test_export_is_exact_for_the_library_and_transformers(tiny_llama_dir, tmp_path, bits, group,
                                                           capsys):
@@ -66,23 +89,8 @@ def test_export_is_exact_for_the_library_and_transformers(tiny_llama_dir, tmp_pa
     assert rep["zero_points_exact"] and rep["groups_inexact"] == 0
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized"
-    from safetensors import safe_open
-
     ref = bitpress.load(src)
-    with safe_open(str(out / "model.safetensors"), "pt") as f:
-        for name, m in packed_modules(ref).items():
-            (grp,) = [g for g in cfg["config_groups"].values()
-                      if f"re:^{name.replace('.', '[.]')}$" in g["targets"]]
-            args = QuantizationArgs(**grp["weights"])
-            shape = torch.Size(f.get_tensor(f"{name}.weight_shape").tolist())
-            codes = unpack_from_int32(f.get_tensor(f"{name}.weight_packed"), bits, shape)
-            scale = f.get_tensor(f"{name}.weight_scale")
-            zp = None
-            if not args.symmetric:
-                zp = unpack_from_int32(f.get_tensor(f"{name}.weight_zero_point"), bits,
-                                       torch.Size([shape[0], scale.shape[1]]), packed_dim=0)
-            w = dequantize(codes, scale, zp, args=args)
-            assert torch.equal(w, m.dequantize()), name
+    assert_library_dequantizes_exactly(out, ref)
     # transformers' compressed-tensors loading (dequantize=True) gives the same logits as
     # the same weights run densely (bitpress's float export)
     flt = tmp_path / "float"

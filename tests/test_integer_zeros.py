@@ -135,11 +135,8 @@ def test_gqsa_is_refused(tiny_llama_dir, tmp_path, calib_file):
 def _check_exact_export(ck, tmp_path, name="ct"):
     """Export without --allow-rounding: no group off the grid, and the library's
     decompression (float32 scales) equals bitpress's dequantize exactly."""
-    ct_lib = pytest.importorskip("compressed_tensors")  # noqa: F841
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-    from compressed_tensors.quantization import QuantizationArgs
-    from compressed_tensors.quantization.lifecycle.forward import dequantize
-    from safetensors import safe_open
+    pytest.importorskip("compressed_tensors")
+    from test_compressed_tensors import assert_library_dequantizes_exactly
 
     from bitpress.integrations.compressed_tensors import export_compressed_tensors
 
@@ -147,21 +144,8 @@ def _check_exact_export(ck, tmp_path, name="ct"):
     assert rep["zero_points_exact"] and rep["groups_inexact"] == 0 and rep["groups"] > 0
     rep = export_compressed_tensors(ck, tmp_path / f"{name}32", scale_dtype=torch.float32,
                                     progress=False)
-    out = tmp_path / f"{name}32"
-    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     ref = bitpress.load(ck)
-    with safe_open(str(out / "model.safetensors"), "pt") as f:
-        for n, m in packed_modules(ref).items():
-            (grp,) = [g for g in cfg["config_groups"].values()
-                      if f"re:^{n.replace('.', '[.]')}$" in g["targets"]]
-            args = QuantizationArgs(**grp["weights"])
-            assert not args.symmetric
-            shape = torch.Size(f.get_tensor(f"{n}.weight_shape").tolist())
-            codes = unpack_from_int32(f.get_tensor(f"{n}.weight_packed"), m.bits, shape)
-            scale = f.get_tensor(f"{n}.weight_scale")
-            zp = unpack_from_int32(f.get_tensor(f"{n}.weight_zero_point"), m.bits,
-                                   torch.Size([shape[0], scale.shape[1]]), packed_dim=0)
-            assert torch.equal(dequantize(codes, scale, zp, args=args), m.dequantize()), n
+    assert_library_dequantizes_exactly(tmp_path / f"{name}32", ref, zero_points=True)
     return ref
 
 
