@@ -92,6 +92,17 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
+def _last_step_error(m, ids):
+    """``_rel`` of a one-thread engine's decode step of the last token of ``ids`` (1 x n),
+    after a prefill of the others, against the model's own forward over all of ``ids``."""
+    n = ids.shape[1]
+    with torch.no_grad():
+        full = m(ids).logits[0].float()
+        eng = DecodeEngine(m, max_len=8, threads=1)
+        eng.prefill(ids[:, :n - 1])
+        return _rel(eng.step(int(ids[0, n - 1]), n - 1), full[n - 1])
+
+
 @pytest.mark.parametrize("fam", sorted(FAMILIES))
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_engine_steps_equal_hf_forward_exact(fam, recipe):
@@ -207,18 +218,11 @@ def test_engine_binds_fp16_and_bf16_weights():
 
     pack_output_head(m, bits=16)  # HalfLinear head
     ids = torch.randint(0, 211, (1, 5))
-    with kcpu.kernel_mode("exact"), torch.no_grad():
-        full = m(ids).logits[0].float()
-        eng = DecodeEngine(m, max_len=8, threads=1)
-        eng.prefill(ids[:, :4])
-        assert _rel(eng.step(int(ids[0, 4]), 4), full[4]) <= 1e-4
+    with kcpu.kernel_mode("exact"):
+        assert _last_step_error(m, ids) <= 1e-4
     mb = copy.deepcopy(_model("qwen3", "float")).to(torch.bfloat16)
-    with torch.no_grad():
-        full = mb(ids).logits[0].float()
-        eng = DecodeEngine(mb, max_len=8, threads=1)
-        eng.prefill(ids[:, :4])
-        # bf16 HF rounds every activation to bf16; the engine computes in fp32
-        assert _rel(eng.step(int(ids[0, 4]), 4), full[4]) <= 5e-2
+    # bf16 HF rounds every activation to bf16; the engine computes in fp32
+    assert _last_step_error(mb, ids) <= 5e-2
 
 
 def test_engine_after_the_fuse_helpers():
@@ -231,8 +235,5 @@ def test_engine_after_the_fuse_helpers():
     assert fuse_linears(m, fused_projections(m)) > 0 and fuse_norms(m) > 0
     pack_output_head(m, bits=16)
     ids = torch.randint(0, 211, (1, 6))
-    with kcpu.kernel_mode("exact"), torch.no_grad():
-        full = m(ids).logits[0].float()
-        eng = DecodeEngine(m, max_len=8, threads=1)
-        eng.prefill(ids[:, :5])
-        assert _rel(eng.step(int(ids[0, 5]), 5), full[5]) <= 1e-4
+    with kcpu.kernel_mode("exact"):
+        assert _last_step_error(m, ids) <= 1e-4
