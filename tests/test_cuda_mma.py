@@ -443,6 +443,26 @@ def test_module_plan_hook_is_cached_per_weight(monkeypatch):
 
 
 # ---- the kernels' control flow, transliterated (cursors, cp.async ring, fix-up slots) ----------
+class _WarpRing:
+    """qmma.cu's WarpRing: ``slot[i]`` holds the chunk the kernel's producer ``issue(i)`` last
+    put in slot i; ``prime`` issues the first STAGES - 1 chunks, ``take`` refills the slot
+    STAGES - 1 items ahead and returns the consumer's next chunk, ``release`` moves past it."""
+
+    def __init__(self, stages):
+        self.stages, self.slot, self.item = stages, {}, 0
+
+    def prime(self, issue):
+        for i in range(self.stages - 1):
+            issue(i)
+
+    def take(self, issue):
+        issue((self.item + self.stages - 1) % self.stages)
+        return self.slot[self.item % self.stages]
+
+    def release(self):
+        self.item += 1
+
+
 def _sim_dense(tiles, nc, ctas, stages, warps=8):
     """Python transliteration of dense_kernel's loops: every unit is consumed exactly once,
     from the ring slot the producer filled with it; partial tiles use distinct slots."""
@@ -459,7 +479,7 @@ def _sim_dense(tiles, nc, ctas, stages, warps=8):
                 assert (b, slot) not in slots_used, "two split tiles share a workspace slot"
                 slots_used[(b, slot)] = t
         for w in range(warps):
-            ring = {}
+            ring = _WarpRing(stages)
             cur = {"t": t_first, "c": lo(t_first) + w}
 
             def norm():
@@ -469,22 +489,17 @@ def _sim_dense(tiles, nc, ctas, stages, warps=8):
 
             def issue(slot):
                 if cur["t"] <= t_last:
-                    ring[slot] = (cur["t"], cur["c"])
+                    ring.slot[slot] = (cur["t"], cur["c"])
                     cur["c"] += warps
                     norm()
 
             norm()
-            for i in range(stages - 1):
-                issue(i)
-            item = 0
+            ring.prime(issue)
             for t in range(t_first, t_last + 1):
-                c = lo(t) + w
-                while c < hi(t):
-                    issue((item + stages - 1) % stages)
-                    assert ring[item % stages] == (t, c)
+                for c in range(lo(t) + w, hi(t), warps):
+                    assert ring.take(issue) == (t, c)
                     consumed.append((t, c))
-                    c += warps
-                    item += 1
+                    ring.release()
     assert sorted(consumed) == [(t, c) for t in range(tiles) for c in range(nc)]
     # the last arriver of a split tile reads exactly the slots its contributors wrote
     for t in range(tiles):
@@ -524,7 +539,7 @@ def _sim_sparse(block_ptr, n_chunks, ctas, stages, warps=8):
         blo = lambda bb: max(t0, block_ptr[bb])  # noqa: E731
         bhi = lambda bb: min(t1, block_ptr[bb + 1])  # noqa: E731
         for w in range(warps):
-            ring = {}
+            ring = _WarpRing(stages)
             cur = {"b": bf, "tile": blo(bf) + w, "c": 0}
 
             def norm():
@@ -535,7 +550,7 @@ def _sim_sparse(block_ptr, n_chunks, ctas, stages, warps=8):
 
             def issue(slot):
                 if cur["b"] <= bl:
-                    ring[slot] = (cur["tile"], cur["c"])
+                    ring.slot[slot] = (cur["tile"], cur["c"])
                     cur["c"] += 1
                     if cur["c"] == n_chunks:
                         cur["c"] = 0
@@ -543,19 +558,16 @@ def _sim_sparse(block_ptr, n_chunks, ctas, stages, warps=8):
                         norm()
 
             norm()
-            for i in range(stages - 1):
-                issue(i)
-            item = 0
+            ring.prime(issue)
             for bb in range(bf, bl + 1):
                 if blo(bb) >= bhi(bb):
                     continue
                 for tile in range(blo(bb) + w, bhi(bb), warps):
                     assert block_ptr[bb] <= tile < block_ptr[bb + 1]
                     for c in range(n_chunks):
-                        issue((item + stages - 1) % stages)
-                        assert ring[item % stages] == (tile, c)
+                        assert ring.take(issue) == (tile, c)
                         consumed.append((tile, c))
-                        item += 1
+                        ring.release()
     assert sorted(consumed) == [(t, c) for t in range(n_tiles) for c in range(n_chunks)]
 
 
