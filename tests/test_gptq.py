@@ -12,20 +12,30 @@ from bitpress.quant import (PASSES, NumericalError, QuantSpec, gptq, gptq_round_
                             hessian_loss, prepare_hessian, rtn)
 
 
-def make_problem(out: int, n: int, seed: int = 0, dead: int = 3, heterogeneous: bool = False,
-                 nsamp: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random W and H = XᵀX/n from correlated X = Z·A, with ``dead`` dead input columns."""
+def hessian_problem(out: int, n: int, seed: int, nsamp: int, dead: int,
+                    inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """W (out x n, std 0.02) and H = XᵀX/nsamp for the inputs X = ``inputs(Z, g)`` made from
+    standard normal Z (nsamp x n), with ``dead`` random input columns zeroed; every draw
+    comes from one generator ``g`` seeded with ``seed``."""
     g = torch.Generator().manual_seed(seed)
-    Z = torch.randn(nsamp, n, generator=g)
-    A = torch.randn(n, n, generator=g) / n ** 0.5 + torch.eye(n)
-    X = Z @ A
-    if heterogeneous:  # very different input scales: a non-trivial act-order permutation
-        X = X * (torch.rand(n, generator=g) * 3 + 0.1)
+    X = inputs(torch.randn(nsamp, n, generator=g), g)
     if dead:
         X[:, torch.randperm(n, generator=g)[:dead]] = 0.0
     H = X.T @ X / nsamp
     W = torch.randn(out, n, generator=g) * 0.02
     return W, H
+
+
+def make_problem(out: int, n: int, seed: int = 0, dead: int = 3, heterogeneous: bool = False,
+                 nsamp: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random W and H = XᵀX/n from correlated X = Z·A, with ``dead`` dead input columns."""
+    def inputs(Z: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        X = Z @ (torch.randn(n, n, generator=g) / n ** 0.5 + torch.eye(n))
+        if heterogeneous:  # very different input scales: a non-trivial act-order permutation
+            X = X * (torch.rand(n, generator=g) * 3 + 0.1)
+        return X
+
+    return hessian_problem(out, n, seed, nsamp, dead, inputs)
 
 
 def total_loss(W: torch.Tensor, q, H: torch.Tensor) -> float:

@@ -14,27 +14,20 @@ from bitpress.sparse import (SPARSE_PASSES, MaskedLeastSquares, MaskedQuantizedW
                              bits_per_weight_unstructured, gqsa, gqsa_keep_mask, gqsa_spec,
                              gqsa_with_mask, group_scores, obs_group_scores,
                              semi_structured_24, unstructured)
+from test_gptq import hessian_problem, total_loss
 
 
 def make_problem(out: int, n: int, seed: int = 0, corr: float = 0.0, dead: int = 0,
                  nsamp: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """W and H = XᵀX/n; ``corr`` mixes in a shared low-rank component (correlated inputs)
     and per-input scales vary, so H is far from diagonal."""
-    g = torch.Generator().manual_seed(seed)
-    Z = torch.randn(nsamp, n, generator=g)
-    if corr:
-        F = torch.randn(nsamp, 8, generator=g) @ torch.randn(8, n, generator=g)
-        Z = (1 - corr) * Z + corr * F
-    X = Z * (torch.rand(n, generator=g) * 2 + 0.2)
-    if dead:
-        X[:, torch.randperm(n, generator=g)[:dead]] = 0.0
-    H = X.T @ X / nsamp
-    W = torch.randn(out, n, generator=g) * 0.02
-    return W, H
+    def inputs(Z: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        if corr:
+            F = torch.randn(nsamp, 8, generator=g) @ torch.randn(8, n, generator=g)
+            Z = (1 - corr) * Z + corr * F
+        return Z * (torch.rand(n, generator=g) * 2 + 0.2)
 
-
-def loss(W: torch.Tensor, q, H: torch.Tensor) -> float:
-    return float(hessian_loss(W, q.dequantize(), H).sum())
+    return hessian_problem(out, n, seed, nsamp, dead, inputs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -141,11 +134,12 @@ def test_scores_shapes_and_wanda_magnitude() -> None:
 
 def test_obs_with_compensation_beats_magnitude_and_wanda() -> None:
     W, H = make_problem(64, 192, seed=6, corr=0.8)
-    obs = loss(W, gqsa(W, H, gqsa_spec()), H)          # default: sequential OBS
-    assert obs < loss(W, gqsa(W, H, gqsa_spec(score="obs")), H) * 1.05
-    mag_rtn = loss(W, gqsa(W, H, gqsa_spec(score="magnitude", compensate=False, refine=False)), H)
-    wanda = loss(W, gqsa(W, H, gqsa_spec(score="wanda")), H)
-    mag = loss(W, gqsa(W, H, gqsa_spec(score="magnitude")), H)
+    obs = total_loss(W, gqsa(W, H, gqsa_spec()), H)          # default: sequential OBS
+    assert obs < total_loss(W, gqsa(W, H, gqsa_spec(score="obs")), H) * 1.05
+    mag_rtn = total_loss(W, gqsa(W, H, gqsa_spec(score="magnitude", compensate=False,
+                                                  refine=False)), H)
+    wanda = total_loss(W, gqsa(W, H, gqsa_spec(score="wanda")), H)
+    mag = total_loss(W, gqsa(W, H, gqsa_spec(score="magnitude")), H)
     assert obs < 0.7 * mag_rtn
     assert obs < wanda and obs < mag
 
@@ -158,7 +152,7 @@ def test_compensation_lowers_loss_for_the_same_mask(refine: bool) -> None:
     with_c = gqsa_with_mask(W, H, keep, spec)
     without = gqsa_with_mask(W, H, keep, gqsa_spec(refine=refine, compensate=False))
     assert torch.equal(with_c.keep, without.keep)
-    assert loss(W, with_c, H) < 0.8 * loss(W, without, H)
+    assert total_loss(W, with_c, H) < 0.8 * total_loss(W, without, H)
 
 
 def test_refit_never_hurts_and_is_the_exact_masked_optimum() -> None:
@@ -199,9 +193,9 @@ def test_bits(bits: int) -> None:
     # at 8 bits the quantization error vanishes next to the pruning error
     if bits == 8:
         ref = gqsa(W, H, gqsa_spec(bits=8, refine=False))
-        assert loss(W, q, H) <= loss(W, ref, H) * 1.001
-    lo = loss(W, gqsa(W, H, gqsa_spec(bits=2)), H)
-    assert loss(W, q, H) <= lo * 1.0001
+        assert total_loss(W, q, H) <= total_loss(W, ref, H) * 1.001
+    lo = total_loss(W, gqsa(W, H, gqsa_spec(bits=2)), H)
+    assert total_loss(W, q, H) <= lo * 1.0001
 
 
 def test_semi_structured_24() -> None:
@@ -219,7 +213,7 @@ def test_semi_structured_24() -> None:
     Wm.scatter_(-1, idx, 0.0)
     naive = unstructured(Wm.view(32, 200), torch.eye(200), QuantSpec(bits=4, group_size=64))
     naive_loss = float(hessian_loss(W, naive.dequantize() * (Wm.view(32, 200) != 0), H).sum())
-    assert loss(W, res, H) < naive_loss
+    assert total_loss(W, res, H) < naive_loss
 
 
 def test_unstructured_and_honest_bits() -> None:
