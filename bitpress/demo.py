@@ -83,7 +83,7 @@ def _run(args) -> int:
     summary = compress(str(gguf), args.out, recipe, overwrite=True, progress=False,
                        calib=str(calib) if calib else None, nsamples=args.nsamples)
     rep = inspect_checkpoint(args.out)
-    print(f"[4/5] loading the packed checkpoint with bitpress.load and scoring it ...", flush=True)
+    print("[4/5] loading the packed checkpoint with bitpress.load and scoring it ...", flush=True)
     qmodel = bitpress.load(args.out)
     qtok = load_tokenizer(args.out)
     q = perplexity(qmodel, qtok, text, args.seqlen, args.windows, progress=False)

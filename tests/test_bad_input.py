@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -21,7 +20,7 @@ import torch
 
 import bitpress
 from bitpress.cli import main
-from bitpress.errors import BitpressError, ConfigError, FormatError, OutputExistsError
+from bitpress.errors import ConfigError, FormatError, OutputExistsError
 from bitpress.formats.checkpoint import (atomic_output_dir, check_output_path,
                                          remove_stale_scratch, save_safetensors)
 

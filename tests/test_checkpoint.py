@@ -13,8 +13,7 @@ import torch
 
 import bitpress
 from bitpress.cli import main
-from bitpress.errors import FormatError, OutputExistsError, SourceError
-from bitpress.formats import quantize_rtn
+from bitpress.errors import FormatError, SourceError
 from bitpress.kernels import use_impl
 from bitpress.nn import GroupSparseLinear, QuantLinear, Recipe
 from bitpress.pipeline.compress import compress

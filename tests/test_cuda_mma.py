@@ -315,7 +315,7 @@ def test_plan_call_does_no_device_query_memset_or_extra_allocation(monkeypatch):
 def test_plan_host_time_per_call_is_small():
     """Host time per call against a no-op launcher (the bench/gpu_host.py measurement; the
     machine is shared, so the bound here is loose; the benchmark reports the number)."""
-    n, k = 4096, 4096
+    n = 4096
     qw = quantize_rtn(torch.randn(n, 256), 4, 128)  # layout of a small weight: host path only
     p = qw.pack_dense(torch.float16)
     x = torch.randn(1, 256).half()

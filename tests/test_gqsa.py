@@ -8,7 +8,7 @@ from bitpress.errors import ConfigError
 from bitpress.formats import QuantizedWeight, expand_groups, num_groups, qrange
 from bitpress.kernels import use_impl
 from bitpress.nn import GroupSparseLinear
-from bitpress.quant import QuantSpec, hessian_loss, prepare_hessian
+from bitpress.quant import QuantSpec, hessian_loss
 from bitpress.sparse import (SPARSE_PASSES, MaskedLeastSquares, MaskedQuantizedWeight,
                              bits_per_weight_24, bits_per_weight_gqsa,
                              bits_per_weight_unstructured, gqsa, gqsa_keep_mask, gqsa_spec,

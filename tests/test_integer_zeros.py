@@ -11,7 +11,7 @@ import torch
 import bitpress
 from bitpress.errors import ConfigError
 from bitpress.formats import (QuantizedWeight, integer_zero_params, integer_zero_scale,
-                              minmax_params, quantize_rtn, zero_points)
+                              quantize_rtn, zero_points)
 from bitpress.formats.quantize import integer_zero_error_bound
 from bitpress.nn import Recipe
 from bitpress.pipeline.checkpoint import packed_modules

@@ -75,7 +75,7 @@ class MaskedLeastSquares:
 
     def _normal(self, Qp: torch.Tensor, rows: slice):
         R = Qp.shape[0]
-        G, gs, N = self.G, self.gs, self.N
+        G, gs = self.G, self.gs
         ss = torch.empty(R, G, G, dtype=torch.float64, device=Qp.device)
         for h in range(G):
             h0, h1 = h * gs, (h + 1) * gs
