@@ -4,17 +4,17 @@ Runs the CLI as a child process, samples the child's /proc/PID/status (VmRSS, Vm
 0.2 s, records when each output part appears (blocks are written as they finish), and
 writes bench/results/scale/NAME.json. Example (the measurements in docs/scale.md):
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python bench/synth_ckpt.py /work/tmp/llama2-13b-synth
-    PYTHONPATH=. python bench/scale.py /work/tmp/llama2-13b-synth --name rtn_13b -- \
+    OMP_NUM_THREADS=1 PYTHONPATH=. python bench/synth_ckpt.py SYNTH/llama2-13b-synth
+    PYTHONPATH=. python bench/scale.py SYNTH/llama2-13b-synth --name rtn_13b -- \
         --method rtn --bits 4 --group-size 128
-    PYTHONPATH=. python bench/scale.py /work/tmp/llama2-13b-synth --name gptq_13b_2blocks -- \
+    PYTHONPATH=. python bench/scale.py SYNTH/llama2-13b-synth --name gptq_13b_2blocks -- \
         --method gptq --bits 4 --group-size 128 --blocks 0:2 --nsamples 16 --seqlen 512
 
     # 2 processes (gloo) against 1 on a small model, same arguments:
     PYTHONPATH=. python bench/scale.py SRC --name dist2 --nproc 2 -- --method gptq ...
 
 Everything after ``--`` goes to `bitpress compress` (``--out`` is added). The output is
-deleted afterwards unless --keep.
+deleted afterwards unless --keep. SYNTH: any scratch folder with room for the checkpoint.
 """
 from __future__ import annotations
 
@@ -101,7 +101,8 @@ def run(src: str, out: Path, args: list[str], nproc: int = 1, threads: int = 1,
     while p.poll() is None:
         if on_tick is not None and time.time() - last_tick > 30:
             last_tick = time.time()
-            on_tick({"cmd": cmd[1:], "rc": None, "partial": True,
+            on_tick({"cmd": [("SRC" if c == src else "OUT" if c == str(out) else c)
+                             for c in cmd[1:]], "rc": None, "partial": True,
                      "wall_seconds_so_far": round(time.time() - t0, 1),
                      "peak_rss_bytes_max": max(peak.values(), default=0),
                      "parts_first_seen_seconds": dict(sorted(parts.items())),
@@ -129,7 +130,8 @@ def run(src: str, out: Path, args: list[str], nproc: int = 1, threads: int = 1,
         pass
     # keep the timeline short: at most ~300 points
     step = max(1, len(timeline) // 300)
-    return {"cmd": cmd[1:], "nproc": nproc, "threads_per_process": threads, "rc": p.returncode,
+    shown = [("SRC" if c == src else "OUT" if c == str(out) else c) for c in cmd[1:]]
+    return {"cmd": shown, "nproc": nproc, "threads_per_process": threads, "rc": p.returncode,
             "wall_seconds": round(wall, 1),
             "peak_rss_bytes_per_process": sorted(peak.values(), reverse=True)[:nproc + 1],
             "peak_rss_bytes_max": max(peak.values(), default=0),
@@ -161,7 +163,7 @@ def main() -> int:
     a = ap.parse_args(argv)
     src = Path(a.src)
     work = Path(a.work) if a.work else src.parent
-    rec = {"name": a.name, "machine": machine(), "source": str(src),
+    rec = {"name": a.name, "machine": machine(), "source": src.name,
            "source_bytes": _dir_bytes(src) if src.is_dir() else src.stat().st_size,
            "compress_args": rest,
            "note": "shared machine: 2 cores used by several agents at once; wall times are "

@@ -1,6 +1,6 @@
 """Write a synthetic sharded safetensors checkpoint with a real architecture's shapes.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python bench/synth_ckpt.py /work/tmp/llama2-13b-synth
+    OMP_NUM_THREADS=1 PYTHONPATH=. python bench/synth_ckpt.py SYNTH/llama2-13b-synth
     python bench/synth_ckpt.py OUT --layers 2 --hidden 256 --intermediate 688 ...  # smaller
 
 Default: Llama-2-13B (40 blocks, hidden 5120, MLP 13824, 40 heads, vocab 32000), fp16,
