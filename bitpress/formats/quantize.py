@@ -61,6 +61,28 @@ def check_integer_zeros(bits: int, param_dtype: Optional[torch.dtype]) -> None:
                           f"(--sym)")
 
 
+#: the parameter (scale/zero) dtypes a pass or recipe may ask for, by name
+PARAM_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def check_grid_fields(bits: int, group_size: int, sym: bool, param_dtype: str,
+                      sparsity: Optional[float], integer_zeros: bool) -> None:
+    """The checks a :class:`bitpress.quant.QuantSpec` and a :class:`bitpress.nn.Recipe`
+    share: bits, group size, parameter dtype, sparsity in [0, 1), integer zeros
+    representable."""
+    check_bits(bits)
+    check_group_size(group_size)
+    if param_dtype not in PARAM_DTYPES:
+        raise ConfigError(f"param_dtype {param_dtype!r} not supported; choose one of "
+                          f"{sorted(PARAM_DTYPES)}")
+    if sparsity is not None and not (0.0 <= sparsity < 1.0):
+        raise ConfigError(f"sparsity must lie in [0, 1), got {sparsity}")
+    if not isinstance(integer_zeros, bool):
+        raise ConfigError(f"integer_zeros must be true or false, got {integer_zeros!r}")
+    if integer_zeros and not sym:
+        check_integer_zeros(bits, PARAM_DTYPES[param_dtype])
+
+
 def integer_zero_scale(scale: torch.Tensor, zp: torch.Tensor,
                        param_dtype: Optional[torch.dtype]) -> torch.Tensor:
     """Per group, the value nearest to ``scale`` (sign kept) that is exact in

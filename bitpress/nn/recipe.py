@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..formats import QuantizedWeight, magnitude_keep_mask, quantize_rtn
-from ..quant.spec import PARAM_DTYPES, check_grid_fields
+from ..formats import (PARAM_DTYPES, QuantizedWeight, check_grid_fields, magnitude_keep_mask,
+                       quantize_rtn)
 from .modules import GroupSparseLinear, QuantLinear, _linear_weight
 
 DEFAULT_IGNORE = ["lm_head", "*embed*", "*wte", "*wpe"]
