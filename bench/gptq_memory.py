@@ -30,23 +30,20 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def _status() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                k, v = line.split(":")
-                out[k] = int(v.split()[0]) * 1024
-    return out
+def _memory_helpers():
+    """bitpress.pipeline.memory of this checkout, loaded by file path: the child may import
+    another bitpress (``--src``) and must measure it with the same helpers."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_bp_memory", HERE.parent / "bitpress" / "pipeline" / "memory.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+_mem = _memory_helpers()
+_status, _reset_peak = _mem.proc_status, _mem.reset_peak_rss
 
 
 def child(a) -> dict:

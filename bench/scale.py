@@ -29,21 +29,9 @@ import time
 from pathlib import Path
 
 from _common import cpu_model
+from bitpress.pipeline.memory import proc_status as _status
 
 HERE = Path(__file__).resolve().parent
-
-
-def _status(pid: int) -> dict[str, int]:
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(("VmRSS:", "VmHWM:")):
-                    k, v = line.split(":")
-                    out[k] = int(v.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
 
 
 def _children(pid: int) -> list[int]:

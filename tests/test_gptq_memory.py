@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from bitpress.pipeline.memory import proc_status, reset_peak_rss
 from bitpress.quant import prepare_hessian
 
 gptq_mod = importlib.import_module("bitpress.quant.gptq")
@@ -74,21 +75,6 @@ def test_prepare_hessian_retries_damping_in_place():
     assert torch.equal(f.U, U)
 
 
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS via /proc")
@@ -96,7 +82,7 @@ def test_prepare_hessian_holds_one_float64_copy():
     """Peak RSS above the start while preparing a 2048² Hessian: one float64 work buffer
     (33.5 MB, narrowed in place to the float32 result) + slabs, where the chain of out-of-place
     steps (float64 copy, flipped copy, LAPACK's column-major copy, inverse) held ≥ 4."""
-    if not _reset_peak():
+    if not reset_peak_rss():
         pytest.skip("/proc/self/clear_refs is not writable here")
     try:  # as the streamed pipeline does: large buffers mmap-ed, given back when freed (else
         import ctypes  # glibc's heap may keep freed slabs resident and blur the figure)
@@ -110,17 +96,17 @@ def test_prepare_hessian_holds_one_float64_copy():
     H = X.T @ X / 512
     del X
     prepare_hessian(H[:300, :300].contiguous())  # load LAPACK's code and buffers first
-    _reset_peak()
-    start = _status("VmRSS")
+    reset_peak_rss()
+    start = proc_status()["VmRSS"]
     f = prepare_hessian(H)
-    grew = _status("VmHWM") - start
+    grew = proc_status()["VmHWM"] - start
     f64 = 8 * n * n
     assert f.U.shape == (n, n)
     # 1 float64 n² (U is narrowed into its first half) + slabs/chunks (the out-of-place
     # chain: 176 MiB; with a separate float32 U: 60 MiB)
     assert grew < f64 + 28 * 2**20, f"peak grew {grew / 2**20:.0f} MiB"  # measured 52 MiB
     assert f.U.untyped_storage().nbytes() == f64  # the work buffer's own pages
-    held = _status("VmRSS") - start  # its other half went back to the OS (Linux madvise)
+    held = proc_status()["VmRSS"] - start  # its other half went back to the OS (Linux madvise)
     assert held < f64 // 2 + 16 * 2**20, f"U holds {held / 2**20:.0f} MiB"
 
 
