@@ -176,7 +176,9 @@ class Hessian:
     def __init__(self, n_in: int, device: torch.device | str | None = None):
         self.sum = torch.zeros(n_in, n_in, dtype=torch.float64, device=device)
         self.n = 0
-        self._upper = False  # self.sum holds only the upper triangle, the lower part zero
+        # self.sum holds only the upper triangle, the lower part zero (a zero matrix is one);
+        # False once .H has mirrored it into the full matrix
+        self._upper = True
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
