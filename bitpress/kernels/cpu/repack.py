@@ -6,6 +6,7 @@ import torch
 
 from ..repack_cache import RepackCache, tensor_sig
 from . import config as _cfg
+from . import hugebuf
 from .config import _C, _PKIND
 from .support import dense_supports, sparse_supports
 
@@ -14,6 +15,7 @@ _CACHE = RepackCache()
 
 def clear_cache() -> None:
     _CACHE.clear()
+    hugebuf.reset()
     _cfg.bump()
 
 
@@ -52,8 +54,7 @@ def _dense_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
         out = qweight.shape[0]
         qw = qweight.contiguous()
         sc, zr, pk = _params(scales, zeros)
-        buf = torch.empty(_C.qmm_dense_packed_bytes(out, in_features, bits, gs, pk),
-                          dtype=torch.uint8)
+        buf = hugebuf.empty(_C.qmm_dense_packed_bytes(out, in_features, bits, gs, pk))
         _C.qmm_repack_dense(qw.data_ptr(), out, qw.shape[1], in_features, bits, gs,
                             sc.data_ptr(), zr.data_ptr(), pk, buf.data_ptr(),
                             torch.get_num_threads(), layout)
@@ -91,8 +92,7 @@ def _sparse_packed(row_ptr: torch.Tensor, col_idx: torch.Tensor, qvalues: torch.
         rp, ci, qv = row_ptr.contiguous(), col_idx.contiguous(), qvalues.contiguous()
         sc, zr, pk = _params(scales.reshape(-1), zeros.reshape(-1))
         out, nnz = rp.numel() - 1, ci.numel()
-        buf = torch.empty(_C.qmm_sparse_packed_bytes(nnz, out, in_features, bits, gs, pk),
-                          dtype=torch.uint8)
+        buf = hugebuf.empty(_C.qmm_sparse_packed_bytes(nnz, out, in_features, bits, gs, pk))
         _C.qmm_repack_sparse(rp.data_ptr(), ci.data_ptr(), qv.data_ptr(), qv.shape[1],
                              sc.data_ptr(), zr.data_ptr(), pk, out, in_features, bits, gs,
                              buf.data_ptr())
