@@ -430,9 +430,10 @@ struct ActBuf {
 };
 
 void prepare_act(ActBuf& ab, const float* x, int64_t M, int64_t in, int64_t seg, int64_t nseg,
-                 int bits, int mode, int nthreads, int lut_max = LUT_MAX) {
+                 int bits, int mode, int nthreads, int lut_max = LUT_MAX, bool planes = false) {
   Act& a = ab.a;
   a.mode = mode; a.M = M; a.seg = seg; a.nseg = nseg; a.lut_max = lut_max;
+  a.planes = planes && mode == MODE_EXACT;
   a.stride = nseg * seg + 64;  // kernels may read (zero-code-weighted) bytes past a group
   const float off = float(1 << (bits - 1));
   ab.xs.assign(size_t(M * nseg), 0.f);
@@ -444,6 +445,9 @@ void prepare_act(ActBuf& ab, const float* x, int64_t M, int64_t in, int64_t seg,
   } else if (mode == MODE_INT8) {
     ab.q.assign(size_t(M * a.stride), 0);
     ab.d.assign(size_t(M * nseg), 0.f);
+  } else if (a.planes) {
+    ab.q.assign(size_t(3 * M * a.stride), 0);
+    ab.d.assign(size_t(3 * M * nseg), 0.f);
   } else {
     ab.xf.assign(size_t(M * a.stride), 0.f);
     if (bits != 3) ab.xp.assign(size_t(M * a.stride), 0.f);
@@ -481,6 +485,28 @@ void prepare_act(ActBuf& ab, const float* x, int64_t M, int64_t in, int64_t seg,
         ab.d[idx] = dd;
         ab.b[idx] = dd * off * float(qsum);
       } else if (mode == MODE_LUT) {
+        ab.b[idx] = off * sum;
+      } else if (a.planes) {
+        // x/d0 = q0 + r0, r0*254 = q1 + r1, r1*254 = q2 + r2 (|r| <= 1/2, so |q| <= 127),
+        // each q the nearest integer (+-1.5*2^23 rounds a float below 2^22 to one; written
+        // so that it vectorises and, without fp contraction, gives the same bits everywhere)
+        const float dd = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+        constexpr float RND = 12582912.f, P = 254.f;
+        int8_t* q0 = ab.q.data() + 3 * m * a.stride;
+        int8_t* q1 = q0 + a.stride;
+        int8_t* q2 = q1 + a.stride;
+        for (int64_t k = k0; k < k1; ++k) {
+          const float v0 = xr[k] * id, n0 = (v0 + RND) - RND;
+          const float v1 = (v0 - n0) * P, n1 = (v1 + RND) - RND;
+          const float v2 = (v1 - n1) * P, n2 = (v2 + RND) - RND;
+          q0[k] = int8_t(int(n0));
+          q1[k] = int8_t(int(n1));
+          q2[k] = int8_t(int(n2));
+        }
+        const int64_t i0 = 3 * m * nseg + s;
+        ab.d[size_t(i0)] = dd;
+        ab.d[size_t(i0 + nseg)] = dd / P;
+        ab.d[size_t(i0 + 2 * nseg)] = dd / (P * P);
         ab.b[idx] = off * sum;
       } else {
         std::memcpy(ab.xf.data() + m * a.stride + k0, xr + k0, size_t(k1 - k0) * 4);
@@ -642,7 +668,7 @@ void dense_qmm_core(uintptr_t packed, int64_t out, int64_t in, int bits, int64_t
                                 "lut2 layout and a SIMD ISA (avx2, avx512)");
   ActBuf ab;
   prepare_act(ab, reinterpret_cast<const float*>(x), M, in, g.seg, g.nseg, bits, mode, nthreads,
-              lut_max);
+              lut_max, /*planes=*/kern != nullptr);
   const Act& a = ab.a;
   // below ~64k MACs per thread a parallel region costs more than it saves
   int nt = int(std::min<int64_t>(clamp_threads(nthreads),

@@ -32,8 +32,18 @@ columns as 4-bit table indices), cached alongside. The disk format is untouched.
 Modes and their error against :func:`bitpress.kernels.reference.dense_qmm_ref`:
 
 * ``exact`` (default since 2026-12; one semantics for ``generate``, ``eval`` and the reference
-  op): fp32 FMA over the dequantised weight; differs from the reference only by fp32
-  summation order (relative error ~1e-6 of ``sum |W||x|``).
+  op): the weight-only product at fp32 accuracy. On the SIMD ISAs, dense weights take it as
+  integer dot products of the codes with three int8 planes of x per segment,
+  ``x = d q0 + (d/254) q1 + (d/254^2) q2`` with ``d = max|x_seg| / 127``: the planes hold x to
+  within ``6.1e-8 max|x_seg|`` (plus x's own fp32 rounding), the int32 sums are exact and
+  the three are combined in fp32, so for every output
+
+      |y_exact - y_ref| <= sum_seg |scale_g| * 6.1e-8 * max|x_seg| * sum_{k in seg} |code_k|
+
+  plus fp32 rounding (~1e-7 of ``sum |W||x|``; the int8 mode's bound with a step 2^16 times
+  finer). It runs at the int8 mode's speed (bench/RESULTS.md, "Exact mode by int8 planes").
+  Sparse weights and the ``scalar`` ISA use fp32 FMA over the dequantised weight; all differ
+  from the reference only at fp32 rounding (relative error ~1e-6 of ``sum |W||x|``).
 * ``lut`` (opt-in; 2-bit dense weights on a SIMD ISA only, every other call runs ``int8``): per
   segment, for every 4 columns, the 16 subset sums of x are rounded to int8 with one step
   ``dt = max|subset sum| / 127``; ``vpshufb`` gathers them with 4-bit indices formed by one
