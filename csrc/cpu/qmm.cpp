@@ -426,7 +426,7 @@ void dequant_sparse(uintptr_t row_ptr, uintptr_t col_idx, uintptr_t qvalues, int
 struct ActBuf {
   Act a;
   std::vector<int8_t> q, lut;
-  std::vector<float> xf, xp, d, b, xs, dl;
+  std::vector<float> xf, d, b, xs, dl;
 };
 
 void prepare_act(ActBuf& ab, const float* x, int64_t M, int64_t in, int64_t seg, int64_t nseg,
@@ -448,16 +448,9 @@ void prepare_act(ActBuf& ab, const float* x, int64_t M, int64_t in, int64_t seg,
   } else if (a.planes) {
     ab.q.assign(size_t(3 * M * a.stride), 0);
     ab.d.assign(size_t(3 * M * nseg), 0.f);
-  } else {
+  } else {  // exact mode on the scalar path
     ab.xf.assign(size_t(M * a.stride), 0.f);
-    if (bits != 3) ab.xp.assign(size_t(M * a.stride), 0.f);
   }
-  float pre[32] = {};  // 2^-e per column position in a dword's block (exact mode, bits != 3)
-  if (bits != 3)
-    for (int t = 0; t < 32 / bits; ++t) {
-      const int sh = 8 * (t % 4) + bits * (t / 4);
-      pre[t] = std::ldexp(1.f, -(sh + bits > 31 ? sh - 8 : sh));
-    }
 #if defined(_OPENMP)
 #pragma omp parallel for num_threads(clamp_threads(nthreads)) schedule(static) if (M * in > 32768)
 #endif
@@ -510,20 +503,11 @@ void prepare_act(ActBuf& ab, const float* x, int64_t M, int64_t in, int64_t seg,
         ab.b[idx] = off * sum;
       } else {
         std::memcpy(ab.xf.data() + m * a.stride + k0, xr + k0, size_t(k1 - k0) * 4);
-        if (bits != 3) {
-          // column k's code sits at bit e(k % cpd) of its dword (segments start at multiples
-          // of 16, so k % cpd is its place in the block); see Act in qmm.h
-          // (a multiplication by a power of two from a table: exact, and no libm call per
-          // element, which cost ~40 instructions a column in the decode path)
-          const int cpd = 32 / bits;
-          float* xq = ab.xp.data() + m * a.stride;
-          for (int64_t k = k0; k < k1; ++k) xq[k] = xr[k] * pre[k % cpd];
-        }
         ab.b[idx] = off * sum;
       }
     }
   }
-  a.q = ab.q.data(); a.xf = ab.xf.data(); a.xp = ab.xp.data(); a.d = ab.d.data();
+  a.q = ab.q.data(); a.xf = ab.xf.data(); a.d = ab.d.data();
   a.b = ab.b.data();
   a.xs = ab.xs.data();
   if (mode == MODE_LUT)  // the caller checked that an ISA with a lut kernel is in use
@@ -538,13 +522,18 @@ void prepare_act(ActBuf& ab, const float* x, int64_t M, int64_t in, int64_t seg,
 struct SpActBuf {
   SpAct a;
   std::vector<float> xq, xs, xhs;
+  float* xq64 = nullptr;  // xq's first 64-byte-aligned float: a group's 16 floats are one line
 };
 
 void prepare_sparse_act(SpActBuf& sb, const float* x, int64_t M, int64_t in, int64_t gs,
                         int64_t ng, int bits, int mode, int nthreads) {
   SpAct& a = sb.a;
   a.M = M; a.ng = ng; a.stride = ng * gs + 64;
-  sb.xq.assign(size_t(M * a.stride), 0.f);
+  sb.xq.assign(size_t(M * a.stride + 16), 0.f);
+  {
+    const auto addr = reinterpret_cast<uintptr_t>(sb.xq.data());
+    sb.xq64 = sb.xq.data() + ((64 - addr % 64) % 64) / sizeof(float);
+  }
   sb.xs.assign(size_t(M * ng), 0.f);
   const bool i8 = mode == MODE_INT8;
   if (i8) sb.xhs.assign(size_t(M * ng), 0.f);
@@ -555,7 +544,7 @@ void prepare_sparse_act(SpActBuf& sb, const float* x, int64_t M, int64_t in, int
 #endif
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * in;
-    float* xq = sb.xq.data() + m * a.stride;
+    float* xq = sb.xq64 + m * a.stride;
     for (int64_t c = 0; c < ng; ++c) {
       const int64_t k0 = c * gs, k1 = std::min(in, k0 + gs);
       float sum = 0.f, amax = 0.f;
@@ -578,7 +567,7 @@ void prepare_sparse_act(SpActBuf& sb, const float* x, int64_t M, int64_t in, int
       }
     }
   }
-  a.xq = sb.xq.data(); a.xs = sb.xs.data(); a.xhs = i8 ? sb.xhs.data() : nullptr;
+  a.xq = sb.xq64; a.xs = sb.xs.data(); a.xhs = i8 ? sb.xhs.data() : nullptr;
 }
 
 // ---- scalar kernels ---------------------------------------------------------------------------

@@ -99,12 +99,9 @@ struct SpAct {
 //  exact mode, SIMD ISAs (planes): q rows 3m+p (p = 0, 1, 2) and d[(3m+p)*nseg+s] such that
 //              x = sum_p d_p q_p to within 6.1e-8 of the segment's max |x| (plus x's own fp32
 //              rounding); b = off*sum(x), xs = sum(x). The kernels' integer sums are exact, so
-//              the result is the weight-only product at fp32 accuracy (bench/RESULTS.md,
-//              "Exact mode by int8 planes").
-//  exact mode, scalar: xf (fp32), b = off*sum(x), xs = sum(x); for 2/4/8-bit weights also xp, x
-//              pre-scaled per column by 2^-e (e: the bit position of that column's code in
-//              its dword, less 8 for the codes that reach bit 31), so the SIMD kernels
-//              convert (dword & mask) without shifting it: c*2^e * x*2^-e = c*x exactly
+//              the result is the weight-only product at fp32 accuracy (bitpress/kernels/cpu
+//              docstring; bench/RESULTS.md, "CPU kernels at batch 1").
+//  exact mode, scalar: xf (fp32), b = off*sum(x), xs = sum(x)
 struct Act {
   int mode = MODE_INT8;
   // exact mode on the SIMD ISAs: x as three int8 planes (see prepare_act), rows 3m..3m+2 of q
@@ -113,7 +110,6 @@ struct Act {
   int64_t M = 0, stride = 0, nseg = 0, seg = 0;
   const int8_t* q = nullptr;
   const float* xf = nullptr;
-  const float* xp = nullptr;
   const float* d = nullptr;
   const float* b = nullptr;
   const float* xs = nullptr;

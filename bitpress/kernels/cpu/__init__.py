@@ -41,7 +41,7 @@ Modes and their error against :func:`bitpress.kernels.reference.dense_qmm_ref`:
       |y_exact - y_ref| <= sum_seg |scale_g| * 6.1e-8 * max|x_seg| * sum_{k in seg} |code_k|
 
   plus fp32 rounding (~1e-7 of ``sum |W||x|``; the int8 mode's bound with a step 2^16 times
-  finer). It runs at the int8 mode's speed (bench/RESULTS.md, "Exact mode by int8 planes").
+  finer). It runs the int8 mode's kernels (bench/RESULTS.md, "CPU kernels at batch 1").
   Sparse weights and the ``scalar`` ISA use fp32 FMA over the dequantised weight; all differ
   from the reference only at fp32 rounding (relative error ~1e-6 of ``sum |W||x|``).
 * ``lut`` (opt-in; 2-bit dense weights on a SIMD ISA only, every other call runs ``int8``): per
