@@ -14,8 +14,8 @@ for long prompts); its KV cache is copied into the engine's static cache. Famili
 and ``gpt2``. :func:`engine_support` says whether a model can run on it and why not.
 
 Kernel modes: the packed linears run in one activation mode (:data:`bitpress.kernels.cpu`
-``exact`` by default: fp32 FMA over the dequantised weight, what the reference op computes, or
-the opt-in ``int8`` / ``lut``). ``DecodeEngine.mode`` names it; ``bitpress eval --kernel-mode``
+``exact`` by default: what the reference op computes, at fp32 accuracy — for dense weights
+integer dot products with three int8 planes of x — or the opt-in ``int8`` / ``lut``). ``DecodeEngine.mode`` names it; ``bitpress eval --kernel-mode``
 scores the same kernels.
 """
 from __future__ import annotations

@@ -70,7 +70,8 @@ def available_isas() -> list[str]:
 
 def set_act_mode(mode: str) -> None:
     """Activation mode of ``cpu_native`` and of the decode engine: ``"exact"`` (default:
-    fp32 FMA over the dequantised weight, the reference op's function), or the opt-in
+    the reference op's function at fp32 accuracy; dense weights on a SIMD ISA run it as
+    integer dot products with three int8 planes of x, see the package docstring), or the opt-in
     approximate modes ``"int8"`` (activations rounded to int8 per segment), ``"lut"`` (the
     lookup-table kernel for 2-bit dense weights on a SIMD ISA, ``int8`` for everything else)
     and ``"lut63"`` (the faster lookup-table kernel with twice the table error)."""
