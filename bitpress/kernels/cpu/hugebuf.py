@@ -1,9 +1,9 @@
 """Memory for the kernels' runtime weight layouts, backed by 2 MiB pages where the OS gives them.
 
 A batch-1 GEMV streams its weight once per call. With 4 KiB pages every page of the stream
-is a TLB miss, and the hardware prefetchers stop at each 4 KiB boundary; on the machines we
-measured a plain read of rotating weight-sized buffers ran at ~10-13 GB/s on 4 KiB pages
-and ~15-16 GB/s on 2 MiB pages (bench/RESULTS.md, CPU kernels). So the repacked layouts are
+is a TLB miss, and the hardware prefetchers stop at each 4 KiB boundary; on the Sapphire
+Rapids VM of bench/RESULTS.md ("CPU kernels at batch 1") one thread summed a 512 MiB array at
+11.6-13.5 GB/s on 4 KiB pages and 14.1-15.3 GB/s on 2 MiB pages. So the repacked layouts are
 carved out of anonymous mappings advised ``MADV_HUGEPAGE`` (transparent huge pages in
 ``madvise`` or ``always`` mode), in chunks of at least 64 MiB shared by many weights:
 
