@@ -16,6 +16,7 @@ carved out of anonymous mappings advised ``MADV_HUGEPAGE`` (transparent huge pag
 """
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import threading
@@ -28,6 +29,7 @@ CHUNK = 64 << 20
 ALIGN = 4096  # sub-buffer alignment (the kernels need 64 bytes; a page keeps them apart)
 
 
+@functools.lru_cache(maxsize=None)  # read once: every repacked weight asks
 def _thp_mode() -> str:
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
