@@ -146,9 +146,14 @@ def methods(out: int, inf: int, g: torch.Generator, skip: set[str]) -> dict:
             fast = cpu.sparse_plan((torch.zeros(1, inf), w["row_ptr"], w["col_idx"],
                                     w["qvalues"], w["scales"], w["zeros"], None, 4, gs, inf),
                                    mode=mode)
-            # what the CPU kernel reads: its row-stream layout (codes, fp16 params, row masks)
-            nbytes = native._module().qmm_sparse_packed_bytes(w["col_idx"].numel(), out, inf, 4,
-                                                              gs, 0)
+            # what the CPU kernel reads: its layout's codes, fp16 params and masks (row tiles
+            # of 32 rows on avx512, csrc/cpu/qmm.h; row streams elsewhere)
+            nnz = w["col_idx"].numel()
+            if cpu.sparse_layout(4) == 1:
+                tiles, ng = -(-out // 32), -(-inf // gs)
+                nbytes = 64 + 8 * (tiles + 1) + 4 * tiles * ng + nnz * (4 + 8 * (gs // 16))
+            else:
+                nbytes = native._module().qmm_sparse_packed_bytes(nnz, out, inf, 4, gs, 0)
             return nbytes, _lean(fast, lambda x: cpu.sparse_qmm_cpu(
                 x, w["row_ptr"], w["col_idx"], w["qvalues"], w["scales"], w["zeros"], None, 4,
                 gs, inf, mode=mode))

@@ -612,3 +612,96 @@ def test_exact_mode_is_fp32_accurate(isa, spread):
                                   mode="exact")
             worst = max(worst, float(((y.double() - y64).abs() / mag).max()))
     assert worst <= limit, f"{isa}: worst relative error {worst:.3g} > {limit:g}"
+
+
+@pytest.mark.parametrize("spread", ["randn", "heavy"])
+def test_sparse_exact_mode_is_fp32_accurate(isa, spread):
+    """As the dense test above, for group-sparse weights in their default layout (row tiles on
+    avx512: three int8 planes of x; row streams elsewhere: fp32)."""
+    limit = {"randn": 4e-6, "heavy": 5e-5}[spread]
+    worst = 0.0
+    for out, inf, gs in SPARSE_SHAPES:
+        for bits in (2, 3, 4):
+            keep = _skewed_keep(out, (inf + gs - 1) // gs, seed=bits)
+            p = _weight(out, inf, bits, gs, keep=keep, seed=bits).pack_bsr()
+            g = torch.Generator().manual_seed(out + bits)
+            x = torch.randn(3, inf, generator=g)
+            if spread == "heavy":
+                x = x * torch.exp(2 * torch.randn(1, inf, generator=g))
+            args = (p["row_ptr"], p["col_idx"], p["qvalues"], p["scales"], p["zeros"])
+            w = reference.sparse_weight(*args, bits, gs, inf)
+            y64 = x.double() @ w.double().t()
+            mag = x.double().abs() @ w.double().abs().t() + 1e-30
+            y = cpu.sparse_qmm_cpu(x, *args, None, bits, gs, inf, mode="exact")
+            worst = max(worst, float(((y.double() - y64).abs() / mag).max()))
+    assert worst <= limit, f"{isa}: worst relative error {worst:.3g} > {limit:g}"
+
+
+# odd row counts (partial 16-row tiles), inputs not a multiple of the group, every group size
+# class (one 16-column sub-block, several, the largest), tiles with empty groups and empty rows
+ROW_TILE_SHAPES = [(37, 100, 32), (5, 64, 16), (16, 48, 16), (33, 300, 16), (40, 512, 64),
+                   (19, 520, 256), (64, 1024, 16)]
+
+
+@pytest.mark.parametrize("layout", ["tiles", "tiles16", "tiles24", "streams"])
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("param_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_sparse_layouts_match_reference(isa, monkeypatch, layout, bits, param_dtype):
+    """Both sparse runtime layouts on every ISA (row tiles run the AVX-512 kernel on avx512 and
+    the portable scalar one elsewhere), every tile height, every parameter dtype, batch 1..9,
+    1-3 threads."""
+    if layout.startswith("tiles") and layout != "tiles":
+        monkeypatch.setenv("BITPRESS_SPARSE_TILE_ROWS", layout[5:])
+        layout = "tiles"
+    monkeypatch.setenv("BITPRESS_SPARSE_LAYOUT", layout)
+    assert cpu.sparse_layout(bits) == (1 if layout == "tiles" else 0)
+    cpu._C.qmm_set_min_work(1)
+    prev = torch.get_num_threads()
+    try:
+        for i, (out, inf, gs) in enumerate(ROW_TILE_SHAPES):
+            keep = _skewed_keep(out, (inf + gs - 1) // gs, seed=i)
+            qw = _weight(out, inf, bits, gs, param_dtype=param_dtype, keep=keep, seed=i)
+            p = qw.pack_bsr(param_dtype)
+            args = (p["row_ptr"], p["col_idx"], p["qvalues"], p["scales"], p["zeros"])
+            packed = cpu._sparse_packed(*args, bits, gs, inf)[0]
+            tagged = int(packed[:8].view(torch.int64)) != 0  # a row-tile buffer starts with its tag
+            assert tagged == (layout == "tiles")
+            w = reference.sparse_weight(*args, bits, gs, inf)
+            g = torch.Generator().manual_seed(i)
+            for nt, m in ((1, 1), (2, 2), (3, 5), (2, 9)):
+                torch.set_num_threads(nt)
+                x = torch.randn(m, inf, generator=g)
+                bias = torch.randn(out, generator=g) if m != 1 else None
+                ref = reference.sparse_qmm_ref(x, *args, bias, bits, gs, inf)
+                mag = x.abs() @ w.abs().t()
+                sc = (qw.scale * keep).to(param_dtype).float()
+                for mode in ("exact", "int8"):
+                    y = cpu.sparse_qmm_cpu(x, *args, bias, bits, gs, inf, mode=mode)
+                    bound = cpu.int8_error_bound(x, qw.codes, sc, gs) if mode == "int8" else 0 * mag
+                    assert_within_bound(y, ref, mag, bound, x.dtype)
+    finally:
+        torch.set_num_threads(prev)
+        cpu._C.qmm_set_min_work(65536)
+
+
+def test_sparse_layout_choice_and_errors(monkeypatch):
+    keep = _skewed_keep(20, 4, seed=1)
+    p = _weight(20, 64, 4, 16, keep=keep).pack_bsr()
+    args = (p["row_ptr"], p["col_idx"], p["qvalues"], p["scales"], p["zeros"], 4, 16, 64)
+    # the default: row tiles exactly where the AVX-512 kernel runs; 3-bit weights keep streams
+    assert cpu.sparse_layout(4) == (1 if cpu.get_isa() == "avx512" else 0)
+    monkeypatch.setenv("BITPRESS_SPARSE_LAYOUT", "tiles")
+    assert cpu.sparse_layout(3) == 0 and cpu.sparse_layout(2) == 1
+    tiles = cpu._sparse_packed(*args)[0]
+    monkeypatch.setenv("BITPRESS_SPARSE_LAYOUT", "streams")
+    streams = cpu._sparse_packed(*args)[0]  # a second cache entry, not the tiles one
+    assert int(tiles[:8].view(torch.int64)) != 0 and int(streams[:8].view(torch.int64)) == 0
+    x = torch.randn(2, 64)
+    want = reference.sparse_qmm_ref(x, *args[:5], None, 4, 16, 64)
+    torch.testing.assert_close(cpu.sparse_qmm_cpu(x, *args[:5], None, 4, 16, 64, mode="exact"),
+                               want, rtol=1e-4, atol=1e-4)
+    monkeypatch.setenv("BITPRESS_SPARSE_LAYOUT", "diagonal")
+    with pytest.raises(ValueError, match="BITPRESS_SPARSE_LAYOUT"):
+        cpu._sparse_packed(*args)
+    with pytest.raises(ValueError, match="layout"):
+        cpu._C.qmm_sparse_packed_bytes(10, 20, 64, 3, 16, 0, 1)

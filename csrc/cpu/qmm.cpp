@@ -128,6 +128,7 @@ struct SimdKernels {
   decltype(&bitpress_cpu::sparse_rows_avx2) sparse_rows;
   decltype(&bitpress_cpu::half_rows_avx2) half_rows;
   decltype(&bitpress_cpu::f32_rows_avx2) f32_rows;
+  decltype(&bitpress_cpu::prep_row_avx2) prep_row;
 };
 
 const SimdKernels* simd_kernels(int isa) {
@@ -135,7 +136,8 @@ const SimdKernels* simd_kernels(int isa) {
 #define BITPRESS_KERNELS(SFX)                                                                 \
   SimdKernels{&bitpress_cpu::dense_tile_##SFX, &bitpress_cpu::dense_tile_lut_##SFX,           \
               &bitpress_cpu::build_lut_##SFX, &bitpress_cpu::sparse_rows_##SFX,               \
-              &bitpress_cpu::half_rows_##SFX, &bitpress_cpu::f32_rows_##SFX}
+              &bitpress_cpu::half_rows_##SFX, &bitpress_cpu::f32_rows_##SFX,                  \
+              &bitpress_cpu::prep_row_##SFX}
   static const SimdKernels avx2 = BITPRESS_KERNELS(avx2);
   static const SimdKernels avx512 = BITPRESS_KERNELS(avx512);
   if (isa == ISA_AVX2) return &avx2;
@@ -254,12 +256,20 @@ void repack_dense(uintptr_t qweight, int64_t out, int64_t words, int64_t in, int
   }
 }
 
+void check_sparse_layout(int layout, int bits) {
+  if (layout != 0 && (layout != 1 || (bits != 2 && bits != 4)))
+    throw std::invalid_argument("sparse layout must be 0 (row streams) or 1 (row tiles, 2- and "
+                                "4-bit weights)");
+}
+
 int64_t sparse_packed_bytes(int64_t nnz, int64_t out, int64_t in, int bits, int64_t gs,
-                            int pkind) {
+                            int pkind, int layout) {
   check_bits(bits);
+  check_sparse_layout(layout, bits);
   if (nnz < 0 || out < 0 || in < 0 || gs < 16 || gs % 16)
     throw std::invalid_argument("sparse_packed_bytes: bad geometry");
-  return make_sparse_geom(out, in, bits, gs, pkind, nnz).bytes;
+  return layout == 1 ? make_sparse_tgeom(out, in, bits, gs, pkind, nnz).bytes
+                     : make_sparse_geom(out, in, bits, gs, pkind, nnz).bytes;
 }
 
 // Place unsigned code u of group column k into a group's sub-blocks (row-stream layout, qmm.h).
@@ -291,10 +301,18 @@ inline uint32_t get_sparse_code(const uint8_t* gp, int bits, int64_t k) {
 }
 
 // Block-sparse rows into the row-stream layout (qmm.h); dst holds sparse_packed_bytes bytes.
+void repack_sparse_tiles(const int32_t* rp, const int32_t* ci, const uint32_t* qv, int64_t words,
+                         const uint8_t* sc, const uint8_t* zr, int pkind, int64_t out, int64_t in,
+                         int bits, int64_t gs, uint8_t* d, int64_t R);
+
+// layout 0: row streams; layout 1: row tiles (2/4-bit) of tile_rows rows (0: the default)
 void repack_sparse(uintptr_t row_ptr, uintptr_t col_idx, uintptr_t qvalues, int64_t words,
                    uintptr_t scales, uintptr_t zeros, int pkind, int64_t out, int64_t in,
-                   int bits, int64_t gs, uintptr_t dst) {
+                   int bits, int64_t gs, uintptr_t dst, int layout, int64_t tile_rows) {
   check_bits(bits);
+  check_sparse_layout(layout, bits);
+  if (tile_rows != 0 && tile_rows != 16 && tile_rows != 24 && tile_rows != 32)
+    throw std::invalid_argument("repack_sparse: tile_rows must be 0 (default), 16, 24 or 32");
   if (words * (32 / bits) < gs) throw std::invalid_argument("repack_sparse: too few words");
   const auto* rp = reinterpret_cast<const int32_t*>(row_ptr);
   const auto* ci = reinterpret_cast<const int32_t*>(col_idx);
@@ -303,6 +321,11 @@ void repack_sparse(uintptr_t row_ptr, uintptr_t col_idx, uintptr_t qvalues, int6
   const auto* zr = reinterpret_cast<const uint8_t*>(zeros);
   auto* d = reinterpret_cast<uint8_t*>(dst);
   const int64_t nnz = rp[out];
+  if (layout == 1) {
+    py::gil_scoped_release release;
+    repack_sparse_tiles(rp, ci, qv, words, sc, zr, pkind, out, in, bits, gs, d, tile_rows);
+    return;
+  }
   const SparseGeom g = make_sparse_geom(out, in, bits, gs, pkind, nnz);
   const int ps = param_size(pkind);
   py::gil_scoped_release release;
@@ -326,6 +349,66 @@ void repack_sparse(uintptr_t row_ptr, uintptr_t col_idx, uintptr_t qvalues, int6
         put_sparse_code(cp, bits, k, canon_code(qv + e * words, bits, k));
     }
   }
+}
+
+// Block-sparse rows into the row-tile layout (layout 1, qmm.h); dst holds sparse_packed_bytes.
+// R: rows per tile, 16, 24 or 32 (0: the default, 32). Measured with the AVX-512 kernel at
+// 4096 columns, g16, 30 / 50 / 70 % of the groups kept (random masks), exact mode: R = 32 is
+// 30-34 % / 15 % / 14 % faster than R = 16 (more kept rows per vector, and a group's fixed
+// work shared by more rows), R = 24 between them or slower.
+void repack_sparse_tiles(const int32_t* rp, const int32_t* ci, const uint32_t* qv, int64_t words,
+                         const uint8_t* sc, const uint8_t* zr, int pkind, int64_t out, int64_t in,
+                         int bits, int64_t gs, uint8_t* d, int64_t R) {
+  const int64_t nnz = rp[out];
+  if (R == 0) R = 32;
+  const SparseTGeom g = make_sparse_tgeom(out, in, bits, gs, pkind, nnz, R);
+  const int ps = param_size(pkind);
+  std::memset(d, 0, size_t(make_sparse_tgeom(out, in, bits, gs, pkind, nnz, 16).bytes));
+  reinterpret_cast<int64_t*>(d)[0] = SPT_TAG;
+  reinterpret_cast<int64_t*>(d)[1] = R;
+  auto* toff = reinterpret_cast<int64_t*>(d + g.off_toff);
+  auto* mk = reinterpret_cast<uint32_t*>(d + g.off_mask);
+  uint8_t* data = d + g.off_data;
+  std::vector<int64_t> ent(size_t(R * g.ng));
+  int64_t pos = 0;
+  for (int64_t t = 0; t < g.tiles; ++t) {
+    toff[t] = pos;
+    std::fill(ent.begin(), ent.end(), -1);
+    for (int64_t i = 0; i < R && t * R + i < out; ++i)
+      for (int64_t e = rp[t * R + i]; e < rp[t * R + i + 1]; ++e) ent[size_t(i * g.ng + ci[e])] = e;
+    for (int64_t c = 0; c < g.ng; ++c) {
+      int64_t kept[32];
+      int n = 0;
+      uint32_t m = 0;
+      for (int64_t i = 0; i < R; ++i)
+        if (ent[size_t(i * g.ng + c)] >= 0) {
+          m |= 1u << i;
+          kept[n++] = ent[size_t(i * g.ng + c)];
+        }
+      mk[t * g.ng + c] = m;
+      uint8_t* p = data + pos;
+      for (int j = 0; j < n; ++j) {
+        std::memcpy(p + ps * j, sc + kept[j] * ps, size_t(ps));
+        std::memcpy(p + ps * (n + j), zr + kept[j] * ps, size_t(ps));
+      }
+      p += n * g.pb;
+      const int64_t valid = std::min<int64_t>(gs, in - c * gs);
+      for (int64_t b = 0; b < g.sub; ++b)
+        for (int j = 0; j < n; ++j) {
+          uint32_t cw[2] = {0u, 0u};
+          for (int kk = 0; kk < 16 && 16 * b + kk < valid; ++kk) {
+            const uint32_t u = canon_code(qv + kept[j] * words, bits, 16 * b + kk);
+            const int i = kk / 4, jj = kk % 4;
+            if (bits == 4) cw[i / 2] |= u << (8 * jj + 4 * (i % 2));
+            else cw[0] |= u << (8 * jj + 2 * i);
+          }
+          for (int64_t w = 0; w < g.W; ++w)
+            std::memcpy(p + ((b * g.W + w) * n + j) * 4, &cw[w], 4);
+        }
+      pos += n * g.per;
+    }
+  }
+  toff[g.tiles] = pos;
 }
 
 // ---- dequantisation (the GEMM path: dequantised row panels handed to BLAS) ------------------
@@ -429,73 +512,131 @@ struct ActBuf {
   std::vector<float> xf, d, b, xs, dl;
 };
 
+// The activation buffer of a call: the calling thread's own, reused from call to call (a
+// decode step makes hundreds of small calls; allocating and zeroing their buffers cost more
+// than preparing them), or `local` for a large call, whose buffers should not outlive it.
+ActBuf& act_buf(ActBuf& local, int64_t M, int64_t in) {
+  static thread_local ActBuf reused;
+  return M * in <= (int64_t(1) << 18) ? reused : local;
+}
+
+// sum and max |x| of x[0..n) in 8 independent lanes, which the compiler vectorises (a plain
+// loop's sum is one serial chain); the lanes are added in a fixed order, so the bits do not
+// depend on the ISA. amax ignores NaN as std::max(amax, |x|) does.
+inline void sum_amax(const float* x, int64_t n, float& sum, float& amax) {
+  float s8[8] = {}, a8[8] = {};
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    for (int j = 0; j < 8; ++j) {
+      const float v = std::fabs(x[k + j]);
+      s8[j] += x[k + j];
+      a8[j] = a8[j] < v ? v : a8[j];
+    }
+  for (int j = 0; k < n; ++k, ++j) {
+    const float v = std::fabs(x[k]);
+    s8[j] += x[k];
+    a8[j] = a8[j] < v ? v : a8[j];
+  }
+  sum = ((s8[0] + s8[4]) + (s8[1] + s8[5])) + ((s8[2] + s8[6]) + (s8[3] + s8[7]));
+  amax = 0.f;
+  for (int j = 0; j < 8; ++j) amax = std::max(amax, a8[j]);
+}
+
+// The rounding steps of prepare_act on n <= 16 values, in fixed 16-wide blocks where n = 16
+// (a loop over a short segment spends more on its vectorisation prologue than on its body):
+// int8 mode, q = round half away from zero of x * id, returns sum q (|x * id| <= 127) ...
+template <int N>
+inline int32_t round_i8(const float* __restrict x, int64_t n, float id, int8_t* __restrict q) {
+  int32_t qsum = 0;
+  for (int64_t k = 0; k < (N ? N : n); ++k) {
+    const float v = x[k] * id;
+    const int8_t qv = int8_t(int(v + (v >= 0.f ? 0.5f : -0.5f)));
+    q[k] = qv;
+    qsum += qv;
+  }
+  return qsum;
+}
+// ... exact mode planes: x * id = q0 + r0, r0 * 254 = q1 + r1, r1 * 254 = q2 + r2 (|r| <= 1/2,
+// so |q| <= 127), each q the nearest integer (+-1.5*2^23 rounds a float below 2^22 to one;
+// without fp contraction the same bits everywhere)
+template <int N>
+inline void round_planes(const float* __restrict x, int64_t n, float id, int8_t* __restrict q0,
+                         int8_t* __restrict q1, int8_t* __restrict q2) {
+  constexpr float RND = 12582912.f, P = 254.f;
+  for (int64_t k = 0; k < (N ? N : n); ++k) {
+    const float v0 = x[k] * id, n0 = (v0 + RND) - RND;
+    const float v1 = (v0 - n0) * P, n1 = (v1 + RND) - RND;
+    const float v2 = (v1 - n1) * P, n2 = (v2 + RND) - RND;
+    q0[k] = int8_t(int(n0));
+    q1[k] = int8_t(int(n1));
+    q2[k] = int8_t(int(n2));
+  }
+}
+
 void prepare_act(ActBuf& ab, const float* x, int64_t M, int64_t in, int64_t seg, int64_t nseg,
                  int bits, int mode, int nthreads, int lut_max = LUT_MAX, bool planes = false) {
   Act& a = ab.a;
   a.mode = mode; a.M = M; a.seg = seg; a.nseg = nseg; a.lut_max = lut_max;
   a.planes = planes && mode == MODE_EXACT;
   a.stride = nseg * seg + 64;  // kernels may read (zero-code-weighted) bytes past a group
+  const SimdKernels* kern = simd_kernels(resolved_isa());  // the SIMD row preparation
   const float off = float(1 << (bits - 1));
-  ab.xs.assign(size_t(M * nseg), 0.f);
-  ab.b.assign(size_t(M * nseg), 0.f);
+  // every entry below is written, except the padding columns [in, stride) of q / xf rows,
+  // zeroed here: an ActBuf may be reused from call to call (act_buf)
+  ab.xs.resize(size_t(M * nseg));
+  ab.b.resize(size_t(M * nseg));
   if (mode == MODE_LUT) {
     a.lstride = nseg * seg * 4;
     ab.lut.resize(size_t(M * a.lstride));
     ab.dl.resize(size_t(M * nseg));
-  } else if (mode == MODE_INT8) {
-    ab.q.assign(size_t(M * a.stride), 0);
-    ab.d.assign(size_t(M * nseg), 0.f);
-  } else if (a.planes) {
-    ab.q.assign(size_t(3 * M * a.stride), 0);
-    ab.d.assign(size_t(3 * M * nseg), 0.f);
+  } else if (mode == MODE_INT8 || a.planes) {
+    const int64_t rows = (a.planes ? 3 : 1) * M;
+    ab.q.resize(size_t(rows * a.stride));
+    ab.d.resize(size_t(rows * nseg));
+    for (int64_t r = 0; r < rows; ++r)
+      std::memset(ab.q.data() + r * a.stride + in, 0, size_t(a.stride - in));
   } else {  // exact mode on the scalar path
-    ab.xf.assign(size_t(M * a.stride), 0.f);
+    ab.xf.resize(size_t(M * a.stride));
+    for (int64_t m = 0; m < M; ++m)
+      std::fill(ab.xf.data() + m * a.stride + in, ab.xf.data() + (m + 1) * a.stride, 0.f);
   }
 #if defined(_OPENMP)
 #pragma omp parallel for num_threads(clamp_threads(nthreads)) schedule(static) if (M * in > 32768)
 #endif
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * in;
+    if (kern && (mode == MODE_INT8 || a.planes)) {
+      const int64_t np = a.planes ? 3 : 1;
+      kern->prep_row(xr, in, seg, nseg, off, a.planes, ab.q.data() + np * m * a.stride, a.stride,
+                     ab.d.data() + np * m * nseg, ab.b.data() + m * nseg, ab.xs.data() + m * nseg);
+      continue;
+    }
     for (int64_t s = 0; s < nseg; ++s) {
       const int64_t k0 = s * seg, k1 = std::min(in, k0 + seg);
-      float sum = 0.f, amax = 0.f;
-      for (int64_t k = k0; k < k1; ++k) {
-        sum += xr[k];
-        amax = std::max(amax, std::fabs(xr[k]));
-      }
+      float sum, amax;
+      sum_amax(xr + k0, k1 - k0, sum, amax);
       const int64_t idx = m * nseg + s;
       ab.xs[idx] = sum;
       if (mode == MODE_INT8) {
         const float dd = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
         int8_t* qr = ab.q.data() + m * a.stride;
         int32_t qsum = 0;
-        for (int64_t k = k0; k < k1; ++k) {  // round half away from zero; |x*id| <= 127
-          const float v = xr[k] * id;
-          const int8_t qv = int8_t(int(v + (v >= 0.f ? 0.5f : -0.5f)));
-          qr[k] = qv;
-          qsum += qv;
-        }
+        int64_t k = k0;
+        for (; k + 16 <= k1; k += 16) qsum += round_i8<16>(xr + k, 16, id, qr + k);
+        qsum += round_i8<0>(xr + k, k1 - k, id, qr + k);
         ab.d[idx] = dd;
         ab.b[idx] = dd * off * float(qsum);
       } else if (mode == MODE_LUT) {
         ab.b[idx] = off * sum;
       } else if (a.planes) {
-        // x/d0 = q0 + r0, r0*254 = q1 + r1, r1*254 = q2 + r2 (|r| <= 1/2, so |q| <= 127),
-        // each q the nearest integer (+-1.5*2^23 rounds a float below 2^22 to one; written
-        // so that it vectorises and, without fp contraction, gives the same bits everywhere)
         const float dd = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
-        constexpr float RND = 12582912.f, P = 254.f;
+        constexpr float P = 254.f;
         int8_t* q0 = ab.q.data() + 3 * m * a.stride;
         int8_t* q1 = q0 + a.stride;
         int8_t* q2 = q1 + a.stride;
-        for (int64_t k = k0; k < k1; ++k) {
-          const float v0 = xr[k] * id, n0 = (v0 + RND) - RND;
-          const float v1 = (v0 - n0) * P, n1 = (v1 + RND) - RND;
-          const float v2 = (v1 - n1) * P, n2 = (v2 + RND) - RND;
-          q0[k] = int8_t(int(n0));
-          q1[k] = int8_t(int(n1));
-          q2[k] = int8_t(int(n2));
-        }
+        int64_t k = k0;
+        for (; k + 16 <= k1; k += 16) round_planes<16>(xr + k, 16, id, q0 + k, q1 + k, q2 + k);
+        round_planes<0>(xr + k, k1 - k, id, q0 + k, q1 + k, q2 + k);
         const int64_t i0 = 3 * m * nseg + s;
         ab.d[size_t(i0)] = dd;
         ab.d[size_t(i0 + nseg)] = dd / P;
@@ -641,6 +782,49 @@ void sparse_rows_scalar(const SparseGeom& g, const SpAct& a, const uint8_t* buf,
   }
 }
 
+// tiles t0..t1 of the row-tile layout (layout 1), scalar: the AVX-512 kernel's arithmetic per
+// kept row, on fp32 activations (exact mode) or the int8 ones
+void sparse_tiles_scalar(const SparseTGeom& g, const Act& a, const uint8_t* buf, int64_t t0,
+                         int64_t t1, float* y, const float* bias) {
+  const auto* toff = reinterpret_cast<const int64_t*>(buf + g.off_toff);
+  const auto* mask = reinterpret_cast<const uint32_t*>(buf + g.off_mask);
+  for (int64_t t = t0; t < t1; ++t)
+    for (int64_t m = 0; m < a.M; ++m) {
+      float acc[32] = {};
+      const uint8_t* p = buf + g.off_data + toff[t];
+      for (int64_t c = 0; c < g.ng; ++c) {
+        const uint32_t k = mask[t * g.ng + c];
+        const int64_t n = __builtin_popcount(k);
+        const uint8_t* cp = p + n * g.pb;
+        const int64_t idx = m * a.nseg + c;
+        for (int i = 0, j = 0; i < 32; ++i) {
+          if (!(k >> i & 1u)) continue;
+          const float s = load_param(p, g.pkind, j);
+          const float z = load_param(p + n * param_size(g.pkind), g.pkind, j);
+          int32_t isum = 0;
+          float f = 0.f;
+          for (int64_t b = 0; b < g.sub; ++b)
+            for (int kk = 0; kk < 16; ++kk) {
+              const int q = kk / 4, jj = kk % 4;
+              uint32_t w;
+              std::memcpy(&w, cp + ((b * g.W + (g.bits == 4 ? q / 2 : 0)) * n + j) * 4, 4);
+              const uint32_t u = g.bits == 4 ? (w >> (8 * jj + 4 * (q % 2))) & 15u
+                                             : (w >> (8 * jj + 2 * q)) & 3u;
+              const int64_t col = c * g.gs + 16 * b + kk;
+              if (a.mode == MODE_INT8) isum += int32_t(u) * a.q[m * a.stride + col];
+              else f += float(u) * a.xf[m * a.stride + col];
+            }
+          const float tv = a.mode == MODE_INT8 ? float(isum) * a.d[idx] - a.b[idx] : f - a.b[idx];
+          acc[i] += s * tv + z * a.xs[idx];
+          ++j;
+        }
+        p += n * g.per;
+      }
+      for (int64_t i = 0; i < g.R && t * g.R + i < g.out; ++i)
+        y[m * g.out + t * g.R + i] = acc[i] + (bias ? bias[t * g.R + i] : 0.f);
+    }
+}
+
 // ---- entry points -------------------------------------------------------------------------------
 void dense_qmm_core(uintptr_t packed, int64_t out, int64_t in, int bits, int64_t gs, int pkind,
                     uintptr_t x, int64_t M, uintptr_t y, uintptr_t bias, int mode, int nthreads) {
@@ -655,7 +839,8 @@ void dense_qmm_core(uintptr_t packed, int64_t out, int64_t in, int bits, int64_t
   if (mode == MODE_LUT && (bits != 2 || kern == nullptr))
     throw std::invalid_argument("qmm_dense: modes 2/3 (lut/lut63) need 2-bit weights in the "
                                 "lut2 layout and a SIMD ISA (avx2, avx512)");
-  ActBuf ab;
+  ActBuf local;
+  ActBuf& ab = act_buf(local, M, in);
   prepare_act(ab, reinterpret_cast<const float*>(x), M, in, g.seg, g.nseg, bits, mode, nthreads,
               lut_max, /*planes=*/kern != nullptr);
   const Act& a = ab.a;
@@ -723,10 +908,69 @@ void half_linear_core(uintptr_t w, int bf16, int64_t out, int64_t in, uintptr_t 
   }
 }
 
+// the row-tile layout: activations prepared as for a dense weight with segment = group (int8
+// planes in the exact mode where the AVX-512 kernel runs), tiles split over threads by bytes
+void sparse_tiles_core(uintptr_t packed, int64_t nnz, int64_t out, int64_t in, int bits,
+                       int64_t gs, int pkind, uintptr_t x, int64_t M, uintptr_t y, uintptr_t bias,
+                       int mode, int nthreads) {
+  check_sparse_layout(1, bits);
+  const auto* buf = reinterpret_cast<const uint8_t*>(packed);
+  const int64_t R = reinterpret_cast<const int64_t*>(buf)[1];
+  if (R != 16 && R != 24 && R != 32)
+    throw std::invalid_argument("sparse_qmm: corrupt row-tile header");
+  const SparseTGeom g = make_sparse_tgeom(out, in, bits, gs, pkind, nnz, R);
+  const auto* toff = reinterpret_cast<const int64_t*>(buf + g.off_toff);
+  if (toff[0] != 0 || toff[g.tiles] > nnz * g.per)
+    throw std::invalid_argument("sparse_qmm: the packed weight does not hold nnz kept groups");
+  if (mode == MODE_LUT || mode == MODE_LUT63) mode = MODE_INT8;
+  auto* yp = reinterpret_cast<float*>(y);
+  const auto* bp = reinterpret_cast<const float*>(bias);
+#if defined(__x86_64__) || defined(_M_X64)
+  const bool simd = resolved_isa() == ISA_AVX512;
+#else
+  const bool simd = false;
+#endif
+  ActBuf local;
+  ActBuf& ab = act_buf(local, M, in);
+  prepare_act(ab, reinterpret_cast<const float*>(x), M, in, gs, g.ng, bits, mode, nthreads,
+              LUT_MAX, /*planes=*/simd);
+  const Act& a = ab.a;
+  const int64_t total = toff[g.tiles];
+  const int nt = int(std::min<int64_t>(clamp_threads(nthreads),
+                                       std::max<int64_t>(1, std::min(g.tiles, M * nnz * gs / g_min_work))));
+  auto tile_at = [&](int t) -> int64_t {
+    if (t <= 0) return 0;
+    if (t >= nt) return g.tiles;
+    return std::lower_bound(toff, toff + g.tiles + 1, total * t / nt) - toff;
+  };
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(nt)
+#endif
+  {
+#if defined(_OPENMP)
+    const int t = omp_get_thread_num();
+#else
+    const int t = 0;
+#endif
+    const int64_t t0 = std::min(g.tiles, tile_at(t)), t1 = std::min(g.tiles, tile_at(t + 1));
+    if (t0 < t1) {
+#if defined(__x86_64__) || defined(_M_X64)
+      if (simd) bitpress_cpu::sparse_tiles_avx512(g, a, buf, t0, t1, yp, bp);
+      else
+#endif
+        sparse_tiles_scalar(g, a, buf, t0, t1, yp, bp);
+    }
+  }
+}
+
 void sparse_qmm_core(uintptr_t packed, int64_t nnz, int64_t out, int64_t in, int bits,
                      int64_t gs, int pkind, uintptr_t x, int64_t M, uintptr_t y, uintptr_t bias,
                      int mode, int nthreads) {
   check_bits(bits);
+  if (reinterpret_cast<const int64_t*>(packed)[0] == SPT_TAG) {
+    sparse_tiles_core(packed, nnz, out, in, bits, gs, pkind, x, M, y, bias, mode, nthreads);
+    return;
+  }
   const SparseGeom g = make_sparse_geom(out, in, bits, gs, pkind, nnz);
   const auto* buf = reinterpret_cast<const uint8_t*>(packed);
   const auto* rp = reinterpret_cast<const int64_t*>(buf);
@@ -881,11 +1125,14 @@ void bitpress_register_qmm(py::module_& m) {
         py::arg("nthreads") = 1, py::arg("layout") = 0);
   m.def("qmm_sparse_packed_bytes", &sparse_packed_bytes, py::arg("nnz"), py::arg("out"),
         py::arg("in_features"), py::arg("bits"), py::arg("group_size"), py::arg("pkind"),
-        "Bytes of the row-stream sparse layout (qmm.h) of a weight with nnz kept groups.");
+        py::arg("layout") = 0,
+        "Bytes of the sparse layout (qmm.h; 0 row streams, 1 row tiles) of a weight with nnz "
+        "kept groups.");
   m.def("qmm_repack_sparse", &repack_sparse, py::arg("row_ptr_ptr"), py::arg("col_idx_ptr"),
         py::arg("qvalues_ptr"), py::arg("words"), py::arg("scales_ptr"), py::arg("zeros_ptr"),
         py::arg("pkind"), py::arg("out"), py::arg("in_features"), py::arg("bits"),
-        py::arg("group_size"), py::arg("dst_ptr"));
+        py::arg("group_size"), py::arg("dst_ptr"), py::arg("layout") = 0,
+        py::arg("tile_rows") = 0);
   m.def("half_linear", &half_linear, py::arg("w_ptr"), py::arg("bf16"), py::arg("out"),
         py::arg("in_features"), py::arg("x_ptr"), py::arg("M"), py::arg("y_ptr"),
         py::arg("bias_ptr"), py::arg("nthreads"),
@@ -911,5 +1158,6 @@ void bitpress_register_qmm(py::module_& m) {
         py::arg("in_features"), py::arg("bits"), py::arg("group_size"), py::arg("pkind"),
         py::arg("x_ptr"), py::arg("m"), py::arg("y_ptr"), py::arg("bias_ptr"), py::arg("mode"),
         py::arg("nthreads") = 1,
-        "y[M,out] (fp32) from the row-stream block-sparse weight, rows split by kept groups over threads.");
+        "y[M,out] (fp32) from the repacked block-sparse weight (either layout), split by kept "
+        "groups over threads.");
 }

@@ -44,6 +44,30 @@
 // 4 (k / 2) for 4-bit, 0 for 8-bit) and multiplies it by x_k * 2^-e(k): the activations are
 // pre-scaled once per call, and the product is exact. Threads take row ranges of equal
 // kept-group counts (task-centric splitting: a skewed row distribution cannot idle a core).
+//
+// ---- Sparse repacked layout 1 ("row tiles", AVX-512) -----------------------------------------
+// Rows in tiles of R = 32 (16 and 24 also valid; the last tile padded with rows that keep
+// nothing; repack_sparse_tiles says why 32), one 32-bit mask per tile and column group:
+// bit i set, row R t + i keeps the group. Per tile, a kernel walks the column groups in
+// order; a group's n kept rows are stored consecutively (compressed), so a kernel computes
+// them in the first n lanes of a vector (two vectors when n > 16), every lane of a sub-block
+// meeting the same 16 activations, broadcast: u8 x s8 vpdpbusd against the int8 activations
+// (int8 mode) or three int8 planes of them (exact mode), prepared as for a dense weight with
+// segment = group; the results are then expanded onto the mask's lanes (the tile's rows).
+// A 16-row tile would leave half the lanes empty at 50 % density. Sections, each starting at
+// a multiple of 64 bytes:
+//   header int64 [8]            SPT_TAG, R, then zeros (a row-stream buffer starts with 0)
+//   toff   int64 [tiles + 1]    byte offset of each tile's stream within data
+//   mask   uint32 [tiles][ng]   the tile's mask of each column group
+//   data   per tile, per column group with n kept rows (n = popcount of its mask):
+//            params: n scales then n zeros (source dtype)
+//            codes:  per 16-column sub-block, W dwords of each kept row, dword-major (dword w
+//                    of the n rows, then dword w + 1): 4-bit W = 2, column 4i + j of the
+//                    sub-block in byte j of dword i / 2 at bit 4 (i % 2); 2-bit W = 1, column
+//                    4i + j in byte j at bit 2i. Plane i of a row's code dwords (shift, mask)
+//                    holds columns 4i..4i+3 in its bytes, as a dense row's dword does.
+// Codes are unsigned as above. 2- and 4-bit weights only (3-bit ones keep the row streams).
+// sparse_packed_bytes allocates for R = 16 (the most tiles); a larger R uses less of it.
 #pragma once
 
 #include <algorithm>
@@ -82,6 +106,20 @@ struct SparseGeom {
   int64_t rec = 0;   // code bytes per sub-block
   int64_t per = 0;  // data bytes per kept group: 2 parameters + codes
   int64_t off_mask = 0, off_data = 0, bytes = 0;
+};
+
+constexpr int64_t SPT_TAG = 0x31454c4954505342;  // "BSPTILE1": a row-tile (layout 1) buffer
+
+struct SparseTGeom {
+  int64_t out = 0, in = 0;
+  int bits = 0, pkind = 0;
+  int64_t gs = 0, ng = 0, nnz = 0, tiles = 0;
+  int64_t R = 16;   // rows per tile
+  int64_t sub = 0;  // 16-column sub-blocks per group
+  int64_t W = 0;    // code dwords per kept row per sub-block
+  int64_t pb = 0;   // parameter bytes per kept row and group (scale + zero)
+  int64_t per = 0;  // data bytes per kept row and group
+  int64_t off_toff = 0, off_mask = 0, off_data = 0, bytes = 0;
 };
 
 // Activations of the sparse kernels: xq [M][stride] (the pre-scaled x, or in the int8 mode
@@ -222,6 +260,23 @@ inline SparseGeom make_sparse_geom(int64_t out, int64_t in, int bits, int64_t gs
   return g;
 }
 
+inline SparseTGeom make_sparse_tgeom(int64_t out, int64_t in, int bits, int64_t gs, int pkind,
+                                     int64_t nnz, int64_t R = 16) {
+  SparseTGeom g;
+  g.out = out; g.in = in; g.bits = bits; g.gs = gs; g.pkind = pkind; g.nnz = nnz; g.R = R;
+  g.ng = ceil_div(in, gs);
+  g.tiles = ceil_div(out, R);
+  g.sub = gs / 16;
+  g.W = bits == 4 ? 2 : 1;
+  g.pb = pkind == P_F32 ? 8 : 4;
+  g.per = g.pb + 4 * g.W * g.sub;
+  g.off_toff = 64;
+  g.off_mask = g.off_toff + round_up(8 * (g.tiles + 1), 64);
+  g.off_data = g.off_mask + round_up(4 * g.tiles * g.ng, 64);
+  g.bytes = g.off_data + round_up(nnz * g.per + 128, 64);  // 128: vector loads past the end
+  return g;
+}
+
 }  // namespace
 
 // ---- 2-bit lookup-table layout ("lut2", AVX2 only) -----------------------------------------
@@ -250,10 +305,17 @@ inline SparseGeom make_sparse_geom(int64_t out, int64_t in, int bits, int64_t gs
                        int8_t* lut, int64_t lstride, float* dl, int lut_max);                      \
   /* rows r0..r1 of the row-stream sparse layout into y[M][out] (+ bias) */                      \
   void sparse_rows_##SFX(const SparseGeom& g, const SpAct& a, const uint8_t* buf, int64_t r0,     \
-                         int64_t r1, float* y, const float* bias);
+                         int64_t r1, float* y, const float* bias);                                 \
+  /* one activation row into the int8 form (int8 mode, or the exact mode's three planes) */      \
+  void prep_row_##SFX(const float* xr, int64_t in, int64_t seg, int64_t nseg, float off,          \
+                      bool planes, int8_t* q, int64_t qstride, float* d, float* b, float* xs);
 
 namespace bitpress_cpu {
 BITPRESS_DECLARE_SIMD(avx2)
 BITPRESS_DECLARE_SIMD(avx512)
 BITPRESS_DECLARE_SIMD(avx512emu)
+// tiles t0..t1 of the row-tile sparse layout (layout 1) into y[M][out] (+ bias); AVX-512 build
+// only (qmm_avx512.cpp), other ISAs run the portable sparse_tiles_scalar (qmm.cpp)
+void sparse_tiles_avx512(const SparseTGeom& g, const Act& a, const uint8_t* buf, int64_t t0,
+                         int64_t t1, float* y, const float* bias);
 }  // namespace bitpress_cpu

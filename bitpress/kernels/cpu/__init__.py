@@ -21,9 +21,12 @@ dequantisation (~0.6 ms per 1536x576 weight on one thread), ~1.7x slower than ``
 ~1.25x slower than ``int8`` at 1024 rows, so it is kept for calls that large.
 
 ``int8`` and ``exact`` run the same repacked weight (8 output rows interleaved, see csrc/cpu/qmm.h;
-block-sparse weights are repacked as row streams: a bitmask of kept column groups per row,
-then the kept groups' parameters and codes, walked once per row with no scatter, the rows
-split over threads by kept groups),
+block-sparse 2- and 4-bit weights on the ``avx512`` ISA are repacked as row tiles: per tile of
+32 rows and column group, a 32-bit mask of the rows that keep it, then those rows' parameters
+and codes, computed in the lanes of a vector against broadcast int8 activations and expanded
+onto the rows (:func:`sparse_layout`); elsewhere as row streams: a bitmask of kept column
+groups per row, then the kept groups' parameters and codes, walked once per row with no
+scatter; either way split over threads by kept groups),
 built once per weight on first use and cached (keyed by the tensors' storage pointer,
 version counter and shape; dropped when the ``qweight`` tensor dies). ``lut`` on a 2-bit
 dense weight with the avx2 ISA uses its own repack of the same size ("lut2": bit planes of 4
@@ -42,8 +45,10 @@ Modes and their error against :func:`bitpress.kernels.reference.dense_qmm_ref`:
 
   plus fp32 rounding (~1e-7 of ``sum |W||x|``; the int8 mode's bound with a step 2^16 times
   finer). It runs the int8 mode's kernels (bench/RESULTS.md, "CPU kernels at batch 1").
-  Sparse weights and the ``scalar`` ISA use fp32 FMA over the dequantised weight; all differ
-  from the reference only at fp32 rounding (relative error ~1e-6 of ``sum |W||x|``).
+  Sparse weights in row tiles (``avx512``) take the same planes, with segment = group;
+  sparse weights in row streams and the ``scalar`` ISA use fp32 FMA over the dequantised
+  weight; all differ from the reference only at fp32 rounding (relative error ~1e-6 of
+  ``sum |W||x|``).
 * ``lut`` (opt-in; 2-bit dense weights on a SIMD ISA only, every other call runs ``int8``): per
   segment, for every 4 columns, the 16 subset sums of x are rounded to int8 with one step
   ``dt = max|subset sum| / 127``; ``vpshufb`` gathers them with 4-bit indices formed by one
@@ -95,7 +100,7 @@ from .config import (_C, _MODES, _PKIND, DEFAULT_ACT_MODE, DEFAULT_GEMM_ROWS,  #
                      get_act_mode, get_gemm_rows, get_isa, get_prefetch, kernel_mode,
                      set_act_mode, set_gemm_rows, set_isa, set_prefetch)
 from .support import dense_supports, sparse_supports  # noqa: F401
-from .repack import _dense_packed, _sparse_packed, clear_cache  # noqa: F401  (engine)
+from .repack import _dense_packed, _sparse_packed, clear_cache, sparse_layout  # noqa: F401
 from .gemm import GEMM_PANEL_BYTES  # noqa: F401
 from .calls import dense_qmm_cpu, half_linear_cpu, sparse_qmm_cpu  # noqa: F401
 from .plans import dense_plan, sparse_plan  # noqa: F401

@@ -2,6 +2,8 @@
 :mod:`bitpress.kernels.repack_cache`), and the validation done when a weight is repacked."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..repack_cache import RepackCache, tensor_sig
@@ -81,21 +83,51 @@ def _check_sparse(row_ptr, col_idx, qvalues, scales, zeros, bits: int, gs: int,
         raise ValueError(f"sparse_qmm: col_idx out of range [0, {ng})")
 
 
+_SPARSE_LAYOUTS = {"auto": None, "streams": 0, "tiles": 1}
+
+
+def sparse_layout(bits: int) -> int:
+    """The runtime layout a group-sparse weight is repacked into (csrc/cpu/qmm.h): 1, row
+    tiles (16 rows in the lanes of a vector, int8 dot products; 2- and 4-bit weights), where
+    the AVX-512 kernels run, else 0, row streams. ``BITPRESS_SPARSE_LAYOUT=streams|tiles``
+    forces one (``tiles`` on another ISA runs the portable scalar kernel: for tests)."""
+    forced = _SPARSE_LAYOUTS.get(os.environ.get("BITPRESS_SPARSE_LAYOUT", "auto"), "bad")
+    if forced == "bad":
+        raise ValueError("BITPRESS_SPARSE_LAYOUT must be 'auto', 'streams' or 'tiles', got "
+                         f"{os.environ['BITPRESS_SPARSE_LAYOUT']!r}")
+    if bits not in (2, 4):
+        return 0
+    if forced is not None:
+        return forced
+    return 1 if _cfg._isa == "avx512" else 0
+
+
+def _tile_rows() -> int:
+    """Rows per tile of the row-tile layout: 0, the default (32, csrc/cpu/qmm.cpp says why);
+    ``BITPRESS_SPARSE_TILE_ROWS`` = 16, 24 or 32 forces one (tests, benchmarks)."""
+    v = os.environ.get("BITPRESS_SPARSE_TILE_ROWS", "0")
+    if v not in ("0", "16", "24", "32"):
+        raise ValueError(f"BITPRESS_SPARSE_TILE_ROWS must be 16, 24 or 32, got {v!r}")
+    return int(v)
+
+
 def _sparse_packed(row_ptr: torch.Tensor, col_idx: torch.Tensor, qvalues: torch.Tensor,
                    scales: torch.Tensor, zeros: torch.Tensor, bits: int, gs: int,
                    in_features: int) -> tuple[torch.Tensor, int, int]:
     sig = (_sig(row_ptr), _sig(col_idx), _sig(qvalues), _sig(scales), _sig(zeros), bits, gs,
            in_features)
+    layout = sparse_layout(bits)
 
     def build():
         _check_sparse(row_ptr, col_idx, qvalues, scales, zeros, bits, gs, in_features)
         rp, ci, qv = row_ptr.contiguous(), col_idx.contiguous(), qvalues.contiguous()
         sc, zr, pk = _params(scales.reshape(-1), zeros.reshape(-1))
         out, nnz = rp.numel() - 1, ci.numel()
-        buf = hugebuf.empty(_C.qmm_sparse_packed_bytes(nnz, out, in_features, bits, gs, pk))
+        buf = hugebuf.empty(_C.qmm_sparse_packed_bytes(nnz, out, in_features, bits, gs, pk,
+                                                       layout))
         _C.qmm_repack_sparse(rp.data_ptr(), ci.data_ptr(), qv.data_ptr(), qv.shape[1],
                              sc.data_ptr(), zr.data_ptr(), pk, out, in_features, bits, gs,
-                             buf.data_ptr())
+                             buf.data_ptr(), layout, _tile_rows())
         return buf, nnz, pk
 
-    return _cached(qvalues, sig, build)
+    return _cached(qvalues, sig, build, ("sparse", layout, _tile_rows()))
