@@ -351,16 +351,37 @@ void repack_sparse(uintptr_t row_ptr, uintptr_t col_idx, uintptr_t qvalues, int6
   }
 }
 
+// Fraction of a tiling's (tile, group) pairs with more than 16 kept rows (0 for R = 16).
+double tiles_over16(const int32_t* rp, const int32_t* ci, int64_t out, int64_t ng, int64_t R) {
+  std::vector<int32_t> cnt(static_cast<size_t>(ng));
+  int64_t over = 0, all = 0;
+  for (int64_t r0 = 0; r0 < out; r0 += R) {
+    std::fill(cnt.begin(), cnt.end(), 0);
+    for (int64_t r = r0; r < std::min(out, r0 + R); ++r)
+      for (int64_t e = rp[r]; e < rp[r + 1]; ++e) ++cnt[size_t(ci[e])];
+    for (int32_t n : cnt) over += n > 16;
+    all += ng;
+  }
+  return all ? double(over) / double(all) : 0.0;
+}
+
 // Block-sparse rows into the row-tile layout (layout 1, qmm.h); dst holds sparse_packed_bytes.
-// R: rows per tile, 16, 24 or 32 (0: the default, 32). Measured with the AVX-512 kernel at
-// 4096 columns, g16, 30 / 50 / 70 % of the groups kept (random masks), exact mode: R = 32 is
-// 30-34 % / 15 % / 14 % faster than R = 16 (more kept rows per vector, and a group's fixed
-// work shared by more rows), R = 24 between them or slower.
+// R: rows per tile, 16, 24 or 32; 0 picks the tallest whose groups rarely (<= 5 %) hold more
+// than 16 kept rows. Taller tiles fill the vectors better (a group's kept rows share one), but
+// a group of more than 16 takes a second vector behind a branch that, when it goes either way
+// often, mispredicts and stalls the weight stream. Measured with the AVX-512 kernel at
+// 4096 columns, g16, random masks: in L2, R = 32 beats R = 16 by 14-34 % at 30-70 % density;
+// streamed from DRAM at 50 % density (where R = 32 has 43 % of its groups over 16), R = 24
+// reads at 66-79 % of the bandwidth, R = 16 at 61-75 %, R = 32 at 62-69 %.
 void repack_sparse_tiles(const int32_t* rp, const int32_t* ci, const uint32_t* qv, int64_t words,
                          const uint8_t* sc, const uint8_t* zr, int pkind, int64_t out, int64_t in,
                          int bits, int64_t gs, uint8_t* d, int64_t R) {
   const int64_t nnz = rp[out];
-  if (R == 0) R = 32;
+  if (R == 0) {
+    const int64_t ng = ceil_div(in, gs);
+    R = tiles_over16(rp, ci, out, ng, 32) <= 0.05 ? 32
+        : tiles_over16(rp, ci, out, ng, 24) <= 0.05 ? 24 : 16;
+  }
   const SparseTGeom g = make_sparse_tgeom(out, in, bits, gs, pkind, nnz, R);
   const int ps = param_size(pkind);
   std::memset(d, 0, size_t(make_sparse_tgeom(out, in, bits, gs, pkind, nnz, 16).bytes));

@@ -46,16 +46,16 @@
 // kept-group counts (task-centric splitting: a skewed row distribution cannot idle a core).
 //
 // ---- Sparse repacked layout 1 ("row tiles", AVX-512) -----------------------------------------
-// Rows in tiles of R = 32 (16 and 24 also valid; the last tile padded with rows that keep
-// nothing; repack_sparse_tiles says why 32), one 32-bit mask per tile and column group:
+// Rows in tiles of R = 16, 24 or 32 (the last tile padded with rows that keep nothing; R is
+// picked per weight, repack_sparse_tiles), one 32-bit mask per tile and column group:
 // bit i set, row R t + i keeps the group. Per tile, a kernel walks the column groups in
 // order; a group's n kept rows are stored consecutively (compressed), so a kernel computes
 // them in the first n lanes of a vector (two vectors when n > 16), every lane of a sub-block
 // meeting the same 16 activations, broadcast: u8 x s8 vpdpbusd against the int8 activations
 // (int8 mode) or three int8 planes of them (exact mode), prepared as for a dense weight with
 // segment = group; the results are then expanded onto the mask's lanes (the tile's rows).
-// A 16-row tile would leave half the lanes empty at 50 % density. Sections, each starting at
-// a multiple of 64 bytes:
+// A 16-row tile leaves half the lanes empty at 50 % density, a 24-row one a quarter. Sections,
+// each starting at a multiple of 64 bytes:
 //   header int64 [8]            SPT_TAG, R, then zeros (a row-stream buffer starts with 0)
 //   toff   int64 [tiles + 1]    byte offset of each tile's stream within data
 //   mask   uint32 [tiles][ng]   the tile's mask of each column group

@@ -103,8 +103,9 @@ def sparse_layout(bits: int) -> int:
 
 
 def _tile_rows() -> int:
-    """Rows per tile of the row-tile layout: 0, the default (32, csrc/cpu/qmm.cpp says why);
-    ``BITPRESS_SPARSE_TILE_ROWS`` = 16, 24 or 32 forces one (tests, benchmarks)."""
+    """Rows per tile of the row-tile layout: 0, the default, picks 16, 24 or 32 for each
+    weight's masks (csrc/cpu/qmm.cpp, repack_sparse_tiles); ``BITPRESS_SPARSE_TILE_ROWS`` =
+    16, 24 or 32 forces one (tests, benchmarks)."""
     v = os.environ.get("BITPRESS_SPARSE_TILE_ROWS", "0")
     if v not in ("0", "16", "24", "32"):
         raise ValueError(f"BITPRESS_SPARSE_TILE_ROWS must be 16, 24 or 32, got {v!r}")
