@@ -23,6 +23,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 WIKI = os.path.join(HERE, "..", "..", "shared", "data", "wikitext-2", "test.txt")
 
 
+def _rel(path: str) -> str:
+    """A path as the JSON records it: relative to the repository root (no machine paths)."""
+    return os.path.relpath(os.path.abspath(path), os.path.join(HERE, ".."))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("ckpts", nargs="+", metavar="NAME=DIR")
@@ -57,6 +62,7 @@ def main() -> None:
         if p.returncode != 0:
             raise SystemExit(f"{name} {mode}: {p.stderr.strip()[-2000:]}")
         res = json.loads(p.stdout.strip().splitlines()[-1])
+        res["text"] = _rel(res.get("text", args.text))
         return {"name": name, "checkpoint": path, "mode": mode, **res}
 
     with ThreadPoolExecutor(max(1, args.jobs)) as ex:
@@ -65,7 +71,7 @@ def main() -> None:
             print(f"{r['name']:<24} {r['mode']:<6} ppl {r['perplexity']:.3f}  ({r['kernel_mode']})",
                   flush=True)
             meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="minutes"),
-                    "cpu": cpu_model(), "text": args.text, "seqlen": args.seqlen,
+                    "cpu": cpu_model(), "text": _rel(args.text), "seqlen": args.seqlen,
                     "windows": args.windows, "command": "bench/mode_ppl.py " + " ".join(sys.argv[1:])}
             write_json(args.out, {"meta": meta, "rows": rows})
 

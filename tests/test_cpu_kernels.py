@@ -114,6 +114,20 @@ def _skewed_keep(out: int, ng: int, seed: int) -> torch.Tensor:
     return keep
 
 
+def _assert_sparse_call(x, p, bias, qw, keep, bits, gs, inf, mode, param_dtype=torch.float16):
+    """The CPU kernel on the BSR weight ``p`` (packed from ``qw`` with ``keep``) within the
+    mode's bound of the reference op."""
+    args = (x, p["row_ptr"], p["col_idx"], p["qvalues"], p["scales"], p["zeros"], bias, bits,
+            gs, inf)
+    ref = reference.sparse_qmm_ref(*args)
+    y = cpu.sparse_qmm_cpu(*args, mode=mode)
+    w = reference.sparse_weight(*args[1:6], bits, gs, inf)
+    mag = x.abs() @ w.abs().t()
+    sc = (qw.scale * keep).to(param_dtype).float()
+    bound = cpu.int8_error_bound(x, qw.codes, sc, gs) if mode == "int8" else 0 * mag
+    assert_within_bound(y, ref, mag, bound, x.dtype)
+
+
 # g16 at 300, 1024 (one full mask word) and 2100 inputs (three words, the last one partial):
 # the batch-1 g16 path walks the mask a word at a time
 SPARSE_SHAPES = [(37, 100, 32), (64, 576, 128), (33, 80, 48), (50, 256, 64), (21, 300, 16),
@@ -137,15 +151,7 @@ def test_sparse_matches_reference(isa, mode, bits, shape):
             torch.set_num_threads(nt)
             x = torch.randn(m, inf, generator=g)
             bias = torch.randn(out, generator=g) if m == 3 or nt == 2 else None
-            args = (x, p["row_ptr"], p["col_idx"], p["qvalues"], p["scales"], p["zeros"], bias,
-                    bits, gs, inf)
-            ref = reference.sparse_qmm_ref(*args)
-            y = cpu.sparse_qmm_cpu(*args, mode=mode)
-            w = reference.sparse_weight(*args[1:6], bits, gs, inf)
-            mag = x.abs() @ w.abs().t()
-            sc = (qw.scale * keep).to(torch.float16).float()
-            bound = cpu.int8_error_bound(x, qw.codes, sc, gs) if mode == "int8" else 0 * mag
-            assert_within_bound(y, ref, mag, bound, x.dtype)
+            _assert_sparse_call(x, p, bias, qw, keep, bits, gs, inf, mode)
     finally:
         torch.set_num_threads(prev)
         cpu._C.qmm_set_min_work(65536)
@@ -666,19 +672,13 @@ def test_sparse_layouts_match_reference(isa, monkeypatch, layout, bits, param_dt
             packed = cpu._sparse_packed(*args, bits, gs, inf)[0]
             tagged = int(packed[:8].view(torch.int64)) != 0  # a row-tile buffer starts with its tag
             assert tagged == (layout == "tiles")
-            w = reference.sparse_weight(*args, bits, gs, inf)
             g = torch.Generator().manual_seed(i)
             for nt, m in ((1, 1), (2, 2), (3, 5), (2, 9)):
                 torch.set_num_threads(nt)
                 x = torch.randn(m, inf, generator=g)
                 bias = torch.randn(out, generator=g) if m != 1 else None
-                ref = reference.sparse_qmm_ref(x, *args, bias, bits, gs, inf)
-                mag = x.abs() @ w.abs().t()
-                sc = (qw.scale * keep).to(param_dtype).float()
                 for mode in ("exact", "int8"):
-                    y = cpu.sparse_qmm_cpu(x, *args, bias, bits, gs, inf, mode=mode)
-                    bound = cpu.int8_error_bound(x, qw.codes, sc, gs) if mode == "int8" else 0 * mag
-                    assert_within_bound(y, ref, mag, bound, x.dtype)
+                    _assert_sparse_call(x, p, bias, qw, keep, bits, gs, inf, mode, param_dtype)
     finally:
         torch.set_num_threads(prev)
         cpu._C.qmm_set_min_work(65536)

@@ -929,6 +929,31 @@ void half_linear_core(uintptr_t w, int bf16, int64_t out, int64_t in, uintptr_t 
   }
 }
 
+// body(lo, hi) on nt threads over [0, n), cut where the non-decreasing prefix sums prefix[0..n]
+// (prefix[n] the total work) cross equal shares: task-centric splitting, so a skewed
+// distribution of kept groups over rows or tiles cannot idle a core
+template <typename F>
+void parallel_by_prefix(const int64_t* prefix, int64_t n, int nt, F body) {
+  const int64_t total = prefix[n];
+  auto at = [&](int t) -> int64_t {
+    if (t <= 0) return 0;
+    if (t >= nt) return n;
+    return std::lower_bound(prefix, prefix + n + 1, total * t / nt) - prefix;
+  };
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(nt)
+#endif
+  {
+#if defined(_OPENMP)
+    const int t = omp_get_thread_num();
+#else
+    const int t = 0;
+#endif
+    const int64_t lo = std::min(n, at(t)), hi = std::min(n, at(t + 1));
+    if (lo < hi) body(lo, hi);
+  }
+}
+
 // the row-tile layout: activations prepared as for a dense weight with segment = group (int8
 // planes in the exact mode where the AVX-512 kernel runs), tiles split over threads by bytes
 void sparse_tiles_core(uintptr_t packed, int64_t nnz, int64_t out, int64_t in, int bits,
@@ -956,32 +981,15 @@ void sparse_tiles_core(uintptr_t packed, int64_t nnz, int64_t out, int64_t in, i
   prepare_act(ab, reinterpret_cast<const float*>(x), M, in, gs, g.ng, bits, mode, nthreads,
               LUT_MAX, /*planes=*/simd);
   const Act& a = ab.a;
-  const int64_t total = toff[g.tiles];
   const int nt = int(std::min<int64_t>(clamp_threads(nthreads),
                                        std::max<int64_t>(1, std::min(g.tiles, M * nnz * gs / g_min_work))));
-  auto tile_at = [&](int t) -> int64_t {
-    if (t <= 0) return 0;
-    if (t >= nt) return g.tiles;
-    return std::lower_bound(toff, toff + g.tiles + 1, total * t / nt) - toff;
-  };
-#if defined(_OPENMP)
-#pragma omp parallel num_threads(nt)
-#endif
-  {
-#if defined(_OPENMP)
-    const int t = omp_get_thread_num();
-#else
-    const int t = 0;
-#endif
-    const int64_t t0 = std::min(g.tiles, tile_at(t)), t1 = std::min(g.tiles, tile_at(t + 1));
-    if (t0 < t1) {
+  parallel_by_prefix(toff, g.tiles, nt, [&](int64_t t0, int64_t t1) {
 #if defined(__x86_64__) || defined(_M_X64)
-      if (simd) bitpress_cpu::sparse_tiles_avx512(g, a, buf, t0, t1, yp, bp);
-      else
+    if (simd) bitpress_cpu::sparse_tiles_avx512(g, a, buf, t0, t1, yp, bp);
+    else
 #endif
-        sparse_tiles_scalar(g, a, buf, t0, t1, yp, bp);
-    }
-  }
+      sparse_tiles_scalar(g, a, buf, t0, t1, yp, bp);
+  });
 }
 
 void sparse_qmm_core(uintptr_t packed, int64_t nnz, int64_t out, int64_t in, int bits,
@@ -1008,26 +1016,10 @@ void sparse_qmm_core(uintptr_t packed, int64_t nnz, int64_t out, int64_t in, int
   // Task-centric split: row ranges holding equal numbers of kept groups, whatever their rows
   const int nt = int(std::min<int64_t>(clamp_threads(nthreads),
                                        std::max<int64_t>(1, std::min(out, M * nnz * gs / g_min_work))));
-  auto row_at = [&](int t) -> int64_t {
-    if (t <= 0) return 0;
-    if (t >= nt) return out;
-    return std::lower_bound(rp, rp + out + 1, nnz * t / nt) - rp;
-  };
-#if defined(_OPENMP)
-#pragma omp parallel num_threads(nt)
-#endif
-  {
-#if defined(_OPENMP)
-    const int t = omp_get_thread_num();
-#else
-    const int t = 0;
-#endif
-    const int64_t r0 = std::min(out, row_at(t)), r1 = std::min(out, row_at(t + 1));
-    if (r0 < r1) {
-      if (kern) kern->sparse_rows(g, a, buf, r0, r1, yp, bp);
-      else sparse_rows_scalar(g, a, buf, r0, r1, yp, bp);
-    }
-  }
+  parallel_by_prefix(rp, out, nt, [&](int64_t r0, int64_t r1) {
+    if (kern) kern->sparse_rows(g, a, buf, r0, r1, yp, bp);
+    else sparse_rows_scalar(g, a, buf, r0, r1, yp, bp);
+  });
 }
 
 // y[M, out] = x[M, in] @ w[out, in]^T (+ bias) for an fp32 weight (an unquantised layer in the

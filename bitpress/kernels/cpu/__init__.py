@@ -22,7 +22,7 @@ dequantisation (~0.6 ms per 1536x576 weight on one thread), ~1.7x slower than ``
 
 ``int8`` and ``exact`` run the same repacked weight (8 output rows interleaved, see csrc/cpu/qmm.h;
 block-sparse 2- and 4-bit weights on the ``avx512`` ISA are repacked as row tiles: per tile of
-32 rows and column group, a 32-bit mask of the rows that keep it, then those rows' parameters
+16-32 rows and column group, a mask of the rows that keep it, then those rows' parameters
 and codes, computed in the lanes of a vector against broadcast int8 activations and expanded
 onto the rows (:func:`sparse_layout`); elsewhere as row streams: a bitmask of kept column
 groups per row, then the kept groups' parameters and codes, walked once per row with no
