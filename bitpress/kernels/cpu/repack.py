@@ -88,8 +88,8 @@ _SPARSE_LAYOUTS = {"auto": None, "streams": 0, "tiles": 1}
 
 def sparse_layout(bits: int) -> int:
     """The runtime layout a group-sparse weight is repacked into (csrc/cpu/qmm.h): 1, row
-    tiles (16 rows in the lanes of a vector, int8 dot products; 2- and 4-bit weights), where
-    the AVX-512 kernels run, else 0, row streams. ``BITPRESS_SPARSE_LAYOUT=streams|tiles``
+    tiles (16-32 rows per tile, a column group's kept rows in the lanes of a vector, int8 dot
+    products; 2- and 4-bit weights), where the AVX-512 kernels run, else 0, row streams. ``BITPRESS_SPARSE_LAYOUT=streams|tiles``
     forces one (``tiles`` on another ISA runs the portable scalar kernel: for tests)."""
     forced = _SPARSE_LAYOUTS.get(os.environ.get("BITPRESS_SPARSE_LAYOUT", "auto"), "bad")
     if forced == "bad":
