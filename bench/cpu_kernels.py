@@ -146,18 +146,9 @@ def methods(out: int, inf: int, g: torch.Generator, skip: set[str]) -> dict:
             fast = cpu.sparse_plan((torch.zeros(1, inf), w["row_ptr"], w["col_idx"],
                                     w["qvalues"], w["scales"], w["zeros"], None, 4, gs, inf),
                                    mode=mode)
-            # what the CPU kernel reads: its layout's codes, fp16 params and masks (row tiles
-            # of 32 rows on avx512, csrc/cpu/qmm.h; row streams elsewhere)
-            nnz = w["col_idx"].numel()
-            if cpu.sparse_layout(4) == 1:  # header, tile offsets, masks, then the streams
-                packed = fast.keep[0]
-                rows = int(packed[8:16].view(torch.int64))
-                tiles, ng = -(-out // rows), -(-inf // gs)
-                data = int(packed[64 + 8 * tiles: 72 + 8 * tiles].view(torch.int64))
-                nbytes = (64 + -(-8 * (tiles + 1) // 64) * 64 + -(-4 * tiles * ng // 64) * 64
-                          + data)
-            else:
-                nbytes = native._module().qmm_sparse_packed_bytes(nnz, out, inf, 4, gs, 0)
+            # what the CPU kernel reads: its layout's masks, fp16 params and codes
+            nbytes = native._module().qmm_sparse_used_bytes(
+                fast.keep[0].data_ptr(), w["col_idx"].numel(), out, inf, 4, gs, 0)
             return nbytes, _lean(fast, lambda x: cpu.sparse_qmm_cpu(
                 x, w["row_ptr"], w["col_idx"], w["qvalues"], w["scales"], w["zeros"], None, 4,
                 gs, inf, mode=mode))

@@ -696,6 +696,10 @@ def test_sparse_layout_choice_and_errors(monkeypatch):
     monkeypatch.setenv("BITPRESS_SPARSE_LAYOUT", "streams")
     streams = cpu._sparse_packed(*args)[0]  # a second cache entry, not the tiles one
     assert int(tiles[:8].view(torch.int64)) != 0 and int(streams[:8].view(torch.int64)) == 0
+    nnz = p["col_idx"].numel()
+    for buf in (tiles, streams):  # what a kernel reads: within the buffer, at least the groups
+        used = cpu._C.qmm_sparse_used_bytes(buf.data_ptr(), nnz, 20, 64, 4, 16, 0)
+        assert nnz * 12 < used <= buf.numel()
     x = torch.randn(2, 64)
     want = reference.sparse_qmm_ref(x, *args[:5], None, 4, 16, 64)
     torch.testing.assert_close(cpu.sparse_qmm_cpu(x, *args[:5], None, 4, 16, 64, mode="exact"),

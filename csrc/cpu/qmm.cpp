@@ -272,6 +272,17 @@ int64_t sparse_packed_bytes(int64_t nnz, int64_t out, int64_t in, int bits, int6
                      : make_sparse_geom(out, in, bits, gs, pkind, nnz).bytes;
 }
 
+// Bytes a repacked sparse weight's kernel reads (either layout, from its header): for row
+// tiles the sections up to the end of the streams, less than sparse_packed_bytes allocates
+// when the tiles are taller than 16 rows.
+int64_t sparse_used_bytes(uintptr_t packed, int64_t nnz, int64_t out, int64_t in, int bits,
+                          int64_t gs, int pkind) {
+  const auto* hdr = reinterpret_cast<const int64_t*>(packed);
+  if (hdr[0] != SPT_TAG) return make_sparse_geom(out, in, bits, gs, pkind, nnz).bytes;
+  const SparseTGeom g = make_sparse_tgeom(out, in, bits, gs, pkind, nnz, hdr[1]);
+  return g.off_data + reinterpret_cast<const int64_t*>(packed + g.off_toff)[g.tiles];
+}
+
 // Place unsigned code u of group column k into a group's sub-blocks (row-stream layout, qmm.h).
 inline void put_sparse_code(uint8_t* gp, int bits, int64_t k, uint32_t u) {
   uint8_t* p = gp + (k / 16) * sparse_rec_bytes(bits);
@@ -563,44 +574,15 @@ inline void sum_amax(const float* x, int64_t n, float& sum, float& amax) {
   for (int j = 0; j < 8; ++j) amax = std::max(amax, a8[j]);
 }
 
-// The rounding steps of prepare_act on n <= 16 values, in fixed 16-wide blocks where n = 16
-// (a loop over a short segment spends more on its vectorisation prologue than on its body):
-// int8 mode, q = round half away from zero of x * id, returns sum q (|x * id| <= 127) ...
-template <int N>
-inline int32_t round_i8(const float* __restrict x, int64_t n, float id, int8_t* __restrict q) {
-  int32_t qsum = 0;
-  for (int64_t k = 0; k < (N ? N : n); ++k) {
-    const float v = x[k] * id;
-    const int8_t qv = int8_t(int(v + (v >= 0.f ? 0.5f : -0.5f)));
-    q[k] = qv;
-    qsum += qv;
-  }
-  return qsum;
-}
-// ... exact mode planes: x * id = q0 + r0, r0 * 254 = q1 + r1, r1 * 254 = q2 + r2 (|r| <= 1/2,
-// so |q| <= 127), each q the nearest integer (+-1.5*2^23 rounds a float below 2^22 to one;
-// without fp contraction the same bits everywhere)
-template <int N>
-inline void round_planes(const float* __restrict x, int64_t n, float id, int8_t* __restrict q0,
-                         int8_t* __restrict q1, int8_t* __restrict q2) {
-  constexpr float RND = 12582912.f, P = 254.f;
-  for (int64_t k = 0; k < (N ? N : n); ++k) {
-    const float v0 = x[k] * id, n0 = (v0 + RND) - RND;
-    const float v1 = (v0 - n0) * P, n1 = (v1 + RND) - RND;
-    const float v2 = (v1 - n1) * P, n2 = (v2 + RND) - RND;
-    q0[k] = int8_t(int(n0));
-    q1[k] = int8_t(int(n1));
-    q2[k] = int8_t(int(n2));
-  }
-}
-
 void prepare_act(ActBuf& ab, const float* x, int64_t M, int64_t in, int64_t seg, int64_t nseg,
                  int bits, int mode, int nthreads, int lut_max = LUT_MAX, bool planes = false) {
   Act& a = ab.a;
   a.mode = mode; a.M = M; a.seg = seg; a.nseg = nseg; a.lut_max = lut_max;
-  a.planes = planes && mode == MODE_EXACT;
   a.stride = nseg * seg + 64;  // kernels may read (zero-code-weighted) bytes past a group
-  const SimdKernels* kern = simd_kernels(resolved_isa());  // the SIMD row preparation
+  // the int8 and planes forms are prepared by the ISA's prep_row (qmm_simd.inc); the loop
+  // below is the scalar ISA's (int8, fp32 exact) and the lut mode's
+  const SimdKernels* kern = simd_kernels(resolved_isa());
+  a.planes = planes && mode == MODE_EXACT && kern != nullptr;
   const float off = float(1 << (bits - 1));
   // every entry below is written, except the padding columns [in, stride) of q / xf rows,
   // zeroed here: an ActBuf may be reused from call to call (act_buf)
@@ -642,26 +624,15 @@ void prepare_act(ActBuf& ab, const float* x, int64_t M, int64_t in, int64_t seg,
         const float dd = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
         int8_t* qr = ab.q.data() + m * a.stride;
         int32_t qsum = 0;
-        int64_t k = k0;
-        for (; k + 16 <= k1; k += 16) qsum += round_i8<16>(xr + k, 16, id, qr + k);
-        qsum += round_i8<0>(xr + k, k1 - k, id, qr + k);
+        for (int64_t k = k0; k < k1; ++k) {  // round half away from zero; |x*id| <= 127
+          const float v = xr[k] * id;
+          const int8_t qv = int8_t(int(v + (v >= 0.f ? 0.5f : -0.5f)));
+          qr[k] = qv;
+          qsum += qv;
+        }
         ab.d[idx] = dd;
         ab.b[idx] = dd * off * float(qsum);
       } else if (mode == MODE_LUT) {
-        ab.b[idx] = off * sum;
-      } else if (a.planes) {
-        const float dd = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
-        constexpr float P = 254.f;
-        int8_t* q0 = ab.q.data() + 3 * m * a.stride;
-        int8_t* q1 = q0 + a.stride;
-        int8_t* q2 = q1 + a.stride;
-        int64_t k = k0;
-        for (; k + 16 <= k1; k += 16) round_planes<16>(xr + k, 16, id, q0 + k, q1 + k, q2 + k);
-        round_planes<0>(xr + k, k1 - k, id, q0 + k, q1 + k, q2 + k);
-        const int64_t i0 = 3 * m * nseg + s;
-        ab.d[size_t(i0)] = dd;
-        ab.d[size_t(i0 + nseg)] = dd / P;
-        ab.d[size_t(i0 + 2 * nseg)] = dd / (P * P);
         ab.b[idx] = off * sum;
       } else {
         std::memcpy(ab.xf.data() + m * a.stride + k0, xr + k0, size_t(k1 - k0) * 4);
@@ -1141,6 +1112,9 @@ void bitpress_register_qmm(py::module_& m) {
         py::arg("layout") = 0,
         "Bytes of the sparse layout (qmm.h; 0 row streams, 1 row tiles) of a weight with nnz "
         "kept groups.");
+  m.def("qmm_sparse_used_bytes", &sparse_used_bytes, py::arg("packed_ptr"), py::arg("nnz"),
+        py::arg("out"), py::arg("in_features"), py::arg("bits"), py::arg("group_size"),
+        py::arg("pkind"), "Bytes the kernel reads of a repacked sparse weight (either layout).");
   m.def("qmm_repack_sparse", &repack_sparse, py::arg("row_ptr_ptr"), py::arg("col_idx_ptr"),
         py::arg("qvalues_ptr"), py::arg("words"), py::arg("scales_ptr"), py::arg("zeros_ptr"),
         py::arg("pkind"), py::arg("out"), py::arg("in_features"), py::arg("bits"),

@@ -117,7 +117,7 @@ def _sparse_packed(row_ptr: torch.Tensor, col_idx: torch.Tensor, qvalues: torch.
                    in_features: int) -> tuple[torch.Tensor, int, int]:
     sig = (_sig(row_ptr), _sig(col_idx), _sig(qvalues), _sig(scales), _sig(zeros), bits, gs,
            in_features)
-    layout = sparse_layout(bits)
+    layout, rows = sparse_layout(bits), _tile_rows()
 
     def build():
         _check_sparse(row_ptr, col_idx, qvalues, scales, zeros, bits, gs, in_features)
@@ -128,7 +128,7 @@ def _sparse_packed(row_ptr: torch.Tensor, col_idx: torch.Tensor, qvalues: torch.
                                                        layout))
         _C.qmm_repack_sparse(rp.data_ptr(), ci.data_ptr(), qv.data_ptr(), qv.shape[1],
                              sc.data_ptr(), zr.data_ptr(), pk, out, in_features, bits, gs,
-                             buf.data_ptr(), layout, _tile_rows())
+                             buf.data_ptr(), layout, rows)
         return buf, nnz, pk
 
-    return _cached(qvalues, sig, build, ("sparse", layout, _tile_rows()))
+    return _cached(qvalues, sig, build, ("sparse", layout, rows))
